@@ -1,0 +1,444 @@
+"""The SQL backend: a practice-management database read and written through a declarative mapping.
+
+Every SQL statement comes from the mapping file; this module only binds values, runs statements
+and turns rows into neutral ``protocol`` objects through the mapping's expressions.
+
+Locking strategy for writes (``secure``, ``book``, ``reschedule``), all in ONE transaction:
+
+1. take the booking lock: ``BEGIN IMMEDIATE`` on SQLite (one writer for the whole file); on server
+   databases the mapping's ``writes.lock`` statement with ``FOR UPDATE`` appended, once per
+   practitioner involved, in sorted key order so two reschedules cannot deadlock;
+2. re-check the slot against the legacy calendar: inside working time and not overlapping any
+   blocking appointment or absence (the same ``availability`` queries ``$find`` uses);
+3. call the domain's conflict gate (foreign holds) while the lock is still held;
+4. allocate the key (counter table read and bumped under the same lock) and write;
+5. commit. Any error rolls everything back: nothing half-written stays behind.
+
+Two bookings for one practitioner are therefore serialised by step 1, and the loser sees the
+winner's row in step 2. A mapping author must make ``writes.lock`` select the row(s) that every
+booking of a resource touches (see mappings/README.md).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from typing import Any, Iterable, Sequence
+
+from adapter.backends.protocol import (
+    Actor, ActorQuery, Appointment, AppointmentPage, AppointmentQuery, AvailabilityQuery, Coding,
+    BusinessRuleViolation, ConflictGate, Identifier, InvalidRequest, Interval, NewBooking, NotFound, ResourceAvailability,
+    SlotConflict, SlotRequest, VisitType,
+)
+from adapter.backends.sql.db import Database, execute, query
+from adapter.intervals import subtract
+from adapter.mapping.expressions import attach_zone, render_template
+from adapter.mapping.ids import InvalidKey, to_fhir_id, to_legacy_key
+from adapter.mapping.loader import Mapping
+from adapter.mapping.model import IdRule
+
+_CACHE_SECONDS = 60.0
+
+
+class SqlBackend:
+    name = "sql"
+
+    def __init__(self, mapping: Mapping, database: Database) -> None:
+        self.mapping = mapping
+        self.db = database
+        self.doc = mapping.doc
+        self._ctx = mapping.ctx
+        self._actor_cache: dict[str, tuple[float, dict[str, Actor]]] = {}
+        self._visit_types: tuple[float, list[VisitType]] | None = None
+
+    # -- actors ------------------------------------------------------------------------------
+    def _actor_from_row(self, kind: str, row: dict[str, Any]) -> Actor:
+        spec = self.doc.actors[kind]  # type: ignore[index]
+        m, ctx = self.mapping, self._ctx
+        key = _column(row, spec.key)
+        fhir_id = to_fhir_id(spec.id, key)
+        base = f"actors.{kind}.fields"
+        fields = {name: _eval(m.expr(f"{base}.{name}"), row, ctx) for name in spec.fields}
+        resource = render_template(m.expr(f"actors.{kind}.resource"), row, ctx) or {}
+        resource["id"] = fhir_id
+        identifiers = tuple(Identifier(i["system"], i["value"]) for i in resource.get("identifier", [])
+                            if "system" in i and "value" in i)
+        specialties: tuple[Coding, ...] = ()
+        spec_key = fields.get("specialty")
+        if spec_key:
+            specialties = tuple(Coding(c["system"], c["code"], c.get("display"))
+                                for c in m.codes.codings("specialty", spec_key)) if "specialty" in m.codes.names() else ()
+        return Actor(kind=kind, id=fhir_id, key=str(key), display=fields.get("display") or fhir_id,  # type: ignore[arg-type]
+                     resource=resource, identifiers=identifiers, specialties=specialties,
+                     specialty_keys=(str(spec_key),) if spec_key else (),
+                     zone=fields.get("zone"))
+
+    def legacy_key(self, kind: str, fhir_id: str) -> Any:
+        rule = self.doc.actors[kind].id if kind in self.doc.actors else self.doc.appointments.id  # type: ignore[index]
+        return to_legacy_key(rule, fhir_id)
+
+    async def all_actors(self, kind: str) -> dict[str, Actor]:
+        """Small reference tables (practitioners, locations) are cached briefly: $find is hot."""
+        cached = self._actor_cache.get(kind)
+        now = time.monotonic()
+        if cached and now - cached[0] < _CACHE_SECONDS:
+            return cached[1]
+        spec = self.doc.actors[kind]  # type: ignore[index]
+
+        def load(conn: Any) -> dict[str, Actor]:
+            rows = query(conn, spec.select, {})
+            return {a.id: a for a in (self._actor_from_row(kind, r) for r in rows)}
+
+        actors = await self.db.run(load)
+        self._actor_cache[kind] = (now, actors)
+        return actors
+
+    async def find_actors(self, q: ActorQuery) -> list[Actor]:
+        if q.kind in ("Practitioner", "Location") and not q.identifiers and not q.name:
+            actors = await self.all_actors(q.kind)
+            if q.ids:
+                return [actors[i] for i in q.ids if i in actors]
+            return list(actors.values())[: q.limit]
+        spec = self.doc.actors[q.kind]
+        conditions: list[str] = []
+        values: dict[str, Any] = {}
+        if q.ids:
+            keys = []
+            for fhir_id in q.ids:
+                try:
+                    keys.append(to_legacy_key(spec.id, fhir_id))
+                except InvalidKey:
+                    continue
+            conditions.append(spec.filters["key"])
+            values["keys"] = keys
+        if q.identifiers:
+            ors = []
+            for ident in q.identifiers:
+                cond = spec.identifier_filters.get(ident.system)
+                if cond is None:
+                    return []  # an identifier system this legacy system does not know: no match
+                ors.append(cond.replace(":values", f":values_{len(ors)}"))
+                values[f"values_{len(ors) - 1}"] = [ident.value]
+            conditions.append("(" + " OR ".join(ors) + ")")
+        if q.name:
+            if "name" not in spec.filters:
+                return []
+            conditions.append(spec.filters["name"])
+            values["name_prefix"] = q.name.upper() + "%"
+        sql = f"SELECT * FROM ({spec.select}) q" + (" WHERE " + " AND ".join(conditions) if conditions else "")
+
+        def load(conn: Any) -> list[Actor]:
+            rows = query(conn, sql, values)[: q.limit]
+            return [self._actor_from_row(q.kind, r) for r in rows]
+
+        return await self.db.run(load)
+
+    # -- visit types -------------------------------------------------------------------------
+    async def visit_types(self) -> list[VisitType]:
+        now = time.monotonic()
+        if self._visit_types and now - self._visit_types[0] < _CACHE_SECONDS:
+            return self._visit_types[1]
+        vt = self.doc.visit_types
+        m, ctx = self.mapping, self._ctx
+
+        def load(conn: Any) -> list[VisitType]:
+            out = []
+            for row in query(conn, vt.sql, {}):
+                f = {name: m.expr(f"visit_types.fields.{name}").evaluate(row, ctx) for name in vt.fields}
+                codings = render_template(m.expr("visit_types.codings"), row, ctx) or []
+                services = render_template(m.expr("visit_types.service_types"), row, ctx) or []
+                out.append(VisitType(
+                    key=str(f["key"]), display=str(f["display"]), minutes=int(f["minutes"]),
+                    codings=tuple(_to_codings(codings)), service_types=tuple(_to_codings(services)),
+                    specialty_codes=(str(f["specialty"]),) if f.get("specialty") else (),
+                ))
+            return out
+
+        types = await self.db.run(load)
+        self._visit_types = (now, types)
+        return types
+
+    # -- availability ------------------------------------------------------------------------
+    async def availability(self, q: AvailabilityQuery) -> list[ResourceAvailability]:
+        prac_keys = [to_legacy_key(self.doc.actors["Practitioner"].id, p) for p in q.practitioner_ids]
+        return await self.db.run(lambda conn: self._availability(conn, q.window, prac_keys, set(q.location_ids)))
+
+    def _run_section(self, conn: Any, section: str, window: Interval, prac_keys: list[Any]) -> list[dict[str, Any]]:
+        spec = getattr(self.doc.availability, section)
+        m, ctx = self.mapping, self._ctx
+        env = {"window_start": window.start, "window_end": window.end, "practitioner_keys": prac_keys}
+        values = {name: m.expr(f"availability.{section}.binds.{name}").evaluate(env, ctx) for name in spec.binds}
+        values["practitioner_keys"] = prac_keys
+        rows = query(conn, spec.sql, values)
+        base = f"availability.{section}.fields"
+        return [{name: m.expr(f"{base}.{name}").evaluate(row, ctx) for name in spec.fields} for row in rows]
+
+    def _availability(self, conn: Any, window: Interval, prac_keys: list[Any],
+                      location_ids: set[str]) -> list[ResourceAvailability]:
+        if not prac_keys:
+            return []
+        av = self.doc.availability
+        zone = self._ctx.zone
+        free: dict[tuple[str, str], list[Interval]] = {}
+        rows = self._run_section(conn, "working_time", window, prac_keys)
+        if av.working_time.kind == "weekly":
+            first = window.start.astimezone(zone).date()
+            last = window.end.astimezone(zone).date()
+            for r in rows:
+                loc = str(r["location"])
+                if location_ids and loc not in location_ids:
+                    continue
+                day = first
+                while day <= last:
+                    if (day.isoweekday() == r["weekday"]
+                            and (r.get("valid_from") is None or r["valid_from"] <= day)
+                            and (r.get("valid_to") is None or day <= r["valid_to"])):
+                        midnight = dt.datetime.combine(day, dt.time())
+                        start = attach_zone(midnight + r["start_time"], zone)
+                        end = attach_zone(midnight + r["end_time"], zone)
+                        start, end = max(start, window.start), min(end, window.end)
+                        if start < end:
+                            free.setdefault((str(r["practitioner"]), loc), []).append(Interval(start, end))
+                    day += dt.timedelta(days=1)
+        else:  # free_slots: the legacy system lists bookable slots itself
+            for r in rows:
+                loc = str(r["location"])
+                if location_ids and loc not in location_ids:
+                    continue
+                start, end = max(r["start"], window.start), min(r["end"], window.end)
+                if start < end:
+                    free.setdefault((str(r["practitioner"]), loc), []).append(Interval(start, end))
+
+        absences: dict[str, list[Interval]] = {}
+        if av.absences is not None:
+            for r in self._run_section(conn, "absences", window, prac_keys):
+                absences.setdefault(str(r["practitioner"]), []).append(Interval(r["start"], r["end"]))
+        busy = self._busy(conn, window, prac_keys)
+
+        result = []
+        for (prac, loc), intervals in sorted(free.items()):
+            intervals = subtract(sorted(intervals, key=lambda i: i.start), absences.get(prac, []))
+            if intervals:
+                result.append(ResourceAvailability(prac, loc, intervals,
+                                                   [b for _, b in busy.get(prac, [])]))
+        return result
+
+    def _busy(self, conn: Any, window: Interval, prac_keys: list[Any]) -> dict[str, list[tuple[str | None, Interval]]]:
+        out: dict[str, list[tuple[str | None, Interval]]] = {}
+        for r in self._run_section(conn, "busy", window, prac_keys):
+            end = r["end"] if "end" in r and r["end"] is not None else r["start"] + dt.timedelta(minutes=r["minutes"])
+            iv = Interval(r["start"], end)
+            if iv.overlaps(window):
+                out.setdefault(str(r["practitioner"]), []).append((r.get("appointment"), iv))
+        return out
+
+    # -- writes ------------------------------------------------------------------------------
+    def _check_slot(self, conn: Any, slot: SlotRequest, ignore_appointment: str | None = None) -> None:
+        prac_key = to_legacy_key(self.doc.actors["Practitioner"].id, slot.practitioner_id)
+        iv = slot.interval
+        offered = self._availability(conn, iv, [prac_key], {slot.location_id})
+        covered = any(f.start <= iv.start and iv.end <= f.end for ra in offered for f in ra.free)
+        if not covered:
+            raise InvalidRequest(
+                f"{slot.practitioner_id} does not work at Location/{slot.location_id} from "
+                f"{iv.start.isoformat()} to {iv.end.isoformat()} (outside working hours or absent)")
+        for appt_id, busy in self._busy(conn, iv, [prac_key]).get(slot.practitioner_id, []):
+            if busy.overlaps(iv) and appt_id != ignore_appointment:
+                raise SlotConflict(f"Practitioner/{slot.practitioner_id} is already booked from "
+                                   f"{busy.start.isoformat()} to {busy.end.isoformat()}")
+
+    def _lock_binds(self, practitioner_ids: Iterable[str]) -> list[dict[str, Any]]:
+        rule = self.doc.actors["Practitioner"].id
+        return [{"practitioner_key": to_legacy_key(rule, p)} for p in sorted(set(practitioner_ids))]
+
+    def _require_writes(self):
+        if self.doc.writes is None:
+            raise BusinessRuleViolation(f"mapping {self.mapping.path.name} declares no 'writes': this backend is read-only")
+        return self.doc.writes
+
+    async def secure(self, slots: Sequence[SlotRequest], gate: ConflictGate) -> None:
+        writes = self._require_writes()
+
+        def work(conn: Any) -> None:
+            with self.db.write(conn, writes.lock.sql, self._lock_binds(s.practitioner_id for s in slots)):
+                for slot in slots:
+                    self._check_slot(conn, slot)
+                gate(slots)
+
+        await self.db.run(work, inline=False)
+
+    def _statement_values(self, stmt_name: str, env: dict[str, Any]) -> dict[str, Any]:
+        writes = self._require_writes()
+        stmt = getattr(writes, stmt_name)
+        m, ctx = self.mapping, self._ctx
+        values = dict(env)
+        for name in stmt.binds:
+            values[name] = m.expr(f"writes.{stmt_name}.binds.{name}").evaluate(env, ctx)
+        return values
+
+    def _slot_env(self, slot: SlotRequest) -> dict[str, Any]:
+        actors = self.doc.actors
+        return {
+            "practitioner_key": to_legacy_key(actors["Practitioner"].id, slot.practitioner_id),
+            "location_key": to_legacy_key(actors["Location"].id, slot.location_id),
+            "start": slot.interval.start,
+            "end": slot.interval.end,
+            "minutes": int((slot.interval.end - slot.interval.start).total_seconds() // 60),
+            "visit_type_key": slot.visit_type_key,
+            "now": dt.datetime.now(dt.timezone.utc),
+        }
+
+    def _allocate_id(self, cur: Any) -> Any:
+        alloc = self._require_writes().id_allocation
+        if alloc.strategy == "uuid":
+            import uuid
+            return str(uuid.uuid4())
+        if alloc.strategy in ("counter", "sequence"):
+            rows = query(cur, alloc.next_sql, {})  # type: ignore[arg-type]
+            if not rows:
+                    raise BusinessRuleViolation("the id counter row declared by writes.id_allocation.next_sql is missing")
+            value = next(iter(rows[0].values()))
+            if alloc.strategy == "counter":
+                execute(cur, alloc.bump_sql, {})  # type: ignore[arg-type]
+            return value
+        return None  # database-generated: read back after insert
+
+    async def book(self, booking: NewBooking, gate: ConflictGate) -> Appointment:
+        writes = self._require_writes()
+        slot = booking.slot
+        patient_key = to_legacy_key(self.doc.actors["Patient"].id, booking.patient_id)
+
+        def work(conn: Any) -> str:
+            with self.db.write(conn, writes.lock.sql, self._lock_binds([slot.practitioner_id])) as cur:
+                if not query(cur, f"SELECT * FROM ({self.doc.actors['Patient'].select}) q WHERE "
+                                  + self.doc.actors["Patient"].filters["key"], {"keys": [patient_key]}):
+                            raise BusinessRuleViolation(f"Patient/{booking.patient_id} does not exist in the legacy system")
+                self._check_slot(conn, slot)
+                gate([slot])
+                new_id = self._allocate_id(cur)
+                env = self._slot_env(slot) | {"new_id": new_id, "patient_key": patient_key,
+                                              "comment": booking.comment, "booked_by": booking.booked_by}
+                execute(cur, writes.book.sql, self._statement_values("book", env))
+                if new_id is None:
+                    new_id = next(iter(query(cur, writes.id_allocation.last_id_sql, {})[0].values()))  # type: ignore[arg-type]
+                return to_fhir_id(self.doc.appointments.id, new_id)
+
+        appt_id = await self.db.run(work, inline=False)
+        appt = await self.get_appointment(appt_id)
+        if appt is None:  # pragma: no cover - would mean the mapping's read query cannot see its own insert
+            raise NotFound(f"Appointment/{appt_id} was written but cannot be read back; check appointments.select")
+        return appt
+
+    async def reschedule(self, appointment_id: str, new_slot: SlotRequest, gate: ConflictGate,
+                         comment: str | None = None) -> Appointment:
+        writes = self._require_writes()
+        current = await self.get_appointment(appointment_id)
+        if current is None:
+            raise NotFound(f"Appointment/{appointment_id} is not known")
+        key = to_legacy_key(self.doc.appointments.id, appointment_id)
+        involved = [new_slot.practitioner_id] + ([current.practitioner_id] if current.practitioner_id else [])
+
+        def work(conn: Any) -> None:
+            with self.db.write(conn, writes.lock.sql, self._lock_binds(involved)) as cur:
+                # The new time is checked and written in the same transaction that frees the old one,
+                # so a failure leaves the original booking exactly as it was.
+                self._check_slot(conn, new_slot, ignore_appointment=appointment_id)
+                gate([new_slot])
+                env = self._slot_env(new_slot) | {"appointment_key": key, "comment": comment}
+                if execute(cur, writes.reschedule.sql, self._statement_values("reschedule", env)) == 0:
+                    raise NotFound(f"Appointment/{appointment_id} is not known")
+
+        await self.db.run(work, inline=False)
+        appt = await self.get_appointment(appointment_id)
+        assert appt is not None
+        return appt
+
+    async def cancel(self, appointment_id: str, reason: Coding | None, reason_text: str | None) -> Appointment:
+        writes = self._require_writes()
+        key = to_legacy_key(self.doc.appointments.id, appointment_id)
+        reason_dict = {"system": reason.system, "code": reason.code} if reason else None
+
+        def work(conn: Any) -> None:
+            with self.db.write(conn, None, []) as cur:
+                env = {"appointment_key": key, "reason": reason_dict, "reason_text": reason_text,
+                       "now": dt.datetime.now(dt.timezone.utc)}
+                if execute(cur, writes.cancel.sql, self._statement_values("cancel", env)) == 0:
+                    raise NotFound(f"Appointment/{appointment_id} is not known")
+
+        await self.db.run(work, inline=False)
+        appt = await self.get_appointment(appointment_id)
+        assert appt is not None
+        return appt
+
+    # -- existing appointments ---------------------------------------------------------------
+    def appointment_from_row(self, row: dict[str, Any]) -> Appointment:
+        ap = self.doc.appointments
+        m, ctx = self.mapping, self._ctx
+        f = {name: m.expr(f"appointments.fields.{name}").evaluate(row, ctx) for name in ap.fields}
+        start = f["start"]
+        end = f.get("end") or start + dt.timedelta(minutes=int(f["minutes"]))
+        idents = render_template(m.expr("appointments.identifier"), row, ctx) or []
+        reason = f.get("status_reason")
+        status = f["status"]
+        return Appointment(
+            id=to_fhir_id(ap.id, _column(row, ap.key)),
+            status=str(status if isinstance(status, str) else status.get("code")),
+            interval=Interval(start, end),
+            practitioner_id=_opt_str(f.get("practitioner")),
+            location_id=_opt_str(f.get("location")),
+            patient_id=_opt_str(f.get("patient")),
+            visit_type_key=_opt_str(f.get("visit_type")),
+            identifiers=tuple(Identifier(i["system"], i["value"]) for i in idents),
+            comment=f.get("comment"),
+            status_reason=Coding(reason["system"], reason["code"], reason.get("display")) if isinstance(reason, dict) else None,
+            cancel_text=f.get("cancel_text"),
+        )
+
+    async def get_appointment(self, appointment_id: str) -> Appointment | None:
+        ap = self.doc.appointments
+        try:
+            key = to_legacy_key(ap.id, appointment_id)
+        except InvalidKey:
+            return None
+        sql = f"SELECT * FROM ({ap.select}) q WHERE {ap.filters['key']}"
+
+        def load(conn: Any) -> Appointment | None:
+            rows = query(conn, sql, {"keys": [key]})
+            return self.appointment_from_row(rows[0]) if rows else None
+
+        return await self.db.run(load)
+
+    async def search_appointments(self, q: AppointmentQuery) -> AppointmentPage:
+        from adapter.backends.sql.search import search_appointments
+        return await search_appointments(self, q)
+
+    async def close(self) -> None:
+        await self.db.close()
+
+
+def _eval(expr: Any, row: dict[str, Any], ctx: Any) -> Any:
+    return expr.evaluate(row, ctx) if hasattr(expr, "evaluate") else expr
+
+
+def _column(row: dict[str, Any], name: str) -> Any:
+    if name in row:
+        return row[name]
+    lowered = name.lower()
+    for key, value in row.items():
+        if key.lower() == lowered:
+            return value
+    raise KeyError(f"query result has no column {name!r}")
+
+
+def _opt_str(v: Any) -> str | None:
+    return None if v is None else str(v)
+
+
+def _to_codings(items: Any) -> list[Coding]:
+    out = []
+    for item in items if isinstance(items, list) else [items]:
+        if isinstance(item, list):
+            out.extend(_to_codings(item))
+        elif isinstance(item, dict) and "code" in item and "system" in item:
+            out.append(Coding(item["system"], str(item["code"]), item.get("display")))
+    return out

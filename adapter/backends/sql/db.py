@@ -1,0 +1,241 @@
+"""DB-API plumbing: connections, named binds, transactions and locks for SQLite and ODBC.
+
+Why it looks like this:
+
+* One URL picks the driver: ``sqlite:///path/file.sqlite`` uses stdlib ``sqlite3`` (the embedded
+  default); ``odbc:DRIVER={...};SERVER=...`` uses pyodbc (production: PostgreSQL, MariaDB/MySQL,
+  SQL Server ...). Everything above this module is identical for both.
+* Mapping SQL uses named binds (``:practitioner_keys``); both drivers are driven with ``?`` markers.
+  ``compile_sql`` rewrites names to markers once and expands list values to ``?, ?, ?`` at run time.
+  Values are never spliced into SQL text.
+* DB-API connections must not be shared between threads (pyodbc), so each worker thread owns its
+  connection (``threading.local``). ODBC calls release the GIL, so a small thread pool gives real
+  parallelism. SQLite reads are fast enough (~0.1 ms) to run inline on the event loop thread; the
+  thread hop would cost more than the query.
+* Locking (see ``Database.write``): SQLite has one writer at a time, so a write unit starts with
+  ``BEGIN IMMEDIATE`` (the whole file is the lock). Server databases run the mapping's lock
+  statement with ``FOR UPDATE`` appended, inside the same transaction as the re-check and the write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sqlite3
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Callable, Iterator, Sequence, TypeVar
+
+from adapter.backends.protocol import BackendUnavailable
+
+T = TypeVar("T")
+
+_NAMED = re.compile(r"'(?:[^']|'')*'|(?<![:\w]):([A-Za-z_][A-Za-z0-9_]*)")
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledSql:
+    text: str  # with {name} slots where list binds expand
+    order: tuple[str, ...]
+
+
+@lru_cache(maxsize=1024)
+def compile_sql(sql: str) -> CompiledSql:
+    order: list[str] = []
+
+    def repl(m: re.Match) -> str:
+        if m.group(1) is None:
+            return m.group(0)  # a quoted literal: untouched
+        order.append(m.group(1))
+        return "\x00"
+
+    text = _NAMED.sub(repl, sql)
+    return CompiledSql(text, tuple(order))
+
+
+def bind(sql: str, values: dict[str, Any]) -> tuple[str, list[Any]]:
+    """Named binds -> (sql with ? markers, positional parameters)."""
+    compiled = compile_sql(sql)
+    pieces = compiled.text.split("\x00")
+    out = [pieces[0]]
+    params: list[Any] = []
+    for name, tail in zip(compiled.order, pieces[1:]):
+        if name not in values:
+            raise KeyError(f"no value for bind parameter :{name}")
+        value = values[name]
+        if isinstance(value, (list, tuple, set, frozenset)):
+            items = list(value)
+            if items:
+                out.append(", ".join("?" * len(items)))
+                params.extend(items)
+            else:
+                out.append("NULL")  # IN (NULL) matches nothing, as an empty OR should
+        else:
+            out.append("?")
+            params.append(value)
+        out.append(tail)
+    return "".join(out), params
+
+
+class Database:
+    """Connections and units of work for one legacy database."""
+
+    def __init__(self, url: str, *, pool_size: int = 4, timeout_s: float = 10.0) -> None:
+        self.url = url
+        self.timeout_s = timeout_s
+        if url.startswith("sqlite:///"):
+            self.dialect = "sqlite"
+            self._sqlite_path = url[len("sqlite:///"):]
+        elif url.startswith("odbc:"):
+            self._odbc = url[len("odbc:"):]
+            upper = self._odbc.upper()
+            self.dialect = ("postgresql" if "POSTGRES" in upper else
+                            "mariadb" if ("MARIADB" in upper or "MYSQL" in upper) else
+                            "sqlite" if "SQLITE" in upper else "odbc")
+        else:
+            raise ValueError(f"database url must start with sqlite:/// or odbc:, got {url!r}")
+        self.kind = "sqlite3" if url.startswith("sqlite:///") else "pyodbc"
+        self._local = threading.local()
+        self._executor = ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix="legacy-db")
+        self.inline_reads = self.kind == "sqlite3"
+        self._all: list[Any] = []
+        self._lock = threading.Lock()
+
+    # -- connections -------------------------------------------------------------------------
+    def _connect(self) -> Any:
+        try:
+            if self.kind == "sqlite3":
+                conn = sqlite3.connect(self._sqlite_path, timeout=self.timeout_s, isolation_level=None,
+                                       check_same_thread=True)
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+            else:
+                import pyodbc  # imported lazily: the embedded default needs no ODBC manager
+
+                conn = pyodbc.connect(self._odbc, autocommit=False, timeout=int(self.timeout_s))
+                conn.timeout = int(self.timeout_s)
+                if self.dialect == "mariadb":
+                    # Read committed: a fresh snapshot per statement, as a booking re-check needs.
+                    cur = conn.cursor()
+                    cur.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+                    cur.execute(f"SET SESSION innodb_lock_wait_timeout = {int(self.timeout_s)}")
+                    conn.commit()
+        except Exception as exc:  # driver-specific connection failures
+            if _is_connection_error(exc):
+                raise BackendUnavailable(f"cannot connect to the legacy database: {_first_line(exc)}") from exc
+            raise
+        with self._lock:
+            self._all.append(conn)
+        return conn
+
+    def connection(self) -> Any:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._connect()
+            self._local.conn = conn
+        return conn
+
+    def _discard(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        self._local.conn = None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:  # already broken; nothing to release
+                pass
+
+    # -- running work ------------------------------------------------------------------------
+    async def run(self, fn: Callable[[Any], T], *, inline: bool | None = None) -> T:
+        """Run ``fn(connection)`` in a DB thread (or inline for SQLite reads)."""
+        if (self.inline_reads if inline is None else inline):
+            return self._call(fn)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._call, fn)
+
+    def _call(self, fn: Callable[[Any], T]) -> T:
+        conn = self.connection()
+        try:
+            result = fn(conn)
+            if self.kind == "pyodbc":
+                conn.commit()  # end the unit of work: MariaDB would serve stale snapshots otherwise
+            return result
+        except BaseException as exc:
+            try:
+                if self.kind == "pyodbc":
+                    conn.rollback()
+                elif conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            except Exception:
+                self._discard()
+            if _is_connection_error(exc):
+                self._discard()
+                raise BackendUnavailable(f"legacy database unavailable: {_first_line(exc)}") from exc
+            raise
+
+    @contextmanager
+    def write(self, conn: Any, lock_sql: str | None, lock_binds: Sequence[dict[str, Any]]) -> Iterator[Any]:
+        """A write unit: take the booking lock(s), yield, commit; roll back on any error."""
+        cur = conn.cursor()
+        if self.kind == "sqlite3":
+            cur.execute("BEGIN IMMEDIATE")
+        try:
+            if lock_sql and self.dialect != "sqlite":
+                for values in lock_binds:
+                    text, params = bind(lock_sql + " FOR UPDATE", values)
+                    cur.execute(text, params)
+                    cur.fetchall()
+            yield cur
+            conn.commit() if self.kind == "pyodbc" else cur.execute("COMMIT")
+        except BaseException:
+            if self.kind == "pyodbc":
+                conn.rollback()
+            elif conn.in_transaction:
+                cur.execute("ROLLBACK")
+            raise
+
+    async def close(self) -> None:
+        with self._lock:
+            conns, self._all = self._all, []
+        for conn in conns:
+            try:
+                conn.close()
+            except Exception:  # closing at shutdown; connection may belong to a dead thread
+                pass
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def query(cur_or_conn: Any, sql: str, values: dict[str, Any]) -> list[dict[str, Any]]:
+    """Run a SELECT with named binds; rows as dicts keyed by the column names."""
+    text, params = bind(sql, values)
+    cur = cur_or_conn.cursor() if hasattr(cur_or_conn, "cursor") and not hasattr(cur_or_conn, "fetchall") else cur_or_conn
+    cur.execute(text, params)
+    names = [d[0] for d in cur.description]
+    return [dict(zip(names, row)) for row in cur.fetchall()]
+
+
+def execute(cur: Any, sql: str, values: dict[str, Any]) -> int:
+    text, params = bind(sql, values)
+    cur.execute(text, params)
+    return cur.rowcount
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    """Errors that mean "the legacy system is not there / too busy now": retryable (503)."""
+    if isinstance(exc, sqlite3.OperationalError):
+        msg = str(exc).lower()
+        return "locked" in msg or "unable to open" in msg or "disk i/o" in msg
+    name = type(exc).__name__
+    if name in ("OperationalError", "InterfaceError"):
+        return True
+    state = exc.args[0] if getattr(exc, "args", None) else ""
+    # 08xxx connection exceptions, HYT00/HYT01 timeouts, 40001 serialization, 40P01 deadlock,
+    # HY000 covers MariaDB lock wait timeouts.
+    return isinstance(state, str) and (state.startswith("08") or state in ("HYT00", "HYT01", "40001", "40P01")
+                                       or (state == "HY000" and "lock wait timeout" in str(exc).lower()))

@@ -1,0 +1,50 @@
+"""Rendering stored appointments and holds as ``ihe-sched-appt`` Appointments (shared by $hold,
+$book, read and search), resolving participant displays in one batch per actor kind."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from adapter.backends.protocol import Actor, ActorQuery, Appointment
+from adapter.fhir.context import FhirContext
+from adapter.fhir.render import HOLD_EXPIRATION_URL, appointment, from_booked, local_instant
+from adapter.scheduling.proposals import proposal_from_dict
+from adapter.scheduling.state import Hold
+
+
+async def actors_for(ctx: FhirContext, refs: Iterable[tuple[str, str | None]]) -> dict[str, Actor]:
+    wanted: dict[str, set[str]] = {}
+    for kind, actor_id in refs:
+        if actor_id:
+            wanted.setdefault(kind, set()).add(actor_id)
+    out: dict[str, Actor] = {}
+    for kind, ids in wanted.items():
+        for actor in await ctx.service.backend.find_actors(ActorQuery(kind, ids=tuple(sorted(ids)), limit=len(ids))):  # type: ignore[arg-type]
+            out[f"{kind}/{actor.id}"] = actor
+    return out
+
+
+async def render_appointments(ctx: FhirContext, appts: list[Appointment]) -> tuple[list[dict[str, Any]], dict[str, Actor]]:
+    actors = await actors_for(ctx, [(k, i) for a in appts for k, i in
+                                    (("Practitioner", a.practitioner_id), ("Location", a.location_id),
+                                     ("Patient", a.patient_id))])
+    types = {vt.key: vt for vt in await ctx.service.backend.visit_types()}
+    return [from_booked(a, zone=ctx.zone, visit_types=types, actors=actors) for a in appts], actors
+
+
+async def render_hold(ctx: FhirContext, hold: Hold) -> dict[str, Any]:
+    p = proposal_from_dict(hold.payload)
+    actors = await actors_for(ctx, [("Practitioner", p.practitioner_id), ("Location", p.location_id)]
+                              + [("Patient", pid) for pid in p.patient_ids])
+    types = {vt.key: vt for vt in await ctx.service.backend.visit_types()}
+    prac = actors.get(f"Practitioner/{p.practitioner_id}")
+    loc = actors.get(f"Location/{p.location_id}")
+    return appointment(
+        appt_id=hold.id, status="pending", start=p.start, end=p.end, zone=ctx.zone,
+        practitioner=(p.practitioner_id, prac.display if prac else None),
+        location=(p.location_id, loc.display if loc else None),
+        patients=[(pid, (actors.get(f"Patient/{pid}").display if actors.get(f"Patient/{pid}") else None))  # type: ignore[union-attr]
+                  for pid in p.patient_ids],
+        visit_type=types.get(p.visit_type_key), specialties=prac.specialties if prac else (),
+        requested=(p.window_start, p.window_end), participant_status="tentative",
+        extensions=[{"url": HOLD_EXPIRATION_URL, "valueDateTime": local_instant(hold.expires_at, ctx.zone)}])

@@ -1,0 +1,182 @@
+"""ITI-115 ``Appointment/$find``: POST with Parameters (the contract) or GET with a query string.
+
+Decisions where the IG is open (DESIGN 4-10):
+* a missing ``start``/``end`` is filled (now, start + ``find.default_window_days``) with a warning;
+* ``_count`` from the URL or a Parameters entry, default 50, capped at ``find.max_count``;
+* ``total`` counts all options; a ``next`` link (GET, with ``_offset``) pages through them;
+* no options: ``total`` 0 and exactly one information OperationOutcome entry;
+* ``referral-identifier``, ``timing``, ``insurance-reference`` and ``reason`` are accepted and do
+  not narrow the result with this backend; an information issue says so.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+from urllib.parse import urlencode
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from adapter.backends.protocol import Identifier, Interval
+from adapter.fhir.context import FhirContext, read_body
+from adapter.fhir.formats import parse_body, render, response_format
+from adapter.fhir.outcome import FhirError, issue, operation_outcome
+from adapter.fhir.parameters import ParamList, bad, parse_count, parse_datetime, parse_reference, parse_token, validate_embedded
+from adapter.fhir.render import appointment, searchset
+from adapter.scheduling.service import FindRequest, FindResult
+
+_REF = "valueReference"
+_GET_PARAMS = {
+    "start": "valueDateTime", "end": "valueDateTime", "specialty": "valueString", "visit-type": "valueString",
+    "reason": "valueString", "location-string": "valueString", "practitioner": _REF, "organization": _REF,
+    "location-reference": _REF, "patient-reference": _REF, "insurance-reference": _REF, "_count": "valueString",
+}
+_NOT_NARROWING = ("referral-identifier", "timing", "insurance-reference", "reason")
+
+
+def _params_from_query(request: Request) -> ParamList:
+    entries: dict[str, list[dict[str, Any]]] = {}
+    for name, value in request.query_params.multi_items():
+        kind = _GET_PARAMS.get(name)
+        if kind is None:
+            continue
+        entries.setdefault(name, []).append({"name": name, kind: {"reference": value} if kind == _REF else value})
+    return ParamList(entries)
+
+
+async def find_endpoint(request: Request) -> Response:
+    ctx: FhirContext = request.app.state.fhir
+    fmt = response_format(request)
+    now = ctx.now()
+    if request.method == "POST":
+        params = ParamList.from_resource(parse_body(request.headers.get("content-type"), await read_body(request)))
+    else:
+        params = _params_from_query(request)
+    notices: list[dict[str, Any]] = []
+    req = _find_request(ctx, params, request, now, notices)
+    result = await ctx.service.find(req, now)
+    bundle = _bundle(ctx, req, result, notices, request)
+    return render(bundle, fmt)
+
+
+def _find_request(ctx: FhirContext, params: ParamList, request: Request, now: dt.datetime,
+                  notices: list[dict[str, Any]]) -> FindRequest:
+    zone = ctx.zone
+    start_raw = params.one("start", "valueDateTime", "valueInstant")
+    end_raw = params.one("end", "valueDateTime", "valueInstant")
+    start = parse_datetime(start_raw, "start", zone) if start_raw is not None else None
+    end = parse_datetime(end_raw, "end", zone, is_end=True) if end_raw is not None else None
+    default_span = dt.timedelta(days=ctx.find.default_window_days)
+    if start is None or end is None:
+        if start is None:
+            start = now.replace(microsecond=0) if end is None or end > now else end - default_span
+        if end is None:
+            end = start + default_span
+        filled = " and ".join(n for n, v in (("start", start_raw), ("end", end_raw)) if v is None)
+        notices.append(issue("warning", "incomplete",
+                             f"{filled} not given; searched from {start.isoformat()} to {end.isoformat()}",
+                             expression=filled.split(" ")[0]))
+    if end <= start:
+        raise bad(f"end ({end.isoformat()}) must be after start ({start.isoformat()})", "end")
+    if end - start > dt.timedelta(days=ctx.find.max_window_days):
+        raise bad(f"the search window is longer than the maximum of {ctx.find.max_window_days:g} days", "end")
+
+    count_url = request.query_params.get("_count")
+    count_param = params.one("_count", "valueInteger", "valuePositiveInt", "valueString", "valueUnsignedInt")
+    count = ctx.find.default_count
+    if count_param is not None:
+        count = parse_count(count_param)
+    elif count_url is not None:
+        count = parse_count(count_url)
+    if count > ctx.find.max_count:
+        notices.append(issue("information", "informational",
+                             f"_count {count} is above the maximum; {ctx.find.max_count} used", expression="_count"))
+        count = ctx.find.max_count
+    offset_text = request.query_params.get("_offset", "0")
+    if not offset_text.isdigit():
+        raise bad("_offset must be a non-negative integer", "_offset")
+
+    base = ctx.base_url
+    req = FindRequest(window=Interval(start, end), offset=int(offset_text), count=count)
+    req.practitioners = [parse_reference(v, "practitioner", ["Practitioner"], base)
+                         for v in params.values("practitioner", _REF)]
+    req.organizations = [parse_reference(v, "organization", ["Organization"], base)
+                         for v in params.values("organization", _REF)]
+    req.locations = [parse_reference(v, "location-reference", ["Location"], base)
+                     for v in params.values("location-reference", _REF)]
+    req.location_strings = [_string(v, "location-string") for v in params.values("location-string", "valueString")]
+    req.patients = [parse_reference(v, "patient-reference", ["Patient"], base)
+                    for v in params.values("patient-reference", _REF)]
+    for resource in params.values("patient-resource", "resource"):
+        patient = validate_embedded(resource, "Patient", "patient-resource")
+        idents = [Identifier(i.get("system", ""), i["value"]) for i in patient.get("identifier", []) if i.get("value")]
+        if patient.get("id") and not idents:
+            req.patients.append(parse_reference(f"Patient/{patient['id']}", "patient-resource", ["Patient"], base))
+        else:
+            req.patient_identifiers.append(idents)
+    for name, target in (("specialty", req.specialties), ("visit-type", req.visit_types)):
+        for v in params.values(name, "valueString"):
+            token = parse_token(v, name)
+            if token.system is None:
+                notices.append(issue("warning", "incomplete", f"{name} {token.code!r} has no system; matched on the code alone",
+                                     expression=name))
+            target.append(token)
+    for v in params.values("reason", "valueString"):
+        parse_token(v, "reason")
+    params.values("referral-identifier", "valueIdentifier")
+    params.values("timing", "valueTiming")
+    for v in params.values("insurance-reference", _REF):
+        parse_reference(v, "insurance-reference", ["InsurancePlan", "Coverage"], base)
+    for name in _NOT_NARROWING:
+        if params.entries.get(name):
+            notices.append(issue("information", "informational",
+                                 f"{name} is accepted but does not narrow the search on this server", expression=name))
+    for name in params.unused():
+        notices.append(issue("warning", "not-supported", f"unknown parameter {name!r} was ignored", expression=name))
+    return req
+
+
+def _string(value: Any, name: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise bad(f"{name} must be a non-empty string", name)
+    return value
+
+
+def _bundle(ctx: FhirContext, req: FindRequest, result: FindResult, notices: list[dict[str, Any]],
+            request: Request) -> dict[str, Any]:
+    zone = ctx.zone
+    matches = []
+    patients = [(p.id, p.display) for p in result.patients]
+    for token, c in result.candidates:
+        prac = result.actors.get(f"Practitioner/{c.practitioner_id}")
+        loc = result.actors.get(f"Location/{c.location_id}")
+        matches.append(appointment(
+            appt_id=token, status="proposed", start=c.interval.start, end=c.interval.end, zone=zone,
+            practitioner=(c.practitioner_id, prac.display if prac else None),
+            location=(c.location_id, loc.display if loc else None), patients=patients,
+            visit_type=c.visit_type, specialties=prac.specialties if prac else (),
+            requested=(req.window.start, req.window.end), participant_status="needs-action"))
+    issues = list(notices) + [issue(n.severity, n.code, n.text, expression=n.expression) for n in result.notices]
+    if result.total == 0:
+        issues.insert(0, issue("information", "not-found",
+                               f"no potential appointments between {req.window.start.isoformat()} and "
+                               f"{req.window.end.isoformat()} match the criteria"))
+    links = []
+    if req.offset + len(matches) < result.total:
+        links.append({"relation": "next", "url": _page_url(ctx, req, req.offset + req.count)})
+    return searchset(ctx.base_url, total=result.total, matches=matches,
+                     outcome=operation_outcome(issues) if issues else None, links=links)
+
+
+def _page_url(ctx: FhirContext, req: FindRequest, offset: int) -> str:
+    q: list[tuple[str, str]] = [("start", req.window.start.isoformat()), ("end", req.window.end.isoformat())]
+    q += [("practitioner", f"Practitioner/{r.id}") for r in req.practitioners if r.id]
+    q += [("location-reference", f"Location/{r.id}") for r in req.locations if r.id]
+    q += [("patient-reference", f"Patient/{r.id}") for r in req.patients if r.id]
+    q += [("organization", f"Organization/{r.id}") for r in req.organizations if r.id]
+    q += [("location-string", s) for s in req.location_strings]
+    q += [("specialty", str(t)) for t in req.specialties]
+    q += [("visit-type", str(t)) for t in req.visit_types]
+    q += [("_count", str(req.count)), ("_offset", str(offset))]
+    return f"{ctx.base_url}/Appointment/$find?{urlencode(q)}"

@@ -1,0 +1,285 @@
+"""ITI-116 ``$hold`` and ITI-117 ``$book`` (new, modify/reschedule, cancel).
+
+Answers (DESIGN 11, 14, 18): success is a searchset Bundle with ``total`` 1 and the Appointment
+(``pending`` for a hold, ``booked`` or ``cancelled`` for $book) plus an information
+OperationOutcome. Operation failures are a searchset Bundle with ``total`` 0 and only a fatal
+OperationOutcome: 409 conflict, 404 not-found, 400 invalid, 422 business-rule. A failed $hold
+also carries a ``not-found`` issue, as ITI-116 requires.
+
+``Idempotency-Key`` (DESIGN 17): the first answer for (client, key) is stored with a hash of the
+body; a retry with the same body gets that answer byte for byte, a different body gets 422.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from typing import Any, Awaitable, Callable
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from adapter.backends.protocol import (
+    BackendUnavailable, BusinessRuleViolation, Coding, InvalidRequest, Interval, NotFound, SlotConflict,
+)
+from adapter.fhir.appointments import render_appointments, render_hold
+from adapter.fhir.context import FhirContext, client_id, read_body
+from adapter.fhir.formats import parse_body, render, response_format
+from adapter.fhir.outcome import FhirError, error_body, issue, operation_outcome
+from adapter.fhir.parameters import ParamList, parse_datetime, parse_reference, split_reference, validate_embedded
+from adapter.fhir.render import STATUS_REASON_URL, local_instant, searchset
+from adapter.scheduling.proposals import Proposal, ProposalError
+from adapter.scheduling.service import ActorRef, HeldCancellation
+from adapter.scheduling.state import IdempotencyInProgress, IdempotencyMismatch, StoredResponse
+
+_REF = "valueReference"
+
+
+def _operation_error(exc: Exception, *, hold: bool) -> FhirError:
+    """Domain failure -> the Bundle-shaped failure answer of REQ-GEN-20."""
+    extra = []
+    if hold:
+        extra = [issue("fatal", "not-found", "the appointment can no longer be held")]
+    if isinstance(exc, SlotConflict):
+        return FhirError(409, "conflict", str(exc), as_bundle=True, extra_issues=extra)
+    if isinstance(exc, (ProposalError, NotFound)):
+        return FhirError(404, "not-found", str(exc), expression="appointment-reference", as_bundle=True)
+    if isinstance(exc, InvalidRequest):
+        return FhirError(400, "invalid", str(exc), as_bundle=True, extra_issues=extra)
+    if isinstance(exc, BusinessRuleViolation):
+        return FhirError(422, "business-rule", str(exc), as_bundle=True, extra_issues=extra)
+    raise exc
+
+
+async def _with_idempotency(request: Request, operation: str, body: bytes,
+                            produce: Callable[[], Awaitable[Response]]) -> Response:
+    key = request.headers.get("idempotency-key")
+    if not key:
+        return await produce()
+    ctx: FhirContext = request.app.state.fhir
+    state = ctx.service.state
+    who = client_id(request) or "anonymous"
+    digest = hashlib.sha256(body).hexdigest()
+    try:
+        stored = state.idempotency_begin(who, key[:200], operation, digest, ctx.now())
+    except IdempotencyMismatch as exc:
+        raise FhirError(422, "business-rule", str(exc), as_bundle=True) from None
+    except IdempotencyInProgress as exc:
+        raise FhirError(409, "conflict", str(exc), as_bundle=True) from None
+    if stored is not None:
+        return Response(stored.body, status_code=stored.status, media_type=stored.media_type,
+                        headers={"Idempotent-Replayed": "true"})
+    try:
+        response = await produce()
+    except FhirError as err:
+        if err.status >= 500 or not err.as_bundle:
+            state.idempotency_finish(who, key[:200], None)  # transient: let the client retry
+            raise
+        response = render(error_body(err, ctx.base_url), response_format(request), err.status, err.headers)
+    except BaseException:
+        state.idempotency_finish(who, key[:200], None)
+        raise
+    state.idempotency_finish(who, key[:200], StoredResponse(response.status_code, response.media_type or "", bytes(response.body)))
+    return response
+
+
+def _appointment_id(ctx: FhirContext, value: Any, name: str) -> str:
+    if not isinstance(value, dict) or not isinstance(value.get("reference"), str):
+        raise FhirError(400, "invalid", f"{name} must be a Reference with 'reference' = Appointment/<id>",
+                        expression=name, as_bundle=True)
+    kind, appt_id = split_reference(value["reference"], ctx.base_url, name, as_bundle=True)
+    if kind != "Appointment":
+        raise FhirError(400, "invalid", f"{name} must reference an Appointment, got {value['reference']!r}",
+                        expression=name, as_bundle=True)
+    return appt_id
+
+
+def _success(ctx: FhirContext, appt: dict[str, Any], message: str, fmt: str) -> Response:
+    bundle = searchset(ctx.base_url, total=1, matches=[appt],
+                       outcome=operation_outcome([issue("information", "informational", message)]))
+    return render(bundle, fmt)
+
+
+# --- $hold ------------------------------------------------------------------------------------
+
+async def hold_endpoint(request: Request) -> Response:
+    ctx: FhirContext = request.app.state.fhir
+    fmt = response_format(request)
+    body = await read_body(request)
+    params = ParamList.from_resource(parse_body(request.headers.get("content-type"), body), as_bundle=True)
+
+    async def produce() -> Response:
+        refs = params.values("appointment-reference", _REF)
+        if len(refs) != 1:
+            raise FhirError(400, "invalid", "$hold needs exactly one appointment-reference "
+                            f"(got {len(refs)})", expression="appointment-reference", as_bundle=True)
+        token = _appointment_id(ctx, refs[0], "appointment-reference")
+        try:
+            result = await ctx.service.hold(token, client_id(request), ctx.now())
+        except BackendUnavailable:
+            raise
+        except Exception as exc:  # domain failures become operation failures; others propagate
+            raise _operation_error(exc, hold=True) from None
+        appt = await render_hold(ctx, result.hold)
+        expiry = local_instant(result.hold.expires_at, ctx.zone)
+        note = "held" if result.created else "already held by this client (not extended)"
+        return _success(ctx, appt, f"Appointment/{token} {note} until {expiry}", fmt)
+
+    return await _with_idempotency(request, "hold", body, produce)
+
+
+# --- $book ------------------------------------------------------------------------------------
+
+async def book_endpoint(request: Request) -> Response:
+    ctx: FhirContext = request.app.state.fhir
+    fmt = response_format(request)
+    body = await read_body(request)
+    params = ParamList.from_resource(parse_body(request.headers.get("content-type"), body), as_bundle=True)
+
+    async def produce() -> Response:
+        try:
+            appt, message = await _book(ctx, params, request)
+        except (FhirError, BackendUnavailable):
+            raise
+        except HeldCancellation as held:
+            await ctx.service.release_hold(held.hold)
+            rendered = await render_hold(ctx, held.hold)
+            rendered["status"] = "cancelled"
+            rendered.pop("extension", None)
+            for p in rendered["participant"]:
+                p["status"] = "declined"
+            return _success(ctx, rendered, f"hold on Appointment/{held.hold.id} released", fmt)
+        except Exception as exc:
+            raise _operation_error(exc, hold=False) from None
+        rendered, _ = await render_appointments(ctx, [appt])
+        return _success(ctx, rendered[0], message, fmt)
+
+    return await _with_idempotency(request, "book", body, produce)
+
+
+async def _book(ctx: FhirContext, params: ParamList, request: Request):
+    now = ctx.now()
+    ref_value = params.one("appointment-reference", _REF)
+    resource = params.one("appointment-resource", "resource")
+    patient_resources = params.values("patient-resource", "resource")
+    comment = params.one("comment", "valueString")
+    if ref_value is None and resource is None:
+        raise FhirError(400, "invalid", "$book needs appointment-reference or appointment-resource",
+                        expression="appointment-reference", as_bundle=True)
+    if resource is not None:
+        validate_embedded(resource, "Appointment", "appointment-resource", as_bundle=True)
+        comment = comment if comment is not None else resource.get("comment")
+    status = resource.get("status") if resource is not None else "pending"
+    patient = await _patient(ctx, patient_resources, resource)
+
+    if status in ("pending", "proposed"):
+        token = _appointment_id(ctx, ref_value, "appointment-reference") if ref_value is not None else resource.get("id")
+        expect = None
+        if resource is not None and ref_value is not None and (resource.get("start") or resource.get("end")):
+            expect = Interval(parse_datetime(resource.get("start"), "appointment-resource.start", ctx.zone),
+                              parse_datetime(resource.get("end"), "appointment-resource.end", ctx.zone))
+        if token is None:
+            token = await _proposal_from_resource(ctx, resource, now)
+        appt = await ctx.service.book(token, patient=patient, comment=comment, client=client_id(request),
+                                      now=now, expect=expect)
+        return appt, f"Appointment/{appt.id} booked"
+
+    if status not in ("booked", "cancelled"):
+        raise FhirError(400, "invalid", f"appointment-resource.status {status!r} is not one of pending, proposed "
+                        "(book), booked (modify) or cancelled (cancel)", expression="appointment-resource.status",
+                        as_bundle=True)
+    appt_id = resource.get("id") or (_appointment_id(ctx, ref_value, "appointment-reference") if ref_value else None)
+    if not appt_id:
+        raise FhirError(400, "invalid", f"to {'modify' if status == 'booked' else 'cancel'} an appointment, "
+                        "appointment-resource needs the id of the existing appointment",
+                        expression="appointment-resource.id", as_bundle=True)
+    if status == "cancelled":
+        reason, text = _cancel_reason(resource)
+        appt = await ctx.service.cancel(appt_id, reason, text, now)
+        return appt, f"Appointment/{appt.id} cancelled"
+    start = parse_datetime(resource.get("start"), "appointment-resource.start", ctx.zone)
+    end = parse_datetime(resource.get("end"), "appointment-resource.end", ctx.zone)
+    if end <= start:
+        raise FhirError(400, "invalid", "appointment-resource.end must be after start",
+                        expression="appointment-resource.end", as_bundle=True)
+    prac, loc = _participant_ids(ctx, resource)
+    appt = await ctx.service.reschedule(appt_id, practitioner_id=prac, location_id=loc, interval=Interval(start, end),
+                                        comment=comment, now=now)
+    return appt, f"Appointment/{appt.id} modified"
+
+
+def _participant_ids(ctx: FhirContext, resource: dict[str, Any]) -> tuple[str | None, str | None]:
+    prac = loc = None
+    for i, part in enumerate(resource.get("participant") or []):
+        actor = part.get("actor") or {}
+        ref = actor.get("reference")
+        if not ref:
+            continue
+        kind, rid = split_reference(ref, ctx.base_url, f"appointment-resource.participant[{i}].actor", as_bundle=True)
+        if kind == "Practitioner":
+            prac = rid
+        elif kind == "Location":
+            loc = rid
+    return prac, loc
+
+
+async def _patient(ctx: FhirContext, patient_resources: list[Any], resource: dict[str, Any] | None):
+    refs: list[ActorRef] = []
+    for p in patient_resources:
+        validate_embedded(p, "Patient", "patient-resource", as_bundle=True)
+        for ident in p.get("identifier", []):
+            if ident.get("value"):
+                refs.append(ActorRef("Patient", identifier=_ident(ident), text=f"Patient?identifier={ident.get('system', '')}|{ident['value']}"))
+        if p.get("id"):
+            refs.append(ActorRef("Patient", id=p["id"], text=f"Patient/{p['id']}"))
+    for i, part in enumerate((resource or {}).get("participant") or []):
+        actor = part.get("actor") or {}
+        if actor.get("reference", "").split("/")[-2:-1] == ["Patient"] or actor.get("type") == "Patient":
+            refs.append(parse_reference(actor, f"appointment-resource.participant[{i}].actor", ["Patient"],
+                                        ctx.base_url, as_bundle=True))
+    if not refs:
+        return None
+    for ref in refs:
+        actor = await ctx.service.resolve(ref)
+        if actor is not None:
+            return actor
+    raise FhirError(422, "business-rule", f"{refs[0].text} does not match a patient of the legacy system, and this "
+                    "mapping does not allow creating patients", expression="patient-resource", as_bundle=True)
+
+
+def _ident(ident: dict[str, Any]):
+    from adapter.backends.protocol import Identifier
+
+    return Identifier(ident.get("system", ""), ident["value"])
+
+
+def _cancel_reason(resource: dict[str, Any]) -> tuple[Coding | None, str | None]:
+    concepts = [resource.get("cancelationReason")] + [e.get("valueCodeableConcept") for e in resource.get("extension", [])
+                                                        if e.get("url") == STATUS_REASON_URL]
+    for c in concepts:
+        if c:
+            codings = [x for x in c.get("coding", []) if x.get("code")]
+            first = codings[0] if codings else None
+            return (Coding(first.get("system", ""), first["code"], first.get("display")) if first else None,
+                    c.get("text") or (first.get("display") if first else None))
+    return None, None
+
+
+async def _proposal_from_resource(ctx: FhirContext, resource: dict[str, Any], now: dt.datetime) -> str:
+    """An appointment-resource without a proposed id: book the slot it describes (issued now)."""
+    start = parse_datetime(resource.get("start"), "appointment-resource.start", ctx.zone)
+    end = parse_datetime(resource.get("end"), "appointment-resource.end", ctx.zone)
+    prac, loc = _participant_ids(ctx, resource)
+    if not prac or not loc or end <= start:
+        raise FhirError(400, "invalid", "appointment-resource without a proposed id needs start, end and "
+                        "Practitioner and Location participants", expression="appointment-resource", as_bundle=True)
+    minutes = int((end - start).total_seconds() // 60)
+    types = await ctx.service.backend.visit_types()
+    wanted = [c for c in ((resource.get("appointmentType") or {}).get("coding") or [])]
+    vt = next((t for t in types for c in wanted for tc in t.codings
+               if tc.code == c.get("code") and tc.system == c.get("system")), None)
+    vt = vt or next((t for t in types if t.minutes == minutes), None)
+    if vt is None:
+        raise FhirError(400, "invalid", "appointment-resource.appointmentType does not name a visit type of this "
+                        "server", expression="appointment-resource.appointmentType", as_bundle=True)
+    return ctx.service.proposals.encode(Proposal(prac, loc, start, minutes, vt.key, (), now, start, end))

@@ -1,0 +1,102 @@
+"""Code translation tables: legacy code <-> FHIR coding (or plain FHIR code), both ways.
+
+A table is declared inline in the mapping (``codes: {specialty: {FP: {system:..., code:...}}}``)
+or loaded from a FHIR ConceptMap JSON file (``codes: {specialty: {conceptmap: file.json}}``):
+``group.source`` is the legacy system, ``element.code`` the legacy code, ``target`` the FHIR
+coding. Reverse lookups (FHIR -> legacy) take the first legacy code that maps to the coding,
+unless the table names an explicit ``reverse`` entry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class UnknownCode(LookupError):
+    """A code is not in the translation table."""
+
+
+@dataclass(slots=True)
+class CodeTable:
+    name: str
+    forward: dict[str, Any]  # legacy code -> FHIR coding dict | str (plain code)
+    reverse: dict[tuple[str | None, str], str] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, name: str, entries: dict[str, Any], explicit_reverse: dict[str, str] | None = None) -> "CodeTable":
+        table = cls(name, {})
+        for legacy, target in entries.items():
+            table.forward[str(legacy)] = target
+            for coding in _codings(target):
+                key = (coding.get("system"), str(coding["code"]))
+                table.reverse.setdefault(key, str(legacy))
+                table.reverse.setdefault((None, str(coding["code"])), str(legacy))
+        for fhir_code, legacy in (explicit_reverse or {}).items():
+            system, _, code = fhir_code.rpartition("|")
+            table.reverse[(system or None, code)] = str(legacy)
+            table.reverse[(None, code)] = str(legacy)
+        return table
+
+
+def _codings(target: Any) -> list[dict]:
+    if isinstance(target, str):
+        return [{"code": target}]
+    if isinstance(target, dict):
+        return [target]
+    return list(target)
+
+
+class CodeTables:
+    def __init__(self, tables: dict[str, CodeTable] | None = None) -> None:
+        self._tables = tables or {}
+
+    def names(self) -> set[str]:
+        return set(self._tables)
+
+    def table(self, name: str) -> CodeTable:
+        try:
+            return self._tables[name]
+        except KeyError:
+            raise UnknownCode(f"no code table named {name!r}") from None
+
+    def to_fhir(self, table: str, legacy: str, *, missing_ok: bool = False) -> Any:
+        found = self.table(table).forward.get(legacy)
+        if found is None and not missing_ok:
+            raise UnknownCode(f"legacy code {legacy!r} is not in code table {table!r}")
+        return found
+
+    def to_legacy(self, table: str, fhir: Any) -> str:
+        """FHIR code (str, 'system|code' or coding dict) -> legacy code."""
+        if isinstance(fhir, dict):
+            system, code = fhir.get("system"), str(fhir.get("code"))
+        else:
+            text = str(fhir)
+            system, sep, code = text.rpartition("|")
+            system = system if sep else None
+        reverse = self.table(table).reverse
+        found = reverse.get((system, code)) if system else reverse.get((None, code))
+        if found is None:
+            raise UnknownCode(f"{fhir!r} has no legacy code in table {table!r}")
+        return found
+
+    def codings(self, table: str, legacy: str) -> list[dict]:
+        found = self.table(table).forward.get(legacy)
+        return [] if found is None else [c for c in _codings(found) if "system" in c]
+
+
+def conceptmap_entries(resource: dict) -> dict[str, Any]:
+    """Legacy code -> target coding, from a FHIR ConceptMap (R4) resource."""
+    if resource.get("resourceType") != "ConceptMap":
+        raise ValueError(f"expected a ConceptMap, got resourceType {resource.get('resourceType')!r}")
+    entries: dict[str, Any] = {}
+    for group in resource.get("group", []):
+        target_system = group.get("target")
+        for element in group.get("element", []):
+            targets = [
+                {k: v for k, v in {"system": target_system, "code": t.get("code"), "display": t.get("display")}.items() if v}
+                for t in element.get("target", []) if t.get("code")
+            ]
+            if targets:
+                entries[str(element["code"])] = targets[0] if len(targets) == 1 else targets
+    return entries

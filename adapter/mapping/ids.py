@@ -1,0 +1,57 @@
+"""Legacy keys <-> FHIR ids, reversibly (DESIGN 9a).
+
+FHIR ids are ``[A-Za-z0-9\\-\\.]{1,64}``. Legacy keys are often not: space-padded CHAR columns,
+spaces or slashes inside, longer than 64. The mapping declares the rule per entity:
+
+* ``trim`` (+ ``pad_right: N``): ``'SPEARSB '`` <-> ``SPEARSB``; the way back re-pads to N.
+* ``encode: hex``: any key -> ``x`` + hex of its UTF-8 bytes, for keys with other characters.
+
+A key the rule cannot turn into a valid id raises ``InvalidKey`` rather than emitting a bad id.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from adapter.mapping.model import IdRule
+
+FHIR_ID = re.compile(r"^[A-Za-z0-9\-\.]{1,64}$")
+
+
+class InvalidKey(ValueError):
+    pass
+
+
+def to_fhir_id(rule: IdRule, key: Any) -> str:
+    text = str(key)
+    if rule.trim:
+        text = text.strip()
+    if rule.encode == "hex":
+        text = "x" + text.encode("utf-8").hex()
+    if not FHIR_ID.match(text):
+        raise InvalidKey(f"legacy key {key!r} does not give a valid FHIR id under rule {rule.model_dump()}")
+    return text
+
+
+def to_legacy_key(rule: IdRule, fhir_id: str) -> Any:
+    """The exact legacy key for a FHIR id; raises InvalidKey when the id cannot be one of ours."""
+    if not FHIR_ID.match(fhir_id):
+        raise InvalidKey(f"{fhir_id!r} is not a valid FHIR id")
+    text = fhir_id
+    if rule.encode == "hex":
+        if not text.startswith("x"):
+            raise InvalidKey(f"{fhir_id!r} is not a hex-encoded key")
+        try:
+            text = bytes.fromhex(text[1:]).decode("utf-8")
+        except ValueError as exc:
+            raise InvalidKey(f"{fhir_id!r} is not a hex-encoded key") from exc
+    if rule.pad_right:
+        if len(text) > rule.pad_right:
+            raise InvalidKey(f"{fhir_id!r} is longer than the legacy key width {rule.pad_right}")
+        text = text.ljust(rule.pad_right)
+    if rule.key_type == "int":
+        if not text.strip().lstrip("-").isdigit():
+            raise InvalidKey(f"{fhir_id!r} is not a numeric legacy key")
+        return int(text)
+    return text

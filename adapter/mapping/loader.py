@@ -1,0 +1,275 @@
+"""Load a mapping file: YAML -> validated document -> compiled ``Mapping``.
+
+Every problem is reported as ``file:line: dotted.key: what was expected`` so an IT team can fix a
+mapping without reading Python. All problems found are reported at once (``MappingError.problems``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+from pydantic import ValidationError
+
+from adapter.mapping.codes import CodeTable, CodeTables, conceptmap_entries
+from adapter.mapping.expressions import EvalContext, Expression, ExpressionError, compile_template
+from adapter.mapping.model import MappingDocument
+
+_BIND_NAME = re.compile(r"(?<![:\w]):([A-Za-z_][A-Za-z0-9_]*)")
+
+
+class MappingError(ValueError):
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid mapping:\n  " + "\n  ".join(problems))
+
+
+@dataclass(slots=True)
+class Mapping:
+    """A loaded mapping: the validated document plus compiled expressions and code tables."""
+
+    path: Path
+    doc: MappingDocument
+    codes: CodeTables
+    ctx: EvalContext
+    compiled: dict[str, Any]  # dotted key -> compiled expression / template
+
+    def expr(self, dotted: str) -> Any:
+        return self.compiled[dotted]
+
+    def has(self, dotted: str) -> bool:
+        return dotted in self.compiled
+
+
+# --- YAML with line numbers ---------------------------------------------------------------------
+
+def _construct(node: yaml.Node, path: tuple, lines: dict[tuple, int]) -> Any:
+    lines[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        out: dict[str, Any] = {}
+        for key_node, value_node in node.value:
+            key = str(key_node.value)
+            lines[path + (key,)] = key_node.start_mark.line + 1
+            out[key] = _construct(value_node, path + (key,), lines)
+            lines[path + (key,)] = key_node.start_mark.line + 1
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_construct(item, path + (i,), lines) for i, item in enumerate(node.value)]
+    # Scalars: the safe constructor decides the type (int, bool, null, str) from the resolved tag.
+    return yaml.constructor.SafeConstructor().construct_object(node)
+
+
+def _line_for(lines: dict[tuple, int], loc: tuple) -> int:
+    for n in range(len(loc), -1, -1):
+        if tuple(loc[:n]) in lines:
+            return lines[tuple(loc[:n])]
+    return 1
+
+
+def _dotted(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc) or "(top level)"
+
+
+def load_mapping(path: str | Path) -> Mapping:
+    path = Path(path)
+    display = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise MappingError([f"{display}: cannot read mapping file: {exc.strerror}"]) from exc
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark else 1
+        raise MappingError([f"{display}:{line}: (YAML syntax): {getattr(exc, 'problem', exc)}"]) from exc
+    if root is None:
+        raise MappingError([f"{display}:1: (top level): expected a mapping document, the file is empty"])
+    lines: dict[tuple, int] = {}
+    data = _construct(root, (), lines)
+
+    try:
+        doc = MappingDocument.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-", "literal["))))
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key (not part of the mapping format; check the spelling)"
+            elif err["type"] == "missing":
+                msg = "required key is missing"
+            problems.append(f"{display}:{_line_for(lines, loc)}: {_dotted(loc)}: {msg}")
+        raise MappingError(problems) from None
+
+    problems: list[str] = []
+
+    def fail(loc: tuple, msg: str) -> None:
+        problems.append(f"{display}:{_line_for(lines, loc)}: {_dotted(loc)}: {msg}")
+
+    try:
+        zone = ZoneInfo(doc.system.timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        fail(("system", "timezone"), f"expected an IANA time zone name such as America/New_York, got {doc.system.timezone!r}")
+        zone = ZoneInfo("UTC")
+
+    tables: dict[str, CodeTable] = {}
+    for name, spec in doc.codes.items():
+        entries = dict(spec.entries or {})
+        if spec.conceptmap:
+            cm_path = (path.parent / spec.conceptmap)
+            try:
+                entries.update(conceptmap_entries(json.loads(cm_path.read_text(encoding="utf-8"))))
+            except (OSError, ValueError, KeyError) as exc:
+                fail(("codes", name, "conceptmap"), f"expected a readable FHIR ConceptMap JSON file: {exc}")
+        if not entries:
+            fail(("codes", name), "expected 'entries' or 'conceptmap' with at least one code")
+        for legacy, target in entries.items():
+            if not _valid_target(target):
+                fail(("codes", name, "entries", legacy),
+                     "expected a FHIR code (string), a coding {system, code[, display]} or a list of codings")
+        tables[name] = CodeTable.build(name, entries, spec.reverse)
+    codes = CodeTables(tables)
+    ctx = EvalContext(zone=zone, codes=codes)
+
+    compiled: dict[str, Any] = {}
+
+    def compile_at(loc: tuple, value: Any) -> None:
+        try:
+            template = compile_template(value)
+        except ExpressionError as exc:
+            fail(loc, f"bad expression: {exc}")
+            return
+        for expr in _expressions(template):
+            for table in _code_tables_used(expr.source):
+                if table not in tables:
+                    fail(loc, f"expression {expr.source!r} uses code table {table!r}, which is not declared under 'codes'")
+        compiled[_dotted(loc)] = template
+
+    def compile_mapping(loc: tuple, values: dict[str, Any]) -> None:
+        for key, value in values.items():
+            compile_at(loc + (key,), value)
+
+    for kind, actor in doc.actors.items():
+        base = ("actors", kind)
+        compile_mapping(base + ("fields",), actor.fields)
+        compile_at(base + ("resource",), actor.resource)
+        if "display" not in actor.fields:
+            fail(base + ("fields",), "expected a 'display' field (the text shown in references)")
+        if actor.resource.get("resourceType") != kind:
+            fail(base + ("resource", "resourceType"), f"expected resourceType {kind!r}")
+        _check_binds(fail, base + ("select",), actor.select, set())
+        for name, cond in actor.filters.items():
+            allowed = {"keys"} if name == "key" else {"name_prefix"}
+            _check_binds(fail, base + ("filters", name), cond, allowed)
+        for system, cond in actor.identifier_filters.items():
+            _check_binds(fail, base + ("identifier_filters", system), cond, {"values"})
+
+    vt = doc.visit_types
+    compile_mapping(("visit_types", "fields"), vt.fields)
+    compile_at(("visit_types", "codings"), vt.codings)
+    compile_at(("visit_types", "service_types"), vt.service_types)
+
+    window_vars = {"window_start", "window_end", "practitioner_keys", "location_keys"}
+    av = doc.availability
+    for section in ("working_time", "absences", "busy"):
+        spec = getattr(av, section)
+        if spec is None:
+            continue
+        base = ("availability", section)
+        compile_mapping(base + ("fields",), spec.fields)
+        compile_mapping(base + ("binds",), spec.binds)
+        _check_binds(fail, base + ("sql",), spec.sql, set(spec.binds) | {"practitioner_keys", "location_keys"})
+        _check_expr_inputs(fail, base + ("binds",), compiled, spec.binds, window_vars)
+    required = {
+        "weekly": {"practitioner", "location", "weekday", "start_time", "end_time"},
+        "free_slots": {"practitioner", "location", "start", "end"},
+    }[av.working_time.kind]
+    missing = required - set(av.working_time.fields)
+    if missing:
+        fail(("availability", "working_time", "fields"), f"kind {av.working_time.kind!r} needs field(s) {sorted(missing)}")
+    for section in ("absences", "busy"):
+        spec = getattr(av, section)
+        if spec is not None:
+            need = {"practitioner", "start"} | ({"end"} if "minutes" not in spec.fields else set())
+            missing = need - set(spec.fields)
+            if missing:
+                fail(("availability", section, "fields"), f"expected field(s) {sorted(missing)} (or 'minutes' instead of 'end')")
+
+    ap = doc.appointments
+    compile_mapping(("appointments", "fields"), ap.fields)
+    compile_mapping(("appointments", "binds"), ap.binds)
+    compile_at(("appointments", "identifier"), ap.identifier)
+
+    if doc.writes is not None:
+        w = doc.writes
+        for name in ("lock", "book", "reschedule", "cancel"):
+            stmt = getattr(w, name)
+            compile_mapping(("writes", name, "binds"), stmt.binds)
+        if w.id_allocation.strategy == "counter" and not (w.id_allocation.next_sql and w.id_allocation.bump_sql):
+            fail(("writes", "id_allocation"), "strategy 'counter' needs next_sql and bump_sql")
+        if w.id_allocation.strategy == "sequence" and not w.id_allocation.next_sql:
+            fail(("writes", "id_allocation"), "strategy 'sequence' needs next_sql")
+        if w.id_allocation.strategy == "database" and not w.id_allocation.last_id_sql:
+            fail(("writes", "id_allocation"), "strategy 'database' needs last_id_sql")
+        cp = w.create_patient
+        if cp.allowed and not (cp.insert and cp.id_allocation):
+            fail(("writes", "create_patient"), "allowed: true needs 'insert' and 'id_allocation'")
+        if cp.insert:
+            compile_mapping(("writes", "create_patient", "insert", "binds"), cp.insert.binds)
+
+    if problems:
+        raise MappingError(problems)
+    return Mapping(path=path, doc=doc, codes=codes, ctx=ctx, compiled=compiled)
+
+
+def _valid_target(target: Any) -> bool:
+    if isinstance(target, str):
+        return bool(target)
+    if isinstance(target, dict):
+        return "code" in target and set(target) <= {"system", "code", "display", "version"}
+    if isinstance(target, list):
+        return bool(target) and all(isinstance(t, dict) and _valid_target(t) for t in target)
+    return False
+
+
+def _expressions(template: Any):
+    if isinstance(template, Expression):
+        yield template
+    elif isinstance(template, list):
+        for item in template:
+            yield from _expressions(item)
+    elif isinstance(template, dict):
+        for item in template.values():
+            yield from _expressions(item)
+
+
+def _code_tables_used(source: str) -> list[str]:
+    return re.findall(r"\|\s*(?:code\??|legacy_code\??)\s*:\s*([A-Za-z0-9_\-]+)", source)
+
+
+def sql_bind_names(sql: str) -> list[str]:
+    """Named ``:binds`` in SQL text, ignoring quoted literals and ``::casts``."""
+    unquoted = re.sub(r"'(?:[^']|'')*'", "''", sql)
+    return _BIND_NAME.findall(unquoted)
+
+
+def _check_binds(fail, loc: tuple, sql: str, allowed: set[str]) -> None:
+    for name in sql_bind_names(sql):
+        if name not in allowed:
+            expected = ", ".join(f":{a}" for a in sorted(allowed)) or "no bind parameters"
+            fail(loc, f"unknown bind parameter :{name}; expected {expected}")
+
+
+def _check_expr_inputs(fail, loc: tuple, compiled: dict, binds: dict[str, str], allowed: set[str]) -> None:
+    for name in binds:
+        template = compiled.get(_dotted(loc + (name,)))
+        for expr in _expressions(template):
+            for inp in expr.inputs:
+                if inp not in allowed:
+                    fail(loc + (name,), f"unknown value {inp!r}; expected one of {sorted(allowed)}")

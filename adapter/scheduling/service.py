@@ -1,0 +1,380 @@
+"""The scheduling domain: find candidates, hold them, book them, change bookings.
+
+Backend-agnostic: talks to a ``SchedulingBackend`` and the adapter's ``StateStore``; knows
+nothing of HTTP or FHIR JSON. Results carry ``Notice``s (information/warnings) that the FHIR layer
+turns into OperationOutcome entries.
+
+Conflict rules (DESIGN 9, 13): a practitioner is an exclusive resource: no two active holds or
+bookings of one practitioner overlap. A hold blocks the slot for everybody except a booking that
+names the hold's own id. Holds are checked inside the backend's booking lock (the ConflictGate),
+so "check legacy calendar, check holds, write" is one atomic step.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import unicodedata
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from adapter.backends.protocol import (
+    Actor, ActorQuery, Appointment, AppointmentPage, AppointmentQuery, AvailabilityQuery, BusinessRuleViolation,
+    Coding, Identifier, InvalidRequest, Interval, NewBooking, NotFound, SchedulingBackend, SlotConflict,
+    SlotRequest, VisitType,
+)
+from adapter.scheduling.candidates import Candidate, ResourcePlan, find_candidates
+from adapter.scheduling.proposals import Proposal, ProposalCodec, ProposalError, proposal_to_dict
+from adapter.scheduling.state import Hold, StateStore
+
+log = logging.getLogger("adapter.scheduling")
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    severity: str  # information | warning
+    code: str  # FHIR IssueType
+    text: str
+    expression: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    system: str | None
+    code: str
+
+    def matches(self, coding: Coding) -> bool:
+        return coding.code == self.code and (self.system is None or coding.system == self.system)
+
+    def __str__(self) -> str:
+        return f"{self.system}|{self.code}" if self.system else self.code
+
+
+@dataclass(frozen=True, slots=True)
+class ActorRef:
+    """A reference as the client gave it: literal (``id``) or logical (``identifier``)."""
+
+    kind: str
+    id: str | None = None
+    identifier: Identifier | None = None
+    text: str = ""  # as received, for messages
+
+
+@dataclass(slots=True)
+class FindRequest:
+    window: Interval
+    practitioners: list[ActorRef] = field(default_factory=list)
+    locations: list[ActorRef] = field(default_factory=list)
+    location_strings: list[str] = field(default_factory=list)
+    organizations: list[ActorRef] = field(default_factory=list)
+    specialties: list[Token] = field(default_factory=list)
+    visit_types: list[Token] = field(default_factory=list)
+    patients: list[ActorRef] = field(default_factory=list)
+    patient_identifiers: list[list[Identifier]] = field(default_factory=list)  # from patient-resource
+    offset: int = 0
+    count: int = 50
+
+
+@dataclass(slots=True)
+class FindResult:
+    total: int
+    candidates: list[tuple[str, Candidate]]  # (proposed id, candidate)
+    patients: list[Actor]
+    notices: list[Notice]
+    window: Interval
+    actors: dict[str, Actor]  # "Practitioner/x" -> Actor, for displays
+
+
+@dataclass(slots=True)
+class HoldResult:
+    hold: Hold
+    proposal: Proposal
+    created: bool
+
+
+class SchedulingService:
+    def __init__(self, backend: SchedulingBackend, state: StateStore, proposals: ProposalCodec, *,
+                 hold_ttl: dt.timedelta, default_visit_type: str | None = None,
+                 slot_step_minutes: int | None = None, organization_id: str | None = None) -> None:
+        self.backend = backend
+        self.state = state
+        self.proposals = proposals
+        self.hold_ttl = hold_ttl
+        self.default_visit_type = default_visit_type
+        self.slot_step_minutes = slot_step_minutes
+        self.organization_id = organization_id
+
+    # -- actors ------------------------------------------------------------------------------
+    async def resolve(self, ref: ActorRef) -> Actor | None:
+        if ref.id is not None:
+            found = await self.backend.find_actors(ActorQuery(ref.kind, ids=(ref.id,)))  # type: ignore[arg-type]
+        elif ref.identifier is not None:
+            found = await self.backend.find_actors(ActorQuery(ref.kind, identifiers=(ref.identifier,)))  # type: ignore[arg-type]
+        else:
+            return None
+        return found[0] if found else None
+
+    async def actor(self, kind: str, actor_id: str) -> Actor | None:
+        return await self.resolve(ActorRef(kind, id=actor_id))
+
+    # -- ITI-115 -------------------------------------------------------------------------------
+    async def find(self, req: FindRequest, now: dt.datetime) -> FindResult:
+        notices: list[Notice] = []
+        empty = FindResult(0, [], [], notices, req.window, {})
+
+        practitioners = await self.backend.find_actors(ActorQuery("Practitioner", limit=100000))
+        prac_rank: dict[str, int] = {}
+        if req.practitioners:
+            for rank, ref in enumerate(req.practitioners):
+                actor = await self.resolve(ref)
+                if actor is None:
+                    notices.append(Notice("information", "not-found", f"{ref.text} is not known to this server", "practitioner"))
+                    continue
+                prac_rank.setdefault(actor.id, rank)
+            if not prac_rank:
+                return empty
+        candidates_prac = [p for p in practitioners if not prac_rank or p.id in prac_rank]
+
+        spec_rank: dict[str, int] = {}
+        if req.specialties:
+            for p in candidates_prac:
+                for rank, tok in enumerate(req.specialties):
+                    if any(tok.matches(c) for c in p.specialties):
+                        spec_rank[p.id] = min(spec_rank.get(p.id, rank), rank)
+            for tok in req.specialties:
+                if not any(tok.matches(c) for p in practitioners for c in p.specialties):
+                    notices.append(Notice("information", "not-found", f"specialty {tok} is not offered here", "specialty"))
+            candidates_prac = [p for p in candidates_prac if p.id in spec_rank]
+
+        if req.organizations:
+            ours = [o for o in req.organizations if o.id == self.organization_id]
+            if not ours:
+                for o in req.organizations:
+                    notices.append(Notice("information", "not-found", f"{o.text} is not an organization of this server", "organization"))
+                return empty
+
+        locations = {a.id: a for a in await self.backend.find_actors(ActorQuery("Location", limit=100000))}
+        loc_rank: dict[str, int] = {}
+        if req.locations:
+            for rank, ref in enumerate(req.locations):
+                actor = await self.resolve(ref)
+                if actor is None:
+                    notices.append(Notice("information", "not-found", f"{ref.text} is not known to this server", "location-reference"))
+                    continue
+                loc_rank.setdefault(actor.id, rank)
+            if not loc_rank:
+                return empty
+        if req.location_strings:
+            matching = {lid for lid, loc in locations.items()
+                        if any(_address_matches(loc.resource, s) for s in req.location_strings)}
+            if not matching:
+                notices.append(Notice("information", "not-found",
+                                      f"no location matches location-string {', '.join(req.location_strings)!r}", "location-string"))
+                return empty
+            loc_rank = {lid: r for lid, r in loc_rank.items() if lid in matching} if loc_rank else {lid: 0 for lid in matching}
+            if not loc_rank:
+                return empty
+
+        all_types = await self.backend.visit_types()
+        chosen: list[tuple[int, VisitType]] = []
+        if req.visit_types:
+            for rank, tok in enumerate(req.visit_types):
+                matched = [vt for vt in all_types if any(tok.matches(c) for c in vt.codings)]
+                if not matched:
+                    notices.append(Notice("information", "not-found", f"visit-type {tok} is not offered here", "visit-type"))
+                chosen.extend((rank, vt) for vt in matched)
+            if not chosen:
+                return FindResult(0, [], [], notices, req.window, {})
+        else:
+            default = next((vt for vt in all_types if vt.key == self.default_visit_type), None)
+            if default is None:
+                raise BusinessRuleViolation(f"the mapping's default visit type {self.default_visit_type!r} does not exist")
+            chosen = [(0, default)]
+
+        patients: list[Actor] = []
+        for ref in req.patients:
+            actor = await self.resolve(ref)
+            if actor is None:
+                notices.append(Notice("information", "not-found", f"{ref.text} is not known to this server", "patient-reference"))
+                return empty
+            patients.append(actor)
+        for identifiers in req.patient_identifiers:
+            actor = None
+            for ident in identifiers:
+                actor = await self.resolve(ActorRef("Patient", identifier=ident))
+                if actor:
+                    break
+            if actor is None:
+                notices.append(Notice("warning", "not-found",
+                                      "patient-resource does not match a patient of the legacy system by identifier; "
+                                      "the patient must be known before booking", "patient-resource"))
+            else:
+                patients.append(actor)
+
+        prac_ids = tuple(p.id for p in candidates_prac)
+        if not prac_ids:
+            return FindResult(0, [], patients, notices, req.window, {})
+        availability = await self.backend.availability(
+            AvailabilityQuery(req.window, prac_ids, tuple(loc_rank) if loc_rank else ()))
+        held = self.state.holds_by_practitioner(prac_ids, req.window, now)
+        prac_by_id = {p.id: p for p in candidates_prac}
+        plans = []
+        for ra in availability:
+            prac = prac_by_id.get(ra.practitioner_id)
+            if prac is None:
+                continue
+            for vt_rank, vt in chosen:
+                if vt.specialty_codes and not _offers(prac, vt):
+                    continue
+                rank = (prac_rank.get(ra.practitioner_id, 0), loc_rank.get(ra.location_id, 0), vt_rank,
+                        spec_rank.get(ra.practitioner_id, 0))
+                plans.append(ResourcePlan(ra, vt, rank))
+        total, page = find_candidates(plans, held=held, now=now, step_minutes=self.slot_step_minutes,
+                                      offset=req.offset, limit=req.count)
+        patient_ids = tuple(p.id for p in patients)
+        proposed = []
+        for c in page:
+            token = self.proposals.encode(Proposal(
+                c.practitioner_id, c.location_id, c.interval.start,
+                int((c.interval.end - c.interval.start).total_seconds() // 60), c.visit_type.key,
+                patient_ids, now, req.window.start, req.window.end))
+            proposed.append((token, c))
+        actors = {f"Practitioner/{p.id}": p for p in candidates_prac}
+        actors.update({f"Location/{lid}": loc for lid, loc in locations.items()})
+        return FindResult(total, proposed, patients, notices, req.window, actors)
+
+    # -- ITI-116 -------------------------------------------------------------------------------
+    def _slot(self, p: Proposal) -> SlotRequest:
+        return SlotRequest(p.practitioner_id, p.location_id, Interval(p.start, p.end), p.visit_type_key, p.patient_ids)
+
+    async def hold(self, token: str, client: str | None, now: dt.datetime) -> HoldResult:
+        proposal = self.proposals.decode(token, now)
+        existing = self.state.get_hold(token, now)
+        if existing is not None:
+            if client is not None and existing.client == client:
+                return HoldResult(existing, proposal, created=False)
+            raise SlotConflict(f"Appointment/{token} is already held by another client until "
+                               f"{existing.expires_at.isoformat()}")
+        if proposal.start <= now:
+            raise ProposalError(f"proposed appointment {token!r} starts in the past")
+        slot = self._slot(proposal)
+        new_hold = Hold(token, proposal.practitioner_id, proposal.location_id, slot.interval,
+                        now + self.hold_ttl, client, proposal_to_dict(proposal))
+        placed: list[Hold] = []
+
+        def gate(slots: Sequence[SlotRequest]) -> None:
+            placed.append(self.state.place_hold(new_hold, now))
+
+        await self.backend.secure([slot], gate)
+        hold = placed[0]
+        if hold.client != client or hold.expires_at != new_hold.expires_at:
+            if hold.client != client or client is None:
+                raise SlotConflict(f"Appointment/{token} was held by another client meanwhile")
+            return HoldResult(hold, proposal, created=False)
+        return HoldResult(hold, proposal, created=True)
+
+    # -- ITI-117 -------------------------------------------------------------------------------
+    async def book(self, token: str, *, patient: Actor | None, comment: str | None, client: str | None,
+                   now: dt.datetime, expect: Interval | None = None) -> Appointment:
+        proposal = self.proposals.decode(token, now)
+        if expect is not None and (expect.start != proposal.start or expect.end != proposal.end):
+            raise InvalidRequest("appointment-resource start/end differ from the referenced proposed appointment "
+                                 f"({proposal.start.isoformat()} to {proposal.end.isoformat()})")
+        own = self.state.get_hold(token, now)
+        if own is not None and own.client is not None and client is not None and own.client != client:
+            raise SlotConflict(f"Appointment/{token} is held by another client")
+        patient_id = patient.id if patient else (proposal.patient_ids[0] if proposal.patient_ids else None)
+        if patient_id is None:
+            raise InvalidRequest("no patient: give patient-reference/patient-resource to $find, "
+                                 "or patient-resource or a Patient participant to $book")
+        if len(proposal.patient_ids) > 1 and patient is None:
+            raise BusinessRuleViolation("the legacy system books one patient per appointment; "
+                                        "book each patient of a group separately")
+        if proposal.start <= now:
+            raise InvalidRequest(f"the proposed appointment starts in the past ({proposal.start.isoformat()})")
+        slot = self._slot(proposal)
+
+        def gate(slots: Sequence[SlotRequest]) -> None:
+            for s in slots:
+                self.state.check_free(s.practitioner_id, s.interval, now, own_hold=token)
+
+        appt = await self.backend.book(NewBooking(slot, patient_id, comment, client or "sched-adapter"), gate)
+        if own is not None:
+            self.state.release(token)  # the booking replaces the hold (REQ-117-06)
+        return appt
+
+    async def reschedule(self, appointment_id: str, *, practitioner_id: str | None, location_id: str | None,
+                         interval: Interval, comment: str | None, now: dt.datetime) -> Appointment:
+        current = await self.backend.get_appointment(appointment_id)
+        if current is None:
+            raise NotFound(f"Appointment/{appointment_id} is not known")
+        if current.status in ("cancelled", "noshow", "fulfilled", "entered-in-error"):
+            raise BusinessRuleViolation(f"Appointment/{appointment_id} is {current.status} and cannot be modified")
+        if interval.start <= now:
+            raise InvalidRequest("the new time is in the past")
+        slot = SlotRequest(practitioner_id or current.practitioner_id or "", location_id or current.location_id or "",
+                           interval, current.visit_type_key or "", (current.patient_id,) if current.patient_id else ())
+
+        def gate(slots: Sequence[SlotRequest]) -> None:
+            for s in slots:
+                self.state.check_free(s.practitioner_id, s.interval, now, own_hold=None)
+
+        return await self.backend.reschedule(appointment_id, slot, gate, comment)
+
+    async def cancel(self, appointment_id: str, reason: Coding | None, reason_text: str | None,
+                     now: dt.datetime) -> Appointment:
+        held = self.state.get_hold(appointment_id, now)
+        if held is not None:
+            raise _HeldCancellation(held)
+        current = await self.backend.get_appointment(appointment_id)
+        if current is None:
+            raise NotFound(f"Appointment/{appointment_id} is not known")
+        if current.status == "cancelled":
+            return current  # cancelling twice changes nothing
+        return await self.backend.cancel(appointment_id, reason, reason_text)
+
+    async def release_hold(self, hold: Hold) -> None:
+        self.state.release(hold.id)
+
+    async def get(self, appointment_id: str, now: dt.datetime) -> Appointment | Hold | None:
+        hold = self.state.get_hold(appointment_id, now)
+        if hold is not None:
+            return hold
+        return await self.backend.get_appointment(appointment_id)
+
+    async def search(self, query: AppointmentQuery) -> AppointmentPage:
+        return await self.backend.search_appointments(query)
+
+    def sweep(self, now: dt.datetime) -> int:
+        n = self.state.sweep(now)
+        if n:
+            log.info("released %d expired holds/proposals", n)
+        return n
+
+
+class _HeldCancellation(Exception):
+    """Cancelling an appointment that is only held: the caller releases the hold."""
+
+    def __init__(self, hold: Hold) -> None:
+        self.hold = hold
+
+
+HeldCancellation = _HeldCancellation
+
+
+def _offers(prac: Actor, vt: VisitType) -> bool:
+    return bool(set(vt.specialty_codes) & set(prac.specialty_keys))
+
+
+def _fold(text: str) -> str:
+    norm = unicodedata.normalize("NFKD", text)
+    return "".join(c for c in norm if not unicodedata.combining(c)).casefold()
+
+
+def _address_matches(location: dict, query: str) -> bool:
+    """FHIR string search semantics: case- and accent-insensitive starts-with on address parts."""
+    q = _fold(query.strip())
+    address = location.get("address") or {}
+    parts: list[str] = list(address.get("line", []))
+    parts += [address[k] for k in ("city", "district", "state", "postalCode", "country", "text") if address.get(k)]
+    return any(_fold(p).startswith(q) for p in parts)

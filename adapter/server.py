@@ -1,0 +1,87 @@
+"""The composition root: settings in, a running ASGI app out. The only place that wires layers."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import secrets
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from starlette.applications import Starlette
+
+from adapter.backends.sql.backend import SqlBackend
+from adapter.backends.sql.db import Database
+from adapter.fhir.app import create_app
+from adapter.fhir.context import FhirContext, utc_now
+from adapter.mapping.loader import load_mapping
+from adapter.scheduling.proposals import ProposalCodec
+from adapter.scheduling.service import SchedulingService
+from adapter.scheduling.state import SqliteStateStore
+from adapter.settings import Settings
+
+log = logging.getLogger("adapter")
+
+
+def signing_secret(settings: Settings) -> bytes:
+    sec = settings.security
+    if sec.signing_secret:
+        return sec.signing_secret.encode("utf-8")
+    path = Path(sec.signing_secret_file)  # type: ignore[arg-type]
+    if not path.exists():
+        # First start: create the secret once, atomically, readable by the owner only. Every worker
+        # and replica that shares this file (or the same value in SCHED_SECURITY__SIGNING_SECRET)
+        # verifies the others' proposed ids.
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(secrets.token_urlsafe(32), encoding="utf-8")
+        tmp.chmod(0o600)
+        try:
+            tmp.rename(path) if not path.exists() else tmp.unlink()
+        except OSError:
+            pass
+    return path.read_text(encoding="utf-8").strip().encode("utf-8")
+
+
+def ensure_demo_data(settings: Settings) -> None:
+    url = settings.backend.database_url
+    if settings.demo and url.startswith("sqlite:///"):
+        from adapter.demo.seed import ensure_demo_database
+
+        if ensure_demo_database(Path(url[len("sqlite:///"):]), today=dt.date.today()):
+            log.info("created the demo practice database at %s", url)
+
+
+def build_app(settings: Settings) -> Starlette:
+    ensure_demo_data(settings)
+    mapping = load_mapping(settings.backend.mapping)
+    database = Database(settings.backend.database_url, pool_size=settings.backend.pool_size,
+                        timeout_s=settings.backend.timeout_seconds)
+    backend = SqlBackend(mapping, database)
+    state = SqliteStateStore(settings.state.path)
+    codec = ProposalCodec(signing_secret(settings), state, dt.timedelta(seconds=settings.find.proposal_ttl_seconds))
+    vt = mapping.doc.visit_types
+    service = SchedulingService(
+        backend, state, codec, hold_ttl=dt.timedelta(seconds=settings.hold.ttl_seconds),
+        default_visit_type=vt.default, slot_step_minutes=vt.slot_step_minutes,
+        organization_id=mapping.doc.system.organization.id if mapping.doc.system.organization else None)
+    ctx = FhirContext(service=service, base_url=settings.server.public_base(), zone=ZoneInfo(mapping.doc.system.timezone),
+                      find=settings.find, max_body_bytes=settings.server.max_body_bytes,
+                      auth_enabled=settings.security.auth != "off")
+    scheduler = AsyncIOScheduler(timezone=dt.timezone.utc)
+
+    def sweep() -> None:
+        service.sweep(utc_now())
+
+    def start() -> None:
+        scheduler.add_job(sweep, "interval", seconds=settings.hold.sweep_seconds, id="hold-expiry",
+                          coalesce=True, max_instances=1)
+        scheduler.start()
+
+    async def stop() -> None:
+        scheduler.shutdown(wait=False)
+        await backend.close()
+        state.close()
+
+    return create_app(ctx, search_endpoint=None, on_startup=[start], on_shutdown=[stop])
