@@ -78,11 +78,20 @@ def parse_body(content_type: str | None, body: bytes) -> dict[str, Any]:
                     f"Content-Type {content_type!r} is not supported; send application/fhir+json or application/fhir+xml")
 
 
+def _json_default(value: Any) -> Any:
+    # XML input keeps decimals exact (decimal.Decimal); JSON has one number type.
+    from decimal import Decimal
+
+    if isinstance(value, Decimal):
+        return float(value)
+    raise TypeError(f"cannot serialise {type(value).__name__}")
+
+
 def render(resource: dict[str, Any], fmt: str, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     if fmt == XML:
         from adapter.fhir.xml import resource_to_xml
 
         body = resource_to_xml(resource)
     else:
-        body = orjson.dumps(resource)
+        body = orjson.dumps(resource, default=_json_default)
     return Response(body, status_code=status, media_type=f"{fmt}; charset=utf-8", headers=headers)
