@@ -1,7 +1,9 @@
 """Pure interval arithmetic on timezone-aware datetimes (no I/O; used by every layer).
 
 All maths runs on absolute instants: a 20-minute visit is 20 real minutes even across a DST
-change. Wall-clock concerns (09:00 local) are handled where legacy times are read.
+change. Wall-clock concerns (09:00 local) are handled where legacy times are read, and every
+datetime that reaches these functions is in UTC or a fixed offset, never a ZoneInfo (Python adds
+timedeltas to ZoneInfo datetimes in wall-clock time).
 """
 
 from __future__ import annotations

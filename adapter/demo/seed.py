@@ -314,6 +314,25 @@ def _executemany(conn, sql: str, rows: list[tuple]) -> None:
         cur.close()
 
 
+_SQL_DBMS_NAME = 17  # ODBC SQLGetInfo code (pyodbc.SQL_DBMS_NAME), without importing pyodbc
+
+
+def _bulk_cursor(conn):
+    """A cursor for big executemany calls.
+
+    pyodbc's array binding (``fast_executemany``) is 2-3x faster with psqlODBC; it is left
+    off elsewhere (MariaDB Connector/ODBC 3.1 raised MemoryError with it).
+    """
+    cur = conn.cursor()
+    if hasattr(cur, "fast_executemany") and hasattr(conn, "getinfo"):
+        try:
+            if str(conn.getinfo(_SQL_DBMS_NAME)).lower().startswith("postgres"):
+                cur.fast_executemany = True
+        except Exception:  # noqa: BLE001 - an optimisation only
+            pass
+    return cur
+
+
 def _begin_if_autocommit(conn) -> None:
     """sqlite3 in autocommit mode would commit every row of an executemany."""
     if isinstance(conn, sqlite3.Connection) and conn.isolation_level is None and not conn.in_transaction:
@@ -780,15 +799,18 @@ def add_bulk_appointments(conn, *, count: int, today: _dt.date, seed: int = 7, b
         return 0
     rng = random.Random(seed)
     rnd = rng.random
-    provs = _rows(conn, "SELECT PROV_ID, SPEC_CD, HOME_FAC FROM PROVIDER WHERE ACTIVE_YN = 'Y' "
-                        "ORDER BY PROV_ID")
-    pats = [r[0] for r in _rows(conn, "SELECT PAT_ID FROM PATIENT ORDER BY PAT_ID")]
-    type_rows = _rows(conn, "SELECT TYPE_CD, DUR_MIN, SPEC_CD FROM APPT_TYPE ORDER BY TYPE_CD")
+    # Sorted here, not by the DBMS, so every backend (collation, CHAR padding) yields the same rows.
+    provs = sorted(_rows(conn, "SELECT PROV_ID, SPEC_CD, HOME_FAC FROM PROVIDER WHERE ACTIVE_YN = 'Y'"),
+                   key=lambda r: str(r[0]).rstrip())
+    pats = sorted(int(r[0]) for r in _rows(conn, "SELECT PAT_ID FROM PATIENT"))
+    type_rows = sorted(_rows(conn, "SELECT TYPE_CD, DUR_MIN, SPEC_CD FROM APPT_TYPE"),
+                       key=lambda r: str(r[0]))
     if not provs or not pats or not type_rows:
         raise ValueError("add_bulk_appointments needs providers, patients and appointment types")
     prov_info = []
     for prov_id, spec, home in provs:
-        types = [(t, d) for t, d, s in type_rows if s is None or s == spec] or [(t, d) for t, d, _ in type_rows]
+        types = ([(t, int(d)) for t, d, s in type_rows if s is None or s == spec]
+                 or [(t, int(d)) for t, d, _ in type_rows])
         prov_info.append((str(prov_id).ljust(8), int(home or 1), types))
 
     counter = _scalar(conn, "SELECT NEXT_VAL FROM ID_COUNTER WHERE CTR_NAME = 'APPT_ID'")
@@ -854,7 +876,7 @@ def add_bulk_appointments(conn, *, count: int, today: _dt.date, seed: int = 7, b
             append((next_id + i, pats[int(rnd() * n_pats)], prov, fac, ymd, tm, dur, code, status,
                     rsn, None, BULK_BOOKED_BY, cts))
         _begin_if_autocommit(conn)
-        cur = conn.cursor()
+        cur = _bulk_cursor(conn)
         try:
             cur.executemany(sql, rows)
             cur.execute(update, (next_id + size,))

@@ -52,7 +52,8 @@ def parse_datetime(text: Any, name: str, zone: ZoneInfo, *, is_end: bool = False
                 start = dt.date(y + (mo == 12), mo % 12 + 1, 1)
             else:
                 start = dt.date(y + 1, 1, 1)
-        return dt.datetime.combine(start, dt.time(), tzinfo=zone)
+        # Local midnight as an instant: computing on ZoneInfo datetimes would be wall-clock maths.
+        return dt.datetime.combine(start, dt.time(), tzinfo=zone).astimezone(dt.timezone.utc)
     except ValueError as exc:
         raise bad(f"{name} {text!r} is not a valid date: {exc}", name) from None
 

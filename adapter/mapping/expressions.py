@@ -256,7 +256,7 @@ def attach_zone(naive: dt.datetime, zone: ZoneInfo) -> dt.datetime:
 
 
 def _c_local_datetime(v: Any, a: tuple, ctx: EvalContext) -> dt.datetime:
-    """Legacy local date (+ optional time-of-day) -> timezone-aware datetime in the mapping zone.
+    """Legacy local date (+ optional time-of-day) in the mapping zone -> an instant (UTC datetime).
 
     Arguments name the shape of each input: date shapes ``yyyymmdd``, ``date``, ``datetime``;
     time shapes ``hhmm``, ``time``. With one input of shape ``datetime`` a naive timestamp is
@@ -285,7 +285,9 @@ def _c_local_datetime(v: Any, a: tuple, ctx: EvalContext) -> dt.datetime:
         else:
             raise ExpressionError(f"local_datetime: unknown time shape {shape!r}; expected hhmm or time")
     # Wall-clock arithmetic first, then the zone: 09:00 stays 09:00 local on both sides of DST.
-    return attach_zone(base + offset, ctx.zone)
+    # The result is an instant in UTC: Python does wall-clock arithmetic on ZoneInfo datetimes
+    # (01:50 EST + 10 min = a nonexistent 02:00), so nothing downstream may compute in local time.
+    return attach_zone(base + offset, ctx.zone).astimezone(dt.timezone.utc)
 
 
 def _c_local(v: Any, a: tuple, ctx: EvalContext) -> dt.datetime:

@@ -1,0 +1,110 @@
+"""Pure domain functions: slot maths, ranking, proposal ids (no I/O, so no services needed)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+
+import pytest
+
+from adapter.backends.protocol import Interval, ResourceAvailability, VisitType
+from adapter.intervals import merge, subtract
+from adapter.scheduling.candidates import ResourcePlan, find_candidates
+from adapter.scheduling.proposals import Proposal, ProposalCodec, ProposalError
+
+UTC = dt.timezone.utc
+T0 = dt.datetime(2030, 1, 7, 14, 0, tzinfo=UTC)
+
+
+def iv(a: int, b: int) -> Interval:
+    return Interval(T0 + dt.timedelta(minutes=a), T0 + dt.timedelta(minutes=b))
+
+
+FOLLOW = VisitType("FOLLOW", "Follow-up", 20, ())
+
+
+def test_subtract_and_merge() -> None:
+    assert merge([iv(0, 10), iv(5, 20), iv(30, 40)]) == [iv(0, 20), iv(30, 40)]
+    assert subtract([iv(0, 100)], [iv(10, 20), iv(15, 30), iv(90, 120)]) == [iv(0, 10), iv(30, 90)]
+
+
+def test_candidates_skip_busy_and_held_time_and_count_all() -> None:
+    ra = ResourceAvailability("P1", "L1", [iv(0, 120)], [iv(20, 40)])
+    total, page = find_candidates([ResourcePlan(ra, FOLLOW, (0,))], held={"P1": [iv(60, 80)]}, now=T0,
+                                  step_minutes=10, offset=0, limit=100)
+    starts = [int((c.interval.start - T0).total_seconds() // 60) for c in page]
+    assert starts == [0, 40, 80, 90, 100]
+    assert total == len(page)
+
+
+def test_candidates_in_the_past_are_not_offered_and_grid_is_kept() -> None:
+    ra = ResourceAvailability("P1", "L1", [iv(0, 60)], [])
+    total, page = find_candidates([ResourcePlan(ra, FOLLOW, (0,))], held={}, now=T0 + dt.timedelta(minutes=13),
+                                  step_minutes=10, offset=0, limit=10)
+    assert [int((c.interval.start - T0).total_seconds() // 60) for c in page] == [20, 30, 40]
+    assert total == 3
+
+
+def test_ranking_by_preference_then_start_and_paging() -> None:
+    a = ResourcePlan(ResourceAvailability("A", "L", [iv(60, 100)], []), FOLLOW, (1,))
+    b = ResourcePlan(ResourceAvailability("B", "L", [iv(0, 40)], []), FOLLOW, (0,))
+    total, page = find_candidates([a, b], held={}, now=T0, step_minutes=20, offset=0, limit=10)
+    assert [c.practitioner_id for c in page] == ["B", "B", "A", "A"]
+    assert total == 4
+    _, second = find_candidates([a, b], held={}, now=T0, step_minutes=20, offset=2, limit=1)
+    assert [(c.practitioner_id, c.interval) for c in second] == [("A", iv(60, 80))]
+
+
+@pytest.fixture
+def codec():
+    class MemoryStore:
+        def __init__(self):
+            self.data = {}
+
+        def put_proposal(self, pid, payload, expires_at):
+            self.data[pid] = (payload, expires_at)
+
+        def get_proposal(self, pid, now):
+            found = self.data.get(pid)
+            return found[0] if found and found[1] > now else None
+
+    return ProposalCodec(b"0123456789abcdef0123", MemoryStore(), dt.timedelta(hours=1))
+
+
+def _proposal(prac: str = "SPEARSB", patients: tuple[str, ...] = ("7",)) -> Proposal:
+    return Proposal(prac, "1", T0, 20, "FOLLOW", patients, T0 - dt.timedelta(minutes=5),
+                    T0 - dt.timedelta(days=1), T0 + dt.timedelta(days=13))
+
+
+def test_req_115_28_compact_signed_id_round_trips(codec: ProposalCodec) -> None:
+    p = _proposal()
+    token = codec.encode(p)
+    assert re.fullmatch(r"[A-Za-z0-9\-\.]{1,64}", token) and token.startswith("p1.")
+    assert codec.decode(token, T0 - dt.timedelta(minutes=1)) == p
+
+
+def test_tampered_or_foreign_ids_are_rejected(codec: ProposalCodec) -> None:
+    token = codec.encode(_proposal())
+    forged = token.replace("SPEARSB", "SPEARSC")
+    with pytest.raises(ProposalError):
+        codec.decode(forged, T0)
+    with pytest.raises(ProposalError):
+        codec.decode("whatever", T0)
+    other = ProposalCodec(b"another-secret-0123456", codec._store, codec.ttl)
+    with pytest.raises(ProposalError):
+        other.decode(token, T0)
+
+
+def test_expired_ids_are_rejected(codec: ProposalCodec) -> None:
+    token = codec.encode(_proposal())
+    with pytest.raises(ProposalError, match="expired"):
+        codec.decode(token, T0 + dt.timedelta(hours=2))
+
+
+def test_long_or_dotted_keys_fall_back_to_the_shared_store(codec: ProposalCodec) -> None:
+    p = _proposal(prac="dr.with-dots", patients=tuple(str(10**12 + i) for i in range(4)))
+    token = codec.encode(p)
+    assert token.startswith("r") and len(token) == 21
+    assert codec.decode(token, T0) == p
+    with pytest.raises(ProposalError):
+        codec.decode("r" + "0" * 20, T0)
