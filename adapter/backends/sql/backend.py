@@ -194,8 +194,8 @@ class SqlBackend:
                             and (r.get("valid_from") is None or r["valid_from"] <= day)
                             and (r.get("valid_to") is None or day <= r["valid_to"])):
                         midnight = dt.datetime.combine(day, dt.time())
-                        start = attach_zone(midnight + r["start_time"], zone)
-                        end = attach_zone(midnight + r["end_time"], zone)
+                        start = attach_zone(midnight + r["start_time"], zone).astimezone(dt.timezone.utc)
+                        end = attach_zone(midnight + r["end_time"], zone).astimezone(dt.timezone.utc)
                         start, end = max(start, window.start), min(end, window.end)
                         if start < end:
                             free.setdefault((str(r["practitioner"]), loc), []).append(Interval(start, end))
