@@ -116,7 +116,14 @@ class Database:
                 import pyodbc  # imported lazily: the embedded default needs no ODBC manager
 
                 conn = pyodbc.connect(self._odbc, autocommit=False, timeout=int(self.timeout_s))
-                conn.timeout = int(self.timeout_s)
+                try:
+                    conn.timeout = int(self.timeout_s)  # per-statement timeout, where the driver has one
+                except pyodbc.Error:
+                    pass  # psqlODBC refuses SQL_ATTR_QUERY_TIMEOUT; lock waits are bounded server-side
+                if self.dialect == "postgresql":
+                    cur = conn.cursor()
+                    cur.execute(f"SET lock_timeout = '{int(self.timeout_s)}s'")
+                    conn.commit()
                 if self.dialect == "mariadb":
                     # Read committed: a fresh snapshot per statement, as a booking re-check needs.
                     cur = conn.cursor()
