@@ -22,7 +22,9 @@ booking of a resource touches (see mappings/README.md).
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import time
+import unicodedata
 from typing import Any, Iterable, Sequence
 
 from adapter.backends.protocol import (
@@ -124,12 +126,17 @@ class SqlBackend:
             if "name" not in spec.filters:
                 return []
             conditions.append(spec.filters["name"])
-            values["name_prefix"] = q.name.upper() + "%"
+            # SQL narrows by the ASCII part of the prefix (SQLite's UPPER() folds ASCII only);
+            # Python then applies FHIR string semantics (case- and accent-insensitive starts-with).
+            ascii_prefix = "".join(itertools.takewhile(lambda ch: ch.isascii(), q.name))
+            values["name_prefix"] = ascii_prefix.upper() + "%"
         sql = f"SELECT * FROM ({spec.select}) q" + (" WHERE " + " AND ".join(conditions) if conditions else "")
 
         def load(conn: Any) -> list[Actor]:
-            rows = query(conn, sql, values)[: q.limit]
-            return [self._actor_from_row(q.kind, r) for r in rows]
+            actors = [self._actor_from_row(q.kind, r) for r in query(conn, sql, values)]
+            if q.name:
+                actors = [a for a in actors if _name_matches(a, q.name)]
+            return actors[: q.limit]
 
         return await self.db.run(load)
 
@@ -414,6 +421,23 @@ class SqlBackend:
 
     async def close(self) -> None:
         await self.db.close()
+
+
+def _fold(text: str) -> str:
+    return "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c)).casefold()
+
+
+def _name_matches(actor: Actor, prefix: str) -> bool:
+    """FHIR string search on names: any name part starts with the prefix, ignoring case and accents."""
+    parts = actor.display.split()
+    names = actor.resource.get("name")
+    if isinstance(names, str):
+        parts += names.split()
+    elif isinstance(names, list):
+        for n in names:
+            parts += [n.get("family", "")] + list(n.get("given", [])) + ([n["text"]] if n.get("text") else [])
+    wanted = _fold(prefix)
+    return any(_fold(p).startswith(wanted) for p in parts if p)
 
 
 def _eval(expr: Any, row: dict[str, Any], ctx: Any) -> Any:
