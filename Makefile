@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --disable-pip-version-check -e '.[test]'
 	touch $@
 
-demo: system-deps venv
+demo: venv
 	$(BIN)/sched-adapter demo --port $(PORT)
 
 system-deps:
