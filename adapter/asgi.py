@@ -11,9 +11,9 @@ import os
 from starlette.applications import Starlette
 
 from adapter.server import build_app
-from adapter.settings import load_settings
+from adapter.settings import CONFIG_FILE_VARIABLE, load_settings
 
 
 def app_factory() -> Starlette:
-    config = os.environ.get("SCHED_CONFIG_FILE")
+    config = os.environ.get(CONFIG_FILE_VARIABLE)
     return build_app(load_settings(config))

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from adapter.mapping.loader import MappingError, load_mapping
-from adapter.settings import SettingsError, load_settings
+from adapter.settings import CONFIG_FILE_VARIABLE, SettingsError, load_settings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO_ROOT / "samples" / "demo" / "demo.toml"
@@ -36,7 +36,7 @@ def _serve(config: Path, overrides: dict[str, str]) -> int:
               "explicitly (SCHED_SECURITY__AUTH=off) and put the adapter behind an authorizing gateway.", file=sys.stderr)
         return 2
     # Workers re-read the same settings through these variables (uvicorn's factory takes no arguments).
-    os.environ["SCHED_CONFIG_FILE"] = str(config)
+    os.environ[CONFIG_FILE_VARIABLE] = str(config.resolve())
     for key, value in overrides.items():
         os.environ[key] = value
     print(f"sched-adapter: serving {settings.server.public_base()} (FHIR R4, IHE ITI Scheduling)", file=sys.stderr)
