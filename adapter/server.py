@@ -15,6 +15,7 @@ from adapter.backends.sql.backend import SqlBackend
 from adapter.backends.sql.db import Database
 from adapter.fhir.app import create_app
 from adapter.fhir.context import FhirContext, utc_now
+from adapter.fhir.search import search_endpoint
 from adapter.mapping.loader import load_mapping
 from adapter.scheduling.proposals import ProposalCodec
 from adapter.scheduling.service import SchedulingService
@@ -71,12 +72,13 @@ def build_app(settings: Settings) -> Starlette:
                       auth_enabled=settings.security.auth != "off")
     scheduler = AsyncIOScheduler(timezone=dt.timezone.utc)
 
-    def sweep() -> None:
-        service.sweep(utc_now())
+    async def sweep() -> None:
+        # Expire holds and settle bookings whose outcome a crash left unknown (scheduling.state).
+        await service.housekeeping(utc_now())
 
     def start() -> None:
         scheduler.add_job(sweep, "interval", seconds=settings.hold.sweep_seconds, id="hold-expiry",
-                          coalesce=True, max_instances=1)
+                          coalesce=True, max_instances=1, next_run_time=utc_now())  # first run at startup
         scheduler.start()
 
     async def stop() -> None:
@@ -84,4 +86,4 @@ def build_app(settings: Settings) -> Starlette:
         await backend.close()
         state.close()
 
-    return create_app(ctx, search_endpoint=None, on_startup=[start], on_shutdown=[stop])
+    return create_app(ctx, search_endpoint=search_endpoint, on_startup=[start], on_shutdown=[stop])

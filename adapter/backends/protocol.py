@@ -171,13 +171,16 @@ class AppointmentQuery:
     """A search over existing appointments; every field narrows (AND), tuples are OR."""
 
     ids: tuple[str, ...] = ()
-    identifiers: tuple[Identifier, ...] = ()
+    identifiers: tuple[Identifier, ...] = ()  # Appointment.identifier; system "" = any system the backend knows
     patient_ids: tuple[str, ...] = ()
     practitioner_ids: tuple[str, ...] = ()
     location_ids: tuple[str, ...] = ()
-    statuses: tuple[str, ...] = ()
+    statuses: tuple[str, ...] = ()  # FHIR AppointmentStatus codes; the backend finds every legacy code for each
     visit_type_keys: tuple[str, ...] = ()
     specialty_keys: tuple[str, ...] = ()
+    # FHIR specialty tokens ("system|code", "code", "system|"), translated by the backend's code tables:
+    # OR within one inner tuple, AND between the inner tuples (one per repeated search parameter).
+    specialty_codes: tuple[tuple[str, ...], ...] = ()
     # Each bound is (operator, instant) with operator one of lt, le, gt, ge on Appointment.start,
     # plus optional end-based bounds for the `sa`/`eb` prefixes.
     start_bounds: tuple[tuple[str, dt.datetime], ...] = ()

@@ -23,7 +23,7 @@ from adapter.fhir.context import FhirContext, read_body
 from adapter.fhir.formats import parse_body, render, response_format
 from adapter.fhir.outcome import FhirError, issue, operation_outcome
 from adapter.fhir.parameters import ParamList, bad, parse_count, parse_datetime, parse_reference, parse_token, validate_embedded
-from adapter.fhir.render import appointment, searchset
+from adapter.fhir.render import appointment, local_instant, searchset
 from adapter.scheduling.service import FindRequest, FindResult
 
 _REF = "valueReference"
@@ -148,15 +148,26 @@ def _bundle(ctx: FhirContext, req: FindRequest, result: FindResult, notices: lis
     zone = ctx.zone
     matches = []
     patients = [(p.id, p.display) for p in result.patients]
+    # Entries for one (practitioner, location, visit type) differ only in id and times: build the
+    # first one in full and copy it for the rest (nested parts are shared, never mutated).
+    shapes: dict[tuple[str, str, str], dict[str, Any]] = {}
     for token, c in result.candidates:
+        key = (c.practitioner_id, c.location_id, c.visit_type.key)
+        shape = shapes.get(key)
+        if shape is not None:
+            matches.append({**shape, "id": token, "start": local_instant(c.interval.start, zone),
+                            "end": local_instant(c.interval.end, zone),
+                            "minutesDuration": int((c.interval.end - c.interval.start).total_seconds() // 60)})
+            continue
         prac = result.actors.get(f"Practitioner/{c.practitioner_id}")
         loc = result.actors.get(f"Location/{c.location_id}")
-        matches.append(appointment(
+        shapes[key] = appointment(
             appt_id=token, status="proposed", start=c.interval.start, end=c.interval.end, zone=zone,
             practitioner=(c.practitioner_id, prac.display if prac else None),
             location=(c.location_id, loc.display if loc else None), patients=patients,
             visit_type=c.visit_type, specialties=prac.specialties if prac else (),
-            requested=(req.window.start, req.window.end), participant_status="needs-action"))
+            requested=(req.window.start, req.window.end), participant_status="needs-action")
+        matches.append(shapes[key])
     issues = list(notices) + [issue(n.severity, n.code, n.text, expression=n.expression) for n in result.notices]
     if result.total == 0:
         issues.insert(0, issue("information", "not-found",

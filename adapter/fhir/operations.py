@@ -51,36 +51,61 @@ def _operation_error(exc: Exception, *, hold: bool) -> FhirError:
     raise exc
 
 
+def _request_key(request: Request) -> tuple[str, str] | None:
+    """(client scope, key) of the ``Idempotency-Key`` header, or None."""
+    key = request.headers.get("idempotency-key", "").strip()
+    if not key:
+        return None
+    return client_id(request) or "anonymous", key[:200]
+
+
 async def _with_idempotency(request: Request, operation: str, body: bytes,
                             produce: Callable[[], Awaitable[Response]]) -> Response:
-    key = request.headers.get("idempotency-key")
-    if not key:
-        return await produce()
+    """Run ``produce`` at most once per (client, Idempotency-Key) and replay its answer (DESIGN 17).
+
+    The request is identified by the operation, the body and the answer format, so a retry that
+    asks for XML instead of JSON is a different request (422) rather than a JSON replay. Answers
+    that say "try again" (503, request-level errors) are not stored: the key is freed so that the
+    retry is carried out.
+    """
+    scoped = _request_key(request)
+    if scoped is None:
+        return await _as_operation_failure(produce)
     ctx: FhirContext = request.app.state.fhir
     state = ctx.service.state
-    who = client_id(request) or "anonymous"
-    digest = hashlib.sha256(body).hexdigest()
+    who, key = scoped
+    digest = hashlib.sha256(f"{operation}\n{response_format(request)}\n".encode() + body).hexdigest()
     try:
-        stored = state.idempotency_begin(who, key[:200], operation, digest, ctx.now())
+        stored = state.idempotency_begin(who, key, operation, digest, ctx.now())
     except IdempotencyMismatch as exc:
-        raise FhirError(422, "business-rule", str(exc), as_bundle=True) from None
+        raise FhirError(422, "business-rule", str(exc), expression="Idempotency-Key", as_bundle=True) from None
     except IdempotencyInProgress as exc:
-        raise FhirError(409, "conflict", str(exc), as_bundle=True) from None
+        raise FhirError(409, "conflict", str(exc), expression="Idempotency-Key", as_bundle=True) from None
     if stored is not None:
         return Response(stored.body, status_code=stored.status, media_type=stored.media_type,
                         headers={"Idempotent-Replayed": "true"})
     try:
-        response = await produce()
+        response = await _as_operation_failure(produce)
     except FhirError as err:
         if err.status >= 500 or not err.as_bundle:
-            state.idempotency_finish(who, key[:200], None)  # transient: let the client retry
+            state.idempotency_finish(who, key, None)  # transient: let the client retry
             raise
         response = render(error_body(err, ctx.base_url), response_format(request), err.status, err.headers)
     except BaseException:
-        state.idempotency_finish(who, key[:200], None)
+        state.idempotency_finish(who, key, None)
         raise
-    state.idempotency_finish(who, key[:200], StoredResponse(response.status_code, response.media_type or "", bytes(response.body)))
+    state.idempotency_finish(who, key, StoredResponse(response.status_code, response.media_type or "", bytes(response.body)))
     return response
+
+
+async def _as_operation_failure(produce: Callable[[], Awaitable[Response]]) -> Response:
+    """Input errors found while carrying out $hold/$book are operation failures: Bundle-shaped (DESIGN 18)."""
+    try:
+        return await produce()
+    except FhirError as err:
+        if 400 <= err.status < 500 and not err.as_bundle:
+            err.as_bundle = True
+        raise
 
 
 def _appointment_id(ctx: FhirContext, value: Any, name: str) -> str:
@@ -159,6 +184,7 @@ async def book_endpoint(request: Request) -> Response:
 
 async def _book(ctx: FhirContext, params: ParamList, request: Request):
     now = ctx.now()
+    client = client_id(request)
     ref_value = params.one("appointment-reference", _REF)
     resource = params.one("appointment-resource", "resource")
     patient_resources = params.values("patient-resource", "resource")
@@ -170,9 +196,13 @@ async def _book(ctx: FhirContext, params: ParamList, request: Request):
         validate_embedded(resource, "Appointment", "appointment-resource", as_bundle=True)
         comment = comment if comment is not None else resource.get("comment")
     status = resource.get("status") if resource is not None else "pending"
-    patient = await _patient(ctx, patient_resources, resource)
+    if status not in ("pending", "proposed", "booked", "cancelled"):
+        raise FhirError(400, "invalid", f"appointment-resource.status {status!r} is not one of pending, proposed "
+                        "(book), booked (modify) or cancelled (cancel)", expression="appointment-resource.status",
+                        as_bundle=True)
 
     if status in ("pending", "proposed"):
+        patient = await _patient(ctx, patient_resources, resource)  # only a new booking needs one
         token = _appointment_id(ctx, ref_value, "appointment-reference") if ref_value is not None else resource.get("id")
         expect = None
         if resource is not None and ref_value is not None and (resource.get("start") or resource.get("end")):
@@ -180,14 +210,13 @@ async def _book(ctx: FhirContext, params: ParamList, request: Request):
                               parse_datetime(resource.get("end"), "appointment-resource.end", ctx.zone))
         if token is None:
             token = await _proposal_from_resource(ctx, resource, now)
-        appt = await ctx.service.book(token, patient=patient, comment=comment, client=client_id(request),
-                                      now=now, expect=expect)
-        return appt, f"Appointment/{appt.id} booked"
+        scoped = _request_key(request)
+        result = await ctx.service.book(token, patient=patient, comment=comment, client=client, now=now,
+                                        expect=expect, request_key="\x1f".join(scoped) if scoped else None)
+        appt = result.appointment
+        return appt, (f"Appointment/{appt.id} was already booked by this client from Appointment/{token}; "
+                      "nothing was booked again" if result.replayed else f"Appointment/{appt.id} booked")
 
-    if status not in ("booked", "cancelled"):
-        raise FhirError(400, "invalid", f"appointment-resource.status {status!r} is not one of pending, proposed "
-                        "(book), booked (modify) or cancelled (cancel)", expression="appointment-resource.status",
-                        as_bundle=True)
     appt_id = resource.get("id") or (_appointment_id(ctx, ref_value, "appointment-reference") if ref_value else None)
     if not appt_id:
         raise FhirError(400, "invalid", f"to {'modify' if status == 'booked' else 'cancel'} an appointment, "
@@ -195,7 +224,7 @@ async def _book(ctx: FhirContext, params: ParamList, request: Request):
                         expression="appointment-resource.id", as_bundle=True)
     if status == "cancelled":
         reason, text = _cancel_reason(resource)
-        appt = await ctx.service.cancel(appt_id, reason, text, now)
+        appt = await ctx.service.cancel(appt_id, reason, text, now, client=client)
         return appt, f"Appointment/{appt.id} cancelled"
     start = parse_datetime(resource.get("start"), "appointment-resource.start", ctx.zone)
     end = parse_datetime(resource.get("end"), "appointment-resource.end", ctx.zone)
@@ -203,9 +232,18 @@ async def _book(ctx: FhirContext, params: ParamList, request: Request):
         raise FhirError(400, "invalid", "appointment-resource.end must be after start",
                         expression="appointment-resource.end", as_bundle=True)
     prac, loc = _participant_ids(ctx, resource)
+    await _require_actors(ctx, prac, loc)
     appt = await ctx.service.reschedule(appt_id, practitioner_id=prac, location_id=loc, interval=Interval(start, end),
-                                        comment=comment, now=now)
+                                        comment=comment, now=now, client=client)
     return appt, f"Appointment/{appt.id} modified"
+
+
+async def _require_actors(ctx: FhirContext, practitioner_id: str | None, location_id: str | None) -> None:
+    """Participants named in appointment-resource must exist here (400 naming the one that does not)."""
+    for kind, actor_id in (("Practitioner", practitioner_id), ("Location", location_id)):
+        if actor_id and await ctx.service.actor(kind, actor_id) is None:
+            raise FhirError(400, "invalid", f"appointment-resource names {kind}/{actor_id}, which is not known "
+                            "to this server", expression="appointment-resource.participant", as_bundle=True)
 
 
 def _participant_ids(ctx: FhirContext, resource: dict[str, Any]) -> tuple[str | None, str | None]:
@@ -273,6 +311,7 @@ async def _proposal_from_resource(ctx: FhirContext, resource: dict[str, Any], no
     if not prac or not loc or end <= start:
         raise FhirError(400, "invalid", "appointment-resource without a proposed id needs start, end and "
                         "Practitioner and Location participants", expression="appointment-resource", as_bundle=True)
+    await _require_actors(ctx, prac, loc)
     minutes = int((end - start).total_seconds() // 60)
     types = await ctx.service.backend.visit_types()
     wanted = [c for c in ((resource.get("appointmentType") or {}).get("coding") or [])]

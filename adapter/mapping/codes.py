@@ -80,6 +80,37 @@ class CodeTables:
             raise UnknownCode(f"{fhir!r} has no legacy code in table {table!r}")
         return found
 
+    def legacy_codes(self, table: str, fhir: Any) -> list[str]:
+        """Every legacy code whose FHIR side matches ``fhir``, in table order (for searching).
+
+        ``fhir`` is a plain code, ``system|code``, ``|code`` or ``system|`` (FHIR token syntax), or a
+        coding dict. A bare code matches on the code alone, whatever the system; ``|code`` only matches
+        codes declared without a system (plain FHIR codes); ``system|`` matches every code of that
+        system. Unlike ``to_legacy`` (which picks the one code to *write*), this returns all of them:
+        AppointmentStatus ``cancelled`` is C, P and L in the demo mapping. Unknown codes give ``[]``.
+        """
+        if isinstance(fhir, dict):
+            system: str | None = fhir.get("system")
+            code: str | None = None if fhir.get("code") is None else str(fhir.get("code"))
+        else:
+            text = str(fhir)
+            sys_part, sep, code = text.rpartition("|")
+            system = sys_part if sep else None
+        code = code or None
+        if system is None and code is None:
+            return []
+        out: list[str] = []
+        for legacy, target in self.table(table).forward.items():
+            for coding in _codings(target):
+                c_system = coding.get("system") or ""
+                if system is not None and c_system != system:
+                    continue
+                if code is not None and str(coding.get("code")) != code:
+                    continue
+                out.append(legacy)
+                break
+        return out
+
     def codings(self, table: str, legacy: str) -> list[dict]:
         found = self.table(table).forward.get(legacy)
         return [] if found is None else [c for c in _codings(found) if "system" in c]

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from adapter.mapping.codes import CodeTable, CodeTables, conceptmap_entries
 from adapter.mapping.expressions import EvalContext, Expression, ExpressionError, compile_template
-from adapter.mapping.model import MappingDocument
+from adapter.mapping.model import APPOINTMENT_FILTERS, MappingDocument
 
 _BIND_NAME = re.compile(r"(?<![:\w]):([A-Za-z_][A-Za-z0-9_]*)")
 
@@ -202,9 +202,35 @@ def load_mapping(path: str | Path) -> Mapping:
                 fail(("availability", section, "fields"), f"expected field(s) {sorted(missing)} (or 'minutes' instead of 'end')")
 
     ap = doc.appointments
-    compile_mapping(("appointments", "fields"), ap.fields)
-    compile_mapping(("appointments", "binds"), ap.binds)
-    compile_at(("appointments", "identifier"), ap.identifier)
+    base = ("appointments",)
+    compile_mapping(base + ("fields",), ap.fields)
+    compile_mapping(base + ("binds",), ap.binds)
+    compile_at(base + ("identifier",), ap.identifier)
+    _check_binds(fail, base + ("select",), ap.select, set())
+    for name, cond in ap.filters.items():
+        engine_binds = APPOINTMENT_FILTERS[name]
+        _check_binds(fail, base + ("filters", name), cond, set(ap.binds) if engine_binds is None else engine_binds)
+    _check_expr_inputs(fail, base + ("binds",), compiled, ap.binds, {"bound"})
+    if "start_from" in ap.filters:
+        if not ap.binds:
+            fail(base + ("binds",), "start_from/start_before need 'binds' computed from the bound instant, "
+                                    "e.g. date: \"{bound|to_yyyymmdd}\"")
+        if "start" not in ap.order:
+            fail(base + ("order",), "start_from/start_before need order.start (the sort expression of the start time)")
+    for system, spec in ap.identifier_filters.items():
+        sql = spec if isinstance(spec, str) else spec.sql
+        value = "{value}" if isinstance(spec, str) else spec.value
+        loc = base + ("identifier_filters", system)
+        _check_binds(fail, loc if isinstance(spec, str) else loc + ("sql",), sql, {"values"})
+        compile_at(loc + ("value",), value)
+        _check_expr_inputs(fail, loc, compiled, {"value": value}, {"value"})
+    for purpose, table in ap.codes.items():
+        if table not in tables:
+            fail(base + ("codes", purpose), f"code table {table!r} is not declared under 'codes'")
+    for purpose in ("status", "specialty"):
+        if purpose in ap.filters and purpose not in ap.codes:
+            fail(base + ("filters", purpose), f"filter {purpose!r} needs codes.{purpose}: the code table that "
+                                              "translates FHIR search tokens to legacy codes")
 
     if doc.writes is not None:
         w = doc.writes

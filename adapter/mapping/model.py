@@ -95,13 +95,44 @@ class AvailabilitySpec(_Strict):
     busy: QuerySpec
 
 
+APPOINTMENT_FILTERS: dict[str, set[str] | None] = {
+    # filter name -> bind names the engine supplies (None: the names declared under ``binds``)
+    "key": {"keys"},
+    "patient": {"patient_keys"},
+    "practitioner": {"practitioner_keys"},
+    "location": {"location_keys"},
+    "status": {"status_codes"},
+    "visit_type": {"visit_type_keys"},
+    "specialty": {"specialty_keys"},
+    "start_from": None,    # Appointment.start >= the bound instant
+    "start_before": None,  # Appointment.start <  the bound instant
+}
+
+
+class IdentifierFilterSpec(_Strict):
+    """An ``Appointment.identifier`` system the search can match, and how."""
+
+    sql: str = Field(description="SQL condition using :values (the identifier values, as a list)")
+    value: str = Field("{value}", description="expression turning one identifier value (input 'value') into "
+                                              "the legacy bind value, e.g. \"{value|int}\"")
+
+
 class AppointmentsSpec(_Strict):
     select: str
     key: str
     id: IdRule = IdRule()
-    filters: dict[str, str] = Field(default_factory=dict)
-    order: dict[str, str] = Field(default_factory=dict, description="sort keys: start")
-    binds: dict[str, str] = Field(default_factory=dict)
+    filters: dict[str, str] = Field(default_factory=dict, description="SQL conditions over the select's columns: "
+                                    + ", ".join(APPOINTMENT_FILTERS))
+    identifier_filters: dict[str, str | IdentifierFilterSpec] = Field(
+        default_factory=dict, description="Appointment.identifier system -> SQL condition using :values")
+    order: dict[str, str] = Field(default_factory=dict, description="start: sort expression(s) of the start time; "
+                                  "key: tie-breaker column (default: key)")
+    binds: dict[str, str] = Field(default_factory=dict, description="binds of start_from/start_before, computed "
+                                  "from the bound instant (input 'bound', already in the mapping's zone)")
+    start_resolution_seconds: int = Field(1, ge=1, le=3600, description="smallest step the legacy start columns "
+                                          "can express (60 for HHMM); search bounds are rounded up to it")
+    codes: dict[Literal["status", "specialty"], str] = Field(
+        default_factory=dict, description="code tables that translate FHIR search tokens to legacy codes")
     fields: dict[str, str]
     identifier: list[Any] = Field(default_factory=list)
 
@@ -113,6 +144,33 @@ class AppointmentsSpec(_Strict):
             raise ValueError(f"missing field(s) {sorted(missing)}")
         if "end" not in v and "minutes" not in v:
             raise ValueError("expected an 'end' or a 'minutes' field")
+        return v
+
+    @field_validator("filters")
+    @classmethod
+    def _known_filters(cls, v: dict[str, str]) -> dict[str, str]:
+        unknown = set(v) - set(APPOINTMENT_FILTERS)
+        if unknown:
+            raise ValueError(f"unknown filter(s) {sorted(unknown)}; expected some of {list(APPOINTMENT_FILTERS)}")
+        if "key" not in v:
+            raise ValueError("a 'key' filter (e.g. \"APPT_ID IN (:keys)\") is required")
+        if ("start_from" in v) != ("start_before" in v):
+            raise ValueError("'start_from' and 'start_before' go together (date search and paging need both)")
+        return v
+
+    @field_validator("order")
+    @classmethod
+    def _known_order(cls, v: dict[str, str]) -> dict[str, str]:
+        unknown = set(v) - {"start", "key"}
+        if unknown:
+            raise ValueError(f"unknown sort key(s) {sorted(unknown)}; expected 'start' and optionally 'key'")
+        return v
+
+    @field_validator("start_resolution_seconds")
+    @classmethod
+    def _divides_an_hour(cls, v: int) -> int:
+        if 3600 % v:
+            raise ValueError("expected a number of seconds that divides 3600 (1, 60, 300, ...)")
         return v
 
 

@@ -19,7 +19,6 @@ Ids are valid FHIR ids (``[A-Za-z0-9\\-\\.]{1,64}``) in both forms.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import hmac
 import json
 import secrets
@@ -86,7 +85,7 @@ class ProposalCodec:
         self.ttl = ttl
 
     def _mac(self, body: str) -> str:
-        digest = hmac.new(self._secret, body.encode("utf-8"), hashlib.sha256).digest()[:8]
+        digest = hmac.digest(self._secret, body.encode("utf-8"), "sha256")[:8]  # one-shot C implementation
         return _b36(int.from_bytes(digest, "big")).rjust(13, "0")
 
     def encode(self, p: Proposal) -> str:

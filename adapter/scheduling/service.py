@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from adapter.backends.protocol import (
-    Actor, ActorQuery, Appointment, AppointmentPage, AppointmentQuery, AvailabilityQuery, BusinessRuleViolation,
-    Coding, Identifier, InvalidRequest, Interval, NewBooking, NotFound, SchedulingBackend, SlotConflict,
+    Actor, ActorQuery, Appointment, AppointmentPage, AppointmentQuery, AvailabilityQuery, BackendError,
+    BackendUnavailable, BusinessRuleViolation, Coding, Identifier, InvalidRequest, Interval, NewBooking, NotFound, SchedulingBackend, SlotConflict,
     SlotRequest, VisitType,
 )
 from adapter.scheduling.candidates import Candidate, ResourcePlan, find_candidates
-from adapter.scheduling.proposals import Proposal, ProposalCodec, ProposalError, proposal_to_dict
-from adapter.scheduling.state import Hold, StateStore
+from adapter.scheduling.proposals import Proposal, ProposalCodec, ProposalError, proposal_from_dict, proposal_to_dict
+from adapter.scheduling.state import Hold, JournalEntry, StateStore
 
 log = logging.getLogger("adapter.scheduling")
 
@@ -90,6 +90,12 @@ class HoldResult:
     hold: Hold
     proposal: Proposal
     created: bool
+
+
+@dataclass(slots=True)
+class BookResult:
+    appointment: Appointment
+    replayed: bool  # True: this client's earlier booking of the same id, returned again
 
 
 class SchedulingService:
@@ -248,6 +254,13 @@ class SchedulingService:
         return SlotRequest(p.practitioner_id, p.location_id, Interval(p.start, p.end), p.visit_type_key, p.patient_ids)
 
     async def hold(self, token: str, client: str | None, now: dt.datetime) -> HoldResult:
+        """Reserve a proposed appointment for ``hold_ttl`` (DESIGN 11-13).
+
+        The legacy calendar is re-checked and the hold recorded under the backend's booking lock,
+        so a hold and a booking of overlapping time can never both succeed. Holding again from
+        the same (known) client returns the existing hold unchanged; anonymous callers are all
+        distinct, so for them an existing hold is a conflict.
+        """
         proposal = self.proposals.decode(token, now)
         existing = self.state.get_hold(token, now)
         if existing is not None:
@@ -258,8 +271,11 @@ class SchedulingService:
         if proposal.start <= now:
             raise ProposalError(f"proposed appointment {token!r} starts in the past")
         slot = self._slot(proposal)
+        expires = now + self.hold_ttl
+        if expires.microsecond:  # whole seconds, as the hold-expiration extension states it
+            expires = expires.replace(microsecond=0) + dt.timedelta(seconds=1)
         new_hold = Hold(token, proposal.practitioner_id, proposal.location_id, slot.interval,
-                        now + self.hold_ttl, client, proposal_to_dict(proposal))
+                        expires, client, proposal_to_dict(proposal))
         placed: list[Hold] = []
 
         def gate(slots: Sequence[SlotRequest]) -> None:
@@ -275,13 +291,29 @@ class SchedulingService:
 
     # -- ITI-117 -------------------------------------------------------------------------------
     async def book(self, token: str, *, patient: Actor | None, comment: str | None, client: str | None,
-                   now: dt.datetime, expect: Interval | None = None) -> Appointment:
+                   now: dt.datetime, expect: Interval | None = None, request_key: str | None = None) -> BookResult:
+        """Book a proposed (or held) appointment, exactly once.
+
+        Conflict rules: the legacy calendar and every foreign hold are checked inside the backend's
+        booking lock (the gate), then the legacy row is written in the same transaction. Crash
+        safety: the gate also records a journal intent; after the legacy commit the journal gets the
+        appointment id and the hold is released in one step (see ``state``). A booking of this id
+        whose answer was lost (crash, broken connection) is first settled from the legacy system;
+        when the same client (or the same Idempotency-Key) asks again it gets that appointment back
+        instead of a conflict with its own booking.
+        """
         proposal = self.proposals.decode(token, now)
         if expect is not None and (expect.start != proposal.start or expect.end != proposal.end):
             raise InvalidRequest("appointment-resource start/end differ from the referenced proposed appointment "
                                  f"({proposal.start.isoformat()} to {proposal.end.isoformat()})")
+        entry = await self._settle(token, now)
+        if (entry is not None and entry.state == "done" and entry.appointment_id
+                and _same_requester(entry, client, request_key)):
+            previous = await self.backend.get_appointment(entry.appointment_id)
+            if previous is not None and previous.status not in _FREEING_STATUSES:
+                return BookResult(previous, replayed=True)
         own = self.state.get_hold(token, now)
-        if own is not None and own.client is not None and client is not None and own.client != client:
+        if own is not None and own.client is not None and own.client != client:
             raise SlotConflict(f"Appointment/{token} is held by another client")
         patient_id = patient.id if patient else (proposal.patient_ids[0] if proposal.patient_ids else None)
         if patient_id is None:
@@ -293,22 +325,92 @@ class SchedulingService:
         if proposal.start <= now:
             raise InvalidRequest(f"the proposed appointment starts in the past ({proposal.start.isoformat()})")
         slot = self._slot(proposal)
+        payload = proposal_to_dict(proposal) | {"patient_id": patient_id}
+        recorded: list[bool] = []
 
         def gate(slots: Sequence[SlotRequest]) -> None:
+            # Inside the legacy lock, after the legacy calendar said "free".
             for s in slots:
-                self.state.check_free(s.practitioner_id, s.interval, now, own_hold=token)
+                self.state.check_free(s.practitioner_id, s.interval, now, own_hold=token, client=client)
+            self.state.journal_intent(token, client=client, request_key=request_key, payload=payload, now=now)
+            recorded.append(True)
 
-        appt = await self.backend.book(NewBooking(slot, patient_id, comment, client or "sched-adapter"), gate)
-        if own is not None:
-            self.state.release(token)  # the booking replaces the hold (REQ-117-06)
-        return appt
+        try:
+            appt = await self.backend.book(NewBooking(slot, patient_id, comment, client or "sched-adapter"), gate)
+        except BackendError as exc:
+            if recorded:
+                if isinstance(exc, BackendUnavailable):
+                    # The connection broke after the intent: the legacy write may have been
+                    # committed. Give the intent up so that the next attempt (a retry, or the
+                    # housekeeping job) settles it from the legacy system first.
+                    self.state.journal_abandon(token, now)
+                else:
+                    self.state.journal_drop(token)  # refused before commit: nothing was written
+            raise
+        except Exception:
+            if recorded:
+                self.state.journal_abandon(token, now)
+            raise
+        # The booking replaces the hold (REQ-117-06), in the same step that records the outcome.
+        self.state.journal_done(token, appt.id, now, release_hold=True)
+        return BookResult(appt, replayed=False)
+
+    async def _settle(self, token: str, now: dt.datetime) -> JournalEntry | None:
+        """Settle a stale booking intent of ``token`` (if any); return the journal entry as it now is."""
+        entry = self.state.journal_get(token)  # a plain read: the common case writes nothing
+        if entry is None or entry.state != "intent":
+            return entry
+        claimed = self.state.journal_claim(token, now)  # None: its request is still running
+        if claimed is not None:
+            await self._reconcile_entry(claimed, now)
+        return self.state.journal_get(token)
+
+    async def _reconcile_entry(self, entry: JournalEntry, now: dt.datetime) -> str:
+        """Look a booking of unknown outcome up in the legacy system and record what happened."""
+        p = proposal_from_dict({k: v for k, v in entry.payload.items() if k != "patient_id"})
+        slot = self._slot(p)
+        patient_id = entry.payload.get("patient_id")
+        try:
+            finder = getattr(self.backend, "find_booked", None)
+            if finder is not None:
+                appt = await finder(slot, patient_id)
+            else:
+                page = await self.backend.search_appointments(AppointmentQuery(
+                    practitioner_ids=(slot.practitioner_id,), patient_ids=(patient_id,) if patient_id else (),
+                    start_bounds=(("ge", slot.interval.start), ("le", slot.interval.start)), statuses=("booked",),
+                    limit=1, want_total=False))
+                appt = page.appointments[0] if page.appointments else None
+        except BackendError as exc:
+            log.warning("booking journal: cannot settle Appointment/%s yet (%s); will retry", entry.token, exc)
+            self.state.journal_abandon(entry.token, now)
+            return "unknown"
+        if appt is not None:
+            self.state.journal_done(entry.token, appt.id, now, release_hold=True)
+            log.warning("booking journal: the booking of %s by %s was committed in the legacy system as "
+                        "Appointment/%s but not recorded here (crash or lost connection); recorded now",
+                        entry.token, entry.client or "an anonymous client", appt.id)
+            return "booked"
+        self.state.journal_drop(entry.token)
+        log.warning("booking journal: the booking of %s by %s never reached the legacy system; intent dropped",
+                    entry.token, entry.client or "an anonymous client")
+        return "not-booked"
+
+    async def reconcile(self, now: dt.datetime) -> int:
+        """Settle every stale booking intent (startup and the housekeeping job); returns how many."""
+        entries = self.state.journal_claim_stale(now)
+        for entry in entries:
+            await self._reconcile_entry(entry, now)
+        return len(entries)
 
     async def reschedule(self, appointment_id: str, *, practitioner_id: str | None, location_id: str | None,
-                         interval: Interval, comment: str | None, now: dt.datetime) -> Appointment:
+                         interval: Interval, comment: str | None, now: dt.datetime,
+                         client: str | None = None) -> Appointment:
+        """Move a booking (REQ-117-07/08): the new time is secured and the old one released in one
+        legacy transaction, so a conflict (409) or any failure leaves the original untouched."""
         current = await self.backend.get_appointment(appointment_id)
         if current is None:
             raise NotFound(f"Appointment/{appointment_id} is not known")
-        if current.status in ("cancelled", "noshow", "fulfilled", "entered-in-error"):
+        if current.status in _FREEING_STATUSES + ("fulfilled",):
             raise BusinessRuleViolation(f"Appointment/{appointment_id} is {current.status} and cannot be modified")
         if interval.start <= now:
             raise InvalidRequest("the new time is in the past")
@@ -317,14 +419,20 @@ class SchedulingService:
 
         def gate(slots: Sequence[SlotRequest]) -> None:
             for s in slots:
-                self.state.check_free(s.practitioner_id, s.interval, now, own_hold=None)
+                self.state.check_free(s.practitioner_id, s.interval, now, own_hold=None, client=client)
 
         return await self.backend.reschedule(appointment_id, slot, gate, comment)
 
     async def cancel(self, appointment_id: str, reason: Coding | None, reason_text: str | None,
-                     now: dt.datetime) -> Appointment:
+                     now: dt.datetime, client: str | None = None) -> Appointment:
+        """Cancel a booking (legacy status update; the slot is offered again) or release a hold.
+
+        A hold placed by a known client can only be released by that client.
+        """
         held = self.state.get_hold(appointment_id, now)
         if held is not None:
+            if held.client is not None and held.client != client:
+                raise SlotConflict(f"Appointment/{appointment_id} is held by another client")
             raise _HeldCancellation(held)
         current = await self.backend.get_appointment(appointment_id)
         if current is None:
@@ -350,6 +458,25 @@ class SchedulingService:
         if n:
             log.info("released %d expired holds/proposals", n)
         return n
+
+    async def housekeeping(self, now: dt.datetime) -> None:
+        """The timed job (and the first thing after startup): expire holds, settle stale bookings."""
+        self.sweep(now)
+        try:
+            settled = await self.reconcile(now)
+        except Exception:  # never let the job die; the next run tries again
+            log.exception("booking journal: reconciliation failed")
+            return
+        if settled:
+            log.info("booking journal: settled %d booking(s) of unknown outcome", settled)
+
+
+_FREEING_STATUSES = ("cancelled", "noshow", "entered-in-error")
+
+
+def _same_requester(entry: JournalEntry, client: str | None, request_key: str | None) -> bool:
+    return ((client is not None and entry.client == client)
+            or (request_key is not None and entry.request_key == request_key))
 
 
 class _HeldCancellation(Exception):

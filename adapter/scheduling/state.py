@@ -1,4 +1,4 @@
-"""The adapter's own durable state: holds, stored proposals and idempotency records.
+"""The adapter's own durable state: holds, stored proposals, idempotency records and the booking journal.
 
 ``StateStore`` is the small interface the domain uses; ``SqliteStateStore`` is the default
 implementation: one SQLite file (WAL mode, so several uvicorn workers on one host share it),
@@ -10,13 +10,32 @@ message-based backend that has no database at all.
 
 Concurrency: every mutating call is one ``BEGIN IMMEDIATE`` transaction, so check-then-insert is
 atomic across processes. The *cross-system* atomicity (legacy calendar + holds) comes from the
-backend calling ``place_hold`` / ``check_free`` inside its own booking lock.
+backend calling ``place_hold`` / ``check_free`` / ``journal_intent`` inside its own booking lock.
+Lock order is always "legacy lock, then this file", never the reverse, so the two cannot deadlock.
+
+Crash safety. Two databases cannot commit together, so a booking leaves a trace here *before* the
+legacy commit and settles it after:
+
+* ``journal_intent`` (inside the legacy lock, after the conflict checks): "token T is being booked
+  for this slot by this client, owned by process instance P";
+* after the legacy COMMIT, ``journal_done`` records the appointment id and releases the hold in
+  one transaction.
+
+An intent that is still there when its owner is gone (the process died, detected by pid on this
+host), was given up (``journal_abandon``: the connection broke during COMMIT, outcome unknown) or
+is older than the lease, is *stale*: ``journal_claim`` hands it to exactly one reconciler, which
+looks the booking up in the legacy system and settles it (done + hold released, or dropped).
+Idempotency records use the same owner/lease rule, so a key whose request died with its process
+can be retried at once instead of answering "still in progress" forever.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import os
+import secrets
+import socket
 import sqlite3
 import threading
 from dataclasses import dataclass
@@ -57,6 +76,31 @@ CREATE TABLE IF NOT EXISTS idempotency (
 );
 """
 
+# Schema changes after the first release, applied in order; PRAGMA user_version counts them.
+_MIGRATIONS = [
+    "ALTER TABLE idempotency ADD COLUMN owner TEXT",
+    """CREATE TABLE IF NOT EXISTS journal (
+  token TEXT PRIMARY KEY,
+  client TEXT,
+  request_key TEXT,
+  payload TEXT NOT NULL,
+  state TEXT NOT NULL,
+  appointment_id TEXT,
+  owner TEXT,
+  created_s REAL NOT NULL,
+  updated_s REAL NOT NULL
+)""",
+    "CREATE INDEX IF NOT EXISTS journal_state ON journal (state, updated_s)",
+]
+
+DEFAULT_LEASE_SECONDS = 120.0
+"""How long a request may own an idempotency key or a booking intent before others may take it over
+even though its process still seems alive (a hung request). Far above any legacy timeout."""
+
+_HOST = socket.gethostname()
+_LIVE_INSTANCES: set[str] = set()  # owner tokens of the stores open in this process
+_LIVE_GUARD = threading.Lock()
+
 
 @dataclass(frozen=True, slots=True)
 class Hold:
@@ -76,6 +120,21 @@ class StoredResponse:
     body: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class JournalEntry:
+    """One booking of a proposed id: ``intent`` until the legacy outcome is recorded, then ``done``."""
+
+    token: str
+    client: str | None
+    request_key: str | None
+    payload: dict  # the proposal plus "patient_id": enough to find the legacy row again
+    state: str  # intent | done
+    appointment_id: str | None
+    owner: str | None
+    created_at: dt.datetime
+    updated_at: dt.datetime
+
+
 class IdempotencyMismatch(Exception):
     """The Idempotency-Key was used before with a different request (HTTP 422)."""
 
@@ -88,13 +147,22 @@ class StateStore(Protocol):
     def holds_by_practitioner(self, practitioner_ids: Iterable[str], window: Interval, now: dt.datetime) -> dict[str, list[Interval]]: ...
     def get_hold(self, hold_id: str, now: dt.datetime) -> Hold | None: ...
     def place_hold(self, hold: Hold, now: dt.datetime) -> Hold: ...
-    def check_free(self, practitioner_id: str, interval: Interval, now: dt.datetime, own_hold: str | None) -> None: ...
+    def check_free(self, practitioner_id: str, interval: Interval, now: dt.datetime, own_hold: str | None,
+                   client: str | None = None) -> None: ...
     def release(self, hold_id: str) -> None: ...
     def sweep(self, now: dt.datetime) -> int: ...
     def put_proposal(self, proposal_id: str, payload: str, expires_at: dt.datetime) -> None: ...
     def get_proposal(self, proposal_id: str, now: dt.datetime) -> str | None: ...
     def idempotency_begin(self, client: str, key: str, operation: str, body_hash: str, now: dt.datetime) -> StoredResponse | None: ...
     def idempotency_finish(self, client: str, key: str, response: StoredResponse | None) -> None: ...
+    def journal_get(self, token: str) -> JournalEntry | None: ...
+    def journal_intent(self, token: str, *, client: str | None, request_key: str | None, payload: dict,
+                       now: dt.datetime) -> None: ...
+    def journal_done(self, token: str, appointment_id: str, now: dt.datetime, *, release_hold: bool) -> None: ...
+    def journal_abandon(self, token: str, now: dt.datetime) -> None: ...
+    def journal_drop(self, token: str) -> None: ...
+    def journal_claim(self, token: str, now: dt.datetime) -> JournalEntry | None: ...
+    def journal_claim_stale(self, now: dt.datetime, limit: int = 100) -> list[JournalEntry]: ...
     def close(self) -> None: ...
 
 
@@ -106,15 +174,53 @@ def _dt(s: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(s, tz=dt.timezone.utc)
 
 
+def owner_alive(owner: str | None) -> bool:
+    """Is the process instance that wrote ``owner`` (``host:pid:token``) still running?
+
+    Certain only on this host; an owner on another host counts as alive (its lease decides).
+    """
+    if not owner:
+        return False
+    host, _, rest = owner.partition(":")
+    pid_text, _, _token = rest.partition(":")
+    if host != _HOST or not pid_text.isdigit():
+        return True
+    pid = int(pid_text)
+    if pid == os.getpid():
+        with _LIVE_GUARD:
+            return owner in _LIVE_INSTANCES
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class SqliteStateStore:
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, lease_seconds: float = DEFAULT_LEASE_SECONDS) -> None:
         self.path = str(path)
+        self.lease_seconds = lease_seconds
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._guard = threading.Lock()
-        conn = self._conn()
-        conn.executescript(_SCHEMA)
+        self.owner = f"{_HOST}:{os.getpid()}:{secrets.token_hex(6)}"
+        with _LIVE_GUARD:
+            _LIVE_INSTANCES.add(self.owner)
+        with self._tx() as c:  # one process at a time creates and migrates the schema
+            for stmt in _SCHEMA.split(";"):
+                if stmt.strip():
+                    c.execute(stmt)
+            version = c.execute("PRAGMA user_version").fetchone()[0]
+            for n, stmt in enumerate(_MIGRATIONS[version:], start=version + 1):
+                try:
+                    c.execute(stmt)
+                except sqlite3.OperationalError as exc:
+                    if "duplicate column" not in str(exc):
+                        raise
+                c.execute(f"PRAGMA user_version = {n}")
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -129,6 +235,9 @@ class SqliteStateStore:
 
     def _tx(self) -> "_Tx":
         return _Tx(self._conn())
+
+    def _stale(self, owner: str | None, updated_s: float, now: dt.datetime) -> bool:
+        return owner is None or not owner_alive(owner) or updated_s <= _ts(now) - self.lease_seconds
 
     # -- holds -------------------------------------------------------------------------------
     def holds_by_practitioner(self, practitioner_ids: Iterable[str], window: Interval,
@@ -155,14 +264,21 @@ class SqliteStateStore:
         return self._row_to_hold(row) if row else None
 
     def _conflicts(self, conn: sqlite3.Connection, practitioner_id: str, interval: Interval, now: dt.datetime,
-                   own_hold: str | None) -> list[tuple]:
-        return conn.execute(
-            "SELECT id, start_s, end_s FROM holds WHERE practitioner_id = ? AND expires_s > ? "
-            "AND start_s < ? AND end_s > ? AND id IS NOT ?",
-            (practitioner_id, _ts(now), _ts(interval.end), _ts(interval.start), own_hold)).fetchall()
+                   own_hold: str | None, client: str | None) -> list[tuple]:
+        """Active holds overlapping ``interval`` except ``own_hold`` when it is the caller's own.
 
-    def check_free(self, practitioner_id: str, interval: Interval, now: dt.datetime, own_hold: str | None) -> None:
-        found = self._conflicts(self._conn(), practitioner_id, interval, now, own_hold)
+        A hold is the caller's own when it was placed anonymously (whoever knows its id may book
+        it) or by the same client. A hold by a known client is foreign to everybody else.
+        """
+        rows = conn.execute(
+            "SELECT id, start_s, end_s, client FROM holds WHERE practitioner_id = ? AND expires_s > ? "
+            "AND start_s < ? AND end_s > ?",
+            (practitioner_id, _ts(now), _ts(interval.end), _ts(interval.start))).fetchall()
+        return [r for r in rows if not (r[0] == own_hold and (r[3] is None or r[3] == client))]
+
+    def check_free(self, practitioner_id: str, interval: Interval, now: dt.datetime, own_hold: str | None,
+                   client: str | None = None) -> None:
+        found = self._conflicts(self._conn(), practitioner_id, interval, now, own_hold, client)
         if found:
             raise SlotConflict(f"Practitioner/{practitioner_id} is held by another client from "
                                f"{_dt(found[0][1]).isoformat()} to {_dt(found[0][2]).isoformat()}")
@@ -174,9 +290,11 @@ class SqliteStateStore:
                                     (hold.id, _ts(now))).fetchone()
             if existing:
                 return self._row_to_hold(existing)
-            if self._conflicts(conn, hold.practitioner_id, hold.interval, now, hold.id):
+            found = [r for r in self._conflicts(conn, hold.practitioner_id, hold.interval, now, None, None)
+                     if r[0] != hold.id]
+            if found:
                 raise SlotConflict(f"Practitioner/{hold.practitioner_id} is already held by another client "
-                                   f"between {hold.interval.start.isoformat()} and {hold.interval.end.isoformat()}")
+                                   f"between {_dt(found[0][1]).isoformat()} and {_dt(found[0][2]).isoformat()}")
             conn.execute("DELETE FROM holds WHERE id = ?", (hold.id,))  # an expired hold of the same slot
             conn.execute("INSERT INTO holds VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                          (hold.id, hold.practitioner_id, hold.location_id, _ts(hold.interval.start),
@@ -188,11 +306,15 @@ class SqliteStateStore:
             conn.execute("DELETE FROM holds WHERE id = ?", (hold_id,))
 
     def sweep(self, now: dt.datetime) -> int:
+        day_ago = _ts(now) - 86400
         with self._tx() as conn:
             n = conn.execute("DELETE FROM holds WHERE expires_s <= ?", (_ts(now),)).rowcount
             n += conn.execute("DELETE FROM proposals WHERE expires_s <= ?", (_ts(now),)).rowcount
-            # Idempotency records are kept for a day: long enough for any client retry policy.
-            conn.execute("DELETE FROM idempotency WHERE created_s <= ? AND state = 'done'", (_ts(now) - 86400,))
+            # Idempotency records and settled journal entries are kept for a day: longer than any
+            # client retry policy and than a proposed id lives. Unfinished idempotency records that
+            # old belong to requests that died long ago.
+            conn.execute("DELETE FROM idempotency WHERE created_s <= ?", (day_ago,))
+            conn.execute("DELETE FROM journal WHERE state = 'done' AND updated_s <= ?", (day_ago,))
         return n
 
     # -- stored proposals ----------------------------------------------------------------------
@@ -208,31 +330,98 @@ class SqliteStateStore:
     # -- idempotency -------------------------------------------------------------------------
     def idempotency_begin(self, client: str, key: str, operation: str, body_hash: str,
                           now: dt.datetime) -> StoredResponse | None:
-        """None: go ahead (the key is now reserved). A StoredResponse: replay it."""
+        """None: go ahead (the key is now reserved by this process). A StoredResponse: replay it.
+
+        A reservation whose request died (its process is gone, or it is older than the lease) is
+        taken over, so a client retrying after a crash is served instead of told to wait forever.
+        """
         with self._tx() as conn:
-            row = conn.execute("SELECT operation, body_hash, state, status, media_type, body FROM idempotency "
-                               "WHERE client = ? AND key = ?", (client, key)).fetchone()
+            row = conn.execute("SELECT operation, body_hash, state, status, media_type, body, owner, created_s "
+                               "FROM idempotency WHERE client = ? AND key = ?", (client, key)).fetchone()
             if row is None:
-                conn.execute("INSERT INTO idempotency (client, key, operation, body_hash, state, created_s) "
-                             "VALUES (?, ?, ?, ?, 'started', ?)", (client, key, operation, body_hash, _ts(now)))
+                conn.execute("INSERT INTO idempotency (client, key, operation, body_hash, state, created_s, owner) "
+                             "VALUES (?, ?, ?, ?, 'started', ?, ?)",
+                             (client, key, operation, body_hash, _ts(now), self.owner))
                 return None
-        op, h, state, status, media_type, body = row
-        if op != operation or h != body_hash:
-            raise IdempotencyMismatch(f"Idempotency-Key {key!r} was already used with a different request")
-        if state != "done":
-            raise IdempotencyInProgress(f"a request with Idempotency-Key {key!r} is still being processed")
-        return StoredResponse(status, media_type, bytes(body))
+            op, h, state, status, media_type, body, owner, created_s = row
+            if op != operation or h != body_hash:
+                raise IdempotencyMismatch(f"Idempotency-Key {key!r} was already used with a different request")
+            if state == "done":
+                return StoredResponse(status, media_type, bytes(body))
+            if not self._stale(owner, created_s, now):
+                raise IdempotencyInProgress(f"a request with Idempotency-Key {key!r} is still being processed")
+            conn.execute("UPDATE idempotency SET owner = ?, created_s = ? WHERE client = ? AND key = ?",
+                         (self.owner, _ts(now), client, key))
+            return None
 
     def idempotency_finish(self, client: str, key: str, response: StoredResponse | None) -> None:
         with self._tx() as conn:
             if response is None:  # the request failed before any outcome worth replaying
-                conn.execute("DELETE FROM idempotency WHERE client = ? AND key = ?", (client, key))
+                conn.execute("DELETE FROM idempotency WHERE client = ? AND key = ? AND state = 'started'", (client, key))
             else:
-                conn.execute("UPDATE idempotency SET state = 'done', status = ?, media_type = ?, body = ? "
+                conn.execute("UPDATE idempotency SET state = 'done', status = ?, media_type = ?, body = ?, owner = NULL "
                              "WHERE client = ? AND key = ?",
                              (response.status, response.media_type, response.body, client, key))
 
+    # -- booking journal -----------------------------------------------------------------------
+    def _row_to_entry(self, row: tuple) -> JournalEntry:
+        token, client, request_key, payload, state, appt_id, owner, created_s, updated_s = row
+        return JournalEntry(token, client, request_key, json.loads(payload), state, appt_id, owner,
+                            _dt(created_s), _dt(updated_s))
+
+    def journal_get(self, token: str) -> JournalEntry | None:
+        row = self._conn().execute("SELECT * FROM journal WHERE token = ?", (token,)).fetchone()
+        return self._row_to_entry(row) if row else None
+
+    def journal_intent(self, token: str, *, client: str | None, request_key: str | None, payload: dict,
+                       now: dt.datetime) -> None:
+        """Record that this process is about to write the legacy booking of ``token`` (call under the
+        legacy lock, after the conflict checks, before the legacy write)."""
+        with self._tx() as conn:
+            conn.execute("INSERT OR REPLACE INTO journal VALUES (?, ?, ?, ?, 'intent', NULL, ?, ?, ?)",
+                         (token, client, request_key, json.dumps(payload), self.owner, _ts(now), _ts(now)))
+
+    def journal_done(self, token: str, appointment_id: str, now: dt.datetime, *, release_hold: bool) -> None:
+        """The legacy booking of ``token`` is committed as ``appointment_id``; its hold goes, atomically."""
+        with self._tx() as conn:
+            # The owner stays: which process recorded the booking (diagnostics; done rows never go stale).
+            conn.execute("UPDATE journal SET state = 'done', appointment_id = ?, owner = ?, updated_s = ? "
+                         "WHERE token = ?", (appointment_id, self.owner, _ts(now), token))
+            if release_hold:
+                conn.execute("DELETE FROM holds WHERE id = ?", (token,))
+
+    def journal_abandon(self, token: str, now: dt.datetime) -> None:
+        """Outcome unknown and this request gives up: the next claimant reconciles it at once."""
+        with self._tx() as conn:
+            conn.execute("UPDATE journal SET owner = NULL, updated_s = ? WHERE token = ? AND state = 'intent'",
+                         (_ts(now), token))
+
+    def journal_drop(self, token: str) -> None:
+        """The legacy write certainly did not happen: forget the intent."""
+        with self._tx() as conn:
+            conn.execute("DELETE FROM journal WHERE token = ? AND state = 'intent'", (token,))
+
+    def journal_claim(self, token: str, now: dt.datetime) -> JournalEntry | None:
+        """Take over the stale intent of ``token`` for reconciliation; None when there is none to take."""
+        with self._tx() as conn:
+            row = conn.execute("SELECT * FROM journal WHERE token = ? AND state = 'intent'", (token,)).fetchone()
+            if row is None or not self._stale(row[6], row[8], now):
+                return None
+            conn.execute("UPDATE journal SET owner = ?, updated_s = ? WHERE token = ?", (self.owner, _ts(now), token))
+        return self._row_to_entry(row)
+
+    def journal_claim_stale(self, now: dt.datetime, limit: int = 100) -> list[JournalEntry]:
+        """Every stale intent (up to ``limit``), each claimed by this process for reconciliation."""
+        with self._tx() as conn:
+            rows = conn.execute("SELECT * FROM journal WHERE state = 'intent' ORDER BY updated_s").fetchall()
+            stale = [r for r in rows if self._stale(r[6], r[8], now)][:limit]
+            for r in stale:
+                conn.execute("UPDATE journal SET owner = ?, updated_s = ? WHERE token = ?", (self.owner, _ts(now), r[0]))
+        return [self._row_to_entry(r) for r in stale]
+
     def close(self) -> None:
+        with _LIVE_GUARD:
+            _LIVE_INSTANCES.discard(self.owner)
         with self._guard:
             conns, self._all = self._all, []
         for conn in conns:

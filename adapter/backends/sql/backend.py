@@ -23,16 +23,17 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import sqlite3
 import time
 import unicodedata
 from typing import Any, Iterable, Sequence
 
 from adapter.backends.protocol import (
-    Actor, ActorQuery, Appointment, AppointmentPage, AppointmentQuery, AvailabilityQuery, Coding,
+    Actor, ActorQuery, Appointment, AppointmentPage, AppointmentQuery, AvailabilityQuery, BackendError, Coding,
     BusinessRuleViolation, ConflictGate, Identifier, InvalidRequest, Interval, NewBooking, NotFound, ResourceAvailability,
     SlotConflict, SlotRequest, VisitType,
 )
-from adapter.backends.sql.db import Database, execute, query
+from adapter.backends.sql.db import CommitOutcomeUnknown, Database, LockNotTaken, _first_line, execute, query
 from adapter.intervals import subtract
 from adapter.mapping.expressions import attach_zone, render_template
 from adapter.mapping.ids import InvalidKey, to_fhir_id, to_legacy_key
@@ -40,6 +41,7 @@ from adapter.mapping.loader import Mapping
 from adapter.mapping.model import IdRule
 
 _CACHE_SECONDS = 60.0
+_FINAL_STATUSES = ("cancelled", "noshow", "fulfilled", "entered-in-error")
 
 
 class SqlBackend:
@@ -178,7 +180,8 @@ class SqlBackend:
         values["practitioner_keys"] = prac_keys
         rows = query(conn, spec.sql, values)
         base = f"availability.{section}.fields"
-        return [{name: m.expr(f"{base}.{name}").evaluate(row, ctx) for name in spec.fields} for row in rows]
+        fields = [(name, m.expr(f"{base}.{name}").evaluate) for name in spec.fields]
+        return [{name: evaluate(row, ctx) for name, evaluate in fields} for row in rows]
 
     def _availability(self, conn: Any, window: Interval, prac_keys: list[Any],
                       location_ids: set[str]) -> list[ResourceAvailability]:
@@ -232,47 +235,86 @@ class SqlBackend:
 
     def _busy(self, conn: Any, window: Interval, prac_keys: list[Any]) -> dict[str, list[tuple[str | None, Interval]]]:
         out: dict[str, list[tuple[str | None, Interval]]] = {}
+        w_start, w_end = window.start, window.end
         for r in self._run_section(conn, "busy", window, prac_keys):
-            end = r["end"] if "end" in r and r["end"] is not None else r["start"] + dt.timedelta(minutes=r["minutes"])
-            iv = Interval(r["start"], end)
-            if iv.overlaps(window):
-                out.setdefault(str(r["practitioner"]), []).append((r.get("appointment"), iv))
+            start = r["start"]
+            end = r.get("end") or start + dt.timedelta(minutes=r["minutes"])
+            if start < w_end and w_start < end:
+                out.setdefault(str(r["practitioner"]), []).append((r.get("appointment"), Interval(start, end)))
         return out
 
     # -- writes ------------------------------------------------------------------------------
     def _check_slot(self, conn: Any, slot: SlotRequest, ignore_appointment: str | None = None) -> None:
-        prac_key = to_legacy_key(self.doc.actors["Practitioner"].id, slot.practitioner_id)
+        """Inside the write unit: the slot lies in working time and overlaps no blocking appointment."""
+        prac_key = self._key("Practitioner", slot.practitioner_id)
         iv = slot.interval
         offered = self._availability(conn, iv, [prac_key], {slot.location_id})
         covered = any(f.start <= iv.start and iv.end <= f.end for ra in offered for f in ra.free)
         if not covered:
             raise InvalidRequest(
-                f"{slot.practitioner_id} does not work at Location/{slot.location_id} from "
+                f"Practitioner/{slot.practitioner_id} does not work at Location/{slot.location_id} from "
                 f"{iv.start.isoformat()} to {iv.end.isoformat()} (outside working hours or absent)")
+        ignore: set[str] = set()
+        if ignore_appointment is not None:
+            ignore = {ignore_appointment, str(self._key("Appointment", ignore_appointment))}
         for appt_id, busy in self._busy(conn, iv, [prac_key]).get(slot.practitioner_id, []):
-            if busy.overlaps(iv) and appt_id != ignore_appointment:
+            if busy.overlaps(iv) and (appt_id is None or str(appt_id).strip() not in ignore):
                 raise SlotConflict(f"Practitioner/{slot.practitioner_id} is already booked from "
                                    f"{busy.start.isoformat()} to {busy.end.isoformat()}")
 
+    def _key(self, kind: str, fhir_id: str) -> Any:
+        """The legacy key of a FHIR id; an id that cannot be one of ours is a bad request."""
+        rule = self.doc.appointments.id if kind == "Appointment" else self.doc.actors[kind].id  # type: ignore[index]
+        try:
+            return to_legacy_key(rule, fhir_id)
+        except InvalidKey as exc:
+            raise InvalidRequest(f"{kind}/{fhir_id} cannot exist in this legacy system: {exc}") from None
+
     def _lock_binds(self, practitioner_ids: Iterable[str]) -> list[dict[str, Any]]:
-        rule = self.doc.actors["Practitioner"].id
-        return [{"practitioner_key": to_legacy_key(rule, p)} for p in sorted(set(practitioner_ids))]
+        # Sorted: two units that lock the same practitioners always lock them in the same order,
+        # so a reschedule between two practitioners cannot deadlock with another one.
+        keys = sorted({self._key("Practitioner", p) for p in practitioner_ids}, key=str)
+        return [{"practitioner_key": k} for k in keys]
 
     def _require_writes(self):
         if self.doc.writes is None:
             raise BusinessRuleViolation(f"mapping {self.mapping.path.name} declares no 'writes': this backend is read-only")
         return self.doc.writes
 
+    async def _write(self, work: Any) -> Any:
+        """Run one write unit in a DB thread; driver refusals become BusinessRuleViolation (422)."""
+        try:
+            return await self.db.run(work, inline=False)
+        except (BackendError, InvalidKey):
+            raise
+        except LockNotTaken as exc:
+            raise BusinessRuleViolation(f"the legacy system refused the write: {exc} (the practitioner may no "
+                                        "longer exist, or the mapping's writes.lock is wrong)") from exc
+        except Exception as exc:
+            if isinstance(exc, sqlite3.Error) or type(exc).__module__ == "pyodbc":
+                raise BusinessRuleViolation(f"the legacy database refused the write: {_first_line(exc)}") from exc
+            raise
+
     async def secure(self, slots: Sequence[SlotRequest], gate: ConflictGate) -> None:
         writes = self._require_writes()
+        lock_binds = self._lock_binds(s.practitioner_id for s in slots)
+
+        gated: list[bool] = []
 
         def work(conn: Any) -> None:
-            with self.db.write(conn, writes.lock.sql, self._lock_binds(s.practitioner_id for s in slots)):
+            with self.db.write(conn, writes.lock.sql, lock_binds):
                 for slot in slots:
                     self._check_slot(conn, slot)
                 gate(slots)
+                gated.append(True)
 
-        await self.db.run(work, inline=False)
+        try:
+            await self._write(work)
+        except CommitOutcomeUnknown:
+            # Nothing was written to the legacy system; the check and the gate ran under the lock,
+            # so what the gate recorded stands even though the read-only COMMIT did not answer.
+            if not gated:
+                raise
 
     def _statement_values(self, stmt_name: str, env: dict[str, Any]) -> dict[str, Any]:
         writes = self._require_writes()
@@ -284,10 +326,9 @@ class SqlBackend:
         return values
 
     def _slot_env(self, slot: SlotRequest) -> dict[str, Any]:
-        actors = self.doc.actors
         return {
-            "practitioner_key": to_legacy_key(actors["Practitioner"].id, slot.practitioner_id),
-            "location_key": to_legacy_key(actors["Location"].id, slot.location_id),
+            "practitioner_key": self._key("Practitioner", slot.practitioner_id),
+            "location_key": self._key("Location", slot.location_id),
             "start": slot.interval.start,
             "end": slot.interval.end,
             "minutes": int((slot.interval.end - slot.interval.start).total_seconds() // 60),
@@ -296,45 +337,86 @@ class SqlBackend:
         }
 
     def _allocate_id(self, cur: Any) -> Any:
+        """The new appointment's key, inside the write unit.
+
+        ``counter``: the counter row is read *with a row lock* (``FOR UPDATE`` on server
+        databases) and bumped in the same transaction. The booking lock alone is per practitioner,
+        so without it two bookings for different practitioners read the same value and the second
+        insert fails on the primary key (seen on PostgreSQL and MariaDB under READ COMMITTED).
+        ``sequence``: the database hands out values atomically. ``uuid``: generated here.
+        ``database``: read back after the insert (``last_id_sql``, same connection).
+        """
         alloc = self._require_writes().id_allocation
         if alloc.strategy == "uuid":
             import uuid
             return str(uuid.uuid4())
         if alloc.strategy in ("counter", "sequence"):
-            rows = query(cur, alloc.next_sql, {})  # type: ignore[arg-type]
+            sql = self.db.lockable(alloc.next_sql) if alloc.strategy == "counter" else alloc.next_sql
+            rows = query(cur, sql, {})  # type: ignore[arg-type]
             if not rows:
-                    raise BusinessRuleViolation("the id counter row declared by writes.id_allocation.next_sql is missing")
+                raise BusinessRuleViolation("the id counter row declared by writes.id_allocation.next_sql is missing")
             value = next(iter(rows[0].values()))
             if alloc.strategy == "counter":
                 execute(cur, alloc.bump_sql, {})  # type: ignore[arg-type]
             return value
         return None  # database-generated: read back after insert
 
+    def _patient_exists(self, cur: Any, patient_key: Any) -> bool:
+        spec = self.doc.actors["Patient"]
+        return bool(query(cur, f"SELECT * FROM ({spec.select}) q WHERE {spec.filters['key']}", {"keys": [patient_key]}))
+
+    def _read_appointment(self, cur: Any, key: Any) -> Appointment | None:
+        ap = self.doc.appointments
+        rows = query(cur, f"SELECT * FROM ({ap.select}) q WHERE {ap.filters['key']}", {"keys": [key]})
+        return self.appointment_from_row(rows[0]) if rows else None
+
     async def book(self, booking: NewBooking, gate: ConflictGate) -> Appointment:
         writes = self._require_writes()
         slot = booking.slot
-        patient_key = to_legacy_key(self.doc.actors["Patient"].id, booking.patient_id)
+        patient_key = self._key("Patient", booking.patient_id)
+        lock_binds = self._lock_binds([slot.practitioner_id])
+        env = self._slot_env(slot) | {"patient_key": patient_key, "comment": booking.comment,
+                                      "booked_by": booking.booked_by}
 
         def work(conn: Any) -> str:
-            with self.db.write(conn, writes.lock.sql, self._lock_binds([slot.practitioner_id])) as cur:
-                if not query(cur, f"SELECT * FROM ({self.doc.actors['Patient'].select}) q WHERE "
-                                  + self.doc.actors["Patient"].filters["key"], {"keys": [patient_key]}):
-                            raise BusinessRuleViolation(f"Patient/{booking.patient_id} does not exist in the legacy system")
+            with self.db.write(conn, writes.lock.sql, lock_binds) as cur:
+                if not self._patient_exists(cur, patient_key):
+                    raise BusinessRuleViolation(f"Patient/{booking.patient_id} does not exist in the legacy system")
                 self._check_slot(conn, slot)
                 gate([slot])
                 new_id = self._allocate_id(cur)
-                env = self._slot_env(slot) | {"new_id": new_id, "patient_key": patient_key,
-                                              "comment": booking.comment, "booked_by": booking.booked_by}
-                execute(cur, writes.book.sql, self._statement_values("book", env))
+                execute(cur, writes.book.sql, self._statement_values("book", env | {"new_id": new_id}))
                 if new_id is None:
                     new_id = next(iter(query(cur, writes.id_allocation.last_id_sql, {})[0].values()))  # type: ignore[arg-type]
                 return to_fhir_id(self.doc.appointments.id, new_id)
 
-        appt_id = await self.db.run(work, inline=False)
+        appt_id = await self._write(work)
         appt = await self.get_appointment(appt_id)
         if appt is None:  # pragma: no cover - would mean the mapping's read query cannot see its own insert
-            raise NotFound(f"Appointment/{appt_id} was written but cannot be read back; check appointments.select")
+            raise BusinessRuleViolation(f"Appointment/{appt_id} was written but cannot be read back; "
+                                        "check appointments.select")
         return appt
+
+    async def find_booked(self, slot: SlotRequest, patient_id: str | None) -> Appointment | None:
+        """The blocking appointment that a booking of ``slot`` for ``patient_id`` wrote, if any.
+
+        Used to settle a booking whose outcome is unknown (the process died or the connection broke
+        between the legacy COMMIT and recording it): the same mapping queries $find uses.
+        """
+        prac_key = self._key("Practitioner", slot.practitioner_id)
+
+        def load(conn: Any) -> list[str]:
+            return [str(a) for a, iv in self._busy(conn, slot.interval, [prac_key]).get(slot.practitioner_id, [])
+                    if a is not None and iv.start == slot.interval.start and iv.end == slot.interval.end]
+
+        for legacy_id in await self.db.run(load):
+            try:
+                appt = await self.get_appointment(to_fhir_id(self.doc.appointments.id, legacy_id))
+            except InvalidKey:
+                continue
+            if appt is not None and (patient_id is None or appt.patient_id == patient_id):
+                return appt
+        return None
 
     async def reschedule(self, appointment_id: str, new_slot: SlotRequest, gate: ConflictGate,
                          comment: str | None = None) -> Appointment:
@@ -342,39 +424,50 @@ class SqlBackend:
         current = await self.get_appointment(appointment_id)
         if current is None:
             raise NotFound(f"Appointment/{appointment_id} is not known")
-        key = to_legacy_key(self.doc.appointments.id, appointment_id)
+        key = self._key("Appointment", appointment_id)
         involved = [new_slot.practitioner_id] + ([current.practitioner_id] if current.practitioner_id else [])
+        env = self._slot_env(new_slot) | {"appointment_key": key, "comment": comment}
 
         def work(conn: Any) -> None:
             with self.db.write(conn, writes.lock.sql, self._lock_binds(involved)) as cur:
+                # Re-read under the lock: a concurrent change must not be overwritten blindly.
+                now_row = self._read_appointment(cur, key)
+                if now_row is None:
+                    raise NotFound(f"Appointment/{appointment_id} is not known")
+                if now_row.status in _FINAL_STATUSES:
+                    raise BusinessRuleViolation(f"Appointment/{appointment_id} is {now_row.status} and cannot be modified")
+                if now_row.practitioner_id != current.practitioner_id:
+                    raise SlotConflict(f"Appointment/{appointment_id} was changed by someone else meanwhile; read it again")
                 # The new time is checked and written in the same transaction that frees the old one,
                 # so a failure leaves the original booking exactly as it was.
                 self._check_slot(conn, new_slot, ignore_appointment=appointment_id)
                 gate([new_slot])
-                env = self._slot_env(new_slot) | {"appointment_key": key, "comment": comment}
                 if execute(cur, writes.reschedule.sql, self._statement_values("reschedule", env)) == 0:
                     raise NotFound(f"Appointment/{appointment_id} is not known")
 
-        await self.db.run(work, inline=False)
+        await self._write(work)
         appt = await self.get_appointment(appointment_id)
-        assert appt is not None
+        if appt is None:  # pragma: no cover - deleted right after our commit
+            raise NotFound(f"Appointment/{appointment_id} is not known")
         return appt
 
     async def cancel(self, appointment_id: str, reason: Coding | None, reason_text: str | None) -> Appointment:
         writes = self._require_writes()
-        key = to_legacy_key(self.doc.appointments.id, appointment_id)
+        key = self._key("Appointment", appointment_id)
         reason_dict = {"system": reason.system, "code": reason.code} if reason else None
+        env = {"appointment_key": key, "reason": reason_dict, "reason_text": reason_text,
+               "now": dt.datetime.now(dt.timezone.utc)}
 
         def work(conn: Any) -> None:
+            # No booking lock: a cancellation only frees time, it cannot create a conflict.
             with self.db.write(conn, None, []) as cur:
-                env = {"appointment_key": key, "reason": reason_dict, "reason_text": reason_text,
-                       "now": dt.datetime.now(dt.timezone.utc)}
                 if execute(cur, writes.cancel.sql, self._statement_values("cancel", env)) == 0:
                     raise NotFound(f"Appointment/{appointment_id} is not known")
 
-        await self.db.run(work, inline=False)
+        await self._write(work)
         appt = await self.get_appointment(appointment_id)
-        assert appt is not None
+        if appt is None:  # pragma: no cover - deleted right after our commit
+            raise NotFound(f"Appointment/{appointment_id} is not known")
         return appt
 
     # -- existing appointments ---------------------------------------------------------------

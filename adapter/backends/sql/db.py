@@ -33,6 +33,14 @@ from adapter.backends.protocol import BackendUnavailable
 
 T = TypeVar("T")
 
+
+class LockNotTaken(Exception):
+    """The mapping's ``writes.lock`` statement locked no row (misdeclared lock or unknown resource)."""
+
+
+class CommitOutcomeUnknown(BackendUnavailable):
+    """The connection broke during COMMIT: the write may or may not be in the legacy database."""
+
 _NAMED = re.compile(r"'(?:[^']|'')*'|(?<![:\w]):([A-Za-z_][A-Za-z0-9_]*)")
 
 
@@ -103,6 +111,8 @@ class Database:
         self.inline_reads = self.kind == "sqlite3"
         self._all: list[Any] = []
         self._lock = threading.Lock()
+        self._generation = 0  # bumped when a connection is found dead (see _call)
+        self._writer = threading.Lock()  # SQLite: one write unit per process at a time (see write)
 
     # -- connections -------------------------------------------------------------------------
     def _connect(self) -> Any:
@@ -163,7 +173,18 @@ class Database:
         return await loop.run_in_executor(self._executor, self._call, fn)
 
     def _call(self, fn: Callable[[Any], T]) -> T:
-        conn = self.connection()
+        # After one thread saw the connection drop, every pooled connection is suspect (a restarted
+        # or unplugged server kills them all): each thread replaces its own before the next use,
+        # so an outage costs one failed request, not one per pooled connection.
+        if getattr(self._local, "generation", self._generation) != self._generation:
+            self._discard()
+        try:
+            conn = self.connection()
+            self._local.generation = self._generation
+        except BackendUnavailable:
+            raise
+        except Exception as exc:  # any failure to open a connection means "not available now" (503)
+            raise BackendUnavailable(f"cannot connect to the legacy database: {_first_line(exc)}") from exc
         try:
             result = fn(conn)
             if self.kind == "pyodbc":
@@ -177,31 +198,100 @@ class Database:
                     conn.execute("ROLLBACK")
             except Exception:
                 self._discard()
-            if _is_connection_error(exc):
+            if isinstance(exc, BackendUnavailable):
                 self._discard()
+                self._generation += 1
+                raise
+            if _is_connection_error(exc):
+                if not _is_lock_error(exc):
+                    self._discard()  # a lock timeout leaves a healthy connection; anything else may not
+                    self._generation += 1
                 raise BackendUnavailable(f"legacy database unavailable: {_first_line(exc)}") from exc
             raise
 
+    def lockable(self, sql: str) -> str:
+        """``sql`` as a statement that row-locks what it selects until the unit of work ends.
+
+        SQLite needs nothing (``BEGIN IMMEDIATE`` already excludes every other writer). On server
+        databases a ``SELECT`` gets ``FOR UPDATE`` appended unless the mapping wrote a locking
+        clause itself (``FOR UPDATE``, SQL Server's ``WITH (UPDLOCK...)``); any other statement
+        (e.g. a no-op ``UPDATE ... SET K = K``) locks by itself and runs unchanged.
+        """
+        if self.dialect == "sqlite":
+            return sql
+        upper = " ".join(sql.upper().split())
+        if not upper.startswith("SELECT") or "FOR UPDATE" in upper or "UPDLOCK" in upper or "HOLDLOCK" in upper:
+            return sql
+        return sql.rstrip().rstrip(";") + " FOR UPDATE"
+
     @contextmanager
     def write(self, conn: Any, lock_sql: str | None, lock_binds: Sequence[dict[str, Any]]) -> Iterator[Any]:
-        """A write unit: take the booking lock(s), yield, commit; roll back on any error."""
+        """A write unit: take the booking lock(s), yield, commit; roll back on any error.
+
+        SQLite (stdlib driver): ``BEGIN IMMEDIATE`` takes the database's single write lock before
+        anything is read, so the re-check and the write of two bookings can never interleave. SQLite
+        through ODBC: the same, with the driver switched to autocommit so that our ``BEGIN
+        IMMEDIATE`` is the transaction. Server databases: the mapping's lock statement, once per
+        bind set (callers sort them so two units never wait on each other in opposite order); a
+        locking SELECT must return at least one row, otherwise nothing would serialise the
+        bookings and the write is refused (``LockNotTaken``).
+
+        A failure of the final COMMIT that looks like a lost connection raises
+        ``CommitOutcomeUnknown``: the write may or may not have been applied.
+        """
         cur = conn.cursor()
-        if self.kind == "sqlite3":
-            cur.execute("BEGIN IMMEDIATE")
+        manual = self.kind == "sqlite3" or self.dialect == "sqlite"
+        queued = False
+        if manual:
+            # One writer thread per process queues here, woken at once when the previous one is
+            # done; only the winner competes (with other processes) for SQLite's file lock, whose
+            # busy handler polls with growing sleeps (up to 100 ms) and collapses under contention.
+            if not self._writer.acquire(timeout=self.timeout_s):
+                raise BackendUnavailable("the legacy database is busy: no write slot within "
+                                         f"{self.timeout_s:g} s")
+            queued = True
+        if self.kind == "pyodbc" and manual:
+            conn.rollback()
+            conn.autocommit = True
         try:
-            if lock_sql and self.dialect != "sqlite":
-                for values in lock_binds:
-                    text, params = bind(lock_sql + " FOR UPDATE", values)
-                    cur.execute(text, params)
-                    cur.fetchall()
-            yield cur
-            conn.commit() if self.kind == "pyodbc" else cur.execute("COMMIT")
-        except BaseException:
-            if self.kind == "pyodbc":
-                conn.rollback()
-            elif conn.in_transaction:
-                cur.execute("ROLLBACK")
-            raise
+            if manual:
+                cur.execute("BEGIN IMMEDIATE")
+            try:
+                if lock_sql and not manual:
+                    locking = self.lockable(lock_sql)
+                    for values in lock_binds:
+                        text, params = bind(locking, values)
+                        cur.execute(text, params)
+                        # A SELECT must return the locked row. (An UPDATE's row count is no proof:
+                        # MariaDB counts changed rows only, and a no-op UPDATE changes none.)
+                        if cur.description is not None and not cur.fetchall():
+                            raise LockNotTaken(
+                                f"writes.lock locked no row for {values}: nothing would serialise these bookings")
+                yield cur
+            except BaseException:
+                try:
+                    if manual:
+                        cur.execute("ROLLBACK")
+                    else:
+                        conn.rollback()
+                except Exception:  # the connection is gone; the server rolls back on its own
+                    pass
+                raise
+            try:
+                cur.execute("COMMIT") if manual else conn.commit()
+            except Exception as exc:
+                if _is_connection_error(exc) and not _is_lock_error(exc):
+                    raise CommitOutcomeUnknown(f"the legacy database connection failed while committing: "
+                                               f"{_first_line(exc)}") from exc
+                raise
+        finally:
+            if self.kind == "pyodbc" and manual:
+                try:
+                    conn.autocommit = False
+                except Exception:
+                    pass
+            if queued:
+                self._writer.release()
 
     async def close(self) -> None:
         with self._lock:
@@ -233,6 +323,18 @@ def _first_line(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
 
 
+_MARIADB_CONNECTION_CODES = ("(2002)", "(2003)", "(2005)", "(2006)", "(2013)", "(2026)", "(2055)")
+# psqlODBC reports a dropped connection as a generic HY000 with one of these texts.
+_LOST_CONNECTION_TEXTS = ("connection has been lost", "server closed the connection", "could not send data",
+                          "could not receive data", "no connection to the server", "terminating connection",
+                          "connection not open", "communication link failure")
+
+
+def _is_lock_error(exc: BaseException) -> bool:
+    msg = str(exc).lower()
+    return "lock wait timeout" in msg or "deadlock" in msg or "database is locked" in msg
+
+
 def _is_connection_error(exc: BaseException) -> bool:
     """Errors that mean "the legacy system is not there / too busy now": retryable (503)."""
     if isinstance(exc, sqlite3.OperationalError):
@@ -242,7 +344,11 @@ def _is_connection_error(exc: BaseException) -> bool:
     if name in ("OperationalError", "InterfaceError"):
         return True
     state = exc.args[0] if getattr(exc, "args", None) else ""
+    text = str(exc)
     # 08xxx connection exceptions, HYT00/HYT01 timeouts, 40001 serialization, 40P01 deadlock,
-    # HY000 covers MariaDB lock wait timeouts.
-    return isinstance(state, str) and (state.startswith("08") or state in ("HYT00", "HYT01", "40001", "40P01")
-                                       or (state == "HY000" and "lock wait timeout" in str(exc).lower()))
+    # 57P0x PostgreSQL shutting down; MariaDB reports lock wait timeouts and lost or refused
+    # connections as a generic HY000 with its own error number.
+    return isinstance(state, str) and (
+        state.startswith("08") or state in ("HYT00", "HYT01", "40001", "40P01", "57P01", "57P02", "57P03")
+        or (state == "HY000" and (_is_lock_error(exc) or any(code in text for code in _MARIADB_CONNECTION_CODES)
+                                  or any(t in text.lower() for t in _LOST_CONNECTION_TEXTS))))

@@ -1,0 +1,459 @@
+"""Benchmark ``Appointment/$find`` against the HTTP floor, in one run (``make bench``).
+
+What it does, everything on 127.0.0.1 and bounded in time (about 40 s in all):
+
+1. Starts the adapter as ``sched-adapter serve --config <temp copy of samples/demo/demo.toml>`` with its
+   own var dir, a free port, ``workers = 2`` and ``log_level = "warning"`` (the demo database is
+   created on first start, seeded relative to today).
+2. Picks 5 practitioner ids from ``GET /fhir/Practitioner`` and builds a Parameters body: window =
+   tomorrow 00:00 .. +14 days in the mapping's zone with an explicit offset, ``_count`` 50. Checks
+   that ``$find`` answers 200 with 50 Appointment entries and saves that response body.
+3. Starts the floor (``bench/_floor_app.py``, a Starlette endpoint returning those saved bytes) with
+   ``uvicorn --workers 2``, the same uvicorn options as the adapter (loop/http auto, so uvloop and
+   httptools when installed; access log off).
+4. For each target: a 2 s wrk warm-up, then ``wrk -t2 -c32 -d10s --latency`` POSTing the body with
+   ``Content-Type: application/fhir+json``; then 200 sequential requests from one keep-alive
+   ``http.client`` connection (TCP_NODELAY) for the unloaded p50.
+5. Prints a table (req/s, p50, p99, unloaded p50) and the ratio $find/floor. Targets: ratio >= 0.10
+   and unloaded $find p50 <= 2 ms. Missing a target is reported, not an error: exit status 0 once
+   measured; 2 when it could not measure (no wrk, a server did not start, a bad $find answer).
+
+Needs ``wrk`` (Debian package ``wrk``). When it is missing and we run as root it is installed with
+apt-get; otherwise the script says how to install it and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import http.client
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH_DIR = Path(__file__).resolve().parent
+DEMO_TOML = REPO / "samples" / "demo" / "demo.toml"
+HOST = "127.0.0.1"
+FIND_PATH = "/fhir/Appointment/$find"
+CONTENT_TYPE = "application/fhir+json"
+N_PRACTITIONERS = 5
+WINDOW_DAYS = 14
+COUNT = 50
+RATIO_TARGET = 0.10
+UNLOADED_P50_TARGET_MS = 2.0
+
+
+class BenchError(Exception):
+    """The benchmark could not measure (exit 2)."""
+
+
+# --------------------------------------------------------------------------- helpers
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)  # TOML basic strings accept JSON escapes
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def dump_toml(data: dict[str, Any], prefix: str = "") -> str:
+    """Enough TOML for settings files: scalars, lists and nested tables."""
+    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    out = "\n".join(lines) + ("\n" if lines else "")
+    for k, v in data.items():
+        if isinstance(v, dict):
+            name = f"{prefix}{k}"
+            out += f"\n[{name}]\n" + dump_toml(v, name + ".")
+    return out
+
+
+def demo_config(workdir: Path, port: int) -> tuple[Path, dict[str, Any]]:
+    """A copy of the demo settings with its own var dir, port, 2 workers and warning logs."""
+    data = tomllib.loads(DEMO_TOML.read_text(encoding="utf-8"))
+    mapping = Path(data["backend"]["mapping"])
+    if not mapping.is_absolute():
+        data["backend"]["mapping"] = str((DEMO_TOML.parent / mapping).resolve())
+    var = workdir / "var"
+    var.mkdir()
+    data.setdefault("server", {}).update(host=HOST, port=port, workers=2, log_level="warning")
+    data["server"].pop("base_url", None)
+    data["backend"]["database_url"] = f"sqlite:///{var / 'clinicware.sqlite'}"
+    data.setdefault("state", {})["path"] = str(var / "adapter-state.sqlite")
+    sec = data.setdefault("security", {})
+    sec.pop("signing_secret", None)
+    sec["signing_secret_file"] = str(var / "signing-secret")
+    # Written before the start so the two workers do not race to create it.
+    (var / "signing-secret").write_text(secrets.token_urlsafe(32), encoding="utf-8")
+    path = workdir / "bench.toml"
+    path.write_text("# written by bench/find.py from samples/demo/demo.toml\n" + dump_toml(data), encoding="utf-8")
+    return path, data
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SCHED_")}
+    env.update(extra)
+    return env
+
+
+def http_request(port: int, method: str, path: str, body: bytes | None = None,
+                 headers: dict[str, str] | None = None, timeout: float = 10.0) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+@dataclass
+class Server:
+    name: str
+    proc: subprocess.Popen
+    port: int
+    log: Path
+
+    def log_tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)  # uvicorn's supervisor stops its workers
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        try:  # anything left in the group we started (its workers)
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def start_server(name: str, cmd: list[str], port: int, env: dict[str, str], log: Path, ready_path: str,
+                 timeout: float = 60.0) -> Server:
+    fh = open(log, "wb")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    fh.close()
+    server = Server(name, proc, port, log)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchError(f"{name} exited with status {proc.returncode} while starting:\n{server.log_tail()}")
+        if b"Traceback (most recent call last)" in log.read_bytes():  # a worker died (uvicorn restarts it)
+            server.stop()
+            raise BenchError(f"{name} failed while starting:\n{server.log_tail()}")
+        try:
+            status, _ = http_request(port, "GET", ready_path, timeout=2.0)
+            if status == 200:
+                return server
+        except OSError:
+            pass
+        time.sleep(0.1)
+    server.stop()
+    raise BenchError(f"{name} did not answer GET {ready_path} within {timeout:.0f} s:\n{server.log_tail()}")
+
+
+# The known start-up failure of `sched-adapter serve` (see bench/_adapter_app.py).
+_CONFIG_FILE_BUG = "config_file (SCHED_CONFIG_FILE): Extra inputs are not permitted"
+
+
+def uvicorn_options(port: int) -> list[str]:
+    """The options `sched-adapter serve` gives uvicorn.run, as command-line flags."""
+    return ["--host", HOST, "--port", str(port), "--workers", "2", "--loop", "auto", "--http", "auto",
+            "--no-access-log", "--log-level", "warning"]
+
+
+def start_adapter(config: Path, port: int, workdir: Path) -> Server:
+    exe = Path(sys.executable).parent / "sched-adapter"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "adapter.cli"]
+    log = workdir / "adapter.log"
+    try:
+        return start_server("adapter", cmd + ["serve", "--config", str(config)], port, clean_env(), log,
+                            "/fhir/metadata")
+    except BenchError:
+        if _CONFIG_FILE_BUG not in log.read_text(errors="replace"):
+            raise
+    print("WARNING: `sched-adapter serve` cannot start its workers (adapter/asgi.py passes SCHED_CONFIG_FILE to "
+          "load_settings, which rejects it as an unknown setting); benchmarking through bench/_adapter_app.py, "
+          "the same app and uvicorn options without that variable.", file=sys.stderr, flush=True)
+    fallback = [sys.executable, "-m", "uvicorn", "_adapter_app:app_factory", "--factory", "--app-dir", str(BENCH_DIR),
+                "--lifespan", "on", "--no-proxy-headers"] + uvicorn_options(port)
+    return start_server("adapter", fallback, port, clean_env(BENCH_ADAPTER_CONFIG=str(config)),
+                        workdir / "adapter-fallback.log", "/fhir/metadata")
+
+
+# --------------------------------------------------------------------------- wrk
+
+def ensure_wrk() -> str:
+    found = shutil.which("wrk")
+    if found:
+        return found
+    if os.name == "posix" and os.geteuid() == 0 and shutil.which("apt-get"):
+        print("wrk is not installed; installing the Debian package (apt-get install -y wrk) ...", flush=True)
+        quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=clean_env(DEBIAN_FRONTEND="noninteractive"))
+        r = subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", "wrk"], timeout=300, **quiet)
+        if r.returncode != 0:  # package lists may be missing on a fresh image
+            subprocess.run(["apt-get", "update"], timeout=300, **quiet)
+            r = subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", "wrk"], timeout=300, **quiet)
+        found = shutil.which("wrk")
+        if found:
+            return found
+        raise BenchError("apt-get could not install wrk:\n" + r.stderr.decode(errors="replace")[-2000:])
+    raise BenchError("wrk is not installed. Install it with `sudo apt-get install -y wrk` (Debian/Ubuntu) "
+                     "or build it from https://github.com/wg/wrk, then run `make bench` again.")
+
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
+
+
+def _ms(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m|h)", text.strip())
+    if not m:
+        raise BenchError(f"cannot read wrk latency {text!r}")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+@dataclass
+class LoadResult:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    non_2xx: int
+    socket_errors: str | None
+
+
+def parse_wrk(out: str) -> LoadResult:
+    pct = {int(m.group(1)): _ms(m.group(2)) for m in re.finditer(r"^\s+(50|75|90|99)%\s+(\S+)\s*$", out, re.M)}
+    rps = re.search(r"^Requests/sec:\s+([\d.]+)", out, re.M)
+    total = re.search(r"^\s+(\d+) requests in", out, re.M)
+    if rps is None or 50 not in pct or 99 not in pct or total is None:
+        raise BenchError(f"cannot parse wrk output:\n{out}")
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    sock = re.search(r"Socket errors:\s+(.*)$", out, re.M)
+    return LoadResult(float(rps.group(1)), pct[50], pct[99], int(total.group(1)),
+                      int(non2xx.group(1)) if non2xx else 0, sock.group(1).strip() if sock else None)
+
+
+def write_lua(workdir: Path, body_file: Path) -> Path:
+    script = workdir / "post.lua"
+    script.write_text(
+        "-- POST the $find Parameters body (written by bench/find.py)\n"
+        f"local f = assert(io.open({json.dumps(str(body_file))}, \"rb\"))\n"
+        "wrk.method = \"POST\"\n"
+        "wrk.body = f:read(\"*a\")\n"
+        "f:close()\n"
+        f"wrk.headers[\"Content-Type\"] = \"{CONTENT_TYPE}\"\n"
+        f"wrk.headers[\"Accept\"] = \"{CONTENT_TYPE}\"\n",
+        encoding="utf-8")
+    return script
+
+
+def run_wrk(wrk: str, lua: Path, port: int, seconds: float, connections: int, threads: int) -> LoadResult:
+    cmd = [wrk, f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "5s", "--latency",
+           "-s", str(lua), f"http://{HOST}:{port}{FIND_PATH}"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30)
+    if r.returncode != 0:
+        raise BenchError(f"wrk failed ({r.returncode}): {r.stderr or r.stdout}")
+    return parse_wrk(r.stdout)
+
+
+# --------------------------------------------------------------------------- unloaded latency
+
+def sequential_p50(port: int, body: bytes, n: int = 200, warmup: int = 20) -> tuple[float, int]:
+    """Median latency (ms) of ``n`` sequential POSTs on one keep-alive connection, and the failures."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=10)
+    conn.connect()
+    conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    headers = {"Content-Type": CONTENT_TYPE, "Accept": CONTENT_TYPE}
+    times: list[float] = []
+    failures = 0
+    try:
+        for i in range(warmup + n):
+            t0 = time.perf_counter()
+            conn.request("POST", FIND_PATH, body=body, headers=headers)
+            resp = conn.getresponse()
+            resp.read()
+            elapsed = time.perf_counter() - t0
+            if resp.status != 200:
+                failures += 1
+            if i >= warmup:
+                times.append(elapsed * 1e3)
+    finally:
+        conn.close()
+    return statistics.median(times), failures
+
+
+# --------------------------------------------------------------------------- the $find request
+
+def find_body(port: int, zone: ZoneInfo) -> tuple[bytes, list[str], str, str]:
+    status, raw = http_request(port, "GET", f"/fhir/Practitioner?_count={N_PRACTITIONERS}",
+                               headers={"Accept": CONTENT_TYPE})
+    if status != 200:
+        raise BenchError(f"GET /fhir/Practitioner answered {status}: {raw[:500]!r}")
+    ids = [e["resource"]["id"] for e in json.loads(raw).get("entry", [])
+           if e.get("resource", {}).get("resourceType") == "Practitioner"][:N_PRACTITIONERS]
+    if len(ids) < N_PRACTITIONERS:
+        raise BenchError(f"the demo has {len(ids)} practitioners; the bench needs {N_PRACTITIONERS}")
+    tomorrow = dt.datetime.now(zone).date() + dt.timedelta(days=1)
+    start = dt.datetime.combine(tomorrow, dt.time(0), tzinfo=zone)
+    end = dt.datetime.combine(tomorrow + dt.timedelta(days=WINDOW_DAYS), dt.time(0), tzinfo=zone)
+    params = [{"name": "start", "valueDateTime": start.isoformat()},
+              {"name": "end", "valueDateTime": end.isoformat()}]
+    params += [{"name": "practitioner", "valueReference": {"reference": f"Practitioner/{i}"}} for i in ids]
+    params.append({"name": "_count", "valueInteger": COUNT})
+    body = json.dumps({"resourceType": "Parameters", "parameter": params}).encode()
+    return body, ids, start.isoformat(), end.isoformat()
+
+
+def check_find(port: int, body: bytes) -> bytes:
+    status, raw = http_request(port, "POST", FIND_PATH, body=body,
+                               headers={"Content-Type": CONTENT_TYPE, "Accept": CONTENT_TYPE})
+    if status != 200:
+        raise BenchError(f"$find answered {status}: {raw[:1000]!r}")
+    bundle = json.loads(raw)
+    entries = bundle.get("entry", [])
+    appts = [e for e in entries if e.get("resource", {}).get("resourceType") == "Appointment"]
+    if len(appts) != COUNT:
+        raise BenchError(f"$find returned {len(appts)} Appointment entries (of {len(entries)}); expected {COUNT}")
+    if len(entries) != COUNT:
+        print(f"note: the $find Bundle also has {len(entries) - COUNT} non-Appointment entries (OperationOutcome)")
+    return raw
+
+
+# --------------------------------------------------------------------------- main
+
+def _versions() -> str:
+    parts = [f"Python {sys.version.split()[0]}", f"{os.cpu_count()} CPUs"]
+    for mod in ("uvicorn", "uvloop", "httptools", "starlette", "orjson"):
+        try:
+            from importlib.metadata import version
+            parts.append(f"{mod} {version(mod)}")
+        except Exception:
+            parts.append(f"{mod} -")
+    return ", ".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--duration", type=float, default=10.0, help="seconds of load per target (default 10)")
+    ap.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up load per target (default 2)")
+    ap.add_argument("--connections", type=int, default=32, help="concurrent clients (default 32)")
+    ap.add_argument("--threads", type=int, default=2, help="wrk threads (default 2)")
+    ap.add_argument("--sequential", type=int, default=200, help="requests for the unloaded p50 (default 200)")
+    args = ap.parse_args(argv)
+    try:
+        return _run(args)
+    except BenchError as exc:
+        print(f"bench/find.py: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    wrk = ensure_wrk()
+    sys.path.insert(0, str(REPO))
+    from adapter.mapping.loader import load_mapping
+
+    t_begin = time.monotonic()
+    servers: list[Server] = []
+    with tempfile.TemporaryDirectory(prefix="sched-bench-") as tmp:
+        workdir = Path(tmp)
+        try:
+            a_port = free_port()
+            config, data = demo_config(workdir, a_port)
+            zone = ZoneInfo(load_mapping(Path(data["backend"]["mapping"])).doc.system.timezone)
+            adapter = start_adapter(config, a_port, workdir)
+            servers.append(adapter)
+
+            body, prac_ids, start, end = find_body(a_port, zone)
+            saved = check_find(a_port, body)
+            (workdir / "params.json").write_bytes(body)
+            (workdir / "bundle.json").write_bytes(saved)
+            lua = write_lua(workdir, workdir / "params.json")
+
+            f_port = free_port()
+            floor_cmd = [sys.executable, "-m", "uvicorn", "_floor_app:app", "--app-dir", str(BENCH_DIR)] \
+                + uvicorn_options(f_port)
+            floor = start_server("floor", floor_cmd, f_port, clean_env(BENCH_FLOOR_BODY=str(workdir / "bundle.json")),
+                                 workdir / "floor.log", "/ready")
+            servers.append(floor)
+            status, fb = http_request(f_port, "POST", FIND_PATH, body=body, headers={"Content-Type": CONTENT_TYPE})
+            if status != 200 or fb != saved:
+                raise BenchError(f"the floor answered {status} with {len(fb)} bytes; expected the saved {len(saved)}")
+
+            print(f"sched-adapter $find bench: {_versions()}")
+            print(f"request: POST {FIND_PATH}, {N_PRACTITIONERS} practitioners ({', '.join(prac_ids)}), "
+                  f"{start} .. {end}, _count {COUNT}; response {len(saved)} bytes")
+            print(f"load: wrk -t{args.threads} -c{args.connections} -d{args.duration:g}s after a {args.warmup:g} s "
+                  f"warm-up; servers: 2 uvicorn workers each, loop/http auto, no access log", flush=True)
+
+            results: dict[str, tuple[LoadResult, float, int]] = {}
+            for server in (adapter, floor):
+                run_wrk(wrk, lua, server.port, args.warmup, args.connections, args.threads)
+                load = run_wrk(wrk, lua, server.port, args.duration, args.connections, args.threads)
+                p50, failures = sequential_p50(server.port, body, n=args.sequential)
+                results[server.name] = (load, p50, failures)
+                if server.proc.poll() is not None:
+                    raise BenchError(f"{server.name} exited during the run:\n{server.log_tail()}")
+        finally:
+            for server in reversed(servers):
+                server.stop()
+
+        print()
+        print(f"{'target':<22}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'unloaded p50 ms':>18}{'errors':>9}")
+        labels = {"adapter": "$find (adapter)", "floor": "HTTP floor (prebuilt)"}
+        for name, (load, p50, failures) in results.items():
+            errors = load.non_2xx + failures
+            print(f"{labels[name]:<22}{load.rps:>10.0f}{load.p50_ms:>10.2f}{load.p99_ms:>10.2f}{p50:>18.2f}{errors:>9}")
+            if load.socket_errors:
+                print(f"  {name}: wrk socket errors: {load.socket_errors}")
+        find_load, find_p50, _ = results["adapter"]
+        floor_load, _, _ = results["floor"]
+        ratio = find_load.rps / floor_load.rps if floor_load.rps else 0.0
+        print()
+        print(f"ratio $find/floor req/s = {ratio:.3f}  (target >= {RATIO_TARGET:.2f}: "
+              f"{'met' if ratio >= RATIO_TARGET else 'NOT met'})")
+        print(f"unloaded $find p50 = {find_p50:.2f} ms  (target <= {UNLOADED_P50_TARGET_MS:g} ms: "
+              f"{'met' if find_p50 <= UNLOADED_P50_TARGET_MS else 'NOT met'})")
+        print(f"total bench time {time.monotonic() - t_begin:.0f} s")
+        if any(r[0].non_2xx or r[2] for r in results.values()):
+            print("warning: some responses were not 2xx; the figures above include them", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
