@@ -21,7 +21,7 @@ from starlette.responses import Response
 from adapter.backends.protocol import Identifier, Interval
 from adapter.fhir.context import FhirContext, read_body
 from adapter.fhir.formats import parse_body, render, response_format
-from adapter.fhir.outcome import FhirError, issue, operation_outcome
+from adapter.fhir.outcome import issue, operation_outcome
 from adapter.fhir.parameters import ParamList, bad, parse_count, parse_datetime, parse_reference, parse_token, validate_embedded
 from adapter.fhir.render import appointment, local_instant, searchset
 from adapter.scheduling.service import FindRequest, FindResult

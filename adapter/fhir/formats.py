@@ -26,15 +26,20 @@ def _media(value: str) -> str:
     return value.split(";", 1)[0].strip().lower()
 
 
+def format_named(fmt: str) -> str:
+    """The media type a ``_format`` value asks for (``json``, ``xml`` or a MIME type); else 415."""
+    media = _media(fmt)
+    if media in _XML_TYPES:
+        return XML
+    if media in _JSON_TYPES:
+        return JSON
+    raise FhirError(415, "not-supported", f"_format {fmt!r} is not supported; use json or xml", expression="_format")
+
+
 def response_format(request: Request) -> str:
     fmt = request.query_params.get("_format")
     if fmt:
-        media = _media(fmt)
-        if media in _XML_TYPES:
-            return XML
-        if media in _JSON_TYPES:
-            return JSON
-        raise FhirError(415, "not-supported", f"_format {fmt!r} is not supported; use json or xml", expression="_format")
+        return format_named(fmt)
     accept = request.headers.get("accept", "")
     best_json = best_xml = -1.0
     for part in accept.split(","):

@@ -22,7 +22,7 @@ from adapter.scheduling.service import ActorRef, Token
 _DATETIME = re.compile(
     r"^(?P<y>\d{4})(-(?P<m>\d{2})(-(?P<d>\d{2})(T(?P<H>\d{2}):(?P<M>\d{2})(:(?P<S>\d{2})(\.\d+)?)?"
     r"(?P<tz>Z|[+-]\d{2}:\d{2}))?)?)?$")
-_FHIR_ID = re.compile(r"^[A-Za-z0-9\-\.]{1,64}$")
+FHIR_ID = re.compile(r"^[A-Za-z0-9\-\.]{1,64}$")
 
 
 def bad(diagnostics: str, expression: str | None = None, *, code: str = "invalid", as_bundle: bool = False) -> FhirError:
@@ -163,7 +163,7 @@ def split_reference(ref: str, base: str, name: str, *, as_bundle: bool = False) 
     parts = text.split("/")
     if len(parts) == 4 and parts[2] == "_history":
         parts = parts[:2]
-    if len(parts) != 2 or not parts[0] or not _FHIR_ID.match(parts[1]):
+    if len(parts) != 2 or not parts[0] or not FHIR_ID.match(parts[1]):
         raise FhirError(400, "invalid", f"{name} {ref!r} is not a reference of the form Type/id",
                         expression=name, as_bundle=as_bundle)
     return parts[0], parts[1]

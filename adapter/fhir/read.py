@@ -14,7 +14,7 @@ from adapter.fhir.appointments import render_appointments, render_hold
 from adapter.fhir.context import FhirContext
 from adapter.fhir.formats import render, response_format
 from adapter.fhir.outcome import FhirError, issue, operation_outcome
-from adapter.fhir.parameters import _FHIR_ID, parse_count
+from adapter.fhir.parameters import FHIR_ID, parse_count
 from adapter.fhir.render import searchset
 from adapter.scheduling.state import Hold
 
@@ -22,7 +22,7 @@ ACTOR_KINDS = ("Patient", "Practitioner", "Location")
 
 
 def _check_id(resource_id: str, kind: str) -> None:
-    if not _FHIR_ID.match(resource_id):
+    if not FHIR_ID.match(resource_id):
         raise FhirError(404, "not-found", f"{kind}/{resource_id} is not a valid resource id")
 
 

@@ -38,10 +38,8 @@ Decisions (DESIGN 20; repeated in the README's conformance notes):
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import hmac
 import re
-import secrets
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
@@ -52,9 +50,9 @@ from starlette.responses import Response
 from adapter.backends.protocol import ActorQuery, AppointmentQuery, Identifier, InvalidRequest, Interval
 from adapter.fhir.appointments import render_appointments
 from adapter.fhir.context import FhirContext, read_body
-from adapter.fhir.formats import FORM, JSON, XML, _JSON_TYPES, _XML_TYPES, render, response_format
+from adapter.fhir.formats import FORM, format_named, render, response_format
 from adapter.fhir.outcome import FhirError, issue, operation_outcome
-from adapter.fhir.parameters import _FHIR_ID, parse_count
+from adapter.fhir.parameters import FHIR_ID, parse_count
 from adapter.fhir.render import searchset
 from adapter.mapping.expressions import attach_zone
 
@@ -206,16 +204,10 @@ def date_constraints(value: str, zone: dt.tzinfo, now: dt.datetime, name: str = 
 
 # --- the cursor -----------------------------------------------------------------------------------
 
-_FALLBACK_KEY = secrets.token_bytes(32)
-
-
 def _mac(ctx: FhirContext, body: str) -> str:
-    """Truncated HMAC with the server secret (the one that signs proposed ids, so every replica agrees);
-    the ``cursor|`` prefix keeps a cursor MAC from ever being valid as a proposed id's."""
-    codec_mac = getattr(getattr(ctx.service, "proposals", None), "_mac", None)
-    if callable(codec_mac):
-        return codec_mac("cursor|" + body)
-    return hmac.new(_FALLBACK_KEY, body.encode(), hashlib.sha256).hexdigest()[:16]
+    """Truncated HMAC with the server secret that signs proposed ids, so every replica agrees; the
+    purpose prefix keeps a cursor MAC from ever being valid for a proposed id."""
+    return ctx.service.proposals.mac("cursor", body)
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,7 +234,7 @@ class Cursor:
             raise bad()
         parts = body.split(".", 3)
         if len(parts) != 4 or parts[0] != "1" or len(parts[1]) != 2 or parts[1][0] not in "np" \
-                or parts[1][1] not in "ad" or not re.fullmatch(r"-?\d+", parts[2]) or not _FHIR_ID.match(parts[3]):
+                or parts[1][1] not in "ad" or not re.fullmatch(r"-?\d+", parts[2]) or not FHIR_ID.match(parts[3]):
             raise bad()
         start = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(microseconds=int(parts[2]))
         return cls(parts[1][0] == "n", parts[1][1] == "d", start, parts[3])
@@ -319,7 +311,7 @@ def _reference_id(value: str, kind: str, name: str, base: str) -> str | None:
     else:
         raise FhirError(400, "invalid", f"{name} {value!r} is not a reference of the form id or {kind}/id",
                         expression=name)
-    if not _FHIR_ID.match(rid):
+    if not FHIR_ID.match(rid):
         raise FhirError(400, "invalid", f"{name} {value!r}: {rid!r} is not a valid FHIR id", expression=name)
     return rid
 
@@ -471,14 +463,8 @@ def parse_search(ctx: FhirContext, params: list[tuple[str, str]], now: dt.dateti
 # --- resolving references and tokens --------------------------------------------------------------
 
 def _identifier_systems(backend: Any, kind: str) -> set[str] | None:
-    """Identifier systems the backend can search actors by, when it can tell (None: unknown)."""
-    fn = getattr(backend, "identifier_systems", None)
-    if callable(fn):
-        return set(fn(kind))
-    try:
-        return set(backend.doc.actors[kind].identifier_filters)
-    except (AttributeError, KeyError, TypeError):
-        return None
+    """Identifier systems the backend can search actors by."""
+    return set(backend.identifier_systems(kind))
 
 
 async def _resolve_ref(ctx: FhirContext, crit: _RefCriterion, req: SearchRequest) -> set[str] | None:
@@ -588,12 +574,7 @@ def _response_format(request: Request, params: list[tuple[str, str]]) -> str:
     fmt = next((v for k, v in params if k == "_format"), None)
     if fmt is None or request.query_params.get("_format") is not None:
         return response_format(request)
-    media = fmt.split(";", 1)[0].strip().lower()
-    if media in _XML_TYPES:
-        return XML
-    if media in _JSON_TYPES:
-        return JSON
-    raise FhirError(415, "not-supported", f"_format {fmt!r} is not supported; use json or xml", expression="_format")
+    return format_named(fmt)
 
 
 def _link(ctx: FhirContext, used: list[tuple[str, str]], cursor: Cursor | None) -> str:

@@ -88,6 +88,11 @@ class ProposalCodec:
         digest = hmac.digest(self._secret, body.encode("utf-8"), "sha256")[:8]  # one-shot C implementation
         return _b36(int.from_bytes(digest, "big")).rjust(13, "0")
 
+    def mac(self, purpose: str, body: str) -> str:
+        """A MAC with the server secret for another signed token (e.g. search cursors). The purpose
+        prefix means such a MAC can never verify as a proposed id's."""
+        return self._mac(f"{purpose}|{body}")
+
     def encode(self, p: Proposal) -> str:
         fields = [p.practitioner_id, p.location_id, p.visit_type_key, *p.patient_ids]
         compact_ok = all("." not in f and "-" not in f for f in fields)

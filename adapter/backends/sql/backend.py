@@ -38,7 +38,6 @@ from adapter.intervals import subtract
 from adapter.mapping.expressions import attach_zone, render_template
 from adapter.mapping.ids import InvalidKey, to_fhir_id, to_legacy_key
 from adapter.mapping.loader import Mapping
-from adapter.mapping.model import IdRule
 
 _CACHE_SECONDS = 60.0
 _FINAL_STATUSES = ("cancelled", "noshow", "fulfilled", "entered-in-error")
@@ -96,6 +95,9 @@ class SqlBackend:
         actors = await self.db.run(load)
         self._actor_cache[kind] = (now, actors)
         return actors
+
+    def identifier_systems(self, kind: str) -> set[str]:
+        return set(self.doc.actors[kind].identifier_filters)  # type: ignore[index]
 
     async def find_actors(self, q: ActorQuery) -> list[Actor]:
         if q.kind in ("Practitioner", "Location") and not q.identifiers and not q.name:
