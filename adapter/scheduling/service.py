@@ -223,6 +223,12 @@ class SchedulingService:
         availability = await self.backend.availability(
             AvailabilityQuery(req.window, prac_ids, tuple(loc_rank) if loc_rank else ()))
         held = self.state.holds_by_practitioner(prac_ids, req.window, now)
+        if patients:
+            # REQ-115-14: a time the patient is already booked for is no option for them, whoever the
+            # practitioner; treat it like a hold on every practitioner for this request.
+            own = await self._patient_busy(tuple(p.id for p in patients), req.window)
+            if own:
+                held = {pid: held.get(pid, []) + own for pid in prac_ids}
         prac_by_id = {p.id: p for p in candidates_prac}
         plans = []
         for ra in availability:
@@ -248,6 +254,13 @@ class SchedulingService:
         actors = {f"Practitioner/{p.id}": p for p in candidates_prac}
         actors.update({f"Location/{lid}": loc for lid, loc in locations.items()})
         return FindResult(total, proposed, patients, notices, req.window, actors)
+
+    async def _patient_busy(self, patient_ids: tuple[str, ...], window: Interval) -> list[Interval]:
+        page = await self.backend.search_appointments(AppointmentQuery(
+            patient_ids=patient_ids, statuses=("booked", "arrived", "checked-in", "pending"),
+            start_bounds=(("ge", window.start - dt.timedelta(days=1)), ("lt", window.end)),
+            limit=1000, want_total=False))
+        return [a.interval for a in page.appointments if a.interval.overlaps(window)]
 
     # -- ITI-116 -------------------------------------------------------------------------------
     def _slot(self, p: Proposal) -> SlotRequest:

@@ -426,3 +426,26 @@ def test_plain_application_json_is_accepted(client: TestClient) -> None:
 def test_unknown_route_is_an_operation_outcome(client: TestClient) -> None:
     r = client.get("/fhir/Nope/1")
     assert r.status_code == 404 and r.json()["resourceType"] == "OperationOutcome"
+
+
+def test_req_115_14_a_patients_existing_bookings_are_not_offered_to_them(client: TestClient, demo_db: Path) -> None:
+    con = sqlite3.connect(demo_db)
+    rows = con.execute("SELECT PAT_ID, PROV_ID, APPT_DT, APPT_TM, DUR_MIN FROM APPT WHERE STATUS_CD = 'S' "
+                       "AND PROV_ID <> 'SPEARSB ' AND APPT_DT > ? ORDER BY APPT_DT, APPT_TM LIMIT 1",
+                       (int((dt.date.today() + dt.timedelta(days=1)).strftime("%Y%m%d")),)).fetchall()
+    pat, _, day, hhmm, minutes = rows[0]
+    busy_start = dt.datetime.strptime(f"{day}{hhmm:04d}", "%Y%m%d%H%M").replace(tzinfo=NY)
+    busy_end = busy_start + dt.timedelta(minutes=minutes)
+    start = dt.datetime.combine(busy_start.date(), dt.time(), tzinfo=NY)
+    common = [("start", "valueDateTime", start.isoformat()), ("end", "valueDateTime", (start + dt.timedelta(days=1)).isoformat()),
+              ("visit-type", "valueString", "urn:sched-adapter:clinicware:visit-type|FOLLOW"), ("_count", "valueInteger", 500)]
+
+    def overlapping(bundle: dict) -> list[dict]:
+        return [a for a in appointments(bundle) if _dt(a["start"]) < busy_end and busy_start < _dt(a["end"])]
+
+    anyone = find(client, *common).json()
+    assert overlapping(anyone), "other patients are offered that time"
+    theirs = find(client, *common, ("patient-reference", "valueReference", {"reference": f"Patient/{pat}"})).json()
+    assert_avail_bundle(theirs)
+    assert not overlapping(theirs)
+    assert theirs["total"] < anyone["total"]
