@@ -26,6 +26,7 @@ def _serve(config: Path, overrides: dict[str, str]) -> int:
         print(f"sched-adapter: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)  # one line per sweep is noise
     try:
         load_mapping(settings.backend.mapping)
     except MappingError as exc:

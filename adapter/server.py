@@ -66,7 +66,8 @@ def build_app(settings: Settings) -> Starlette:
     service = SchedulingService(
         backend, state, codec, hold_ttl=dt.timedelta(seconds=settings.hold.ttl_seconds),
         default_visit_type=vt.default, slot_step_minutes=vt.slot_step_minutes,
-        organization_id=mapping.doc.system.organization.id if mapping.doc.system.organization else None)
+        organization_id=mapping.doc.system.organization.id if mapping.doc.system.organization else None,
+        availability_cache_seconds=settings.find.cache_seconds)
     ctx = FhirContext(service=service, base_url=settings.server.public_base(), zone=ZoneInfo(mapping.doc.system.timezone),
                       find=settings.find, max_body_bytes=settings.server.max_body_bytes,
                       auth_enabled=settings.security.auth != "off")

@@ -53,6 +53,7 @@ class FindSettings(_Section):
     default_count: int = Field(50, ge=1)
     max_count: int = Field(500, ge=1)
     proposal_ttl_seconds: int = Field(3600, ge=10, description="how long a proposed id can be held/booked")
+    cache_seconds: float = Field(2.0, ge=0, description="per-worker cache of the legacy calendar; 0 = off")
 
 
 class HoldSettings(_Section):

@@ -125,7 +125,7 @@ class ResourceAvailability:
 
     practitioner_id: str
     location_id: str
-    free: list[Interval]  # working time minus absences (or explicit free slots)
+    free: list[Interval]  # working time minus absences (or explicit free slots); sorted, non-overlapping
     busy: list[Interval] = field(default_factory=list)  # blocking appointments
 
 

@@ -7,7 +7,11 @@ OperationOutcome: 409 conflict, 404 not-found, 400 invalid, 422 business-rule. A
 also carries a ``not-found`` issue, as ITI-116 requires.
 
 ``Idempotency-Key`` (DESIGN 17): the first answer for (client, key) is stored with a hash of the
-body; a retry with the same body gets that answer byte for byte, a different body gets 422.
+operation, the answer format and the body; a retry with the same request gets that answer byte for
+byte (header ``Idempotent-Replayed: true``), a different request gets 422, a concurrent duplicate
+409. Transient answers (503) are not stored, so the retry is carried out; a key whose request died
+with its process is taken over (``state``). Without a key, booking the same proposed id again from
+the same client returns that client's booking instead of a conflict with itself.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from adapter.backends.protocol import AvailabilityQuery, Interval, ResourceAvailability, SchedulingBackend
-from adapter.intervals import merge, subtract
+from adapter.intervals import subtract
 
 _DAY = dt.timedelta(days=1)
 _MAX_ENTRIES = 200_000
@@ -103,9 +103,17 @@ class AvailabilityCache:
             for loc in locations:
                 if wanted and loc not in wanted:
                     continue
-                pieces = [Interval(max(f.start, window.start), min(f.end, window.end))
-                          for e in entries for f in e.free.get(loc, ()) if f.start < window.end and window.start < f.end]
-                free = merge(pieces)  # re-join periods that the day split cut in two
+                free: list[Interval] = []
+                for e in entries:  # days in order, each day's intervals sorted: no sort needed
+                    for f in e.free.get(loc, ()):
+                        if f.end <= window.start or f.start >= window.end:
+                            continue
+                        if f.start < window.start or f.end > window.end:
+                            f = Interval(max(f.start, window.start), min(f.end, window.end))
+                        if free and free[-1].end == f.start:  # re-join a period the day cut split
+                            free[-1] = Interval(free[-1].start, f.end)
+                        else:
+                            free.append(f)
                 if free:
                     out.append(ResourceAvailability(p, loc, free, []))
         return out

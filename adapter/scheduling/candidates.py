@@ -37,8 +37,9 @@ class ResourcePlan:
 
 
 def bookable(free: Sequence[Interval], busy: Iterable[Interval], held: Iterable[Interval]) -> list[Interval]:
-    """Free time that is neither booked nor held."""
-    return subtract(free, list(busy) + list(held))
+    """Free time that is neither booked nor held (``free`` is sorted and non-overlapping)."""
+    taken = list(busy) + list(held)
+    return subtract(free, taken) if taken else list(free)
 
 
 def _first_start(iv: Interval, step: dt.timedelta, not_before: dt.datetime) -> dt.datetime:

@@ -5,10 +5,10 @@ Compact form (the usual case), readable on purpose so support staff can decode o
     p<ver>.<practitioner>.<location>.<start>.<minutes>.<visit type>.<patients>.<issued>.<ws>.<we>.<mac>
 
 Numbers are base 36: ``start`` and ``issued`` in minutes since the Unix epoch, ``ws``/``we`` the
-requested window's distance from start/end in minutes; ``patients`` are joined with ``-`` (and
-``-`` alone... never happens: an empty patient list is an empty field). The MAC is HMAC-SHA256
-over the rest with the server secret, truncated to 64 bits, in base 36. Any replica with the
-same secret verifies it without shared state.
+requested window's distance from start/end in minutes; ``patients`` are joined with ``-`` (an
+empty patient list is an empty field). The MAC is HMAC-SHA256 over the rest with the server
+secret, truncated to 64 bits, as the last 11 characters in base 64 over the FHIR id alphabet. Any replica with the same secret verifies it without
+shared state.
 
 When a field contains a ``.`` or ``-``, or the id would pass 64 characters, the proposal is stored
 in the shared state store under ``r`` + 20 random base-36 characters with a TTL instead.
@@ -19,6 +19,8 @@ Ids are valid FHIR ids (``[A-Za-z0-9\\-\\.]{1,64}``) in both forms.
 from __future__ import annotations
 
 import datetime as dt
+import base64
+import functools
 import hmac
 import json
 import secrets
@@ -28,6 +30,7 @@ from typing import Protocol
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 _ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
 _VERSION = "1"
+_MAC_LEN = 11
 
 
 class ProposalError(LookupError):
@@ -57,6 +60,7 @@ class ProposalStore(Protocol):
     def get_proposal(self, proposal_id: str, now: dt.datetime) -> str | None: ...
 
 
+@functools.lru_cache(maxsize=65536)
 def _b36(n: int) -> str:
     if n < 0:
         raise ValueError("negative")
@@ -69,7 +73,7 @@ def _b36(n: int) -> str:
 
 
 def _minutes(t: dt.datetime) -> int:
-    return int((t - _EPOCH).total_seconds() // 60)
+    return int(t.timestamp()) // 60
 
 
 def _from_minutes(m: int) -> dt.datetime:
@@ -81,29 +85,34 @@ class ProposalCodec:
         if len(secret) < 16:
             raise ValueError("the proposal signing secret must be at least 16 bytes")
         self._secret = secret
+        self._hmac = hmac.new(secret, digestmod="sha256")  # keyed state, copied per MAC (cheaper than re-keying)
         self._store = store
         self.ttl = ttl
 
     def _mac(self, body: str) -> str:
-        digest = hmac.digest(self._secret, body.encode("utf-8"), "sha256")[:8]  # one-shot C implementation
-        return _b36(int.from_bytes(digest, "big")).rjust(13, "0")
+        # 64 bits as 11 base-64 characters over exactly the FHIR id alphabet (A-Za-z0-9 - .),
+        # encoded in C. It may contain '.', so tokens split it off by position, not by separator.
+        h = self._hmac.copy()
+        h.update(body.encode("utf-8"))
+        return base64.b64encode(h.digest()[:8], altchars=b"-.").decode("ascii")[:_MAC_LEN]
 
     def mac(self, purpose: str, body: str) -> str:
-        """A MAC with the server secret for another signed token (e.g. search cursors). The purpose
-        prefix means such a MAC can never verify as a proposed id's."""
-        return self._mac(f"{purpose}|{body}")
+        """A MAC with the server secret for another signed token (e.g. search cursors): 16 hex
+        characters, so it never contains a separator. The purpose prefix means such a MAC can never
+        verify as a proposed id's."""
+        return hmac.digest(self._secret, f"{purpose}|{body}".encode("utf-8"), "sha256")[:8].hex()
 
     def encode(self, p: Proposal) -> str:
-        fields = [p.practitioner_id, p.location_id, p.visit_type_key, *p.patient_ids]
-        compact_ok = all("." not in f and "-" not in f for f in fields)
-        if compact_ok:
-            start_m = _minutes(p.start)
-            body = ".".join([
-                "p" + _VERSION, p.practitioner_id, p.location_id, _b36(start_m), _b36(p.minutes),
-                p.visit_type_key, "-".join(p.patient_ids), _b36(_minutes(p.issued)),
-                _b36(max(0, start_m - _minutes(p.window_start))), _b36(max(0, _minutes(p.window_end) - start_m)),
-            ])
-            token = f"{body}.{self._mac(body)}"
+        # Runs 50 times per $find page, so written for speed rather than elegance.
+        patients = "-".join(p.patient_ids)
+        text = p.practitioner_id + p.location_id + p.visit_type_key + "".join(p.patient_ids)
+        if "." not in text and "-" not in text:
+            start_m = int(p.start.timestamp()) // 60
+            body = (f"p{_VERSION}.{p.practitioner_id}.{p.location_id}.{_b36(start_m)}.{_b36(p.minutes)}."
+                    f"{p.visit_type_key}.{patients}.{_b36(int(p.issued.timestamp()) // 60)}."
+                    f"{_b36(max(0, start_m - int(p.window_start.timestamp()) // 60))}."
+                    f"{_b36(max(0, int(p.window_end.timestamp()) // 60 - start_m))}")
+            token = f"{body}.{self._mac(body)}"  # the MAC is always the last _MAC_LEN characters
             if len(token) <= 64:
                 return token
         token = "r" + "".join(secrets.choice(_ALPHABET) for _ in range(20))
@@ -117,8 +126,9 @@ class ProposalCodec:
                 raise ProposalError(f"proposed appointment {token!r} is unknown or has expired")
             p = proposal_from_dict(json.loads(payload))
         else:
-            body, _, mac = token.rpartition(".")
-            if not body.startswith("p" + _VERSION + ".") or not hmac.compare_digest(mac, self._mac(body)):
+            body, sep, mac = token[:-_MAC_LEN - 1], token[-_MAC_LEN - 1:-_MAC_LEN], token[-_MAC_LEN:]
+            if (sep != "." or not body.startswith("p" + _VERSION + ".")
+                    or not hmac.compare_digest(mac, self._mac(body))):
                 raise ProposalError(f"{token!r} is not a proposed appointment issued by this server "
                                     "(unknown or altered id)")
             parts = body.split(".")

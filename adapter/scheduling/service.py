@@ -23,6 +23,7 @@ from adapter.backends.protocol import (
     BackendUnavailable, BusinessRuleViolation, Coding, Identifier, InvalidRequest, Interval, NewBooking, NotFound, SchedulingBackend, SlotConflict,
     SlotRequest, VisitType,
 )
+from adapter.scheduling.availability_cache import AvailabilityCache
 from adapter.scheduling.candidates import Candidate, ResourcePlan, find_candidates
 from adapter.scheduling.proposals import Proposal, ProposalCodec, ProposalError, proposal_from_dict, proposal_to_dict
 from adapter.scheduling.state import Hold, JournalEntry, StateStore
@@ -101,8 +102,10 @@ class BookResult:
 class SchedulingService:
     def __init__(self, backend: SchedulingBackend, state: StateStore, proposals: ProposalCodec, *,
                  hold_ttl: dt.timedelta, default_visit_type: str | None = None,
-                 slot_step_minutes: int | None = None, organization_id: str | None = None) -> None:
+                 slot_step_minutes: int | None = None, organization_id: str | None = None,
+                 availability_cache_seconds: float = 0.0) -> None:
         self.backend = backend
+        self.availability = AvailabilityCache(backend, state.calendar_version, availability_cache_seconds)
         self.state = state
         self.proposals = proposals
         self.hold_ttl = hold_ttl
@@ -220,7 +223,7 @@ class SchedulingService:
         prac_ids = tuple(p.id for p in candidates_prac)
         if not prac_ids:
             return FindResult(0, [], patients, notices, req.window, {})
-        availability = await self.backend.availability(
+        availability = await self.availability.availability(
             AvailabilityQuery(req.window, prac_ids, tuple(loc_rank) if loc_rank else ()))
         held = self.state.holds_by_practitioner(prac_ids, req.window, now)
         if patients:
@@ -350,6 +353,7 @@ class SchedulingService:
 
         try:
             appt = await self.backend.book(NewBooking(slot, patient_id, comment, client or "sched-adapter"), gate)
+            self.state.bump_calendar_version()
         except BackendError as exc:
             if recorded:
                 if isinstance(exc, BackendUnavailable):
@@ -365,7 +369,11 @@ class SchedulingService:
                 self.state.journal_abandon(token, now)
             raise
         # The booking replaces the hold (REQ-117-06), in the same step that records the outcome.
-        self.state.journal_done(token, appt.id, now, release_hold=True)
+        try:
+            self.state.journal_done(token, appt.id, now, release_hold=True)
+        except Exception:  # the booking stands; the intent is settled later from the legacy system
+            log.exception("booking journal: cannot record Appointment/%s for %s; it will be reconciled",
+                          appt.id, token)
         return BookResult(appt, replayed=False)
 
     async def _settle(self, token: str, now: dt.datetime) -> JournalEntry | None:
@@ -434,7 +442,9 @@ class SchedulingService:
             for s in slots:
                 self.state.check_free(s.practitioner_id, s.interval, now, own_hold=None, client=client)
 
-        return await self.backend.reschedule(appointment_id, slot, gate, comment)
+        appt = await self.backend.reschedule(appointment_id, slot, gate, comment)
+        self.state.bump_calendar_version()
+        return appt
 
     async def cancel(self, appointment_id: str, reason: Coding | None, reason_text: str | None,
                      now: dt.datetime, client: str | None = None) -> Appointment:
@@ -452,7 +462,9 @@ class SchedulingService:
             raise NotFound(f"Appointment/{appointment_id} is not known")
         if current.status == "cancelled":
             return current  # cancelling twice changes nothing
-        return await self.backend.cancel(appointment_id, reason, reason_text)
+        appt = await self.backend.cancel(appointment_id, reason, reason_text)
+        self.state.bump_calendar_version()
+        return appt
 
     async def release_hold(self, hold: Hold) -> None:
         self.state.release(hold.id)

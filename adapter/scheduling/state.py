@@ -91,6 +91,9 @@ _MIGRATIONS = [
   updated_s REAL NOT NULL
 )""",
     "CREATE INDEX IF NOT EXISTS journal_state ON journal (state, updated_s)",
+    # Bumped by every change the adapter makes to the legacy calendar; workers drop their
+    # availability caches when it moves (scheduling/availability_cache.py).
+    "CREATE TABLE IF NOT EXISTS calendar (id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL)",
 ]
 
 DEFAULT_LEASE_SECONDS = 120.0
@@ -156,6 +159,8 @@ class StateStore(Protocol):
     def idempotency_begin(self, client: str, key: str, operation: str, body_hash: str, now: dt.datetime) -> StoredResponse | None: ...
     def idempotency_finish(self, client: str, key: str, response: StoredResponse | None) -> None: ...
     def journal_get(self, token: str) -> JournalEntry | None: ...
+    def calendar_version(self) -> int: ...
+    def bump_calendar_version(self) -> None: ...
     def journal_intent(self, token: str, *, client: str | None, request_key: str | None, payload: dict,
                        now: dt.datetime) -> None: ...
     def journal_done(self, token: str, appointment_id: str, now: dt.datetime, *, release_hold: bool) -> None: ...
@@ -364,6 +369,16 @@ class SqliteStateStore:
                              (response.status, response.media_type, response.body, client, key))
 
     # -- booking journal -----------------------------------------------------------------------
+    # -- calendar version ----------------------------------------------------------------------
+    def calendar_version(self) -> int:
+        row = self._conn().execute("SELECT version FROM calendar WHERE id = 1").fetchone()
+        return row[0] if row else 0
+
+    def bump_calendar_version(self) -> None:
+        with self._tx() as conn:
+            conn.execute("INSERT INTO calendar (id, version) VALUES (1, 1) "
+                         "ON CONFLICT (id) DO UPDATE SET version = version + 1")
+
     def _row_to_entry(self, row: tuple) -> JournalEntry:
         token, client, request_key, payload, state, appt_id, owner, created_s, updated_s = row
         return JournalEntry(token, client, request_key, json.loads(payload), state, appt_id, owner,

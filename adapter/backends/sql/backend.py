@@ -3,20 +3,37 @@
 Every SQL statement comes from the mapping file; this module only binds values, runs statements
 and turns rows into neutral ``protocol`` objects through the mapping's expressions.
 
-Locking strategy for writes (``secure``, ``book``, ``reschedule``), all in ONE transaction:
+Locking strategy for writes (``secure`` for $hold, ``book``, ``reschedule``), all in ONE transaction
+(``Database.write``):
 
-1. take the booking lock: ``BEGIN IMMEDIATE`` on SQLite (one writer for the whole file); on server
-   databases the mapping's ``writes.lock`` statement with ``FOR UPDATE`` appended, once per
-   practitioner involved, in sorted key order so two reschedules cannot deadlock;
+1. take the booking lock. SQLite: writers queue on a per-process lock and a per-host ``flock`` file
+   (SQLite's own busy handler polls with sleeps and starved one worker for seconds under load),
+   then ``BEGIN IMMEDIATE`` makes this the only writer of the file. Server databases: the
+   mapping's ``writes.lock`` statement, with ``FOR UPDATE`` appended unless it locks by itself,
+   once per practitioner involved, in sorted key order so two reschedules cannot deadlock. A
+   locking SELECT that returns no row is refused (422): a misdeclared lock must never silently
+   leave bookings unserialised;
 2. re-check the slot against the legacy calendar: inside working time and not overlapping any
-   blocking appointment or absence (the same ``availability`` queries ``$find`` uses);
-3. call the domain's conflict gate (foreign holds) while the lock is still held;
-4. allocate the key (counter table read and bumped under the same lock) and write;
-5. commit. Any error rolls everything back: nothing half-written stays behind.
+   blocking appointment or absence (the same ``availability`` queries ``$find`` uses), under
+   READ COMMITTED on the servers so the re-check sees the previous lock holder's committed row;
+3. call the domain's conflict gate while the lock is still held: foreign holds are checked (and a
+   hold is recorded, for $hold; a booking intent is journalled, for $book) in the adapter's state
+   store, so "legacy calendar free + no foreign hold + write" is one atomic step;
+4. allocate the key and write. A ``counter`` row is read with its own row lock (``FOR UPDATE``)
+   and bumped in the same transaction: the practitioner lock does not cover it, and without the
+   row lock two practitioners' bookings drew the same key on PostgreSQL/MariaDB;
+5. commit. Any error rolls everything back: nothing half-written stays behind. A COMMIT whose
+   connection breaks raises ``CommitOutcomeUnknown`` (503): the service then settles the
+   booking from the legacy system (``find_booked``) before anyone books that id again.
 
 Two bookings for one practitioner are therefore serialised by step 1, and the loser sees the
-winner's row in step 2. A mapping author must make ``writes.lock`` select the row(s) that every
-booking of a resource touches (see mappings/README.md).
+winner's row in step 2 (409). A cancellation takes no booking lock: it only frees time.
+Failures: lost connections, lock and busy timeouts are ``BackendUnavailable`` (503, retry);
+anything else the database refuses (too long, constraint) is ``BusinessRuleViolation`` (422).
+
+A mapping author must make ``writes.lock`` lock the row(s) that every booking of a practitioner
+touches, and make the ``busy`` query see every blocking row the write statements produce (see
+mappings/README.md, "Writes").
 """
 
 from __future__ import annotations

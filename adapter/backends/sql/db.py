@@ -13,15 +13,24 @@ Why it looks like this:
   parallelism. SQLite reads are fast enough (~0.1 ms) to run inline on the event loop thread; the
   thread hop would cost more than the query.
 * Locking (see ``Database.write``): SQLite has one writer at a time, so a write unit starts with
-  ``BEGIN IMMEDIATE`` (the whole file is the lock). Server databases run the mapping's lock
-  statement with ``FOR UPDATE`` appended, inside the same transaction as the re-check and the write.
+  ``BEGIN IMMEDIATE`` (the whole file is the lock), after queueing on a process lock and a per-host
+  ``flock`` so that waiting writers are woken in turn instead of polling. Server databases run the
+  mapping's lock statement with ``FOR UPDATE`` appended, inside the same transaction as the
+  re-check and the write.
+* Errors: connection failures (refused, lost mid-query, server shutting down), lock timeouts and
+  deadlocks become ``BackendUnavailable`` (HTTP 503, retry); after one connection is seen dead,
+  every pooled connection is replaced before its next use. A COMMIT that loses its connection
+  raises ``CommitOutcomeUnknown``: the write may have happened.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import os
 import re
 import sqlite3
+import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -30,6 +39,11 @@ from functools import lru_cache
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 from adapter.backends.protocol import BackendUnavailable
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: SQLite's own busy handler is the only queue
+    fcntl = None  # type: ignore[assignment]
 
 T = TypeVar("T")
 
@@ -113,6 +127,7 @@ class Database:
         self._lock = threading.Lock()
         self._generation = 0  # bumped when a connection is found dead (see _call)
         self._writer = threading.Lock()  # SQLite: one write unit per process at a time (see write)
+        self._lock_fd: int | None = None  # SQLite: the per-host writer lock file, opened on first write
 
     # -- connections -------------------------------------------------------------------------
     def _connect(self) -> Any:
@@ -243,13 +258,19 @@ class Database:
         manual = self.kind == "sqlite3" or self.dialect == "sqlite"
         queued = False
         if manual:
-            # One writer thread per process queues here, woken at once when the previous one is
-            # done; only the winner competes (with other processes) for SQLite's file lock, whose
-            # busy handler polls with growing sleeps (up to 100 ms) and collapses under contention.
+            # Writers queue here before BEGIN IMMEDIATE: threads of this process on a lock, processes
+            # on this host on an flock()ed file, both of which wake the next waiter at once. Left to
+            # itself, SQLite's busy handler polls with growing sleeps (up to 100 ms): under load one
+            # process kept the file lock while the other's writers slept for seconds.
             if not self._writer.acquire(timeout=self.timeout_s):
                 raise BackendUnavailable("the legacy database is busy: no write slot within "
                                          f"{self.timeout_s:g} s")
             queued = True
+            try:
+                self._host_lock(True)
+            except BaseException:
+                self._writer.release()
+                raise
         if self.kind == "pyodbc" and manual:
             conn.rollback()
             conn.autocommit = True
@@ -291,7 +312,20 @@ class Database:
                 except Exception:
                     pass
             if queued:
+                self._host_lock(False)
                 self._writer.release()
+
+    def _host_lock(self, take: bool) -> None:
+        """Take/release the per-host writer lock of a SQLite file (a lock file in the temp folder
+        named after the database's path, so nothing is created next to the legacy database)."""
+        if self._lock_fd is None:
+            path = self._sqlite_path if self.kind == "sqlite3" else _odbc_database(self._odbc)
+            if not path or fcntl is None:
+                return
+            digest = hashlib.sha1(os.path.realpath(path).encode()).hexdigest()[:20]
+            self._lock_fd = os.open(os.path.join(tempfile.gettempdir(), f"sched-adapter-{digest}.lock"),
+                                    os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX if take else fcntl.LOCK_UN)
 
     async def close(self) -> None:
         with self._lock:
@@ -302,6 +336,14 @@ class Database:
             except Exception:  # closing at shutdown; connection may belong to a dead thread
                 pass
         self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+
+def _odbc_database(dsn: str) -> str | None:
+    m = re.search(r"(?i)(?:^|;)\s*DATABASE\s*=\s*(\{[^}]*\}|[^;]*)", dsn)
+    return m.group(1).strip().strip("{}") if m else None
 
 
 def query(cur_or_conn: Any, sql: str, values: dict[str, Any]) -> list[dict[str, Any]]:
