@@ -1,0 +1,411 @@
+"""Races over real HTTP: many clients, one slot, never a double booking (REQ-116-08, REQ-117-05).
+
+The server is ``sched-adapter serve`` in a subprocess with TWO uvicorn worker processes, so the
+locking is exercised across processes (legacy lock + the holds file shared by both workers), on
+the SQLite demo and on PostgreSQL and MariaDB over ODBC. Each scenario runs ``REPS`` times per
+database (parametrized, so one flaky round is one visible failure); every round checks the
+legacy ``APPT`` table itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import os
+import sqlite3
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+from zoneinfo import ZoneInfo
+
+import httpx
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import dbutil  # noqa: E402
+from conformance import assert_avail_bundle, assert_ihe_appointment  # noqa: E402
+from serverutil import ProcessServers, free_port, process_log  # noqa: E402
+
+from adapter.demo.seed import ensure_demo_database  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+MAPPING = REPO / "mappings" / "demo.yaml"
+ZONE = ZoneInfo("America/New_York")
+CLIENTS = 20
+REPS = 20
+KINDS = ["sqlite", dbutil.POSTGRESQL, dbutil.MARIADB]
+
+
+# --------------------------------------------------------------------------------------------------
+# The server under test and direct database access
+# --------------------------------------------------------------------------------------------------
+class RaceServer:
+    def __init__(self, kind: str, target: str, base_url: str, state_path: Path, proc: Any) -> None:
+        self.kind = kind
+        self.target = target
+        self.base = base_url + "/fhir"
+        self.state_path = state_path
+        self.proc = proc
+        self.used: set[tuple[str | None, str]] = set()  # slots already raced for in this module
+
+    def rows(self, sql: str, *params: Any) -> list[tuple]:
+        if self.kind == "sqlite":
+            conn = sqlite3.connect(self.target)
+            try:
+                return [tuple(r) for r in conn.execute(sql, params).fetchall()]
+            finally:
+                conn.close()
+        import pyodbc
+
+        conn = pyodbc.connect(self.target, autocommit=True)
+        try:
+            return [tuple(r) for r in conn.execute(sql, *params).fetchall()]
+        finally:
+            conn.close()
+
+    def state_rows(self, sql: str, *params: Any) -> list[tuple]:
+        conn = sqlite3.connect(self.state_path)
+        try:
+            return conn.execute(sql, params).fetchall()
+        finally:
+            conn.close()
+
+    def blocking_rows(self, appt: dict[str, Any]) -> list[tuple]:
+        """Blocking legacy rows of the slot's practitioner that overlap the slot."""
+        start = dt.datetime.fromisoformat(appt["start"]).astimezone(ZONE)
+        end = dt.datetime.fromisoformat(appt["end"]).astimezone(ZONE)
+        day = start.year * 10000 + start.month * 100 + start.day
+        rows = self.rows("SELECT APPT_ID, APPT_TM, DUR_MIN FROM APPT WHERE TRIM(PROV_ID) = ? AND APPT_DT = ? "
+                         "AND STATUS_CD IN ('S', 'A', 'D', 'N')", practitioner(appt), day)
+        out = []
+        for appt_id, hhmm, minutes in rows:
+            s = dt.datetime.combine(start.date(), dt.time(int(hhmm) // 100, int(hhmm) % 100), tzinfo=ZONE)
+            if s < end and start < s + dt.timedelta(minutes=int(minutes)):
+                out.append((str(appt_id), int(hhmm), int(minutes)))
+        return out
+
+
+def practitioner(appt: dict[str, Any]) -> str | None:
+    for p in appt["participant"]:
+        ref = p["actor"].get("reference", "")
+        if ref.startswith("Practitioner/"):
+            return ref.split("/", 1)[1]
+    return None
+
+
+def _config(tmp: Path, port: int, database_url: str) -> Path:
+    path = tmp / "race.toml"
+    path.write_text(f"""
+[server]
+host = "127.0.0.1"
+port = {port}
+workers = 2
+log_level = "warning"
+
+[backend]
+mapping = '{MAPPING}'
+database_url = '{database_url}'
+pool_size = 8
+timeout_seconds = 15
+
+[state]
+path = '{tmp / "state.sqlite"}'
+
+[security]
+auth = "off"
+signing_secret = "race-test-secret-0123456789abcdef"
+""", encoding="utf-8")
+    return path
+
+
+def _worker_pids(pid: int) -> list[int]:
+    """uvicorn worker processes (multiprocessing spawn children) of the server process."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+    out = []
+    for child in children:
+        try:
+            cmd = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if b"spawn_main" in cmd:
+            out.append(int(child))
+    return out
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RaceServer]:
+    kind = request.param
+    tmp = tmp_path_factory.mktemp(f"race-{kind}")
+    if kind == "sqlite":
+        target = str(tmp / "demo.sqlite")
+        ensure_demo_database(Path(target), today=dt.date.today())
+        url = f"sqlite:///{target}"
+    else:
+        request.getfixturevalue("pg_admin_dsn" if kind == dbutil.POSTGRESQL else "mariadb_admin_dsn")
+        target = dbutil.seed_demo_database(kind, f"race_{kind}")
+        url = f"odbc:{target}"
+    servers = ProcessServers()
+    port = free_port()
+    config = _config(tmp, port, url)
+    try:
+        proc = servers.start([sys.executable, "-m", "adapter.cli", "serve", "--config", str(config)],
+                             env={"PYTHONPATH": str(REPO)}, port=port, cwd=str(REPO), timeout=60)
+        srv = RaceServer(kind, target, proc.base_url, tmp / "state.sqlite", proc)
+        with httpx.Client(timeout=60) as client:  # both workers up and answering
+            for _ in range(8):
+                assert client.get(f"{srv.base}/metadata").status_code == 200
+        assert len(_worker_pids(proc.pid)) == 2, process_log(proc)
+        yield srv
+        assert proc.poll() is None, process_log(proc)
+    finally:
+        servers.stop_all()
+        if kind != "sqlite":
+            dbutil.drop_database(kind, dbutil.database_name_from_dsn(target))
+
+
+# --------------------------------------------------------------------------------------------------
+# Concurrent clients
+# --------------------------------------------------------------------------------------------------
+def parameters(*entries: dict[str, Any]) -> dict[str, Any]:
+    return {"resourceType": "Parameters", "parameter": list(entries)}
+
+
+def ref(token: str) -> dict[str, Any]:
+    return {"name": "appointment-reference", "valueReference": {"reference": f"Appointment/{token}"}}
+
+
+def find_body(days: tuple[int, int], *, practitioner_id: str | None = None, visit_type: str | None = None,
+              count: int = 200) -> dict[str, Any]:
+    today = dt.datetime.now(ZONE).date()
+    start = dt.datetime.combine(today + dt.timedelta(days=days[0]), dt.time(), tzinfo=ZONE)
+    end = dt.datetime.combine(today + dt.timedelta(days=days[1]), dt.time(), tzinfo=ZONE)
+    entries = [{"name": "start", "valueDateTime": start.isoformat()},
+               {"name": "end", "valueDateTime": end.isoformat()},
+               {"name": "patient-reference", "valueReference": {"reference": "Patient/7"}},
+               {"name": "_count", "valueInteger": count}]
+    if practitioner_id:
+        entries.append({"name": "practitioner", "valueReference": {"reference": f"Practitioner/{practitioner_id}"}})
+    if visit_type:
+        entries.append({"name": "visit-type", "valueString": visit_type})
+    return parameters(*entries)
+
+
+async def find(client: httpx.AsyncClient, srv: RaceServer, body: dict[str, Any]) -> list[dict[str, Any]]:
+    resp = await client.post(f"{srv.base}/Appointment/$find", json=body, headers={"X-Client-Id": "finder"})
+    assert resp.status_code == 200, resp.text
+    bundle = resp.json()
+    return [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Appointment"]
+
+
+async def fresh_slot(client: httpx.AsyncClient, srv: RaceServer, rep: int) -> dict[str, Any]:
+    """A free slot nobody raced for yet (a different day per repetition spreads the load)."""
+    days = (1 + rep % 20, 4 + rep % 20)  # three days: never only a weekend
+    for appt in await find(client, srv, find_body(days)):
+        key = (practitioner(appt), appt["start"])
+        if key not in srv.used:
+            srv.used.add(key)
+            return appt
+    raise AssertionError(f"no free slot on day +{days[0]}")
+
+
+async def race(srv: RaceServer, calls: list[tuple[str, str, str]]) -> list[httpx.Response]:
+    """Send every (operation, token, client id) at once, over connections opened beforehand."""
+    limits = httpx.Limits(max_connections=len(calls), max_keepalive_connections=len(calls))
+    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+        await asyncio.gather(*(client.get(f"{srv.base}/metadata") for _ in calls))  # open the connections
+        return list(await asyncio.gather(*(
+            client.post(f"{srv.base}/Appointment/${op}", json=parameters(ref(token)), headers={"X-Client-Id": who})
+            for op, token, who in calls)))
+
+
+def split(responses: list[httpx.Response]) -> tuple[list[httpx.Response], list[httpx.Response]]:
+    ok = [r for r in responses if r.status_code == 200]
+    failed = [r for r in responses if r.status_code != 200]
+    return ok, failed
+
+
+def assert_conflict(resp: httpx.Response, hold: bool) -> None:
+    """409 with a searchset Bundle, total 0, holding only a fatal conflict OperationOutcome."""
+    assert resp.status_code == 409, resp.text
+    bundle = resp.json()
+    assert_avail_bundle(bundle)
+    assert bundle["type"] == "searchset" and bundle["total"] == 0
+    assert [e["resource"]["resourceType"] for e in bundle["entry"]] == ["OperationOutcome"]
+    issues = bundle["entry"][0]["resource"]["issue"]
+    assert issues[0]["severity"] == "fatal" and issues[0]["code"] == "conflict"
+    if hold:  # ITI-116: a failed hold also says not-found
+        assert any(i["severity"] == "fatal" and i["code"] == "not-found" for i in issues)
+
+
+def assert_won(resp: httpx.Response, status: str, token: str | None = None) -> dict[str, Any]:
+    bundle = resp.json()
+    assert_avail_bundle(bundle)
+    appts = [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Appointment"]
+    assert bundle["total"] == 1 and len(appts) == 1 and appts[0]["status"] == status
+    assert_ihe_appointment(appts[0])
+    if token is not None:
+        assert appts[0]["id"] == token
+    return appts[0]
+
+
+async def _book_winner(srv: RaceServer, token: str, who: str) -> dict[str, Any]:
+    async with httpx.AsyncClient(timeout=60) as client:
+        resp = await client.post(f"{srv.base}/Appointment/$book", json=parameters(ref(token)),
+                                 headers={"X-Client-Id": who})
+    assert resp.status_code == 200, resp.text
+    return assert_won(resp, "booked")
+
+
+# --------------------------------------------------------------------------------------------------
+# The races
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("rep", range(REPS))
+def test_req_117_05_concurrent_books_exactly_one_wins(server: RaceServer, rep: int) -> None:
+    async def scenario() -> None:
+        async with httpx.AsyncClient(timeout=60) as client:
+            slot = await fresh_slot(client, server, rep)
+        responses = await race(server, [("book", slot["id"], f"booker-{rep}-{i}") for i in range(CLIENTS)])
+        ok, failed = split(responses)
+        assert len(ok) == 1, [r.status_code for r in responses]
+        booked = assert_won(ok[0], "booked")
+        assert len(failed) == CLIENTS - 1
+        for r in failed:
+            assert_conflict(r, hold=False)
+        assert [row[0] for row in server.blocking_rows(slot)] == [booked["id"]]
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("rep", range(REPS))
+def test_req_116_08_concurrent_holds_exactly_one_wins(server: RaceServer, rep: int) -> None:
+    async def scenario() -> None:
+        async with httpx.AsyncClient(timeout=60) as client:
+            slot = await fresh_slot(client, server, rep)
+        before = server.blocking_rows(slot)
+        assert before == []
+        clients = [f"holder-{rep}-{i}" for i in range(CLIENTS)]
+        responses = await race(server, [("hold", slot["id"], who) for who in clients])
+        ok, failed = split(responses)
+        assert len(ok) == 1, [r.status_code for r in responses]
+        assert_won(ok[0], "pending", token=slot["id"])
+        for r in failed:
+            assert_conflict(r, hold=True)
+        holds = server.state_rows("SELECT client FROM holds WHERE id = ?", slot["id"])
+        assert len(holds) == 1
+        assert server.blocking_rows(slot) == []  # a hold writes nothing to the legacy system
+        booked = await _book_winner(server, slot["id"], holds[0][0])
+        assert [row[0] for row in server.blocking_rows(slot)] == [booked["id"]]
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("rep", range(REPS))
+def test_req_116_08_hold_versus_book_exactly_one_wins(server: RaceServer, rep: int) -> None:
+    async def scenario() -> None:
+        async with httpx.AsyncClient(timeout=60) as client:
+            slot = await fresh_slot(client, server, rep)
+        calls = [("hold" if i % 2 else "book", slot["id"], f"mixed-{rep}-{i}") for i in range(CLIENTS)]
+        responses = await race(server, calls)
+        ok, failed = split(responses)
+        assert len(ok) == 1, [r.status_code for r in responses]
+        winner = calls[responses.index(ok[0])]
+        for call, r in zip(calls, responses):
+            if r is not ok[0]:
+                assert_conflict(r, hold=call[0] == "hold")
+        if winner[0] == "hold":
+            assert_won(ok[0], "pending", token=slot["id"])
+            assert server.blocking_rows(slot) == []
+            booked = await _book_winner(server, slot["id"], winner[2])
+        else:
+            booked = assert_won(ok[0], "booked")
+            assert server.state_rows("SELECT COUNT(*) FROM holds WHERE id = ?", slot["id"]) == [(0,)]
+        assert [row[0] for row in server.blocking_rows(slot)] == [booked["id"]]
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("rep", range(5))
+def test_req_117_05_overlapping_slots_race(server: RaceServer, rep: int) -> None:
+    """20 clients book four different proposals that all overlap (40-minute visits 10 minutes apart)."""
+    async def scenario() -> None:
+        async with httpx.AsyncClient(timeout=60) as client:
+            found = await find(client, server, find_body((21 + rep, 24 + rep), visit_type="NEWPT"))
+        by_prac: dict[str | None, list[dict[str, Any]]] = {}
+        for a in found:
+            by_prac.setdefault(practitioner(a), []).append(a)
+        group: list[dict[str, Any]] = []
+        for appts in by_prac.values():
+            appts.sort(key=lambda a: dt.datetime.fromisoformat(a["start"]))
+            for i in range(len(appts) - 3):
+                window = appts[i:i + 4]
+                first_end = dt.datetime.fromisoformat(window[0]["end"])
+                if all(dt.datetime.fromisoformat(a["start"]) < first_end for a in window):
+                    group = window
+                    break
+            if group:
+                break
+        assert len(group) == 4, "no four mutually overlapping proposals"
+        calls = [("book", group[i % 4]["id"], f"overlap-{rep}-{i}") for i in range(CLIENTS)]
+        ok, failed = split(await race(server, calls))
+        assert len(ok) == 1
+        booked = assert_won(ok[0], "booked")
+        for r in failed:
+            assert_conflict(r, hold=False)
+        span = dict(group[0], end=group[-1]["end"])
+        assert [row[0] for row in server.blocking_rows(span)] == [booked["id"]]
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("rep", range(3))
+def test_concurrent_books_for_different_practitioners_all_succeed(server: RaceServer, rep: int) -> None:
+    """Bookings that do not conflict all succeed at once; the shared key counter hands out
+    distinct APPT_IDs (regression: under READ COMMITTED two practitioners' bookings used to read
+    the same ID_COUNTER value and the second insert failed on the primary key)."""
+    async def scenario() -> None:
+        async with httpx.AsyncClient(timeout=60) as client:
+            found = await find(client, server, find_body((27 + rep, 30 + rep), count=500))
+        one_each: dict[str | None, dict[str, Any]] = {}
+        for a in found:
+            one_each.setdefault(practitioner(a), a)
+        slots = list(one_each.values())[:16]
+        assert len(slots) >= 8
+        before = server.rows("SELECT COUNT(*) FROM APPT")[0][0]
+        responses = await race(server, [("book", s["id"], f"spread-{rep}-{i}") for i, s in enumerate(slots)])
+        assert [r.status_code for r in responses] == [200] * len(slots), [r.text[:300] for r in responses
+                                                                        if r.status_code != 200]
+        ids = {assert_won(r, "booked")["id"] for r in responses}
+        assert len(ids) == len(slots)
+        assert server.rows("SELECT COUNT(*) FROM APPT")[0][0] == before + len(slots)
+
+    asyncio.run(scenario())
+
+
+def test_no_double_booking_anywhere_and_both_workers_booked(server: RaceServer) -> None:
+    """After all races: no blocking appointment written here overlaps another blocking one, and
+    bookings were recorded by both worker processes (the journal keeps the recording process)."""
+    rows = server.rows("SELECT APPT_ID, TRIM(PROV_ID), APPT_DT, APPT_TM, DUR_MIN, BOOKED_BY FROM APPT "
+                       "WHERE STATUS_CD IN ('S', 'A', 'D', 'N')")
+    spans: dict[str, list[tuple[dt.datetime, dt.datetime, str, bool]]] = {}
+    for appt_id, prac, day, hhmm, minutes, by in rows:
+        d = dt.date(int(day) // 10000, int(day) // 100 % 100, int(day) % 100)
+        start = dt.datetime.combine(d, dt.time(int(hhmm) // 100, int(hhmm) % 100))
+        ours = (by or "").strip() not in ("LEGACY", "BULKLOAD")
+        spans.setdefault(prac, []).append((start, start + dt.timedelta(minutes=int(minutes)), str(appt_id), ours))
+    ours_total = 0
+    for prac, items in spans.items():
+        items.sort()
+        for i, (s, e, appt_id, ours) in enumerate(items):
+            ours_total += ours
+            for s2, e2, other, ours2 in items[i + 1:]:
+                if s2 >= e:
+                    break
+                assert not (ours or ours2), f"double booking: {prac} {appt_id} and {other} overlap"
+    assert ours_total >= 3 * REPS
+    pids = {owner.split(":")[1] for (owner,) in server.state_rows("SELECT owner FROM journal WHERE state = 'done'")}
+    assert len(pids) >= 2, f"every booking was recorded by one process: {pids}"
+    assert os.getpid() not in {int(p) for p in pids}
