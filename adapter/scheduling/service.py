@@ -392,15 +392,7 @@ class SchedulingService:
         slot = self._slot(p)
         patient_id = entry.payload.get("patient_id")
         try:
-            finder = getattr(self.backend, "find_booked", None)
-            if finder is not None:
-                appt = await finder(slot, patient_id)
-            else:
-                page = await self.backend.search_appointments(AppointmentQuery(
-                    practitioner_ids=(slot.practitioner_id,), patient_ids=(patient_id,) if patient_id else (),
-                    start_bounds=(("ge", slot.interval.start), ("le", slot.interval.start)), statuses=("booked",),
-                    limit=1, want_total=False))
-                appt = page.appointments[0] if page.appointments else None
+            appt = await self.backend.find_booked(slot, patient_id)
         except BackendError as exc:
             log.warning("booking journal: cannot settle Appointment/%s yet (%s); will retry", entry.token, exc)
             self.state.journal_abandon(entry.token, now)

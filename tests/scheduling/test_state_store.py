@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from adapter.backends.protocol import Appointment, AppointmentPage, BackendUnavailable, Interval, SlotConflict
+from adapter.backends.protocol import Interval, SlotConflict
 from adapter.scheduling.proposals import Proposal, ProposalCodec, proposal_to_dict
 from adapter.scheduling.service import SchedulingService
 from adapter.scheduling.state import (
@@ -253,24 +253,43 @@ def test_migrates_a_first_release_state_file(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------------
 # Reconciliation through a backend without ``find_booked`` (the protocol's search is used)
 # --------------------------------------------------------------------------------------------------
-class _SearchOnlyBackend:
-    name = "search-only"
-
-    def __init__(self, found: Appointment | None, fail: bool = False) -> None:
-        self.found = found
-        self.fail = fail
-        self.queries: list[Any] = []
-
-    async def search_appointments(self, query: Any) -> AppointmentPage:
-        self.queries.append(query)
-        if self.fail:
-            raise BackendUnavailable("down")
-        return AppointmentPage([self.found] if self.found else [], None, False)
-
-
 def _service(store: SqliteStateStore, backend: Any) -> SchedulingService:
     codec = ProposalCodec(b"0123456789abcdef0123", store, dt.timedelta(hours=1))
     return SchedulingService(backend, store, codec, hold_ttl=dt.timedelta(minutes=5))
+
+
+def _real_backend(url: str):
+    from adapter.backends.sql.backend import SqlBackend
+    from adapter.backends.sql.db import Database
+    from adapter.mapping.loader import load_mapping
+    from apputil import DEMO_MAPPING
+
+    return SqlBackend(load_mapping(DEMO_MAPPING), Database(url, timeout_s=2))
+
+
+@pytest.fixture
+def legacy(tmp_path: Path) -> tuple[str, tuple[str, int, dt.datetime, int]]:
+    """The demo legacy database and one of its future booked appointments (prac, patient, start, minutes)."""
+    from zoneinfo import ZoneInfo
+
+    from adapter.demo.seed import ensure_demo_database
+
+    path = tmp_path / "legacy.sqlite"
+    ensure_demo_database(path, today=dt.date.today())
+    con = sqlite3.connect(path)
+    appt_id, prac, pat, day, hhmm, minutes = con.execute(
+        "SELECT APPT_ID, PROV_ID, PAT_ID, APPT_DT, APPT_TM, DUR_MIN FROM APPT WHERE STATUS_CD = 'S' AND APPT_DT > ? "
+        "ORDER BY APPT_ID LIMIT 1", (int(dt.date.today().strftime("%Y%m%d")),)).fetchone()
+    start = dt.datetime.strptime(f"{day}{hhmm:04d}", "%Y%m%d%H%M").replace(tzinfo=ZoneInfo("America/New_York"))
+    return f"sqlite:///{path}", (str(appt_id), prac.strip(), pat, start.astimezone(UTC), minutes)
+
+
+def _intent_for(store: SqliteStateStore, token: str, prac: str, patient: str, start: dt.datetime, minutes: int) -> None:
+    p = Proposal(prac, "1", start, minutes, "FOLLOW", (patient,), NOW, start, start + dt.timedelta(minutes=minutes))
+    store.place_hold(Hold(token, prac, "1", Interval(start, p.end), NOW + dt.timedelta(minutes=5), "a", {}), NOW)
+    store.journal_intent(token, client="a", request_key=None, payload=proposal_to_dict(p) | {"patient_id": patient},
+                         now=NOW)
+    store.journal_abandon(token, NOW)
 
 
 def _intent(store: SqliteStateStore, token: str) -> None:
@@ -282,28 +301,27 @@ def _intent(store: SqliteStateStore, token: str) -> None:
     store.journal_abandon(token, NOW)
 
 
-def test_reconcile_records_a_booking_found_in_the_legacy_system(store: SqliteStateStore) -> None:
-    start = NOW + dt.timedelta(hours=2)
-    appt = Appointment("777", "booked", Interval(start, start + dt.timedelta(minutes=20)), "P1", "1", "5")
-    backend = _SearchOnlyBackend(appt)
-    _intent(store, "t1")
-    assert asyncio.run(_service(store, backend).reconcile(NOW)) == 1
+def test_reconcile_records_a_booking_found_in_the_legacy_system(store: SqliteStateStore, legacy) -> None:
+    url, (appt_id, prac, patient, start, minutes) = legacy
+    _intent_for(store, "t1", prac, str(patient), start, minutes)
+    assert asyncio.run(_service(store, _real_backend(url)).reconcile(NOW)) == 1
     entry = store.journal_get("t1")
-    assert entry is not None and (entry.state, entry.appointment_id) == ("done", "777")
+    assert entry is not None and (entry.state, entry.appointment_id) == ("done", appt_id)
     assert store.get_hold("t1", NOW) is None
-    q = backend.queries[0]
-    assert q.practitioner_ids == ("P1",) and q.patient_ids == ("5",) and q.start_bounds[0] == ("ge", start)
 
 
-def test_reconcile_drops_an_intent_that_never_reached_the_legacy_system(store: SqliteStateStore) -> None:
-    _intent(store, "t1")
-    asyncio.run(_service(store, _SearchOnlyBackend(None)).reconcile(NOW))
+def test_reconcile_drops_an_intent_that_never_reached_the_legacy_system(store: SqliteStateStore, legacy) -> None:
+    url, (_, prac, patient, start, minutes) = legacy
+    _intent_for(store, "t1", prac, str(patient), start + dt.timedelta(days=400), minutes)  # nothing booked then
+    asyncio.run(_service(store, _real_backend(url)).reconcile(NOW))
     assert store.journal_get("t1") is None
     assert store.get_hold("t1", NOW) is not None  # the hold was not the booking's to release
 
 
-def test_reconcile_keeps_the_intent_while_the_legacy_system_is_down(store: SqliteStateStore) -> None:
-    _intent(store, "t1")
-    asyncio.run(_service(store, _SearchOnlyBackend(None, fail=True)).housekeeping(NOW))
+def test_reconcile_keeps_the_intent_while_the_legacy_system_is_down(store: SqliteStateStore, tmp_path: Path, legacy) -> None:
+    _, (_, prac, patient, start, minutes) = legacy
+    _intent_for(store, "t1", prac, str(patient), start, minutes)
+    unreachable = f"sqlite:///{tmp_path / 'no-such-dir' / 'legacy.sqlite'}"
+    asyncio.run(_service(store, _real_backend(unreachable)).housekeeping(NOW))
     entry = store.journal_get("t1")
     assert entry is not None and entry.state == "intent" and entry.owner is None  # next run retries
