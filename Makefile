@@ -6,7 +6,9 @@
 #   make services     make sure PostgreSQL, MariaDB and Redis answer
 #   make test         all of the above, then pytest (slow tests excluded)
 #   make test-slow    only the tests marked slow
-#   make bench        run bench/find.py
+#   make bench        run bench/find.py ($find vs the HTTP floor)
+#   make bench-book   run bench/book.py (bookings/s, conflict storm, double bookings)
+#   make bench-search run bench/search.py (ITI-118 on 1,000,000 appointments)
 #   make clean        remove .venv and var/
 
 PYTHON ?= python3
@@ -19,7 +21,7 @@ STAMP := $(VENV)/.installed
 
 # Steps must run in order (system packages before pip, services before tests).
 .NOTPARALLEL:
-.PHONY: venv demo system-deps services test test-slow bench clean
+.PHONY: venv demo system-deps services test test-slow bench bench-book bench-search clean
 
 venv: $(STAMP)
 
@@ -56,6 +58,12 @@ test-slow: system-deps services venv
 
 bench: system-deps services venv
 	$(BIN)/python bench/find.py
+
+bench-book: system-deps services venv
+	$(BIN)/python bench/book.py
+
+bench-search: system-deps services venv
+	$(BIN)/python bench/search.py
 
 clean:
 	rm -rf $(VENV) var/
