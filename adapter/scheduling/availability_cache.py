@@ -26,22 +26,17 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from adapter.backends.protocol import AvailabilityQuery, Interval, ResourceAvailability, SchedulingBackend
-from adapter.intervals import subtract
+from adapter.backends.protocol import AvailabilityQuery, Interval, SchedulingBackend
+from adapter.scheduling.candidates import FreeTime, Span, free_time, subtract_spans, to_spans
 
-_DAY = dt.timedelta(days=1)
+_DAY = 86400
 _MAX_ENTRIES = 200_000
 
 
 @dataclass(slots=True)
 class _DayEntry:
     loaded: float
-    free: dict[str, list[Interval]] = field(default_factory=dict)  # location id -> free minus booked, in the day
-
-
-def _day_start(t: dt.datetime) -> dt.datetime:
-    u = t.astimezone(dt.timezone.utc)
-    return dt.datetime(u.year, u.month, u.day, tzinfo=dt.timezone.utc)
+    free: dict[str, list[Span]] = field(default_factory=dict)  # location id -> bookable spans in the day
 
 
 class AvailabilityCache:
@@ -52,68 +47,68 @@ class AvailabilityCache:
         self.ttl = ttl_seconds
         self._clock = clock
         self._seen_version: int | None = None
-        self._days: dict[tuple[str, dt.datetime], _DayEntry] = {}
+        self._days: dict[tuple[str, int], _DayEntry] = {}
 
     def clear(self) -> None:
         self._days.clear()
 
-    async def availability(self, q: AvailabilityQuery) -> list[ResourceAvailability]:
+    async def free_time(self, q: AvailabilityQuery) -> list[FreeTime]:
+        """Bookable time (working time minus absences minus bookings; holds are the caller's)."""
         if self.ttl <= 0 or not q.practitioner_ids:
-            return await self.backend.availability(q)
+            return [free_time(ra) for ra in await self.backend.availability(q)]
         version = self._version()
         if version != self._seen_version or len(self._days) > _MAX_ENTRIES:
             self._days.clear()
             self._seen_version = version
         now = self._clock()
-        first = _day_start(q.window.start)
-        days = []
-        d = first
-        while d < q.window.end:
-            days.append(d)
-            d += _DAY
+        w_start, w_end = int(q.window.start.timestamp()), int(q.window.end.timestamp())
+        days = list(range(w_start - w_start % _DAY, w_end, _DAY))
         stale = [p for p in q.practitioner_ids
                  if any((e := self._days.get((p, day))) is None or now - e.loaded > self.ttl for day in days)]
         if stale:
-            await self._load(tuple(stale), Interval(days[0], days[-1] + _DAY), days, now)
-        return self._assemble(q, days)
+            await self._load(tuple(stale), days, now)
+        return self._assemble(q, days, w_start, w_end)
 
-    async def _load(self, practitioners: tuple[str, ...], span: Interval, days: list[dt.datetime], now: float) -> None:
+    async def _load(self, practitioners: tuple[str, ...], days: list[int], now: float) -> None:
+        utc = dt.timezone.utc
+        span = Interval(dt.datetime.fromtimestamp(days[0], utc), dt.datetime.fromtimestamp(days[-1] + _DAY, utc))
         fetched = await self.backend.availability(AvailabilityQuery(span, practitioners, ()))
         for p in practitioners:
             for day in days:
                 self._days[(p, day)] = _DayEntry(now)
         for ra in fetched:
-            for day in days:
-                entry = self._days[(ra.practitioner_id, day)]
-                day_iv = Interval(day, day + _DAY)
-                clipped = [Interval(max(f.start, day), min(f.end, day + _DAY)) for f in ra.free if f.overlaps(day_iv)]
-                if clipped:
-                    # Stored already minus the bookings: per request only holds remain to subtract.
-                    bookable = subtract(clipped, [b for b in ra.busy if b.overlaps(day_iv)])
-                    if bookable:
-                        entry.free.setdefault(ra.location_id, []).extend(bookable)
+            # Stored already minus the bookings: per request only holds remain to subtract.
+            bookable = subtract_spans(to_spans(ra.free), to_spans(ra.busy))
+            for start, end in bookable:
+                day = start - start % _DAY
+                while day < end:
+                    piece = (max(start, day), min(end, day + _DAY))
+                    entry = self._days.get((ra.practitioner_id, day))
+                    if entry is not None and piece[0] < piece[1]:
+                        entry.free.setdefault(ra.location_id, []).append(piece)
+                    day += _DAY
 
-    def _assemble(self, q: AvailabilityQuery, days: list[dt.datetime]) -> list[ResourceAvailability]:
+    def _assemble(self, q: AvailabilityQuery, days: list[int], w_start: int, w_end: int) -> list[FreeTime]:
         out = []
-        window = q.window
         wanted = set(q.location_ids)
         for p in q.practitioner_ids:
             entries = [self._days[(p, day)] for day in days]
-            locations = sorted({loc for e in entries for loc in e.free})
-            for loc in locations:
+            for loc in sorted({loc for e in entries for loc in e.free}):
                 if wanted and loc not in wanted:
                     continue
-                free: list[Interval] = []
-                for e in entries:  # days in order, each day's intervals sorted: no sort needed
-                    for f in e.free.get(loc, ()):
-                        if f.end <= window.start or f.start >= window.end:
+                spans: list[Span] = []
+                for e in entries:  # days in order, each day's spans sorted: no sort needed
+                    for start, end in e.free.get(loc, ()):
+                        if end <= w_start or start >= w_end:
                             continue
-                        if f.start < window.start or f.end > window.end:
-                            f = Interval(max(f.start, window.start), min(f.end, window.end))
-                        if free and free[-1].end == f.start:  # re-join a period the day cut split
-                            free[-1] = Interval(free[-1].start, f.end)
+                        if start < w_start:
+                            start = w_start
+                        if end > w_end:
+                            end = w_end
+                        if spans and spans[-1][1] == start:  # re-join a period the day cut split
+                            spans[-1] = (spans[-1][0], end)
                         else:
-                            free.append(f)
-                if free:
-                    out.append(ResourceAvailability(p, loc, free, []))
+                            spans.append((start, end))
+                if spans:
+                    out.append(FreeTime(p, loc, spans))
         return out

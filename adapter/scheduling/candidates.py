@@ -3,8 +3,12 @@
 Ranking (DESIGN 8): by the preference rank of the client's repeated parameters (practitioner,
 location, visit type, specialty: lower is better, compared in that order), then by start time,
 then by practitioner and location id so the order is stable across calls and replicas (paging
-relies on it). ``total`` counts every option without building them: each free interval yields
+relies on it). ``total`` counts every option without building them: each free span yields
 ``floor((length - duration) / step) + 1`` candidates, so only the returned page is materialised.
+
+Time is integer seconds since the epoch here, not datetimes: a $find page walks a few hundred
+free spans per request, and datetime arithmetic and comparisons cost several times more than
+integers. Datetimes are made only for the page that is returned.
 """
 
 from __future__ import annotations
@@ -15,7 +19,17 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
 from adapter.backends.protocol import Interval, ResourceAvailability, VisitType
-from adapter.intervals import subtract
+
+Span = tuple[int, int]  # [start, end) in seconds since the Unix epoch
+
+
+@dataclass(frozen=True, slots=True)
+class FreeTime:
+    """Bookable time of one practitioner at one location: sorted, non-overlapping spans."""
+
+    practitioner_id: str
+    location_id: str
+    spans: list[Span]
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,71 +45,103 @@ class Candidate:
 class ResourcePlan:
     """One (practitioner, location, visit type) combination the client may be offered."""
 
-    availability: ResourceAvailability
+    free: FreeTime
     visit_type: VisitType
     rank: tuple[int, ...]
 
 
-def bookable(free: Sequence[Interval], busy: Iterable[Interval], held: Iterable[Interval]) -> list[Interval]:
-    """Free time that is neither booked nor held (``free`` is sorted and non-overlapping)."""
-    taken = list(busy) + list(held)
-    return subtract(free, taken) if taken else list(free)
+def to_spans(intervals: Iterable[Interval]) -> list[Span]:
+    return [(int(iv.start.timestamp()), int(iv.end.timestamp())) for iv in intervals]
 
 
-def _first_start(iv: Interval, step: dt.timedelta, not_before: dt.datetime) -> dt.datetime:
-    """First grid point (anchored at the interval start, so 09:00 stays 09:00) not in the past."""
-    if iv.start >= not_before:
-        return iv.start
-    steps = -((iv.start - not_before) // step)  # ceiling division on timedeltas
-    return iv.start + steps * step
+def subtract_spans(free: Sequence[Span], taken: Iterable[Span]) -> list[Span]:
+    """``free`` (sorted, disjoint) minus ``taken`` (any order, may overlap)."""
+    cuts = sorted(taken)
+    if not cuts:
+        return list(free)
+    out: list[Span] = []
+    i = 0
+    for start, end in free:
+        while i < len(cuts) and cuts[i][1] <= start:
+            i += 1
+        j = i
+        while start < end and j < len(cuts) and cuts[j][0] < end:
+            c_start, c_end = cuts[j]
+            if c_start > start:
+                out.append((start, c_start))
+            start = max(start, c_end)
+            j += 1
+        if start < end:
+            out.append((start, end))
+    return out
 
 
-def _starts(free: Sequence[Interval], duration: dt.timedelta, step: dt.timedelta,
-            not_before: dt.datetime) -> Iterator[Interval]:
-    for iv in free:
-        start = _first_start(iv, step, not_before)
-        while start + duration <= iv.end:
-            yield Interval(start, start + duration)
-            start += step
+def free_time(ra: ResourceAvailability) -> FreeTime:
+    """A backend's answer (free and busy intervals) as bookable spans."""
+    return FreeTime(ra.practitioner_id, ra.location_id, subtract_spans(to_spans(ra.free), to_spans(ra.busy)))
 
 
-def _count(free: Sequence[Interval], duration: dt.timedelta, step: dt.timedelta, not_before: dt.datetime) -> int:
+def _first_start(start: int, step: int, not_before: int) -> int:
+    """First grid point (anchored at the span start, so 09:00 stays 09:00) not in the past."""
+    if start >= not_before:
+        return start
+    return start - ((start - not_before) // step) * step  # ceiling division
+
+
+def _count(spans: Sequence[Span], duration: int, step: int, not_before: int) -> int:
     total = 0
-    for iv in free:
-        span = iv.end - _first_start(iv, step, not_before)
-        if span >= duration:
-            total += (span - duration) // step + 1
+    for start, end in spans:
+        if start < not_before:  # _first_start, inlined: this loop runs for every free span
+            start -= ((start - not_before) // step) * step
+        room = end - start - duration
+        if room >= 0:
+            total += room // step + 1
     return total
 
 
-def _tagged(plan: ResourcePlan, tie: tuple, intervals: Iterator[Interval]) -> Iterator[tuple]:
-    for iv in intervals:
-        yield (plan.rank, iv.start, tie, iv, plan)
+def _starts(spans: Sequence[Span], duration: int, step: int, not_before: int) -> Iterator[int]:
+    for start, end in spans:
+        t = _first_start(start, step, not_before)
+        while t + duration <= end:
+            yield t
+            t += step
+
+
+def _tagged(rank: tuple[int, ...], tie: tuple[str, str, str], plan: ResourcePlan,
+            starts: Iterator[int]) -> Iterator[tuple]:
+    for t in starts:
+        yield (rank, t, tie, plan)
 
 
 def find_candidates(plans: Sequence[ResourcePlan], *, held: dict[str, list[Interval]], now: dt.datetime,
                     step_minutes: int | None, offset: int, limit: int) -> tuple[int, list[Candidate]]:
     """Return (total options, the ``limit`` best from ``offset``) over every plan."""
+    now_s = int(now.timestamp())
+    held_spans = {prac: to_spans(ivs) for prac, ivs in held.items() if ivs}
     streams = []
     total = 0
     for plan in plans:
-        ra = plan.availability
-        duration = dt.timedelta(minutes=plan.visit_type.minutes)
-        step = dt.timedelta(minutes=step_minutes or plan.visit_type.minutes)
-        free = bookable(ra.free, ra.busy, held.get(ra.practitioner_id, ()))
-        if not free:
+        ft = plan.free
+        duration = plan.visit_type.minutes * 60
+        step = (step_minutes or plan.visit_type.minutes) * 60
+        spans = ft.spans
+        if ft.practitioner_id in held_spans:
+            spans = subtract_spans(spans, held_spans[ft.practitioner_id])
+        if not spans:
             continue
-        total += _count(free, duration, step, now)
-        tie = (ra.practitioner_id, ra.location_id, plan.visit_type.key)
-        streams.append(_tagged(plan, tie, _starts(free, duration, step, now)))
+        total += _count(spans, duration, step, now_s)
+        tie = (ft.practitioner_id, ft.location_id, plan.visit_type.key)
+        streams.append(_tagged(plan.rank, tie, plan, _starts(spans, duration, step, now_s)))
     page: list[Candidate] = []
     if limit <= 0:
         return total, page
-    for index, (rank, _, _, iv, plan) in enumerate(heapq.merge(*streams, key=lambda t: t[:3])):
+    utc = dt.timezone.utc
+    for index, (rank, t, _, plan) in enumerate(heapq.merge(*streams)):
         if index < offset:
             continue
-        page.append(Candidate(plan.availability.practitioner_id, plan.availability.location_id,
-                              plan.visit_type, iv, rank))
+        start = dt.datetime.fromtimestamp(t, utc)
+        page.append(Candidate(plan.free.practitioner_id, plan.free.location_id, plan.visit_type,
+                              Interval(start, start + dt.timedelta(minutes=plan.visit_type.minutes)), rank))
         if len(page) >= limit:
             break
     return total, page

@@ -223,7 +223,7 @@ class SchedulingService:
         prac_ids = tuple(p.id for p in candidates_prac)
         if not prac_ids:
             return FindResult(0, [], patients, notices, req.window, {})
-        availability = await self.availability.availability(
+        availability = await self.availability.free_time(
             AvailabilityQuery(req.window, prac_ids, tuple(loc_rank) if loc_rank else ()))
         held = self.state.holds_by_practitioner(prac_ids, req.window, now)
         if patients:
@@ -247,13 +247,9 @@ class SchedulingService:
         total, page = find_candidates(plans, held=held, now=now, step_minutes=self.slot_step_minutes,
                                       offset=req.offset, limit=req.count)
         patient_ids = tuple(p.id for p in patients)
-        proposed = []
-        for c in page:
-            token = self.proposals.encode(Proposal(
-                c.practitioner_id, c.location_id, c.interval.start,
-                int((c.interval.end - c.interval.start).total_seconds() // 60), c.visit_type.key,
-                patient_ids, now, req.window.start, req.window.end))
-            proposed.append((token, c))
+        issue = self.proposals.issuer(patient_ids, now, req.window.start, req.window.end)
+        proposed = [(issue(c.practitioner_id, c.location_id, c.interval.start, c.visit_type.minutes, c.visit_type.key), c)
+                    for c in page]
         actors = {f"Practitioner/{p.id}": p for p in candidates_prac}
         actors.update({f"Location/{lid}": loc for lid, loc in locations.items()})
         return FindResult(total, proposed, patients, notices, req.window, actors)

@@ -14,9 +14,9 @@ from adapter.backends.protocol import AvailabilityQuery, Interval
 from adapter.backends.sql.backend import SqlBackend
 from adapter.backends.sql.db import Database
 from adapter.demo.seed import ensure_demo_database
-from adapter.intervals import subtract
 from adapter.mapping.loader import load_mapping
 from adapter.scheduling.availability_cache import AvailabilityCache
+from adapter.scheduling.candidates import FreeTime, free_time
 from adapter.scheduling.state import SqliteStateStore
 from apputil import DEMO_MAPPING
 
@@ -35,8 +35,14 @@ def _backend(path: Path) -> SqlBackend:
     return SqlBackend(load_mapping(DEMO_MAPPING), Database(f"sqlite:///{path}"))
 
 
-def _bookable(result) -> dict[tuple[str, str], list[Interval]]:
-    return {(ra.practitioner_id, ra.location_id): subtract(ra.free, ra.busy) for ra in result if subtract(ra.free, ra.busy)}
+def _bookable(result) -> dict[tuple[str, str], list[tuple[int, int]]]:
+    """Backend answers (ResourceAvailability) and cache answers (FreeTime) as comparable spans."""
+    out = {}
+    for item in result:
+        spans = item.spans if isinstance(item, FreeTime) else free_time(item).spans
+        if spans:
+            out[(item.practitioner_id, item.location_id)] = spans
+    return out
 
 
 @pytest.mark.parametrize(("offset_h", "hours", "locations"), [
@@ -52,8 +58,8 @@ def test_cached_availability_equals_the_legacy_answer(demo: Path, tmp_path: Path
 
     async def both():
         direct = await backend.availability(q)
-        await cache.availability(AvailabilityQuery(Interval(window.start - dt.timedelta(days=2), window.end), PRACS, ()))
-        cached = await cache.availability(q)  # assembled from days a wider call loaded
+        await cache.free_time(AvailabilityQuery(Interval(window.start - dt.timedelta(days=2), window.end), PRACS, ()))
+        cached = await cache.free_time(q)  # assembled from days a wider call loaded
         return direct, cached
 
     direct, cached = asyncio.run(both())
@@ -74,11 +80,11 @@ def test_an_adapter_write_in_another_worker_is_seen_at_once(demo: Path, tmp_path
         return await original(query)
 
     worker_a.backend.availability = counting  # type: ignore[method-assign]
-    asyncio.run(worker_a.availability(q))
-    asyncio.run(worker_a.availability(q))
+    asyncio.run(worker_a.free_time(q))
+    asyncio.run(worker_a.free_time(q))
     assert len(loads) == 1  # second call served from the cache
     state.bump_calendar_version()  # what another worker does after booking
-    asyncio.run(worker_a.availability(q))
+    asyncio.run(worker_a.free_time(q))
     assert len(loads) == 2
 
 
@@ -89,17 +95,17 @@ def test_a_change_made_directly_in_the_legacy_system_shows_after_the_ttl(tmp_pat
     cache = AvailabilityCache(_backend(path), lambda: 0, ttl_seconds=2, clock=lambda: clock[0])
     base = dt.datetime.combine(dt.date.today() + dt.timedelta(days=1), dt.time(), tzinfo=UTC)
     q = AvailabilityQuery(Interval(base, base + dt.timedelta(days=7)), ("SPEARSB",), ())
-    before = _bookable(asyncio.run(cache.availability(q)))
+    before = _bookable(asyncio.run(cache.free_time(q)))
     (prac, loc), free = next(iter(before.items()))
     slot = free[0]
-    local = slot.start.astimezone(__import__("zoneinfo").ZoneInfo("America/New_York"))
+    local = dt.datetime.fromtimestamp(slot[0], UTC).astimezone(__import__("zoneinfo").ZoneInfo("America/New_York"))
     con = sqlite3.connect(path)
     con.execute("INSERT INTO APPT (APPT_ID, PAT_ID, PROV_ID, FAC_ID, APPT_DT, APPT_TM, DUR_MIN, TYPE_CD, STATUS_CD) "
                 "VALUES (999999, 1, 'SPEARSB ', ?, ?, ?, 10, 'FOLLOW', 'S')",
                 (int(loc), int(local.strftime("%Y%m%d")), local.hour * 100 + local.minute))
     con.commit()
-    assert _bookable(asyncio.run(cache.availability(q))) == before  # within the TTL: the cached view
+    assert _bookable(asyncio.run(cache.free_time(q))) == before  # within the TTL: the cached view
     clock[0] += 2.5
-    after = _bookable(asyncio.run(cache.availability(q)))
-    booked = Interval(slot.start, slot.start + dt.timedelta(minutes=10))
-    assert not any(iv.overlaps(booked) for iv in after[(prac, loc)])
+    after = _bookable(asyncio.run(cache.free_time(q)))
+    booked = (slot[0], slot[0] + 600)
+    assert not any(s < booked[1] and booked[0] < e for s, e in after[(prac, loc)])

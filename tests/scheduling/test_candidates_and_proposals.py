@@ -9,7 +9,7 @@ import pytest
 
 from adapter.backends.protocol import Interval, ResourceAvailability, VisitType
 from adapter.intervals import merge, subtract
-from adapter.scheduling.candidates import ResourcePlan, find_candidates
+from adapter.scheduling.candidates import ResourcePlan, find_candidates, free_time, subtract_spans
 from adapter.scheduling.proposals import Proposal, ProposalCodec, ProposalError
 
 UTC = dt.timezone.utc
@@ -28,9 +28,16 @@ def test_subtract_and_merge() -> None:
     assert subtract([iv(0, 100)], [iv(10, 20), iv(15, 30), iv(90, 120)]) == [iv(0, 10), iv(30, 90)]
 
 
+def test_subtract_spans_matches_interval_subtraction() -> None:
+    free = [(0, 100), (200, 300)]
+    taken = [(250, 260), (10, 20), (15, 30), (90, 210)]
+    assert subtract_spans(free, taken) == [(0, 10), (30, 90), (210, 250), (260, 300)]
+    assert subtract_spans(free, []) == free
+
+
 def test_candidates_skip_busy_and_held_time_and_count_all() -> None:
     ra = ResourceAvailability("P1", "L1", [iv(0, 120)], [iv(20, 40)])
-    total, page = find_candidates([ResourcePlan(ra, FOLLOW, (0,))], held={"P1": [iv(60, 80)]}, now=T0,
+    total, page = find_candidates([ResourcePlan(free_time(ra), FOLLOW, (0,))], held={"P1": [iv(60, 80)]}, now=T0,
                                   step_minutes=10, offset=0, limit=100)
     starts = [int((c.interval.start - T0).total_seconds() // 60) for c in page]
     assert starts == [0, 40, 80, 90, 100]
@@ -39,15 +46,15 @@ def test_candidates_skip_busy_and_held_time_and_count_all() -> None:
 
 def test_candidates_in_the_past_are_not_offered_and_grid_is_kept() -> None:
     ra = ResourceAvailability("P1", "L1", [iv(0, 60)], [])
-    total, page = find_candidates([ResourcePlan(ra, FOLLOW, (0,))], held={}, now=T0 + dt.timedelta(minutes=13),
+    total, page = find_candidates([ResourcePlan(free_time(ra), FOLLOW, (0,))], held={}, now=T0 + dt.timedelta(minutes=13),
                                   step_minutes=10, offset=0, limit=10)
     assert [int((c.interval.start - T0).total_seconds() // 60) for c in page] == [20, 30, 40]
     assert total == 3
 
 
 def test_ranking_by_preference_then_start_and_paging() -> None:
-    a = ResourcePlan(ResourceAvailability("A", "L", [iv(60, 100)], []), FOLLOW, (1,))
-    b = ResourcePlan(ResourceAvailability("B", "L", [iv(0, 40)], []), FOLLOW, (0,))
+    a = ResourcePlan(free_time(ResourceAvailability("A", "L", [iv(60, 100)], [])), FOLLOW, (1,))
+    b = ResourcePlan(free_time(ResourceAvailability("B", "L", [iv(0, 40)], [])), FOLLOW, (0,))
     total, page = find_candidates([a, b], held={}, now=T0, step_minutes=20, offset=0, limit=10)
     assert [c.practitioner_id for c in page] == ["B", "B", "A", "A"]
     assert total == 4
@@ -81,6 +88,15 @@ def test_req_115_28_compact_signed_id_round_trips(codec: ProposalCodec) -> None:
     token = codec.encode(p)
     assert re.fullmatch(r"[A-Za-z0-9\-\.]{1,64}", token) and token.startswith("p1.")
     assert codec.decode(token, T0 - dt.timedelta(minutes=1)) == p
+
+
+def test_the_batch_issuer_gives_the_same_ids_as_encode(codec: ProposalCodec) -> None:
+    for p in (_proposal(), _proposal(prac="dr.dotted"), _proposal(patients=())):
+        issue = codec.issuer(p.patient_ids, p.issued, p.window_start, p.window_end)
+        token = issue(p.practitioner_id, p.location_id, p.start, p.minutes, p.visit_type_key)
+        assert codec.decode(token, T0) == p
+        if token.startswith("p1."):
+            assert token == codec.encode(p)
 
 
 def test_tampered_or_foreign_ids_are_rejected(codec: ProposalCodec) -> None:
