@@ -17,7 +17,9 @@ import datetime as _dt
 import itertools
 import os
 import re
+import sqlite3
 import threading
+from typing import Any
 
 import pyodbc
 
@@ -303,3 +305,21 @@ def seed_demo_database(kind: str, name_hint: str, *, today: _dt.date | None = No
     finally:
         conn.close()
     return dsn
+
+
+def legacy_rows(kind: str, target: str, sql: str, *params: Any) -> list[tuple]:
+    """Rows of a query against a legacy database, read directly (not through the adapter): what
+    tests check writes against. ``kind`` 'sqlite' takes a file path, anything else an ODBC DSN."""
+    if kind == "sqlite":
+        conn = sqlite3.connect(target)
+        try:
+            return [tuple(r) for r in conn.execute(sql, params).fetchall()]
+        finally:
+            conn.close()
+    import pyodbc
+
+    conn = pyodbc.connect(target, autocommit=True)
+    try:
+        return [tuple(r) for r in conn.execute(sql, *params).fetchall()]
+    finally:
+        conn.close()

@@ -74,13 +74,14 @@ _DATE = re.compile(
 
 # --- small parsers --------------------------------------------------------------------------------
 
-def split_escaped(value: str, sep: str) -> list[str]:
-    """Split on ``sep`` unless escaped with a backslash (FHIR search escaping); unescape the parts."""
+def split_escaped(value: str, sep: str, *, keep_escaped: str = "") -> list[str]:
+    """Split on ``sep`` unless escaped with a backslash (FHIR search escaping) and unescape the parts;
+    escapes of the characters in ``keep_escaped`` stay, for a later split on them."""
     parts, current, i = [], [], 0
     while i < len(value):
         ch = value[i]
         if ch == "\\" and i + 1 < len(value):
-            current.append(value[i + 1])
+            current.append(value[i:i + 2] if value[i + 1] in keep_escaped else value[i + 1])
             i += 2
             continue
         if ch == sep:
@@ -112,21 +113,7 @@ def _unescape(text: str) -> str:
 
 def _split_or(value: str) -> list[str]:
     """The comma-separated alternatives of one parameter value, still escaped for ``|``."""
-    parts, current, i = [], [], 0
-    while i < len(value):
-        ch = value[i]
-        if ch == "\\" and i + 1 < len(value):
-            current.append(value[i:i + 2] if value[i + 1] == "|" else value[i + 1])
-            i += 2
-            continue
-        if ch == ",":
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(ch)
-        i += 1
-    parts.append("".join(current))
-    return parts
+    return split_escaped(value, ",", keep_escaped="|")
 
 
 def parse_date_range(text: str, zone: dt.tzinfo, name: str = "date") -> tuple[dt.datetime, dt.datetime]:

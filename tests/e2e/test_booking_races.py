@@ -21,6 +21,8 @@ from zoneinfo import ZoneInfo
 import httpx
 import pytest
 
+from dbutil import legacy_rows
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dbutil  # noqa: E402
@@ -50,19 +52,7 @@ class RaceServer:
         self.used: set[tuple[str | None, str]] = set()  # slots already raced for in this module
 
     def rows(self, sql: str, *params: Any) -> list[tuple]:
-        if self.kind == "sqlite":
-            conn = sqlite3.connect(self.target)
-            try:
-                return [tuple(r) for r in conn.execute(sql, params).fetchall()]
-            finally:
-                conn.close()
-        import pyodbc
-
-        conn = pyodbc.connect(self.target, autocommit=True)
-        try:
-            return [tuple(r) for r in conn.execute(sql, *params).fetchall()]
-        finally:
-            conn.close()
+        return legacy_rows(self.kind, self.target, sql, *params)
 
     def state_rows(self, sql: str, *params: Any) -> list[tuple]:
         conn = sqlite3.connect(self.state_path)

@@ -24,6 +24,8 @@ from zoneinfo import ZoneInfo
 import httpx
 import pytest
 
+from dbutil import legacy_rows
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dbutil  # noqa: E402
@@ -139,19 +141,7 @@ class LegacyDb:
         self.target = target  # SQLite path or ODBC DSN
 
     def rows(self, sql: str, *params: Any) -> list[tuple]:
-        if self.kind == "sqlite":
-            conn = sqlite3.connect(self.target)
-            try:
-                return [tuple(r) for r in conn.execute(sql, params).fetchall()]
-            finally:
-                conn.close()
-        import pyodbc
-
-        conn = pyodbc.connect(self.target, autocommit=True)
-        try:
-            return [tuple(r) for r in conn.execute(sql, *params).fetchall()]
-        finally:
-            conn.close()
+        return legacy_rows(self.kind, self.target, sql, *params)
 
     def count_appts(self) -> int:
         return self.rows("SELECT COUNT(*) FROM APPT")[0][0]
