@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import secrets
+import tempfile
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -34,14 +36,20 @@ def signing_secret(settings: Settings) -> bytes:
         # First start: create the secret once, atomically, readable by the owner only. Every worker
         # and replica that shares this file (or the same value in SCHED_SECURITY__SIGNING_SECRET)
         # verifies the others' proposed ids.
+        # Several workers start at once: each writes its own temp file and link() publishes one of
+        # them without ever overwriting (rename would let two workers end up with two secrets).
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(secrets.token_urlsafe(32), encoding="utf-8")
-        tmp.chmod(0o600)
+        fd, tmp_name = tempfile.mkstemp(prefix=".secret-", dir=path.parent)
         try:
-            tmp.rename(path) if not path.exists() else tmp.unlink()
-        except OSError:
-            pass
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(secrets.token_urlsafe(32))
+            os.chmod(tmp_name, 0o600)
+            try:
+                os.link(tmp_name, path)
+            except FileExistsError:
+                pass  # another worker published first: use theirs
+        finally:
+            os.unlink(tmp_name)
     return path.read_text(encoding="utf-8").strip().encode("utf-8")
 
 

@@ -61,3 +61,19 @@ def test_serve_refuses_to_start_with_auth_on(tmp_path: Path) -> None:
                       '[security]\nsigning_secret = "0123456789abcdef0123"\n')
     out = subprocess.run([str(SCRIPT), "serve", "--config", str(config)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "security.auth" in out.stderr
+
+
+def test_workers_starting_together_share_one_signing_secret(tmp_path: Path) -> None:
+    """First start with several workers: every worker must end up with the same secret."""
+    import multiprocessing
+
+    from adapter.server import signing_secret
+    from apputil import make_settings
+
+    settings = make_settings(tmp_path, "sqlite:///unused.sqlite",
+                             security={"signing_secret": None, "signing_secret_file": str(tmp_path / "secret")})
+    with multiprocessing.get_context("fork").Pool(8) as pool:
+        secrets_seen = set(pool.map(signing_secret, [settings] * 32))
+    assert len(secrets_seen) == 1
+    assert (tmp_path / "secret").stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".secret-")] == []

@@ -309,7 +309,7 @@ class Database:
             if self.kind == "pyodbc" and manual:
                 try:
                     conn.autocommit = False
-                except Exception:
+                except Exception:  # a broken connection: _call discards it before its next use
                     pass
             if queued:
                 self._host_lock(False)
