@@ -399,3 +399,40 @@ def test_no_double_booking_anywhere_and_both_workers_booked(server: RaceServer) 
     pids = {owner.split(":")[1] for (owner,) in server.state_rows("SELECT owner FROM journal WHERE state = 'done'")}
     assert len(pids) >= 2, f"every booking was recorded by one process: {pids}"
     assert os.getpid() not in {int(p) for p in pids}
+
+
+# --------------------------------------------------------------------------------------------------
+# Load (make test-slow): a sustained conflict storm, many clients for few slots, round after round
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_conflict_storm_sustained_load_never_double_books(server: RaceServer) -> None:
+    """64 clients race for 4 slots, 25 rounds in a row, mixing $hold and $book; the legacy tables are
+    checked afterwards: exactly one blocking row per contested slot, and no overlap anywhere."""
+    rounds, slots_per_round, clients = 25, 4, 64
+
+    async def scenario() -> None:
+        contested: list[dict[str, Any]] = []
+        for rnd in range(rounds):
+            async with httpx.AsyncClient(timeout=60) as client:  # disjoint slots: distinct practitioners
+                day = 1 + rnd % 20
+                slots, pracs = [], set()
+                for appt in await find(client, server, find_body((day, day + 3), count=500)):
+                    key = (practitioner(appt), appt["start"])
+                    if practitioner(appt) not in pracs and key not in server.used:
+                        server.used.add(key)
+                        pracs.add(practitioner(appt))
+                        slots.append(appt)
+                    if len(slots) == slots_per_round:
+                        break
+            calls = [("book" if i % 3 else "hold", slots[i % slots_per_round]["id"], f"storm-{rnd}-{i}")
+                     for i in range(clients)]
+            responses = await race(server, calls)
+            for slot in slots:
+                winners = [r for (op, token, _), r in zip(calls, responses) if token == slot["id"] and r.status_code == 200]
+                assert len(winners) == 1, [r.status_code for (_, t, _), r in zip(calls, responses) if t == slot["id"]]
+            assert all(r.status_code in (200, 409) for r in responses), {r.status_code for r in responses}
+            contested.extend(slots)
+        for slot in contested:
+            assert len(server.blocking_rows(slot)) <= 1  # a held winner wrote nothing; a booked one exactly one row
+
+    asyncio.run(scenario())
