@@ -187,10 +187,6 @@ def start_server(name: str, cmd: list[str], port: int, env: dict[str, str], log:
     raise BenchError(f"{name} did not answer GET {ready_path} within {timeout:.0f} s:\n{server.log_tail()}")
 
 
-# The known start-up failure of `sched-adapter serve` (see bench/_adapter_app.py).
-_CONFIG_FILE_BUG = "config_file (SCHED_CONFIG_FILE): Extra inputs are not permitted"
-
-
 def uvicorn_options(port: int) -> list[str]:
     """The options `sched-adapter serve` gives uvicorn.run, as command-line flags."""
     return ["--host", HOST, "--port", str(port), "--workers", "2", "--loop", "auto", "--http", "auto",
@@ -200,20 +196,8 @@ def uvicorn_options(port: int) -> list[str]:
 def start_adapter(config: Path, port: int, workdir: Path) -> Server:
     exe = Path(sys.executable).parent / "sched-adapter"
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "adapter.cli"]
-    log = workdir / "adapter.log"
-    try:
-        return start_server("adapter", cmd + ["serve", "--config", str(config)], port, clean_env(), log,
-                            "/fhir/metadata")
-    except BenchError:
-        if _CONFIG_FILE_BUG not in log.read_text(errors="replace"):
-            raise
-    print("WARNING: `sched-adapter serve` cannot start its workers (adapter/asgi.py passes SCHED_CONFIG_FILE to "
-          "load_settings, which rejects it as an unknown setting); benchmarking through bench/_adapter_app.py, "
-          "the same app and uvicorn options without that variable.", file=sys.stderr, flush=True)
-    fallback = [sys.executable, "-m", "uvicorn", "_adapter_app:app_factory", "--factory", "--app-dir", str(BENCH_DIR),
-                "--lifespan", "on", "--no-proxy-headers"] + uvicorn_options(port)
-    return start_server("adapter", fallback, port, clean_env(BENCH_ADAPTER_CONFIG=str(config)),
-                        workdir / "adapter-fallback.log", "/fhir/metadata")
+    return start_server("adapter", cmd + ["serve", "--config", str(config)], port, clean_env(),
+                        workdir / "adapter.log", "/fhir/metadata")
 
 
 # --------------------------------------------------------------------------- wrk

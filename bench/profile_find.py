@@ -109,7 +109,8 @@ def install_timers(app) -> dict[str, list[float]]:
     wrap(backend, "_busy", "    _busy (busy section + Interval building)")
     wrap(service.state, "holds_by_practitioner", "  state.holds_by_practitioner")
     wrap(service_mod, "find_candidates", "  find_candidates (bookable minus busy, count, page)")
-    wrap(service.proposals, "encode", "  proposals.encode (HMAC id per entry)")
+    wrap(service.availability, "free_time", "  availability cache (bookable spans; legacy reads on a miss)")
+    wrap(service.proposals, "issuer", "  proposals.issuer (signed ids are issued after find_candidates)")
     wrap(find_mod, "_bundle", "find._bundle (Appointment dicts + Bundle)")
     wrap(find_mod, "render", "find.render (orjson.dumps + Response)")
     return acc
