@@ -109,3 +109,22 @@ def test_a_change_made_directly_in_the_legacy_system_shows_after_the_ttl(tmp_pat
     after = _bookable(asyncio.run(cache.free_time(q)))
     booked = (slot[0], slot[0] + 600)
     assert not any(s < booked[1] and booked[0] < e for s, e in after[(prac, loc)])
+
+
+def test_cache_seconds_zero_reads_the_legacy_system_every_time(demo: Path) -> None:
+    backend = _backend(demo)
+    cache = AvailabilityCache(backend, lambda: 0, ttl_seconds=0)
+    calls = []
+    original = backend.availability
+
+    async def counting(query):
+        calls.append(query)
+        return await original(query)
+
+    backend.availability = counting  # type: ignore[method-assign]
+    base = dt.datetime.combine(dt.date.today() + dt.timedelta(days=1), dt.time(), tzinfo=UTC)
+    q = AvailabilityQuery(Interval(base, base + dt.timedelta(days=3)), ("SPEARSB",), ())
+    first = asyncio.run(cache.free_time(q))
+    second = asyncio.run(cache.free_time(q))
+    assert len(calls) == 2 and calls[0] == q  # the request's own window, no day widening
+    assert _bookable(first) == _bookable(second) != {}
