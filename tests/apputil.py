@@ -57,3 +57,25 @@ def issues(bundle_or_oo: dict[str, Any]) -> list[dict[str, Any]]:
     if bundle_or_oo["resourceType"] == "OperationOutcome":
         return bundle_or_oo["issue"]
     return [i for oo in outcomes(bundle_or_oo) for i in oo["issue"]]
+
+
+def write_server_config(folder: Path, port: int, *, database_url: str = "sqlite:///demo.sqlite", workers: int = 1,
+                        demo: bool = True, extra: str = "") -> Path:
+    """A settings file for `sched-adapter serve` in ``folder`` (relative paths resolve there)."""
+    path = folder / "server.toml"
+    path.write_text(f"""demo = {"true" if demo else "false"}
+[server]
+host = "127.0.0.1"
+port = {port}
+workers = {workers}
+log_level = "warning"
+[backend]
+mapping = '{DEMO_MAPPING}'
+database_url = '{database_url}'
+[state]
+path = "state.sqlite"
+[security]
+auth = "off"
+signing_secret_file = "secret"
+{extra}""", encoding="utf-8")
+    return path

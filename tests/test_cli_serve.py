@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 
-from apputil import DEMO_MAPPING, local_midnight, parameters
+from apputil import DEMO_MAPPING, local_midnight, parameters, write_server_config
 from conformance import assert_avail_bundle
 
 SCRIPT = Path(sys.executable).parent / "sched-adapter"
@@ -19,22 +19,7 @@ def test_serve_with_two_workers_answers_find(tmp_path: Path, live_server_process
     from serverutil import free_port
 
     port = free_port()
-    config = tmp_path / "config.toml"
-    config.write_text(f"""demo = true
-[server]
-host = "127.0.0.1"
-port = {port}
-workers = 2
-log_level = "warning"
-[backend]
-mapping = "{DEMO_MAPPING}"
-database_url = "sqlite:///demo.sqlite"
-[state]
-path = "state.sqlite"
-[security]
-auth = "off"
-signing_secret_file = "secret"
-""")
+    config = write_server_config(tmp_path, port, workers=2)
     p = live_server_process.start([str(SCRIPT), "serve", "--config", str(config)], port=port)
     start = local_midnight(1)
     body = parameters(("start", "valueDateTime", start.isoformat()),

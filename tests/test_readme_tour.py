@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from apputil import DEMO_MAPPING, REPO
+from apputil import REPO, write_server_config
 
 SCRIPT = Path(sys.executable).parent / "sched-adapter"
 
@@ -21,20 +21,7 @@ def test_readme_tour_works_as_written(tmp_path: Path, live_server_process) -> No
 
     tour = re.search(r"## A 60-second tour.*?```sh\n(.*?)```", (REPO / "README.md").read_text(), re.S).group(1)
     port = free_port()
-    config = tmp_path / "demo.toml"
-    config.write_text(f"""demo = true
-[server]
-port = {port}
-log_level = "warning"
-[backend]
-mapping = "{DEMO_MAPPING}"
-database_url = "sqlite:///demo.sqlite"
-[state]
-path = "state.sqlite"
-[security]
-auth = "off"
-signing_secret_file = "secret"
-""")
+    config = write_server_config(tmp_path, port)
     live_server_process.start([str(SCRIPT), "serve", "--config", str(config)], port=port)
     script = tour.replace("http://127.0.0.1:8080", f"http://127.0.0.1:{port}")
     out = subprocess.run(["bash", "-eu", "-c", script], cwd=tmp_path, capture_output=True, text=True,
