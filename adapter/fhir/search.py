@@ -427,7 +427,7 @@ def parse_search(ctx: FhirContext, params: list[tuple[str, str]], now: dt.dateti
                 req.ignored.append((name, f"value {value!r} is not supported (none, estimate, accurate)"))
                 used = False
         elif name == "_format":
-            pass
+            pass  # not a filter: it picks the response format (_response_format) and stays in the paging links
         elif name == CURSOR_PARAM:
             req.cursor = Cursor.decode(ctx, value)
             used = False  # links carry their own cursor
