@@ -25,7 +25,9 @@ def _serve(config: Path, overrides: dict[str, str]) -> int:
     except SettingsError as exc:
         print(f"sched-adapter: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=settings.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     logging.getLogger("apscheduler").setLevel(logging.WARNING)  # one line per sweep is noise
     try:
         load_mapping(settings.backend.mapping)
@@ -33,22 +35,35 @@ def _serve(config: Path, overrides: dict[str, str]) -> int:
         print(f"sched-adapter: {exc}", file=sys.stderr)
         return 2
     if settings.security.auth != "off":
-        print("sched-adapter: security.auth = 'smart' is not implemented in this release; set security.auth = \"off\" "
-              "explicitly (SCHED_SECURITY__AUTH=off) and put the adapter behind an authorizing gateway.", file=sys.stderr)
+        print(
+            "sched-adapter: security.auth = 'smart' is not implemented in this release; set security.auth = \"off\" "
+            "explicitly (SCHED_SECURITY__AUTH=off) and put the adapter behind an authorizing gateway.",
+            file=sys.stderr,
+        )
         return 2
     # Workers re-read the same settings through these variables (uvicorn's factory takes no arguments).
     os.environ[CONFIG_FILE_VARIABLE] = str(config.resolve())
     for key, value in overrides.items():
         os.environ[key] = value
     print(f"sched-adapter: serving {settings.server.public_base()} (FHIR R4, IHE ITI Scheduling)", file=sys.stderr)
-    uvicorn.run("adapter.asgi:app_factory", factory=True, host=settings.server.host, port=settings.server.port,
-                workers=settings.server.workers, log_level=settings.server.log_level, lifespan="on",
-                proxy_headers=False, access_log=False)
+    uvicorn.run(
+        "adapter.asgi:app_factory",
+        factory=True,
+        host=settings.server.host,
+        port=settings.server.port,
+        workers=settings.server.workers,
+        log_level=settings.server.log_level,
+        lifespan="on",
+        proxy_headers=False,
+        access_log=False,
+    )
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sched-adapter", description="IHE ITI Scheduling Server over a legacy scheduler")
+    parser = argparse.ArgumentParser(
+        prog="sched-adapter", description="IHE ITI Scheduling Server over a legacy scheduler"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run with a settings file (TOML)")
     serve.add_argument("--config", required=True, type=Path)

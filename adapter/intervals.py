@@ -8,7 +8,7 @@ timedeltas to ZoneInfo datetimes in wall-clock time).
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from adapter.backends.protocol import Interval
 

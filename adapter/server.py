@@ -58,36 +58,54 @@ def ensure_demo_data(settings: Settings) -> None:
     if settings.demo and url.startswith("sqlite:///"):
         from adapter.demo.seed import ensure_demo_database
 
-        if ensure_demo_database(Path(url[len("sqlite:///"):]), today=dt.date.today()):
+        if ensure_demo_database(Path(url[len("sqlite:///") :]), today=dt.date.today()):
             log.info("created the demo practice database at %s", url)
 
 
 def build_app(settings: Settings) -> Starlette:
     ensure_demo_data(settings)
     mapping = load_mapping(settings.backend.mapping)
-    database = Database(settings.backend.database_url, pool_size=settings.backend.pool_size,
-                        timeout_s=settings.backend.timeout_seconds)
+    database = Database(
+        settings.backend.database_url, pool_size=settings.backend.pool_size, timeout_s=settings.backend.timeout_seconds
+    )
     backend = SqlBackend(mapping, database)
     state = SqliteStateStore(settings.state.path)
     codec = ProposalCodec(signing_secret(settings), state, dt.timedelta(seconds=settings.find.proposal_ttl_seconds))
     vt = mapping.doc.visit_types
     service = SchedulingService(
-        backend, state, codec, hold_ttl=dt.timedelta(seconds=settings.hold.ttl_seconds),
-        default_visit_type=vt.default, slot_step_minutes=vt.slot_step_minutes,
+        backend,
+        state,
+        codec,
+        hold_ttl=dt.timedelta(seconds=settings.hold.ttl_seconds),
+        default_visit_type=vt.default,
+        slot_step_minutes=vt.slot_step_minutes,
         organization_id=mapping.doc.system.organization.id if mapping.doc.system.organization else None,
-        availability_cache_seconds=settings.find.cache_seconds)
-    ctx = FhirContext(service=service, base_url=settings.server.public_base(), zone=ZoneInfo(mapping.doc.system.timezone),
-                      find=settings.find, max_body_bytes=settings.server.max_body_bytes,
-                      auth_enabled=settings.security.auth != "off")
-    scheduler = AsyncIOScheduler(timezone=dt.timezone.utc)
+        availability_cache_seconds=settings.find.cache_seconds,
+    )
+    ctx = FhirContext(
+        service=service,
+        base_url=settings.server.public_base(),
+        zone=ZoneInfo(mapping.doc.system.timezone),
+        find=settings.find,
+        max_body_bytes=settings.server.max_body_bytes,
+        auth_enabled=settings.security.auth != "off",
+    )
+    scheduler = AsyncIOScheduler(timezone=dt.UTC)
 
     async def sweep() -> None:
         # Expire holds and settle bookings whose outcome a crash left unknown (scheduling.state).
         await service.housekeeping(utc_now())
 
     def start() -> None:
-        scheduler.add_job(sweep, "interval", seconds=settings.hold.sweep_seconds, id="hold-expiry",
-                          coalesce=True, max_instances=1, next_run_time=utc_now())  # first run at startup
+        scheduler.add_job(
+            sweep,
+            "interval",
+            seconds=settings.hold.sweep_seconds,
+            id="hold-expiry",
+            coalesce=True,
+            max_instances=1,
+            next_run_time=utc_now(),
+        )  # first run at startup
         scheduler.start()
 
     async def stop() -> None:

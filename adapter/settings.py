@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -63,7 +64,9 @@ class HoldSettings(_Section):
 
 class SecuritySettings(_Section):
     auth: Literal["smart", "off"] = Field("smart", description="'off' must be chosen explicitly")
-    signing_secret: str | None = Field(None, min_length=16, description="HMAC secret for proposed ids; shared by replicas")
+    signing_secret: str | None = Field(
+        None, min_length=16, description="HMAC secret for proposed ids; shared by replicas"
+    )
     signing_secret_file: Path | None = Field(None, description="file holding the secret (created if missing)")
 
 
@@ -77,7 +80,7 @@ class Settings(_Section):
     demo: bool = Field(False, description="create and seed the demo database on first start")
 
     @model_validator(mode="after")
-    def _secret_source(self) -> "Settings":
+    def _secret_source(self) -> Settings:
         if not self.security.signing_secret and not self.security.signing_secret_file:
             raise ValueError("security.signing_secret or security.signing_secret_file is required")
         return self
@@ -92,7 +95,7 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
     for name, value in env.items():
         if not name.startswith(ENV_PREFIX) or name == CONFIG_FILE_VARIABLE:
             continue
-        path = name[len(ENV_PREFIX):].lower().split("__")
+        path = name[len(ENV_PREFIX) :].lower().split("__")
         node = tree
         for part in path[:-1]:
             node = node.setdefault(part, {})
@@ -114,7 +117,7 @@ def _resolve_paths(data: dict[str, Any], folder: Path) -> None:
             data[section][key] = str((folder / value).resolve())
     url = data.get("backend", {}).get("database_url")
     if isinstance(url, str) and url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
-        data["backend"]["database_url"] = "sqlite:///" + str((folder / url[len("sqlite:///"):]).resolve())
+        data["backend"]["database_url"] = "sqlite:///" + str((folder / url[len("sqlite:///") :]).resolve())
 
 
 def load_settings(path: str | Path | None, env: Mapping[str, str] | None = None) -> Settings:

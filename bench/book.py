@@ -67,7 +67,8 @@ def start_server(workdir: Path, workers: int) -> tuple[subprocess.Popen, str, Pa
     ensure_demo_database(db, today=dt.date.today())
     port = free_port()
     config = workdir / "bench.toml"
-    config.write_text(f"""
+    config.write_text(
+        f"""
 [server]
 host = "{HOST}"
 port = {port}
@@ -85,11 +86,18 @@ path = '{workdir / "state.sqlite"}'
 [security]
 auth = "off"
 signing_secret = "bench-book-secret-0123456789abcdef"
-""", encoding="utf-8")
+""",
+        encoding="utf-8",
+    )
     log = open(workdir / "server.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "adapter.cli", "serve", "--config", str(config)],
-                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "adapter.cli", "serve", "--config", str(config)],
+        cwd=REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     base = f"http://{HOST}:{port}/fhir"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -119,29 +127,36 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 # --------------------------------------------------------------------------- slots
 
+
 def parameters(*entries: dict[str, Any]) -> dict[str, Any]:
     return {"resourceType": "Parameters", "parameter": list(entries)}
 
 
 def practitioner(appt: dict[str, Any]) -> str:
-    return next(p["actor"]["reference"].split("/", 1)[1] for p in appt["participant"]
-                if p["actor"].get("reference", "").startswith("Practitioner/"))
+    return next(
+        p["actor"]["reference"].split("/", 1)[1]
+        for p in appt["participant"]
+        if p["actor"].get("reference", "").startswith("Practitioner/")
+    )
 
 
 def span(appt: dict[str, Any]) -> tuple[dt.datetime, dt.datetime]:
     return dt.datetime.fromisoformat(appt["start"]), dt.datetime.fromisoformat(appt["end"])
 
 
-async def find_slots(client: httpx.AsyncClient, base: str, days: int, wanted: int,
-                     avoid: list[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+async def find_slots(
+    client: httpx.AsyncClient, base: str, days: int, wanted: int, avoid: list[dict[str, Any]] = ()
+) -> list[dict[str, Any]]:
     """Up to ``wanted`` offered appointments that overlap neither each other nor ``avoid``."""
     today = dt.datetime.now(ZONE).date()
     start = dt.datetime.combine(today + dt.timedelta(days=1), dt.time(), tzinfo=ZONE)
     end = start + dt.timedelta(days=days)
-    body = parameters({"name": "start", "valueDateTime": start.isoformat()},
-                      {"name": "end", "valueDateTime": end.isoformat()},
-                      {"name": "patient-reference", "valueReference": {"reference": "Patient/9"}},
-                      {"name": "_count", "valueInteger": 500})
+    body = parameters(
+        {"name": "start", "valueDateTime": start.isoformat()},
+        {"name": "end", "valueDateTime": end.isoformat()},
+        {"name": "patient-reference", "valueReference": {"reference": "Patient/9"}},
+        {"name": "_count", "valueInteger": 500},
+    )
     taken: dict[str, list[tuple[dt.datetime, dt.datetime]]] = {}
     for a in avoid:
         taken.setdefault(practitioner(a), []).append(span(a))
@@ -183,16 +198,18 @@ class RawClient:
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
-    async def connect(self) -> "RawClient":
+    async def connect(self) -> RawClient:
         self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         self.writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return self
 
     async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
         assert self.reader is not None and self.writer is not None
-        head = (f"POST {self.prefix}{path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
-                f"Content-Type: application/fhir+json\r\nX-Client-Id: {self.client_id}\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        head = (
+            f"POST {self.prefix}{path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+            f"Content-Type: application/fhir+json\r\nX-Client-Id: {self.client_id}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
         self.writer.write(head + body)
         status_line = await self.reader.readline()
         length = 0
@@ -213,6 +230,7 @@ def book_body(token: str) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- phases
+
 
 async def throughput(base: str, slots: list[dict[str, Any]], clients: int, duration: float) -> dict[str, Any]:
     queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
@@ -244,11 +262,16 @@ async def throughput(base: str, slots: list[dict[str, Any]], clients: int, durat
     await asyncio.gather(*(client_loop(i) for i in range(clients)))
     elapsed = time.perf_counter() - t0
     latencies.sort()
-    return {"n": len(latencies), "elapsed": elapsed, "statuses": statuses, "booked": booked,
-            "rate": len(booked) / elapsed if elapsed else 0.0,
-            "p50": statistics.median(latencies) * 1000 if latencies else 0.0,
-            "p99": latencies[int(len(latencies) * 0.99) - 1] * 1000 if latencies else 0.0,
-            "exhausted": queue.empty()}
+    return {
+        "n": len(latencies),
+        "elapsed": elapsed,
+        "statuses": statuses,
+        "booked": booked,
+        "rate": len(booked) / elapsed if elapsed else 0.0,
+        "p50": statistics.median(latencies) * 1000 if latencies else 0.0,
+        "p99": latencies[int(len(latencies) * 0.99) - 1] * 1000 if latencies else 0.0,
+        "exhausted": queue.empty(),
+    }
 
 
 async def storm(base: str, slots: list[dict[str, Any]], clients: int) -> dict[str, Any]:
@@ -256,7 +279,7 @@ async def storm(base: str, slots: list[dict[str, Any]], clients: int) -> dict[st
     bodies = [json.dumps(book_body(slots[i % len(slots)]["id"])).encode() for i in range(clients)]
     try:
         t0 = time.perf_counter()
-        results = await asyncio.gather(*(c.post("/Appointment/$book", b) for c, b in zip(conns, bodies)))
+        results = await asyncio.gather(*(c.post("/Appointment/$book", b) for c, b in zip(conns, bodies, strict=False)))
         elapsed = time.perf_counter() - t0
     finally:
         for c in conns:
@@ -272,13 +295,16 @@ async def storm(base: str, slots: list[dict[str, Any]], clients: int) -> dict[st
 
 # --------------------------------------------------------------------------- the legacy table
 
+
 def blocking_overlapping(db: Path, appt: dict[str, Any]) -> int:
     s, e = (t.astimezone(ZONE) for t in span(appt))
     day = s.year * 10000 + s.month * 100 + s.day
     conn = sqlite3.connect(db)
     try:
-        rows = conn.execute("SELECT APPT_TM, DUR_MIN FROM APPT WHERE TRIM(PROV_ID) = ? AND APPT_DT = ? "
-                            f"AND STATUS_CD IN {BLOCKING}", (practitioner(appt), day)).fetchall()
+        rows = conn.execute(
+            f"SELECT APPT_TM, DUR_MIN FROM APPT WHERE TRIM(PROV_ID) = ? AND APPT_DT = ? AND STATUS_CD IN {BLOCKING}",
+            (practitioner(appt), day),
+        ).fetchall()
     finally:
         conn.close()
     n = 0
@@ -293,20 +319,23 @@ def overlapping_pairs(db: Path) -> int:
     """Pairs of overlapping blocking rows of one practitioner where at least one was booked here."""
     conn = sqlite3.connect(db)
     try:
-        rows = conn.execute("SELECT TRIM(PROV_ID), APPT_DT, APPT_TM, DUR_MIN, BOOKED_BY FROM APPT "
-                            f"WHERE STATUS_CD IN {BLOCKING}").fetchall()
+        rows = conn.execute(
+            f"SELECT TRIM(PROV_ID), APPT_DT, APPT_TM, DUR_MIN, BOOKED_BY FROM APPT WHERE STATUS_CD IN {BLOCKING}"
+        ).fetchall()
     finally:
         conn.close()
     by_prac: dict[str, list[tuple[dt.datetime, dt.datetime, bool]]] = {}
     for prac, day, hhmm, minutes, by in rows:
         d = dt.date(day // 10000, day // 100 % 100, day % 100)
         s = dt.datetime.combine(d, dt.time(hhmm // 100, hhmm % 100))
-        by_prac.setdefault(prac, []).append((s, s + dt.timedelta(minutes=minutes), (by or "").startswith(("bench", "storm"))))
+        by_prac.setdefault(prac, []).append(
+            (s, s + dt.timedelta(minutes=minutes), (by or "").startswith(("bench", "storm")))
+        )
     pairs = 0
     for items in by_prac.values():
         items.sort()
-        for i, (s, e, ours) in enumerate(items):
-            for s2, e2, ours2 in items[i + 1:]:
+        for i, (_s, e, ours) in enumerate(items):
+            for s2, _e2, ours2 in items[i + 1 :]:
                 if s2 >= e:
                     break
                 pairs += ours or ours2
@@ -314,6 +343,7 @@ def overlapping_pairs(db: Path) -> int:
 
 
 # --------------------------------------------------------------------------- main
+
 
 async def run(args: argparse.Namespace, base: str, db: Path) -> int:
     async with httpx.AsyncClient(timeout=60) as http:
@@ -324,13 +354,15 @@ async def run(args: argparse.Namespace, base: str, db: Path) -> int:
 
     tp = await throughput(base, slots, args.clients, args.duration)
     print(f"non-conflicting $book, {args.clients} clients, {args.workers} workers, SQLite demo:")
-    print(f"  {len(tp['booked'])} bookings in {tp['elapsed']:.2f} s = {tp['rate']:.0f} bookings/s"
-          f"   p50 {tp['p50']:.1f} ms  p99 {tp['p99']:.1f} ms   statuses {tp['statuses']}"
-          + ("   (ran out of prepared slots)" if tp["exhausted"] else ""))
+    print(
+        f"  {len(tp['booked'])} bookings in {tp['elapsed']:.2f} s = {tp['rate']:.0f} bookings/s"
+        f"   p50 {tp['p50']:.1f} ms  p99 {tp['p99']:.1f} ms   statuses {tp['statuses']}"
+        + ("   (ran out of prepared slots)" if tp["exhausted"] else "")
+    )
 
     storms = []
     for k in range(args.storms):
-        group = storm_slots[k * args.storm_slots:(k + 1) * args.storm_slots]
+        group = storm_slots[k * args.storm_slots : (k + 1) * args.storm_slots]
         storms.append((group, await storm(base, group, args.storm_clients)))
     wins = [w for _, s in storms for w in s["wins"]]
     statuses: dict[int, int] = {}
@@ -339,8 +371,10 @@ async def run(args: argparse.Namespace, base: str, db: Path) -> int:
             statuses[code] = statuses.get(code, 0) + n
     elapsed = [s["elapsed"] for _, s in storms]
     print(f"conflict storm, {args.storm_clients} clients on {args.storm_slots} slots, {args.storms} rounds:")
-    print(f"  statuses {statuses}   winners per slot {sorted(set(wins))}   "
-          f"storm time median {statistics.median(elapsed) * 1000:.0f} ms, max {max(elapsed) * 1000:.0f} ms")
+    print(
+        f"  statuses {statuses}   winners per slot {sorted(set(wins))}   "
+        f"storm time median {statistics.median(elapsed) * 1000:.0f} ms, max {max(elapsed) * 1000:.0f} ms"
+    )
 
     double = 0
     for group, _ in storms:
@@ -351,8 +385,13 @@ async def run(args: argparse.Namespace, base: str, db: Path) -> int:
     pairs = overlapping_pairs(db)
     print(f"legacy APPT table: double bookings {double}; overlapping blocking pairs involving bench rows {pairs}")
 
-    ok = (double == 0 and pairs == 0 and set(tp["statuses"]) == {200} and all(w == 1 for w in wins)
-          and statuses.get(409, 0) == args.storms * (args.storm_clients - args.storm_slots))
+    ok = (
+        double == 0
+        and pairs == 0
+        and set(tp["statuses"]) == {200}
+        and all(w == 1 for w in wins)
+        and statuses.get(409, 0) == args.storms * (args.storm_clients - args.storm_slots)
+    )
     print("RESULT:", "OK" if ok else "FAILED")
     return 0 if ok else 1
 

@@ -64,6 +64,7 @@ class BenchError(Exception):
 
 # --------------------------------------------------------------------------- helpers
 
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((HOST, 0))
@@ -121,8 +122,14 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def http_request(port: int, method: str, path: str, body: bytes | None = None,
-                 headers: dict[str, str] | None = None, timeout: float = 10.0) -> tuple[int, bytes]:
+def http_request(
+    port: int,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 10.0,
+) -> tuple[int, bytes]:
     conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
     try:
         conn.request(method, path, body=body, headers=headers or {})
@@ -162,11 +169,13 @@ class Server:
             pass
 
 
-def start_server(name: str, cmd: list[str], port: int, env: dict[str, str], log: Path, ready_path: str,
-                 timeout: float = 60.0) -> Server:
+def start_server(
+    name: str, cmd: list[str], port: int, env: dict[str, str], log: Path, ready_path: str, timeout: float = 60.0
+) -> Server:
     fh = open(log, "wb")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
+    )
     fh.close()
     server = Server(name, proc, port, log)
     deadline = time.monotonic() + timeout
@@ -189,18 +198,38 @@ def start_server(name: str, cmd: list[str], port: int, env: dict[str, str], log:
 
 def uvicorn_options(port: int) -> list[str]:
     """The options `sched-adapter serve` gives uvicorn.run, as command-line flags."""
-    return ["--host", HOST, "--port", str(port), "--workers", "2", "--loop", "auto", "--http", "auto",
-            "--no-access-log", "--log-level", "warning"]
+    return [
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+        "--workers",
+        "2",
+        "--loop",
+        "auto",
+        "--http",
+        "auto",
+        "--no-access-log",
+        "--log-level",
+        "warning",
+    ]
 
 
 def start_adapter(config: Path, port: int, workdir: Path) -> Server:
     exe = Path(sys.executable).parent / "sched-adapter"
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "adapter.cli"]
-    return start_server("adapter", cmd + ["serve", "--config", str(config)], port, clean_env(),
-                        workdir / "adapter.log", "/fhir/metadata")
+    return start_server(
+        "adapter",
+        cmd + ["serve", "--config", str(config)],
+        port,
+        clean_env(),
+        workdir / "adapter.log",
+        "/fhir/metadata",
+    )
 
 
 # --------------------------------------------------------------------------- wrk
+
 
 def ensure_wrk() -> str:
     found = shutil.which("wrk")
@@ -217,8 +246,10 @@ def ensure_wrk() -> str:
         if found:
             return found
         raise BenchError("apt-get could not install wrk:\n" + r.stderr.decode(errors="replace")[-2000:])
-    raise BenchError("wrk is not installed. Install it with `sudo apt-get install -y wrk` (Debian/Ubuntu) "
-                     "or build it from https://github.com/wg/wrk, then run `make bench` again.")
+    raise BenchError(
+        "wrk is not installed. Install it with `sudo apt-get install -y wrk` (Debian/Ubuntu) "
+        "or build it from https://github.com/wg/wrk, then run `make bench` again."
+    )
 
 
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
@@ -249,27 +280,44 @@ def parse_wrk(out: str) -> LoadResult:
         raise BenchError(f"cannot parse wrk output:\n{out}")
     non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     sock = re.search(r"Socket errors:\s+(.*)$", out, re.M)
-    return LoadResult(float(rps.group(1)), pct[50], pct[99], int(total.group(1)),
-                      int(non2xx.group(1)) if non2xx else 0, sock.group(1).strip() if sock else None)
+    return LoadResult(
+        float(rps.group(1)),
+        pct[50],
+        pct[99],
+        int(total.group(1)),
+        int(non2xx.group(1)) if non2xx else 0,
+        sock.group(1).strip() if sock else None,
+    )
 
 
 def write_lua(workdir: Path, body_file: Path) -> Path:
     script = workdir / "post.lua"
     script.write_text(
         "-- POST the $find Parameters body (written by bench/find.py)\n"
-        f"local f = assert(io.open({json.dumps(str(body_file))}, \"rb\"))\n"
-        "wrk.method = \"POST\"\n"
-        "wrk.body = f:read(\"*a\")\n"
+        f'local f = assert(io.open({json.dumps(str(body_file))}, "rb"))\n'
+        'wrk.method = "POST"\n'
+        'wrk.body = f:read("*a")\n'
         "f:close()\n"
-        f"wrk.headers[\"Content-Type\"] = \"{CONTENT_TYPE}\"\n"
-        f"wrk.headers[\"Accept\"] = \"{CONTENT_TYPE}\"\n",
-        encoding="utf-8")
+        f'wrk.headers["Content-Type"] = "{CONTENT_TYPE}"\n'
+        f'wrk.headers["Accept"] = "{CONTENT_TYPE}"\n',
+        encoding="utf-8",
+    )
     return script
 
 
 def run_wrk(wrk: str, lua: Path, port: int, seconds: float, connections: int, threads: int) -> LoadResult:
-    cmd = [wrk, f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "5s", "--latency",
-           "-s", str(lua), f"http://{HOST}:{port}{FIND_PATH}"]
+    cmd = [
+        wrk,
+        f"-t{threads}",
+        f"-c{connections}",
+        f"-d{max(1, round(seconds))}s",
+        "--timeout",
+        "5s",
+        "--latency",
+        "-s",
+        str(lua),
+        f"http://{HOST}:{port}{FIND_PATH}",
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30)
     if r.returncode != 0:
         raise BenchError(f"wrk failed ({r.returncode}): {r.stderr or r.stdout}")
@@ -277,6 +325,7 @@ def run_wrk(wrk: str, lua: Path, port: int, seconds: float, connections: int, th
 
 
 # --------------------------------------------------------------------------- unloaded latency
+
 
 def sequential_p50(port: int, body: bytes, n: int = 200, warmup: int = 20) -> tuple[float, int]:
     """Median latency (ms) of ``n`` sequential POSTs on one keep-alive connection, and the failures."""
@@ -304,20 +353,24 @@ def sequential_p50(port: int, body: bytes, n: int = 200, warmup: int = 20) -> tu
 
 # --------------------------------------------------------------------------- the $find request
 
+
 def find_body(port: int, zone: ZoneInfo) -> tuple[bytes, list[str], str, str]:
-    status, raw = http_request(port, "GET", f"/fhir/Practitioner?_count={N_PRACTITIONERS}",
-                               headers={"Accept": CONTENT_TYPE})
+    status, raw = http_request(
+        port, "GET", f"/fhir/Practitioner?_count={N_PRACTITIONERS}", headers={"Accept": CONTENT_TYPE}
+    )
     if status != 200:
         raise BenchError(f"GET /fhir/Practitioner answered {status}: {raw[:500]!r}")
-    ids = [e["resource"]["id"] for e in json.loads(raw).get("entry", [])
-           if e.get("resource", {}).get("resourceType") == "Practitioner"][:N_PRACTITIONERS]
+    ids = [
+        e["resource"]["id"]
+        for e in json.loads(raw).get("entry", [])
+        if e.get("resource", {}).get("resourceType") == "Practitioner"
+    ][:N_PRACTITIONERS]
     if len(ids) < N_PRACTITIONERS:
         raise BenchError(f"the demo has {len(ids)} practitioners; the bench needs {N_PRACTITIONERS}")
     tomorrow = dt.datetime.now(zone).date() + dt.timedelta(days=1)
     start = dt.datetime.combine(tomorrow, dt.time(0), tzinfo=zone)
     end = dt.datetime.combine(tomorrow + dt.timedelta(days=WINDOW_DAYS), dt.time(0), tzinfo=zone)
-    params = [{"name": "start", "valueDateTime": start.isoformat()},
-              {"name": "end", "valueDateTime": end.isoformat()}]
+    params = [{"name": "start", "valueDateTime": start.isoformat()}, {"name": "end", "valueDateTime": end.isoformat()}]
     params += [{"name": "practitioner", "valueReference": {"reference": f"Practitioner/{i}"}} for i in ids]
     params.append({"name": "_count", "valueInteger": COUNT})
     body = json.dumps({"resourceType": "Parameters", "parameter": params}).encode()
@@ -325,8 +378,9 @@ def find_body(port: int, zone: ZoneInfo) -> tuple[bytes, list[str], str, str]:
 
 
 def check_find(port: int, body: bytes) -> bytes:
-    status, raw = http_request(port, "POST", FIND_PATH, body=body,
-                               headers={"Content-Type": CONTENT_TYPE, "Accept": CONTENT_TYPE})
+    status, raw = http_request(
+        port, "POST", FIND_PATH, body=body, headers={"Content-Type": CONTENT_TYPE, "Accept": CONTENT_TYPE}
+    )
     if status != 200:
         raise BenchError(f"$find answered {status}: {raw[:1000]!r}")
     bundle = json.loads(raw)
@@ -341,11 +395,13 @@ def check_find(port: int, body: bytes) -> bytes:
 
 # --------------------------------------------------------------------------- main
 
+
 def _versions() -> str:
     parts = [f"Python {sys.version.split()[0]}", f"{os.cpu_count()} CPUs"]
     for mod in ("uvicorn", "uvloop", "httptools", "starlette", "orjson"):
         try:
             from importlib.metadata import version
+
             parts.append(f"{mod} {version(mod)}")
         except Exception:
             parts.append(f"{mod} -")
@@ -390,20 +446,37 @@ def _run(args: argparse.Namespace) -> int:
             lua = write_lua(workdir, workdir / "params.json")
 
             f_port = free_port()
-            floor_cmd = [sys.executable, "-m", "uvicorn", "_floor_app:app", "--app-dir", str(BENCH_DIR)] \
-                + uvicorn_options(f_port)
-            floor = start_server("floor", floor_cmd, f_port, clean_env(BENCH_FLOOR_BODY=str(workdir / "bundle.json")),
-                                 workdir / "floor.log", "/ready")
+            floor_cmd = [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "_floor_app:app",
+                "--app-dir",
+                str(BENCH_DIR),
+            ] + uvicorn_options(f_port)
+            floor = start_server(
+                "floor",
+                floor_cmd,
+                f_port,
+                clean_env(BENCH_FLOOR_BODY=str(workdir / "bundle.json")),
+                workdir / "floor.log",
+                "/ready",
+            )
             servers.append(floor)
             status, fb = http_request(f_port, "POST", FIND_PATH, body=body, headers={"Content-Type": CONTENT_TYPE})
             if status != 200 or fb != saved:
                 raise BenchError(f"the floor answered {status} with {len(fb)} bytes; expected the saved {len(saved)}")
 
             print(f"sched-adapter $find bench: {_versions()}")
-            print(f"request: POST {FIND_PATH}, {N_PRACTITIONERS} practitioners ({', '.join(prac_ids)}), "
-                  f"{start} .. {end}, _count {COUNT}; response {len(saved)} bytes")
-            print(f"load: wrk -t{args.threads} -c{args.connections} -d{args.duration:g}s after a {args.warmup:g} s "
-                  f"warm-up; servers: 2 uvicorn workers each, loop/http auto, no access log", flush=True)
+            print(
+                f"request: POST {FIND_PATH}, {N_PRACTITIONERS} practitioners ({', '.join(prac_ids)}), "
+                f"{start} .. {end}, _count {COUNT}; response {len(saved)} bytes"
+            )
+            print(
+                f"load: wrk -t{args.threads} -c{args.connections} -d{args.duration:g}s after a {args.warmup:g} s "
+                f"warm-up; servers: 2 uvicorn workers each, loop/http auto, no access log",
+                flush=True,
+            )
 
             results: dict[str, tuple[LoadResult, float, int]] = {}
             for server in (adapter, floor):
@@ -429,10 +502,14 @@ def _run(args: argparse.Namespace) -> int:
         floor_load, _, _ = results["floor"]
         ratio = find_load.rps / floor_load.rps if floor_load.rps else 0.0
         print()
-        print(f"ratio $find/floor req/s = {ratio:.3f}  (target >= {RATIO_TARGET:.2f}: "
-              f"{'met' if ratio >= RATIO_TARGET else 'NOT met'})")
-        print(f"unloaded $find p50 = {find_p50:.2f} ms  (target <= {UNLOADED_P50_TARGET_MS:g} ms: "
-              f"{'met' if find_p50 <= UNLOADED_P50_TARGET_MS else 'NOT met'})")
+        print(
+            f"ratio $find/floor req/s = {ratio:.3f}  (target >= {RATIO_TARGET:.2f}: "
+            f"{'met' if ratio >= RATIO_TARGET else 'NOT met'})"
+        )
+        print(
+            f"unloaded $find p50 = {find_p50:.2f} ms  (target <= {UNLOADED_P50_TARGET_MS:g} ms: "
+            f"{'met' if find_p50 <= UNLOADED_P50_TARGET_MS else 'NOT met'})"
+        )
         print(f"total bench time {time.monotonic() - t_begin:.0f} s")
         if any(r[0].non_2xx or r[2] for r in results.values()):
             print("warning: some responses were not 2xx; the figures above include them", file=sys.stderr)

@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import inspect
 import io
 import json
 import pstats
 import sys
 import tempfile
-import inspect
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -29,15 +29,26 @@ from zoneinfo import ZoneInfo
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import find as bench  # noqa: E402  (bench/find.py)
+import find as bench
 
 
-async def asgi_call(app, method: str, path: str, body: bytes = b"", query: bytes = b"",
-                    headers: list[tuple[bytes, bytes]] | None = None) -> tuple[int, bytes]:
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
-             "path": path, "raw_path": path.encode(), "query_string": query, "root_path": "",
-             "headers": [(b"host", b"127.0.0.1"), (b"content-length", str(len(body)).encode())] + (headers or []),
-             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+async def asgi_call(
+    app, method: str, path: str, body: bytes = b"", query: bytes = b"", headers: list[tuple[bytes, bytes]] | None = None
+) -> tuple[int, bytes]:
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": query,
+        "root_path": "",
+        "headers": [(b"host", b"127.0.0.1"), (b"content-length", str(len(body)).encode())] + (headers or []),
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
     sent = False
     status = 0
     chunks: list[bytes] = []
@@ -80,6 +91,7 @@ def install_timers(app) -> dict[str, list[float]]:
             return label(args, kwargs) if callable(label) else label
 
         if inspect.iscoroutinefunction(fn):
+
             async def timed(*args, **kwargs):
                 t0 = time.perf_counter()
                 try:
@@ -89,6 +101,7 @@ def install_timers(app) -> dict[str, list[float]]:
                     cell[0] += time.perf_counter() - t0
                     cell[1] += 1
         else:
+
             def timed(*args, **kwargs):
                 t0 = time.perf_counter()
                 try:
@@ -97,6 +110,7 @@ def install_timers(app) -> dict[str, list[float]]:
                     cell = acc[name_of(args, kwargs)]
                     cell[0] += time.perf_counter() - t0
                     cell[1] += 1
+
         setattr(owner, attr, timed)
 
     wrap(find_mod, "parse_body", "find.parse_body (orjson.loads)")
@@ -157,8 +171,10 @@ def main(argv: list[str] | None = None) -> int:
                 for _ in range(args.n):
                     await asgi_call(app, "POST", bench.FIND_PATH, body, headers=json_h)
                 per = (time.perf_counter() - t0) / args.n * 1e3
-                print(f"\nbreakdown over {args.n} calls: {per:.2f} ms per request with timers "
-                      "(inclusive times; indented steps are inside the one above)")
+                print(
+                    f"\nbreakdown over {args.n} calls: {per:.2f} ms per request with timers "
+                    "(inclusive times; indented steps are inside the one above)"
+                )
                 print(f"{'step':<58}{'ms/request':>11}{'calls/request':>15}")
                 for label, (total, calls) in acc.items():
                     print(f"{label:<58}{total / args.n * 1e3:>11.3f}{calls / args.n:>15.1f}")
@@ -189,8 +205,10 @@ def main(argv: list[str] | None = None) -> int:
             tomorrow = dt.datetime.now(zone).date() + dt.timedelta(days=1)
             start = dt.datetime.combine(tomorrow, dt.time(0), tzinfo=zone)
             end = dt.datetime.combine(tomorrow + dt.timedelta(days=bench.WINDOW_DAYS), dt.time(0), tzinfo=zone)
-            params = [{"name": "start", "valueDateTime": start.isoformat()},
-                      {"name": "end", "valueDateTime": end.isoformat()}]
+            params = [
+                {"name": "start", "valueDateTime": start.isoformat()},
+                {"name": "end", "valueDateTime": end.isoformat()},
+            ]
             params += [{"name": "practitioner", "valueReference": {"reference": f"Practitioner/{i}"}} for i in ids]
             params.append({"name": "_count", "valueInteger": bench.COUNT})
             return json.dumps({"resourceType": "Parameters", "parameter": params}).encode(), start, end

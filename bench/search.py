@@ -49,6 +49,7 @@ SECRET = "bench-search-secret-0123456789"
 
 # --- the server subprocess ------------------------------------------------------------------------
 
+
 def serve(database_url: str, port: int, state: str) -> None:
     import uvicorn
 
@@ -72,8 +73,10 @@ def free_port() -> int:
 
 def start_server(db: Path, workdir: Path) -> tuple[subprocess.Popen, int]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, __file__, "--serve", f"sqlite:///{db}", str(port),
-                             str(workdir / f"state-{port}.sqlite")], cwd=REPO)
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--serve", f"sqlite:///{db}", str(port), str(workdir / f"state-{port}.sqlite")],
+        cwd=REPO,
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -97,6 +100,7 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 
 # --- databases --------------------------------------------------------------------------------------
+
 
 def count_rows(db: Path) -> int:
     conn = sqlite3.connect(db)
@@ -149,6 +153,7 @@ def big_db(rows: int, today: dt.date) -> tuple[Path, dt.date]:
 
 # --- measuring ----------------------------------------------------------------------------------------
 
+
 def patients(db: Path) -> list[int]:
     conn = sqlite3.connect(db)
     try:
@@ -179,16 +184,21 @@ class Client:
 
 def check(bundle: dict, path: str, *, full: bool = True) -> None:
     n = sum(1 for e in bundle.get("entry", []) if e["resource"]["resourceType"] == "Appointment")
-    if bundle.get("type") != "searchset" or not (n == 50 if full else 0 < n <= 50) \
-            or not isinstance(bundle.get("total"), int):
-        raise RuntimeError(f"GET {path}: expected a searchset with 50 Appointments and a total, got {n} "
-                           f"(total {bundle.get('total')})")
+    if (
+        bundle.get("type") != "searchset"
+        or not (n == 50 if full else 0 < n <= 50)
+        or not isinstance(bundle.get("total"), int)
+    ):
+        raise RuntimeError(
+            f"GET {path}: expected a searchset with 50 Appointments and a total, got {n} (total {bundle.get('total')})"
+        )
 
 
 def measure(port: int, pats: list[int], since: dt.date, requests: int, warmup: int) -> dict:
     rng = random.Random(118)
     client = Client(port)
     try:
+
         def path_for(pid: int) -> str:
             return "/fhir/Appointment?" + urlencode({"patient": pid, "date": f"ge{since.isoformat()}"})
 
@@ -201,7 +211,7 @@ def measure(port: int, pats: list[int], since: dt.date, requests: int, warmup: i
             check(bundle, path)
             first.append(ms)
             totals.append(bundle["total"])
-            link = next((l["url"] for l in bundle.get("link", []) if l["relation"] == "next"), None)
+            link = next((lk["url"] for lk in bundle.get("link", []) if lk["relation"] == "next"), None)
             if link:
                 parts = urlsplit(link)
                 next_paths.append(parts.path + "?" + parts.query)
@@ -247,9 +257,13 @@ def main() -> int:
                     pats = patients(db)
                     if label == "demo":  # only patients with at least two pages in the demo
                         conn = sqlite3.connect(db)
-                        busy = {r[0] for r in conn.execute(
-                            "SELECT PAT_ID FROM APPT WHERE APPT_DT >= ? GROUP BY PAT_ID HAVING COUNT(*) > 50",
-                            (int(since.strftime("%Y%m%d")),))}
+                        busy = {
+                            r[0]
+                            for r in conn.execute(
+                                "SELECT PAT_ID FROM APPT WHERE APPT_DT >= ? GROUP BY PAT_ID HAVING COUNT(*) > 50",
+                                (int(since.strftime("%Y%m%d")),),
+                            )
+                        }
                         conn.close()
                         pats = [p for p in pats if p in busy] or pats
                     r = measure(port, pats, since, args.requests, args.warmup)
@@ -261,18 +275,24 @@ def main() -> int:
             return 2
 
     print()
-    print(f"ITI-118 GET /fhir/Appointment?patient=<id>&date=ge<day>  ({args.requests} requests after "
-          f"{args.warmup} warm-up, sequential, one keep-alive connection, _count 50 + total)")
-    print(f"{'database':>10} {'appointments':>13} {'query':>11} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} "
-          f"{'matches/patient (median)':>25}")
-    for label, rows, since, r in results:
+    print(
+        f"ITI-118 GET /fhir/Appointment?patient=<id>&date=ge<day>  ({args.requests} requests after "
+        f"{args.warmup} warm-up, sequential, one keep-alive connection, _count 50 + total)"
+    )
+    print(
+        f"{'database':>10} {'appointments':>13} {'query':>11} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} "
+        f"{'matches/patient (median)':>25}"
+    )
+    for label, rows, _since, r in results:
         for name in ("first", "next"):
             v = r[name]
             if not v:
                 continue
             query = "first page" if name == "first" else "next page"
-            print(f"{label:>10} {rows:>13,} {query:>11} {statistics.median(v):8.2f} {pct(v, 0.99):8.2f} "
-                  f"{max(v):8.2f} {statistics.median(r['totals']):25.0f}")
+            print(
+                f"{label:>10} {rows:>13,} {query:>11} {statistics.median(v):8.2f} {pct(v, 0.99):8.2f} "
+                f"{max(v):8.2f} {statistics.median(r['totals']):25.0f}"
+            )
     big_p50 = statistics.median(results[-1][3]["first"])
     verdict = "met" if big_p50 < TARGET_P50_MS else "MISSED"
     print(f"target p50 < {TARGET_P50_MS:.0f} ms on {results[-1][1]:,} appointments: {verdict} ({big_p50:.2f} ms)")

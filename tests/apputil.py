@@ -59,11 +59,19 @@ def issues(bundle_or_oo: dict[str, Any]) -> list[dict[str, Any]]:
     return [i for oo in outcomes(bundle_or_oo) for i in oo["issue"]]
 
 
-def write_server_config(folder: Path, port: int, *, database_url: str = "sqlite:///demo.sqlite", workers: int = 1,
-                        demo: bool = True, extra: str = "") -> Path:
+def write_server_config(
+    folder: Path,
+    port: int,
+    *,
+    database_url: str = "sqlite:///demo.sqlite",
+    workers: int = 1,
+    demo: bool = True,
+    extra: str = "",
+) -> Path:
     """A settings file for `sched-adapter serve` in ``folder`` (relative paths resolve there)."""
     path = folder / "server.toml"
-    path.write_text(f"""demo = {"true" if demo else "false"}
+    path.write_text(
+        f"""demo = {"true" if demo else "false"}
 [server]
 host = "127.0.0.1"
 port = {port}
@@ -77,5 +85,7 @@ path = "state.sqlite"
 [security]
 auth = "off"
 signing_secret_file = "secret"
-{extra}""", encoding="utf-8")
+{extra}""",
+        encoding="utf-8",
+    )
     return path

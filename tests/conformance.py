@@ -214,8 +214,7 @@ def _check_participants(appt: dict[str, Any], problems: list[str]) -> None:
         status = participant.get("status")
         if status not in PARTICIPANT_STATUSES:
             problems.append(
-                f"REQ-APPT-05: {where}.status {status!r} must be one of "
-                "accepted, declined, tentative, needs-action"
+                f"REQ-APPT-05: {where}.status {status!r} must be one of accepted, declined, tentative, needs-action"
             )
 
 
@@ -246,15 +245,15 @@ def _check_actor(where: str, actor: object, contained: dict[str, str], problems:
 
 def _check_status_reason(appt: dict[str, Any], problems: list[str]) -> None:
     """REQ-APPT-10: at most one status-reason extension, carrying only valueCodeableConcept."""
-    extensions = [
-        e for e in appt.get("extension") or [] if isinstance(e, dict) and e.get("url") == STATUS_REASON_URL
-    ]
+    extensions = [e for e in appt.get("extension") or [] if isinstance(e, dict) and e.get("url") == STATUS_REASON_URL]
     if len(extensions) > 1:
         problems.append(f"REQ-APPT-10: extension-status-reason appears {len(extensions)} times (max 1)")
     for extension in extensions:
         others = sorted(k for k in extension if k not in ("id", "url", "valueCodeableConcept"))
         if others:
-            problems.append(f"REQ-APPT-10: extension-status-reason must carry only valueCodeableConcept, found {others}")
+            problems.append(
+                f"REQ-APPT-10: extension-status-reason must carry only valueCodeableConcept, found {others}"
+            )
         if not isinstance(extension.get("valueCodeableConcept"), dict):
             problems.append("REQ-APPT-10: extension-status-reason must have a valueCodeableConcept")
 
@@ -280,7 +279,9 @@ def _appointment_profile_problems(appt: dict[str, Any]) -> list[str]:
     if not isinstance(status, str):
         problems.append("REQ-APPT-06: Appointment.status is required (1..1)")
     if "cancelationReason" in appt and status not in STATUSES_WITH_CANCELATION_REASON:
-        problems.append(f"app-4: cancelationReason is only allowed when status is cancelled or noshow (status {status!r})")
+        problems.append(
+            f"app-4: cancelationReason is only allowed when status is cancelled or noshow (status {status!r})"
+        )
     _check_start_end(appt, problems)
     _check_requested_period(appt, problems)
     _check_participants(appt, problems)

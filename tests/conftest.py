@@ -26,15 +26,16 @@ from __future__ import annotations
 import datetime as dt
 import os
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import dbutil  # noqa: E402
-from dbutil import (  # noqa: E402,F401  (re-exported for tests)
+import dbutil
+from dbutil import (
     MARIADB,
     POSTGRESQL,
     ServiceUnavailable,
@@ -42,7 +43,7 @@ from dbutil import (  # noqa: E402,F401  (re-exported for tests)
     fresh_database,
     sqlite_dsn,
 )
-from serverutil import ProcessServers, ThreadServer  # noqa: E402
+from serverutil import ProcessServers, ThreadServer
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/15"
 
@@ -203,7 +204,7 @@ def live_server() -> Iterator[Callable[..., str]]:
     for server in reversed(servers):
         try:
             server.stop()
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             errors.append(str(exc))
     if errors:
         pytest.fail("; ".join(errors), pytrace=False)

@@ -177,8 +177,7 @@ def _drop_with(conn: pyodbc.Connection, kind: str, name: str) -> None:
         except pyodbc.Error:
             # PostgreSQL < 13 has no FORCE: end the sessions, then drop.
             conn.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE datname = ? AND pid <> pg_backend_pid()",
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = ? AND pid <> pg_backend_pid()",
                 name,
             ).fetchall()
             conn.execute(f"DROP DATABASE IF EXISTS {name}")
@@ -222,7 +221,7 @@ def drop_created_databases() -> list[str]:
     for kind, name in pending:
         try:
             drop_database(kind, name)
-        except Exception as exc:  # noqa: BLE001 - report, keep dropping the rest
+        except Exception as exc:
             errors.append(f"{kind} {name}: {exc}")
     return errors
 

@@ -16,7 +16,8 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 HOST = "127.0.0.1"
 

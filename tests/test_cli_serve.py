@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import httpx
-
 from apputil import DEMO_MAPPING, local_midnight, parameters, write_server_config
 from conformance import assert_avail_bundle
 
@@ -22,8 +21,10 @@ def test_serve_with_two_workers_answers_find(tmp_path: Path, live_server_process
     config = write_server_config(tmp_path, port, workers=2)
     p = live_server_process.start([str(SCRIPT), "serve", "--config", str(config)], port=port)
     start = local_midnight(1)
-    body = parameters(("start", "valueDateTime", start.isoformat()),
-                      ("end", "valueDateTime", (start + dt.timedelta(days=2)).isoformat()))
+    body = parameters(
+        ("start", "valueDateTime", start.isoformat()),
+        ("end", "valueDateTime", (start + dt.timedelta(days=2)).isoformat()),
+    )
     r = httpx.post(f"{p.base_url}/fhir/Appointment/$find", json=body, timeout=30)
     assert r.status_code == 200, r.text
     assert_avail_bundle(r.json())
@@ -42,8 +43,10 @@ def test_check_mapping_reports_file_line_key(tmp_path: Path) -> None:
 
 def test_serve_refuses_to_start_with_auth_on(tmp_path: Path) -> None:
     config = tmp_path / "c.toml"
-    config.write_text(f'[backend]\nmapping = "{DEMO_MAPPING}"\ndatabase_url = "sqlite:///x.sqlite"\n'
-                      '[security]\nsigning_secret = "0123456789abcdef0123"\n')
+    config.write_text(
+        f'[backend]\nmapping = "{DEMO_MAPPING}"\ndatabase_url = "sqlite:///x.sqlite"\n'
+        '[security]\nsigning_secret = "0123456789abcdef0123"\n'
+    )
     out = subprocess.run([str(SCRIPT), "serve", "--config", str(config)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "security.auth" in out.stderr
 
@@ -52,11 +55,15 @@ def test_workers_starting_together_share_one_signing_secret(tmp_path: Path) -> N
     """First start with several workers: every worker must end up with the same secret."""
     import multiprocessing
 
-    from adapter.server import signing_secret
     from apputil import make_settings
 
-    settings = make_settings(tmp_path, "sqlite:///unused.sqlite",
-                             security={"signing_secret": None, "signing_secret_file": str(tmp_path / "secret")})
+    from adapter.server import signing_secret
+
+    settings = make_settings(
+        tmp_path,
+        "sqlite:///unused.sqlite",
+        security={"signing_secret": None, "signing_secret_file": str(tmp_path / "secret")},
+    )
     with multiprocessing.get_context("fork").Pool(8) as pool:
         secrets_seen = set(pool.map(signing_secret, [settings] * 32))
     assert len(secrets_seen) == 1

@@ -142,7 +142,10 @@ def test_req_appt_04_actor_organization_is_rejected(appt: dict[str, Any], target
 
 def test_req_appt_04_absolute_and_typed_actor_references(appt: dict[str, Any]) -> None:
     appt["participant"][0]["actor"] = {"reference": "https://example.org/fhir/Location/loc-1"}
-    appt["participant"][1]["actor"] = {"reference": "urn:uuid:7f1b2c3d-0000-4000-8000-000000000001", "type": "HealthcareService"}
+    appt["participant"][1]["actor"] = {
+        "reference": "urn:uuid:7f1b2c3d-0000-4000-8000-000000000001",
+        "type": "HealthcareService",
+    }
     assert appointment_problems(appt) == []
     appt["participant"][1]["actor"] = {"reference": "urn:uuid:7f1b2c3d-0000-4000-8000-000000000001"}
     _expect(appointment_problems(appt), "REQ-APPT-04", "no determinable resource type")
@@ -158,7 +161,11 @@ def test_req_appt_05_bad_participant_status_is_rejected(appt: dict[str, Any]) ->
 
 
 def test_req_appt_10_status_reason_extension(appt: dict[str, Any]) -> None:
-    reason = {"coding": [{"system": "https://profiles.ihe.net/ITI/Scheduling/CodeSystem/status-reason", "code": "patient-cancel"}]}
+    reason = {
+        "coding": [
+            {"system": "https://profiles.ihe.net/ITI/Scheduling/CodeSystem/status-reason", "code": "patient-cancel"}
+        ]
+    }
     appt["status"] = "cancelled"
     appt["extension"] = [{"url": STATUS_REASON_URL, "valueCodeableConcept": reason}]
     assert appointment_problems(appt) == []
@@ -249,7 +256,11 @@ def test_req_bndl_06_outcome_entry_without_issue_is_rejected(bundle: dict[str, A
 def test_req_bndl_07_included_practitioner_is_accepted(bundle: dict[str, Any]) -> None:
     practitioner = _load("example-practitioner.json")
     bundle["entry"].append(
-        {"fullUrl": "https://example.com/base/Practitioner/dr-y", "resource": practitioner, "search": {"mode": "include"}}
+        {
+            "fullUrl": "https://example.com/base/Practitioner/dr-y",
+            "resource": practitioner,
+            "search": {"mode": "include"},
+        }
     )
     assert avail_bundle_problems(bundle) == []
     bundle["entry"][-1]["search"]["mode"] = "match"
@@ -288,7 +299,9 @@ def test_req_bndl_01_unknown_element_in_entry_is_reported_with_its_path(bundle: 
 
 
 def test_r4_problems_accepts_any_resource_type_and_rejects_unknown_ones() -> None:
-    assert r4_problems({"resourceType": "Parameters", "parameter": [{"name": "start", "valueDate": "2025-01-01"}]}) == []
+    assert (
+        r4_problems({"resourceType": "Parameters", "parameter": [{"name": "start", "valueDate": "2025-01-01"}]}) == []
+    )
     _expect(r4_problems({"resourceType": "Banana"}), "unknown or missing resourceType 'Banana'")
     _expect(r4_problems({"resourceType": "Patient", "birthDate": "01/02/2003"}), "R4 schema: Patient.birthDate")
 

@@ -12,8 +12,7 @@ import pytest
 from adapter.demo import seed as demo_seed
 
 TODAY = dt.date(2025, 3, 12)  # a Wednesday
-TABLES = ["FACILITY", "PROVIDER", "PATIENT", "APPT_TYPE", "PROV_TEMPLATE", "PROV_BLOCK", "APPT",
-          "ID_COUNTER"]
+TABLES = ["FACILITY", "PROVIDER", "PATIENT", "APPT_TYPE", "PROV_TEMPLATE", "PROV_BLOCK", "APPT", "ID_COUNTER"]
 BLOCKING = ("S", "A", "D", "N")
 
 
@@ -57,13 +56,15 @@ def templates_on(conn, prov: str, day: dt.date) -> list[tuple[int, int, int]]:
     rows = conn.execute(
         "SELECT FAC_ID, START_HHMM, END_HHMM FROM PROV_TEMPLATE WHERE PROV_ID = ? AND DAY_OF_WEEK = ? "
         "AND EFF_FROM <= ? AND (EFF_THRU IS NULL OR EFF_THRU >= ?)",
-        (prov, day.isoweekday(), ymd(day), ymd(day))).fetchall()
+        (prov, day.isoweekday(), ymd(day), ymd(day)),
+    ).fetchall()
     return [(fac, minutes(s), minutes(e)) for fac, s, e in rows]
 
 
 def blocks_on(conn, prov: str, day: dt.date) -> list[tuple[int, int]]:
-    rows = conn.execute("SELECT START_HHMM, END_HHMM FROM PROV_BLOCK WHERE PROV_ID = ? AND BLOCK_DT = ?",
-                        (prov, ymd(day))).fetchall()
+    rows = conn.execute(
+        "SELECT START_HHMM, END_HHMM FROM PROV_BLOCK WHERE PROV_ID = ? AND BLOCK_DT = ?", (prov, ymd(day))
+    ).fetchall()
     return [(minutes(s), minutes(e)) for s, e in rows]
 
 
@@ -82,7 +83,8 @@ def working_and_booked_minutes(conn, today: dt.date, days: int) -> tuple[int, in
     booked = conn.execute(
         "SELECT COALESCE(SUM(DUR_MIN), 0) FROM APPT WHERE STATUS_CD IN ('S', 'A', 'D', 'N') "
         "AND APPT_DT >= ? AND APPT_DT < ?",
-        (ymd(today), ymd(today + dt.timedelta(days=days)))).fetchone()[0]
+        (ymd(today), ymd(today + dt.timedelta(days=days))),
+    ).fetchone()[0]
     return working, booked
 
 
@@ -97,8 +99,7 @@ def test_schema_path_points_at_samples_demo_schema():
 def test_schema_statements_strip_comments_and_cover_every_table():
     statements = demo_seed.schema_statements()
     assert all("--" not in s and not s.rstrip().endswith(";") for s in statements)
-    created = sorted(re.match(r"CREATE TABLE (\w+)", s).group(1)
-                     for s in statements if s.startswith("CREATE TABLE"))
+    created = sorted(re.match(r"CREATE TABLE (\w+)", s).group(1) for s in statements if s.startswith("CREATE TABLE"))
     assert created == sorted(TABLES)
     assert sum(s.startswith("CREATE INDEX") for s in statements) == 5
 
@@ -148,12 +149,17 @@ def test_seed_counts_facilities_providers_patients_and_types(seeded):
 
 def test_appointment_types_are_exactly_the_documented_rows(db):
     rows = db.execute("SELECT TYPE_CD, DESCR, DUR_MIN, SPEC_CD FROM APPT_TYPE ORDER BY TYPE_CD").fetchall()
-    assert rows == sorted([
-        ("NEWPT", "New patient visit", 40, None), ("FOLLOW", "Follow-up visit", 20, None),
-        ("PHYS", "Annual physical", 30, "FP"), ("ECHO", "Echocardiogram", 60, "CARD"),
-        ("SKIN", "Skin check", 20, "DERM"), ("WELL", "Well child visit", 30, "PEDS"),
-        ("FRACT", "Fracture follow-up", 20, "ORTH"),
-    ])
+    assert rows == sorted(
+        [
+            ("NEWPT", "New patient visit", 40, None),
+            ("FOLLOW", "Follow-up visit", 20, None),
+            ("PHYS", "Annual physical", 30, "FP"),
+            ("ECHO", "Echocardiogram", 60, "CARD"),
+            ("SKIN", "Skin check", 20, "DERM"),
+            ("WELL", "Well child visit", 30, "PEDS"),
+            ("FRACT", "Fracture follow-up", 20, "ORTH"),
+        ]
+    )
 
 
 def test_facilities_are_three_massachusetts_clinics(db):
@@ -174,8 +180,9 @@ def test_provider_ids_are_uppercase_mnemonics_space_padded_to_8(db):
         assert re.fullmatch(r"\d{10}", npi)
         assert title in ("MD", "DO", "NP")
     assert len({r[0] for r in rows}) == len(rows)
-    assert db.execute("SELECT LAST_NM, FIRST_NM, SPEC_CD, HOME_FAC, ACTIVE_YN FROM PROVIDER "
-                      "WHERE PROV_ID = 'SPEARSB '").fetchone() == ("Spears", "Beth", "FP", 1, "Y")
+    assert db.execute(
+        "SELECT LAST_NM, FIRST_NM, SPEC_CD, HOME_FAC, ACTIVE_YN FROM PROVIDER WHERE PROV_ID = 'SPEARSB '"
+    ).fetchone() == ("Spears", "Beth", "FP", 1, "Y")
 
 
 def test_exactly_one_inactive_provider_without_schedule(db):
@@ -205,17 +212,21 @@ def test_patients_have_unique_mrns_and_awkward_names(db):
 
 
 def test_spears_works_monday_to_friday_9_to_5_at_facility_1(db):
-    rows = db.execute("SELECT FAC_ID, DAY_OF_WEEK, START_HHMM, END_HHMM, EFF_FROM, EFF_THRU FROM PROV_TEMPLATE "
-                      "WHERE PROV_ID = 'SPEARSB ' ORDER BY DAY_OF_WEEK").fetchall()
+    rows = db.execute(
+        "SELECT FAC_ID, DAY_OF_WEEK, START_HHMM, END_HHMM, EFF_FROM, EFF_THRU FROM PROV_TEMPLATE "
+        "WHERE PROV_ID = 'SPEARSB ' ORDER BY DAY_OF_WEEK"
+    ).fetchall()
     year_ago = ymd(TODAY - dt.timedelta(days=365))
     assert rows == [(1, dow, 900, 1700, year_ago, None) for dow in range(1, 6)]
 
 
 def test_spears_only_block_is_the_wednesday_noon_staff_meeting(db):
-    rows = db.execute("SELECT BLOCK_DT, START_HHMM, END_HHMM FROM PROV_BLOCK WHERE PROV_ID = 'SPEARSB ' "
-                      "ORDER BY BLOCK_DT").fetchall()
-    wednesdays = [TODAY + dt.timedelta(days=k) for k in range(-30, 60)
-                  if (TODAY + dt.timedelta(days=k)).isoweekday() == 3]
+    rows = db.execute(
+        "SELECT BLOCK_DT, START_HHMM, END_HHMM FROM PROV_BLOCK WHERE PROV_ID = 'SPEARSB ' ORDER BY BLOCK_DT"
+    ).fetchall()
+    wednesdays = [
+        TODAY + dt.timedelta(days=k) for k in range(-30, 60) if (TODAY + dt.timedelta(days=k)).isoweekday() == 3
+    ]
     assert rows == [(ymd(d), 1200, 1300) for d in wednesdays]
 
 
@@ -231,8 +242,7 @@ def test_templates_are_weekday_hours_with_some_splits_and_second_sites(db):
 
 
 def test_template_validity_ranges_change_hours_mid_window(db):
-    changing = db.execute("SELECT PROV_ID, EFF_THRU FROM PROV_TEMPLATE WHERE EFF_THRU >= ?",
-                          (ymd(TODAY),)).fetchall()
+    changing = db.execute("SELECT PROV_ID, EFF_THRU FROM PROV_TEMPLATE WHERE EFF_THRU >= ?", (ymd(TODAY),)).fetchall()
     provs = sorted({p for p, _ in changing})
     assert len(provs) >= 2
     for prov in provs:
@@ -243,10 +253,12 @@ def test_template_validity_ranges_change_hours_mid_window(db):
         week_after = [templates_on(db, prov, last_day + dt.timedelta(days=k)) for k in range(1, 8)]
         assert any(week_before) and any(week_after)
         assert sorted(map(sorted, week_before)) != sorted(map(sorted, week_after))
-    assert templates_on(db, "OKAFORC ", TODAY + dt.timedelta(days=20)) or \
-        (TODAY + dt.timedelta(days=20)).isoweekday() > 5
-    nxt = db.execute("SELECT MIN(EFF_FROM) FROM PROV_TEMPLATE WHERE PROV_ID = 'OKAFORC ' AND EFF_FROM > ?",
-                     (ymd(TODAY),)).fetchone()[0]
+    assert (
+        templates_on(db, "OKAFORC ", TODAY + dt.timedelta(days=20)) or (TODAY + dt.timedelta(days=20)).isoweekday() > 5
+    )
+    nxt = db.execute(
+        "SELECT MIN(EFF_FROM) FROM PROV_TEMPLATE WHERE PROV_ID = 'OKAFORC ' AND EFF_FROM > ?", (ymd(TODAY),)
+    ).fetchone()[0]
     assert nxt == ymd(TODAY + dt.timedelta(days=21))
 
 
@@ -265,25 +277,27 @@ def test_blocks_include_full_day_vacations_and_meetings(db):
 def test_no_overlapping_blocking_appointments_per_provider(db):
     per_prov: dict[str, list[tuple[dt.datetime, dt.datetime]]] = defaultdict(list)
     for prov, d, tm, dur in db.execute(
-            "SELECT PROV_ID, APPT_DT, APPT_TM, DUR_MIN FROM APPT WHERE STATUS_CD IN ('S', 'A', 'D', 'N')"):
+        "SELECT PROV_ID, APPT_DT, APPT_TM, DUR_MIN FROM APPT WHERE STATUS_CD IN ('S', 'A', 'D', 'N')"
+    ):
         start = dt.datetime.combine(from_ymd(d), dt.time(tm // 100, tm % 100))
         per_prov[prov].append((start, start + dt.timedelta(minutes=dur)))
     assert per_prov
     for prov, spans in per_prov.items():
         spans.sort()
-        for (_s1, e1), (s2, _e2) in zip(spans, spans[1:]):
+        for (_s1, e1), (s2, _e2) in zip(spans, spans[1:], strict=False):
             assert e1 <= s2, f"overlap for {prov!r} at {s2}"
 
 
 def test_no_patient_has_overlapping_blocking_appointments(db):
     per_pat: dict[int, list[tuple[dt.datetime, dt.datetime]]] = defaultdict(list)
     for pat, d, tm, dur in db.execute(
-            "SELECT PAT_ID, APPT_DT, APPT_TM, DUR_MIN FROM APPT WHERE STATUS_CD IN ('S', 'A', 'D', 'N')"):
+        "SELECT PAT_ID, APPT_DT, APPT_TM, DUR_MIN FROM APPT WHERE STATUS_CD IN ('S', 'A', 'D', 'N')"
+    ):
         start = dt.datetime.combine(from_ymd(d), dt.time(tm // 100, tm % 100))
         per_pat[pat].append((start, start + dt.timedelta(minutes=dur)))
     for pat, spans in per_pat.items():
         spans.sort()
-        for (_s1, e1), (s2, _e2) in zip(spans, spans[1:]):
+        for (_s1, e1), (s2, _e2) in zip(spans, spans[1:], strict=False):
             assert e1 <= s2, f"patient {pat} double-booked at {s2}"
 
 
@@ -308,8 +322,10 @@ def test_booked_fraction_parameter_is_honoured():
 def test_future_scheduled_appointments_fit_templates_and_avoid_blocks(db):
     types = {r[0]: (r[1], r[2]) for r in db.execute("SELECT TYPE_CD, DUR_MIN, SPEC_CD FROM APPT_TYPE")}
     specs = dict(db.execute("SELECT PROV_ID, SPEC_CD FROM PROVIDER"))
-    rows = db.execute("SELECT PROV_ID, FAC_ID, APPT_DT, APPT_TM, DUR_MIN, TYPE_CD FROM APPT "
-                      "WHERE STATUS_CD = 'S' AND APPT_DT >= ?", (ymd(TODAY),)).fetchall()
+    rows = db.execute(
+        "SELECT PROV_ID, FAC_ID, APPT_DT, APPT_TM, DUR_MIN, TYPE_CD FROM APPT WHERE STATUS_CD = 'S' AND APPT_DT >= ?",
+        (ymd(TODAY),),
+    ).fetchall()
     assert len(rows) > 1000
     for prov, fac, d, tm, dur, code in rows:
         day = from_ymd(d)
@@ -317,8 +333,7 @@ def test_future_scheduled_appointments_fit_templates_and_avoid_blocks(db):
         assert tm % 10 == 0
         assert types[code][0] == dur
         assert types[code][1] in (None, specs[prov])
-        assert any(f == fac and s <= start and end <= e for f, s, e in templates_on(db, prov, day)), \
-            (prov, d, tm)
+        assert any(f == fac and s <= start and end <= e for f, s, e in templates_on(db, prov, day)), (prov, d, tm)
         assert all(end <= s or e <= start for s, e in blocks_on(db, prov, day)), (prov, d, tm)
 
 
@@ -335,22 +350,33 @@ def test_past_has_done_no_show_arrived_and_cancelled(db):
 
 
 def test_cancelled_appointments_have_a_reason_and_others_do_not(db):
-    assert db.execute("SELECT COUNT(*) FROM APPT WHERE STATUS_CD IN ('C', 'P', 'L') "
-                      "AND (CANCEL_RSN IS NULL OR CANCEL_RSN = '')").fetchone()[0] == 0
-    assert db.execute("SELECT COUNT(*) FROM APPT WHERE STATUS_CD NOT IN ('C', 'P', 'L') "
-                      "AND CANCEL_RSN IS NOT NULL").fetchone()[0] == 0
+    assert (
+        db.execute(
+            "SELECT COUNT(*) FROM APPT WHERE STATUS_CD IN ('C', 'P', 'L') AND (CANCEL_RSN IS NULL OR CANCEL_RSN = '')"
+        ).fetchone()[0]
+        == 0
+    )
+    assert (
+        db.execute(
+            "SELECT COUNT(*) FROM APPT WHERE STATUS_CD NOT IN ('C', 'P', 'L') AND CANCEL_RSN IS NOT NULL"
+        ).fetchone()[0]
+        == 0
+    )
 
 
 def test_two_past_appointments_cross_midnight(db):
-    rows = db.execute("SELECT APPT_DT, APPT_TM, DUR_MIN, TYPE_CD FROM APPT "
-                      "WHERE (APPT_TM / 100) * 60 + APPT_TM % 100 + DUR_MIN > 1440").fetchall()
+    rows = db.execute(
+        "SELECT APPT_DT, APPT_TM, DUR_MIN, TYPE_CD FROM APPT "
+        "WHERE (APPT_TM / 100) * 60 + APPT_TM % 100 + DUR_MIN > 1440"
+    ).fetchall()
     assert len(rows) == 2
     assert all(r[0] < ymd(TODAY) and r[3] == "ECHO" for r in rows)
 
 
 def test_appointment_rows_look_like_legacy_data(db):
-    rows = db.execute("SELECT APPT_ID, PAT_ID, APPT_DT, BOOKED_BY, CREATED_TS, NOTE_TXT, TYPE_CD FROM APPT "
-                      "ORDER BY APPT_ID").fetchall()
+    rows = db.execute(
+        "SELECT APPT_ID, PAT_ID, APPT_DT, BOOKED_BY, CREATED_TS, NOTE_TXT, TYPE_CD FROM APPT ORDER BY APPT_ID"
+    ).fetchall()
     assert rows[0][0] == 1000
     assert [r[0] for r in rows] == list(range(1000, 1000 + len(rows)))
     assert all(r[3] == "LEGACY" for r in rows)
@@ -405,18 +431,24 @@ def test_add_bulk_appointments_adds_exactly_count_rows_and_updates_counter():
     added = demo_seed.add_bulk_appointments(conn, count=2500, today=TODAY, batch=1000)
     assert added == 2500
     assert conn.execute("SELECT COUNT(*) FROM APPT").fetchone()[0] == before + 2500
-    ids = [r[0] for r in conn.execute("SELECT APPT_ID FROM APPT WHERE APPT_ID >= ? ORDER BY APPT_ID",
-                                      (summary.next_appt_id,))]
+    ids = [
+        r[0]
+        for r in conn.execute("SELECT APPT_ID FROM APPT WHERE APPT_ID >= ? ORDER BY APPT_ID", (summary.next_appt_id,))
+    ]
     assert ids == list(range(summary.next_appt_id, summary.next_appt_id + 2500))
-    assert conn.execute("SELECT NEXT_VAL FROM ID_COUNTER WHERE CTR_NAME = 'APPT_ID'").fetchone()[0] == \
-        summary.next_appt_id + 2500
-    lo, hi = conn.execute("SELECT MIN(APPT_DT), MAX(APPT_DT) FROM APPT WHERE APPT_ID >= ?",
-                          (summary.next_appt_id,)).fetchone()
+    assert (
+        conn.execute("SELECT NEXT_VAL FROM ID_COUNTER WHERE CTR_NAME = 'APPT_ID'").fetchone()[0]
+        == summary.next_appt_id + 2500
+    )
+    lo, hi = conn.execute(
+        "SELECT MIN(APPT_DT), MAX(APPT_DT) FROM APPT WHERE APPT_ID >= ?", (summary.next_appt_id,)
+    ).fetchone()
     assert ymd(TODAY - dt.timedelta(days=731)) <= lo < ymd(TODAY - dt.timedelta(days=700))
     assert ymd(TODAY + dt.timedelta(days=330)) < hi < ymd(TODAY + dt.timedelta(days=366))
     active = {r[0] for r in conn.execute("SELECT PROV_ID FROM PROVIDER WHERE ACTIVE_YN = 'Y'")}
-    bulk_provs = {r[0] for r in conn.execute("SELECT DISTINCT PROV_ID FROM APPT WHERE APPT_ID >= ?",
-                                             (summary.next_appt_id,))}
+    bulk_provs = {
+        r[0] for r in conn.execute("SELECT DISTINCT PROV_ID FROM APPT WHERE APPT_ID >= ?", (summary.next_appt_id,))
+    }
     assert bulk_provs == active
     # A second call continues from the counter.
     assert demo_seed.add_bulk_appointments(conn, count=10, today=TODAY, seed=8) == 10

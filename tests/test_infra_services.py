@@ -5,11 +5,10 @@ from __future__ import annotations
 import os
 import textwrap
 
+import dbutil
 import httpx
 import pyodbc
 import pytest
-
-import dbutil
 from serverutil import free_port, process_log
 
 
@@ -133,8 +132,20 @@ def test_live_server_process_start_restart_stop(live_server_process, tmp_path) -
             """
         )
     )
-    argv = ["python", "-m", "uvicorn", "tinyapp:app", "--host", "127.0.0.1", "--port", "{port}",
-            "--log-level", "warning", "--app-dir", str(tmp_path)]
+    argv = [
+        "python",
+        "-m",
+        "uvicorn",
+        "tinyapp:app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "{port}",
+        "--log-level",
+        "warning",
+        "--app-dir",
+        str(tmp_path),
+    ]
     p = live_server_process.start(argv, env={"FLAVOUR": "vanilla"}, port=free_port())
     first = httpx.get(f"{p.base_url}/who", timeout=5).json()
     assert first == {"pid": p.pid, "flavour": "vanilla"}, process_log(p)
@@ -147,7 +158,6 @@ def test_live_server_process_start_restart_stop(live_server_process, tmp_path) -
     assert live_server_process.stop(p2) is not None
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{p2.base_url}/who", timeout=2)
-
 
 
 def test_fresh_pg_demo_database_is_private(fresh_pg_demo_dsn: str, pg_demo_dsn: str) -> None:

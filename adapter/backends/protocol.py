@@ -19,8 +19,9 @@ hold rules are evaluated atomically with the legacy write, whatever the locking 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Protocol, Sequence
+from typing import Literal, Protocol
 
 ActorKind = Literal["Practitioner", "Location", "Patient"]
 
@@ -54,7 +55,7 @@ class Interval:
     start: dt.datetime  # timezone-aware
     end: dt.datetime
 
-    def overlaps(self, other: "Interval") -> bool:
+    def overlaps(self, other: Interval) -> bool:
         return self.start < other.end and other.start < self.end
 
 
@@ -228,8 +229,9 @@ class SchedulingBackend(Protocol):
 
     async def book(self, booking: NewBooking, gate: ConflictGate) -> Appointment: ...
 
-    async def reschedule(self, appointment_id: str, new_slot: SlotRequest, gate: ConflictGate,
-                         comment: str | None = None) -> Appointment: ...
+    async def reschedule(
+        self, appointment_id: str, new_slot: SlotRequest, gate: ConflictGate, comment: str | None = None
+    ) -> Appointment: ...
 
     async def cancel(self, appointment_id: str, reason: Coding | None, reason_text: str | None) -> Appointment: ...
 

@@ -203,40 +203,197 @@ _SPEARS = "SPEARSB "
 _OVERNIGHT_PROVIDER = "CHENW"
 
 _MALE_FIRST = [
-    "James", "Michael", "Robert", "David", "William", "Joseph", "Thomas", "Daniel", "Matthew",
-    "Anthony", "Mark", "Steven", "Paul", "Kevin", "Brian", "George", "Edward", "Ronald", "Luis",
-    "Carlos", "Wei", "Arjun", "Tyrone", "Sean", "Liam", "Noah", "Ethan", "Mason", "Lucas",
-    "Owen", "José", "Declan",
+    "James",
+    "Michael",
+    "Robert",
+    "David",
+    "William",
+    "Joseph",
+    "Thomas",
+    "Daniel",
+    "Matthew",
+    "Anthony",
+    "Mark",
+    "Steven",
+    "Paul",
+    "Kevin",
+    "Brian",
+    "George",
+    "Edward",
+    "Ronald",
+    "Luis",
+    "Carlos",
+    "Wei",
+    "Arjun",
+    "Tyrone",
+    "Sean",
+    "Liam",
+    "Noah",
+    "Ethan",
+    "Mason",
+    "Lucas",
+    "Owen",
+    "José",
+    "Declan",
 ]
 _FEMALE_FIRST = [
-    "Mary", "Patricia", "Jennifer", "Linda", "Elizabeth", "Barbara", "Susan", "Jessica", "Sarah",
-    "Karen", "Nancy", "Lisa", "Margaret", "Sandra", "Ashley", "Emily", "Olivia", "Sophia", "Ava",
-    "Isabella", "Mia", "Chloe", "Zoë", "Renée", "Siobhan", "Priya", "Mei", "Fatima", "Ana",
-    "Grace", "Chloé", "Aoife",
+    "Mary",
+    "Patricia",
+    "Jennifer",
+    "Linda",
+    "Elizabeth",
+    "Barbara",
+    "Susan",
+    "Jessica",
+    "Sarah",
+    "Karen",
+    "Nancy",
+    "Lisa",
+    "Margaret",
+    "Sandra",
+    "Ashley",
+    "Emily",
+    "Olivia",
+    "Sophia",
+    "Ava",
+    "Isabella",
+    "Mia",
+    "Chloe",
+    "Zoë",
+    "Renée",
+    "Siobhan",
+    "Priya",
+    "Mei",
+    "Fatima",
+    "Ana",
+    "Grace",
+    "Chloé",
+    "Aoife",
 ]
 _LAST = [
-    "Smith", "Johnson", "Williams", "Brown", "Jones", "Garcia", "Miller", "Davis", "Rodriguez",
-    "Martinez", "Hernandez", "Lopez", "Gonzalez", "Wilson", "Anderson", "Thomas", "Taylor",
-    "Moore", "Jackson", "Martin", "Lee", "Perez", "Thompson", "White", "Harris", "Sanchez",
-    "Clark", "Ramirez", "Lewis", "Robinson", "Walker", "Young", "Allen", "King", "Wright",
-    "Scott", "Torres", "Nguyen", "Hill", "Flores", "Green", "Adams", "Nelson", "Baker", "Hall",
-    "Rivera", "Campbell", "Mitchell", "Carter", "Roberts", "O'Brien", "O'Connor", "Sullivan",
-    "Kelly", "Murphy", "McCarthy", "Fitzgerald", "Doherty", "Muñoz", "Peña", "Ibáñez", "Núñez",
-    "Costa", "Silva", "Pereira", "Santos", "Chen", "Wang", "Li", "Zhang", "Kim", "Park", "Patel",
-    "Shah", "Cohen", "Levine", "Rossi", "Russo", "D'Angelo", "Byrne", "Walsh", "Novak",
-    "Kowalczyk", "Nowak", "Schmidt", "Müller", "Jensen", "Larsen",
+    "Smith",
+    "Johnson",
+    "Williams",
+    "Brown",
+    "Jones",
+    "Garcia",
+    "Miller",
+    "Davis",
+    "Rodriguez",
+    "Martinez",
+    "Hernandez",
+    "Lopez",
+    "Gonzalez",
+    "Wilson",
+    "Anderson",
+    "Thomas",
+    "Taylor",
+    "Moore",
+    "Jackson",
+    "Martin",
+    "Lee",
+    "Perez",
+    "Thompson",
+    "White",
+    "Harris",
+    "Sanchez",
+    "Clark",
+    "Ramirez",
+    "Lewis",
+    "Robinson",
+    "Walker",
+    "Young",
+    "Allen",
+    "King",
+    "Wright",
+    "Scott",
+    "Torres",
+    "Nguyen",
+    "Hill",
+    "Flores",
+    "Green",
+    "Adams",
+    "Nelson",
+    "Baker",
+    "Hall",
+    "Rivera",
+    "Campbell",
+    "Mitchell",
+    "Carter",
+    "Roberts",
+    "O'Brien",
+    "O'Connor",
+    "Sullivan",
+    "Kelly",
+    "Murphy",
+    "McCarthy",
+    "Fitzgerald",
+    "Doherty",
+    "Muñoz",
+    "Peña",
+    "Ibáñez",
+    "Núñez",
+    "Costa",
+    "Silva",
+    "Pereira",
+    "Santos",
+    "Chen",
+    "Wang",
+    "Li",
+    "Zhang",
+    "Kim",
+    "Park",
+    "Patel",
+    "Shah",
+    "Cohen",
+    "Levine",
+    "Rossi",
+    "Russo",
+    "D'Angelo",
+    "Byrne",
+    "Walsh",
+    "Novak",
+    "Kowalczyk",
+    "Nowak",
+    "Schmidt",
+    "Müller",
+    "Jensen",
+    "Larsen",
 ]
 _PLACES = [
-    ("Boston", "02118", "617"), ("Boston", "02127", "617"), ("Boston", "02130", "617"),
-    ("Dorchester", "02124", "617"), ("Quincy", "02169", "617"), ("Quincy", "02171", "617"),
-    ("Cambridge", "02138", "617"), ("Cambridge", "02139", "857"), ("Somerville", "02143", "617"),
-    ("Braintree", "02184", "781"), ("Milton", "02186", "617"), ("Brookline", "02445", "617"),
-    ("Weymouth", "02188", "781"), ("Medford", "02155", "781"), ("Newton", "02458", "617"),
+    ("Boston", "02118", "617"),
+    ("Boston", "02127", "617"),
+    ("Boston", "02130", "617"),
+    ("Dorchester", "02124", "617"),
+    ("Quincy", "02169", "617"),
+    ("Quincy", "02171", "617"),
+    ("Cambridge", "02138", "617"),
+    ("Cambridge", "02139", "857"),
+    ("Somerville", "02143", "617"),
+    ("Braintree", "02184", "781"),
+    ("Milton", "02186", "617"),
+    ("Brookline", "02445", "617"),
+    ("Weymouth", "02188", "781"),
+    ("Medford", "02155", "781"),
+    ("Newton", "02458", "617"),
 ]
 _STREETS = [
-    "Main St", "Washington St", "Hancock St", "Beacon St", "Centre St", "Adams St", "Elm St",
-    "Pleasant St", "Highland Ave", "Massachusetts Ave", "Broadway", "School St", "Water St",
-    "Chestnut St", "Franklin St", "Dorchester Ave",
+    "Main St",
+    "Washington St",
+    "Hancock St",
+    "Beacon St",
+    "Centre St",
+    "Adams St",
+    "Elm St",
+    "Pleasant St",
+    "Highland Ave",
+    "Massachusetts Ave",
+    "Broadway",
+    "School St",
+    "Water St",
+    "Chestnut St",
+    "Franklin St",
+    "Dorchester Ave",
 ]
 _FIXED_PATIENTS = [
     # PAT_ID 1 and 2 are fixed so tests can rely on the awkward characters.
@@ -245,17 +402,24 @@ _FIXED_PATIENTS = [
 ]
 
 _CANCEL_REASONS = {
-    "P": ["Patient request", "Feeling better", "No transportation", "Work conflict",
-          "Rescheduled by patient"],
-    "C": ["Provider unavailable", "Clinic closed - weather", "Rescheduled by office",
-          "Insurance not verified"],
+    "P": ["Patient request", "Feeling better", "No transportation", "Work conflict", "Rescheduled by patient"],
+    "C": ["Provider unavailable", "Clinic closed - weather", "Rescheduled by office", "Insurance not verified"],
     "L": ["Called same day - sick", "Late cancel - childcare", "Late cancel - car trouble"],
 }
 _NOTES = [
-    "Needs interpreter (Spanish)", "Wheelchair access", "Bring medication list",
-    "Fasting labs", "Pt prefers AM", "Ref'd by Dr. Okafor", "Parent will accompany",
-    "Follow up on BP", "Recheck rash", "Post-cast check", "Pt asked for a call-back",
-    "Copay due", "Señora prefers Spanish-speaking staff",
+    "Needs interpreter (Spanish)",
+    "Wheelchair access",
+    "Bring medication list",
+    "Fasting labs",
+    "Pt prefers AM",
+    "Ref'd by Dr. Okafor",
+    "Parent will accompany",
+    "Follow up on BP",
+    "Recheck rash",
+    "Post-cast check",
+    "Pt asked for a call-back",
+    "Copay due",
+    "Señora prefers Spanish-speaking staff",
 ]
 _MEETINGS = [
     (1200, 1300, "Department meeting"),
@@ -300,8 +464,7 @@ def _npi(index: int) -> str:
 
 
 def _ts(day: _dt.date, rng: random.Random) -> str:
-    return (f"{_ymd(day):08d}{rng.randint(7, 17):02d}{rng.randrange(60):02d}"
-            f"{rng.randrange(60):02d}")
+    return f"{_ymd(day):08d}{rng.randint(7, 17):02d}{rng.randrange(60):02d}{rng.randrange(60):02d}"
 
 
 def _executemany(conn, sql: str, rows: list[tuple]) -> None:
@@ -328,7 +491,7 @@ def _bulk_cursor(conn):
         try:
             if str(conn.getinfo(_SQL_DBMS_NAME)).lower().startswith("postgres"):
                 cur.fast_executemany = True
-        except Exception:  # noqa: BLE001 - an optimisation only
+        except Exception:
             pass
     return cur
 
@@ -423,8 +586,12 @@ def _make_templates(today: _dt.date) -> list[tuple]:
     for last, first, _title, _spec, _home, plan, change in _PROVIDERS:
         prov = _mnemonic(last, first)
         if prov.strip() == _EXPIRED_TEMPLATE_PROVIDER:
-            add(prov, _week(2, start=800, end=1600), _ymd(today - _dt.timedelta(days=730)),
-                _ymd(today - _dt.timedelta(days=366)))
+            add(
+                prov,
+                _week(2, start=800, end=1600),
+                _ymd(today - _dt.timedelta(days=730)),
+                _ymd(today - _dt.timedelta(days=366)),
+            )
         if change is None:
             add(prov, plan, eff_from, None)
         else:
@@ -457,8 +624,7 @@ def _make_patients(rng: random.Random, today: _dt.date, count: int = 200) -> lis
         if rng.random() < 0.2:
             addr += f" Apt {rng.randint(1, 12)}"
         phone = f"{area}-555-01{rng.randrange(100):02d}"
-        rows.append((pat_id, f"MRN{mrns[i]:07d}", last, first, middle, birth, sex, phone, addr,
-                     city, "MA", zip_code))
+        rows.append((pat_id, f"MRN{mrns[i]:07d}", last, first, middle, birth, sex, phone, addr, city, "MA", zip_code))
     return rows
 
 
@@ -479,7 +645,7 @@ def _make_blocks(rng, schedule, provs, start: _dt.date, today: _dt.date, end: _d
         if future and rng.random() < 0.35:
             first = rng.randrange(len(future))
             length = rng.randint(2, 5)
-            run = [d for d in future[first:first + 8] if (d - future[first]).days < 7][:length]
+            run = [d for d in future[first : first + 8] if (d - future[first]).days < 7][:length]
             off += [(d, "Vacation") for d in run]
         elif future:
             for d in rng.sample(future, min(len(future), rng.randint(0, 2))):
@@ -510,8 +676,9 @@ def _free_slots(intervals, day_blocks) -> list[int]:
     return free
 
 
-def seed_demo(conn, *, today: _dt.date, seed: int = 42, days: int = 60, past_days: int = 30,
-              booked_fraction: float = 0.30) -> SeedSummary:
+def seed_demo(
+    conn, *, today: _dt.date, seed: int = 42, days: int = 60, past_days: int = 30, booked_fraction: float = 0.30
+) -> SeedSummary:
     """Fill every table of an empty demo schema; deterministic for ``(today, seed)``; commits."""
     rng = random.Random(seed)
     one = _dt.timedelta(days=1)
@@ -537,8 +704,7 @@ def seed_demo(conn, *, today: _dt.date, seed: int = 42, days: int = 60, past_day
     adults = [r[0] for r in patient_rows if r[5] <= age_limit]
     over35 = [r[0] for r in patient_rows if r[5] <= _ymd(today) - 350000] or adults
     everyone = [r[0] for r in patient_rows]
-    pool = {"PEDS": children or everyone, "CARD": over35, "FP": everyone, "DERM": everyone,
-            "ORTH": everyone}
+    pool = {"PEDS": children or everyone, "CARD": over35, "FP": everyone, "DERM": everyone, "ORTH": everyone}
 
     # Bookable types per specialty, expanded by weight.
     types_for: dict[str, list[tuple[str, int]]] = {}
@@ -576,8 +742,7 @@ def seed_demo(conn, *, today: _dt.date, seed: int = 42, days: int = 60, past_day
         if pat in visits:
             fresh = [p for p in candidates if p not in visits]
             if not fresh:
-                fresh = [p for p in candidates
-                         if all(e <= start or end <= s for s, e in visits[p])] or candidates
+                fresh = [p for p in candidates if all(e <= start or end <= s for s, e in visits[p])] or candidates
             pat = rng.choice(fresh)
         visits.setdefault(pat, []).append((start, end))
         return pat
@@ -636,8 +801,7 @@ def seed_demo(conn, *, today: _dt.date, seed: int = 42, days: int = 60, past_day
                     status = "A" if (d == today - one and roll < 0.15) else ("N" if roll > 0.93 else "D")
                 lead = 90 if code in ("NEWPT", "PHYS", "ECHO", "WELL") else 30
                 pat = pick_patient(prov, ymd, k * _SLOT, k * _SLOT + dur)
-                appts.append([created(d, lead), ymd, _hhmm(k * _SLOT), prov, pat, fac, dur, code,
-                              status, None, note()])
+                appts.append([created(d, lead), ymd, _hhmm(k * _SLOT), prov, pat, fac, dur, code, status, None, note()])
             carry = target - booked
             booked_total += booked
         return booked_total, total_cap
@@ -661,8 +825,21 @@ def seed_demo(conn, *, today: _dt.date, seed: int = 42, days: int = 60, past_day
         else:
             status = rng.choice("PPPCCLL")
         ymd = _ymd(d)
-        appts.append([created(d, 45), ymd, _hhmm(start), prov, rng.choice(pool[spec_of[prov]]),
-                      fac, dur, code, status, rng.choice(_CANCEL_REASONS[status]), note()])
+        appts.append(
+            [
+                created(d, 45),
+                ymd,
+                _hhmm(start),
+                prov,
+                rng.choice(pool[spec_of[prov]]),
+                fac,
+                dur,
+                code,
+                status,
+                rng.choice(_CANCEL_REASONS[status]),
+                note(),
+            ]
+        )
 
     # Two overnight studies crossing midnight (past only, outside template hours).
     overnight_prov = next(p for p in active if p.strip() == _OVERNIGHT_PROVIDER)
@@ -672,36 +849,67 @@ def seed_demo(conn, *, today: _dt.date, seed: int = 42, days: int = 60, past_day
         d = today - offset * one
         ymd = _ymd(d)
         pat = pick_patient(overnight_prov, ymd, _minutes(tm), _minutes(tm) + dur)
-        appts.append([created(d, 30), ymd, tm, overnight_prov, pat,
-                      home_of[overnight_prov], dur, "ECHO",
-                      "D", None, "Overnight study - ambulatory monitor hookup"])
+        appts.append(
+            [
+                created(d, 30),
+                ymd,
+                tm,
+                overnight_prov,
+                pat,
+                home_of[overnight_prov],
+                dur,
+                "ECHO",
+                "D",
+                None,
+                "Overnight study - ambulatory monitor hookup",
+            ]
+        )
 
     appts.sort(key=lambda a: (a[0], a[1], a[2], a[3]))
     appt_rows = []
     for offset, (cts, ymd, tm, prov, pat, fac, dur, code, status, rsn, txt) in enumerate(appts):
-        appt_rows.append((FIRST_APPT_ID + offset, pat, prov, fac, ymd, tm, dur, code, status, rsn,
-                          txt, BOOKED_BY, cts))
+        appt_rows.append((FIRST_APPT_ID + offset, pat, prov, fac, ymd, tm, dur, code, status, rsn, txt, BOOKED_BY, cts))
     next_id = FIRST_APPT_ID + len(appt_rows)
 
     _begin_if_autocommit(conn)
-    _executemany(conn, "INSERT INTO FACILITY (FAC_ID, FAC_NAME, ADDR1, CITY, STATE, ZIP, PHONE) "
-                       "VALUES (?, ?, ?, ?, ?, ?, ?)", _FACILITIES)
-    _executemany(conn, "INSERT INTO PROVIDER (PROV_ID, LAST_NM, FIRST_NM, TITLE, SPEC_CD, NPI, "
-                       "HOME_FAC, ACTIVE_YN) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", provider_rows)
-    _executemany(conn, "INSERT INTO PATIENT (PAT_ID, MRN, LAST_NM, FIRST_NM, MIDDLE_NM, BIRTH_DT, "
-                       "SEX, PHONE, ADDR1, CITY, STATE, ZIP) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
-                       "?, ?)", patient_rows)
-    _executemany(conn, "INSERT INTO APPT_TYPE (TYPE_CD, DESCR, DUR_MIN, SPEC_CD) VALUES (?, ?, ?, ?)",
-                 _APPT_TYPES)
-    _executemany(conn, "INSERT INTO PROV_TEMPLATE (TMPL_ID, PROV_ID, FAC_ID, DAY_OF_WEEK, START_HHMM, "
-                       "END_HHMM, EFF_FROM, EFF_THRU) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", template_rows)
-    _executemany(conn, "INSERT INTO PROV_BLOCK (BLOCK_ID, PROV_ID, BLOCK_DT, START_HHMM, END_HHMM, "
-                       "REASON) VALUES (?, ?, ?, ?, ?, ?)", block_rows)
-    _executemany(conn, "INSERT INTO APPT (APPT_ID, PAT_ID, PROV_ID, FAC_ID, APPT_DT, APPT_TM, DUR_MIN, "
-                       "TYPE_CD, STATUS_CD, CANCEL_RSN, NOTE_TXT, BOOKED_BY, CREATED_TS) "
-                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", appt_rows)
-    _executemany(conn, "INSERT INTO ID_COUNTER (CTR_NAME, NEXT_VAL) VALUES (?, ?)",
-                 [("APPT_ID", next_id)])
+    _executemany(
+        conn,
+        "INSERT INTO FACILITY (FAC_ID, FAC_NAME, ADDR1, CITY, STATE, ZIP, PHONE) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        _FACILITIES,
+    )
+    _executemany(
+        conn,
+        "INSERT INTO PROVIDER (PROV_ID, LAST_NM, FIRST_NM, TITLE, SPEC_CD, NPI, "
+        "HOME_FAC, ACTIVE_YN) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        provider_rows,
+    )
+    _executemany(
+        conn,
+        "INSERT INTO PATIENT (PAT_ID, MRN, LAST_NM, FIRST_NM, MIDDLE_NM, BIRTH_DT, "
+        "SEX, PHONE, ADDR1, CITY, STATE, ZIP) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+        "?, ?)",
+        patient_rows,
+    )
+    _executemany(conn, "INSERT INTO APPT_TYPE (TYPE_CD, DESCR, DUR_MIN, SPEC_CD) VALUES (?, ?, ?, ?)", _APPT_TYPES)
+    _executemany(
+        conn,
+        "INSERT INTO PROV_TEMPLATE (TMPL_ID, PROV_ID, FAC_ID, DAY_OF_WEEK, START_HHMM, "
+        "END_HHMM, EFF_FROM, EFF_THRU) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        template_rows,
+    )
+    _executemany(
+        conn,
+        "INSERT INTO PROV_BLOCK (BLOCK_ID, PROV_ID, BLOCK_DT, START_HHMM, END_HHMM, REASON) VALUES (?, ?, ?, ?, ?, ?)",
+        block_rows,
+    )
+    _executemany(
+        conn,
+        "INSERT INTO APPT (APPT_ID, PAT_ID, PROV_ID, FAC_ID, APPT_DT, APPT_TM, DUR_MIN, "
+        "TYPE_CD, STATUS_CD, CANCEL_RSN, NOTE_TXT, BOOKED_BY, CREATED_TS) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        appt_rows,
+    )
+    _executemany(conn, "INSERT INTO ID_COUNTER (CTR_NAME, NEXT_VAL) VALUES (?, ?)", [("APPT_ID", next_id)])
     conn.commit()
 
     today_ymd = _ymd(today)
@@ -800,27 +1008,29 @@ def add_bulk_appointments(conn, *, count: int, today: _dt.date, seed: int = 7, b
     rng = random.Random(seed)
     rnd = rng.random
     # Sorted here, not by the DBMS, so every backend (collation, CHAR padding) yields the same rows.
-    provs = sorted(_rows(conn, "SELECT PROV_ID, SPEC_CD, HOME_FAC FROM PROVIDER WHERE ACTIVE_YN = 'Y'"),
-                   key=lambda r: str(r[0]).rstrip())
+    provs = sorted(
+        _rows(conn, "SELECT PROV_ID, SPEC_CD, HOME_FAC FROM PROVIDER WHERE ACTIVE_YN = 'Y'"),
+        key=lambda r: str(r[0]).rstrip(),
+    )
     pats = sorted(int(r[0]) for r in _rows(conn, "SELECT PAT_ID FROM PATIENT"))
-    type_rows = sorted(_rows(conn, "SELECT TYPE_CD, DUR_MIN, SPEC_CD FROM APPT_TYPE"),
-                       key=lambda r: str(r[0]))
+    type_rows = sorted(_rows(conn, "SELECT TYPE_CD, DUR_MIN, SPEC_CD FROM APPT_TYPE"), key=lambda r: str(r[0]))
     if not provs or not pats or not type_rows:
         raise ValueError("add_bulk_appointments needs providers, patients and appointment types")
     prov_info = []
     for prov_id, spec, home in provs:
-        types = ([(t, int(d)) for t, d, s in type_rows if s is None or s == spec]
-                 or [(t, int(d)) for t, d, _ in type_rows])
+        types = [(t, int(d)) for t, d, s in type_rows if s is None or s == spec] or [
+            (t, int(d)) for t, d, _ in type_rows
+        ]
         prov_info.append((str(prov_id).ljust(8), int(home or 1), types))
 
     counter = _scalar(conn, "SELECT NEXT_VAL FROM ID_COUNTER WHERE CTR_NAME = 'APPT_ID'")
     max_id = _scalar(conn, "SELECT MAX(APPT_ID) FROM APPT")
-    next_id = max(int(counter) if counter is not None else FIRST_APPT_ID,
-                  int(max_id) + 1 if max_id is not None else FIRST_APPT_ID)
+    next_id = max(
+        int(counter) if counter is not None else FIRST_APPT_ID, int(max_id) + 1 if max_id is not None else FIRST_APPT_ID
+    )
     if counter is None:
         _begin_if_autocommit(conn)
-        _executemany(conn, "INSERT INTO ID_COUNTER (CTR_NAME, NEXT_VAL) VALUES (?, ?)",
-                     [("APPT_ID", next_id)])
+        _executemany(conn, "INSERT INTO ID_COUNTER (CTR_NAME, NEXT_VAL) VALUES (?, ?)", [("APPT_ID", next_id)])
         conn.commit()
 
     one = _dt.timedelta(days=1)
@@ -839,9 +1049,11 @@ def add_bulk_appointments(conn, *, count: int, today: _dt.date, seed: int = 7, b
     reasons_c = _CANCEL_REASONS["C"][0]
     reasons_l = _CANCEL_REASONS["L"][0]
 
-    sql = ("INSERT INTO APPT (APPT_ID, PAT_ID, PROV_ID, FAC_ID, APPT_DT, APPT_TM, DUR_MIN, TYPE_CD, "
-           "STATUS_CD, CANCEL_RSN, NOTE_TXT, BOOKED_BY, CREATED_TS) "
-           "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+    sql = (
+        "INSERT INTO APPT (APPT_ID, PAT_ID, PROV_ID, FAC_ID, APPT_DT, APPT_TM, DUR_MIN, TYPE_CD, "
+        "STATUS_CD, CANCEL_RSN, NOTE_TXT, BOOKED_BY, CREATED_TS) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    )
     update = "UPDATE ID_COUNTER SET NEXT_VAL = ? WHERE CTR_NAME = 'APPT_ID'"
     added = 0
     while added < count:
@@ -873,8 +1085,23 @@ def add_bulk_appointments(conn, *, count: int, today: _dt.date, seed: int = 7, b
                 status, rsn = "P", reasons_p
             else:
                 status, rsn = "C", reasons_c
-            append((next_id + i, pats[int(rnd() * n_pats)], prov, fac, ymd, tm, dur, code, status,
-                    rsn, None, BULK_BOOKED_BY, cts))
+            append(
+                (
+                    next_id + i,
+                    pats[int(rnd() * n_pats)],
+                    prov,
+                    fac,
+                    ymd,
+                    tm,
+                    dur,
+                    code,
+                    status,
+                    rsn,
+                    None,
+                    BULK_BOOKED_BY,
+                    cts,
+                )
+            )
         _begin_if_autocommit(conn)
         cur = _bulk_cursor(conn)
         try:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import uuid
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -49,29 +50,46 @@ async def _on_fhir_error(request: Request, exc: Exception) -> Response:
 async def _on_http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = {404: "not-found", 405: "not-supported"}.get(exc.status_code, "processing")
-    text = {404: f"no such endpoint: {request.method} {request.url.path}",
-            405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
+    text = {
+        404: f"no such endpoint: {request.method} {request.url.path}",
+        405: f"{request.method} is not allowed on {request.url.path}",
+    }.get(exc.status_code, str(exc.detail))
     return _error_response(request, FhirError(exc.status_code, code, text))
 
 
 async def _on_backend_unavailable(request: Request, exc: Exception) -> Response:
     log.warning("legacy backend unavailable: %s", exc)
-    return _error_response(request, FhirError(503, "transient", f"the legacy scheduling system is not available: {exc}",
-                                              headers={"Retry-After": "5"}))
+    return _error_response(
+        request,
+        FhirError(
+            503, "transient", f"the legacy scheduling system is not available: {exc}", headers={"Retry-After": "5"}
+        ),
+    )
 
 
 async def _on_unexpected(request: Request, exc: Exception) -> Response:
     incident = uuid.uuid4().hex[:12]
     log.exception("incident %s: unexpected error on %s %s", incident, request.method, request.url.path)
-    return _error_response(request, FhirError(500, "exception", f"internal error (incident {incident}); "
-                                              "the details are in the server log"))
+    return _error_response(
+        request, FhirError(500, "exception", f"internal error (incident {incident}); the details are in the server log")
+    )
 
 
-def create_app(ctx: FhirContext, *, search_endpoint: Callable[..., Any] | None = None,
-               on_startup: list[Callable[[], Any]] | None = None,
-               on_shutdown: list[Callable[[], Any]] | None = None, version: str = "0.1.0") -> Starlette:
-    metadata = capability_statement(base_url=ctx.base_url, software=ctx.software_name, version=version,
-                                    auth_enabled=ctx.auth_enabled, search_enabled=search_endpoint is not None)
+def create_app(
+    ctx: FhirContext,
+    *,
+    search_endpoint: Callable[..., Any] | None = None,
+    on_startup: list[Callable[[], Any]] | None = None,
+    on_shutdown: list[Callable[[], Any]] | None = None,
+    version: str = "0.1.0",
+) -> Starlette:
+    metadata = capability_statement(
+        base_url=ctx.base_url,
+        software=ctx.software_name,
+        version=version,
+        auth_enabled=ctx.auth_enabled,
+        search_enabled=search_endpoint is not None,
+    )
 
     async def metadata_endpoint(request: Request) -> Response:
         return render(metadata, response_format(request))
@@ -83,12 +101,16 @@ def create_app(ctx: FhirContext, *, search_endpoint: Callable[..., Any] | None =
         Route("/Appointment/$book", book_endpoint, methods=["POST"]),
     ]
     if search_endpoint is not None:
-        routes += [Route("/Appointment", search_endpoint, methods=["GET"]),
-                   Route("/Appointment/_search", search_endpoint, methods=["POST"])]
+        routes += [
+            Route("/Appointment", search_endpoint, methods=["GET"]),
+            Route("/Appointment/_search", search_endpoint, methods=["POST"]),
+        ]
     routes.append(Route("/Appointment/{id}", read_appointment, methods=["GET"]))
     kinds = "|".join(ACTOR_KINDS)
-    routes += [Route("/{kind:str}/{id}", _only(kinds, read_actor), methods=["GET"]),
-               Route("/{kind:str}", _only(kinds, search_actor), methods=["GET"])]
+    routes += [
+        Route("/{kind:str}/{id}", _only(kinds, read_actor), methods=["GET"]),
+        Route("/{kind:str}", _only(kinds, search_actor), methods=["GET"]),
+    ]
 
     from contextlib import asynccontextmanager
 
@@ -106,8 +128,12 @@ def create_app(ctx: FhirContext, *, search_endpoint: Callable[..., Any] | None =
 
     app = Starlette(
         routes=[Mount("/fhir", routes=routes)],
-        exception_handlers={FhirError: _on_fhir_error, HTTPException: _on_http_error,
-                            BackendUnavailable: _on_backend_unavailable, Exception: _on_unexpected},
+        exception_handlers={
+            FhirError: _on_fhir_error,
+            HTTPException: _on_http_error,
+            BackendUnavailable: _on_backend_unavailable,
+            Exception: _on_unexpected,
+        },
         lifespan=lifespan,
     )
     app.state.fhir = ctx

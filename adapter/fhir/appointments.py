@@ -3,7 +3,8 @@ $book, read and search), resolving participant displays in one batch per actor k
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from adapter.backends.protocol import Actor, ActorQuery, Appointment
 from adapter.fhir.context import FhirContext
@@ -24,27 +25,46 @@ async def actors_for(ctx: FhirContext, refs: Iterable[tuple[str, str | None]]) -
     return out
 
 
-async def render_appointments(ctx: FhirContext, appts: list[Appointment]) -> tuple[list[dict[str, Any]], dict[str, Actor]]:
-    actors = await actors_for(ctx, [(k, i) for a in appts for k, i in
-                                    (("Practitioner", a.practitioner_id), ("Location", a.location_id),
-                                     ("Patient", a.patient_id))])
+async def render_appointments(
+    ctx: FhirContext, appts: list[Appointment]
+) -> tuple[list[dict[str, Any]], dict[str, Actor]]:
+    actors = await actors_for(
+        ctx,
+        [
+            (k, i)
+            for a in appts
+            for k, i in (("Practitioner", a.practitioner_id), ("Location", a.location_id), ("Patient", a.patient_id))
+        ],
+    )
     types = {vt.key: vt for vt in await ctx.service.backend.visit_types()}
     return [from_booked(a, zone=ctx.zone, visit_types=types, actors=actors) for a in appts], actors
 
 
 async def render_hold(ctx: FhirContext, hold: Hold) -> dict[str, Any]:
     p = proposal_from_dict(hold.payload)
-    actors = await actors_for(ctx, [("Practitioner", p.practitioner_id), ("Location", p.location_id)]
-                              + [("Patient", pid) for pid in p.patient_ids])
+    actors = await actors_for(
+        ctx,
+        [("Practitioner", p.practitioner_id), ("Location", p.location_id)]
+        + [("Patient", pid) for pid in p.patient_ids],
+    )
     types = {vt.key: vt for vt in await ctx.service.backend.visit_types()}
     prac = actors.get(f"Practitioner/{p.practitioner_id}")
     loc = actors.get(f"Location/{p.location_id}")
     return appointment(
-        appt_id=hold.id, status="pending", start=p.start, end=p.end, zone=ctx.zone,
+        appt_id=hold.id,
+        status="pending",
+        start=p.start,
+        end=p.end,
+        zone=ctx.zone,
         practitioner=(p.practitioner_id, prac.display if prac else None),
         location=(p.location_id, loc.display if loc else None),
-        patients=[(pid, (actors.get(f"Patient/{pid}").display if actors.get(f"Patient/{pid}") else None))  # type: ignore[union-attr]
-                  for pid in p.patient_ids],
-        visit_type=types.get(p.visit_type_key), specialties=prac.specialties if prac else (),
-        requested=(p.window_start, p.window_end), participant_status="tentative",
-        extensions=[{"url": HOLD_EXPIRATION_URL, "valueDateTime": local_instant(hold.expires_at, ctx.zone)}])
+        patients=[
+            (pid, (actors.get(f"Patient/{pid}").display if actors.get(f"Patient/{pid}") else None))  # type: ignore[union-attr]
+            for pid in p.patient_ids
+        ],
+        visit_type=types.get(p.visit_type_key),
+        specialties=prac.specialties if prac else (),
+        requested=(p.window_start, p.window_end),
+        participant_status="tentative",
+        extensions=[{"url": HOLD_EXPIRATION_URL, "valueDateTime": local_instant(hold.expires_at, ctx.zone)}],
+    )

@@ -22,12 +22,21 @@ SEARCH_PARAMS = [
 SEARCH_INCLUDES = ["Appointment:actor", "Appointment:patient", "Appointment:practitioner", "Appointment:location"]
 
 
-def capability_statement(*, base_url: str, software: str, version: str, auth_enabled: bool,
-                         search_enabled: bool) -> dict[str, Any]:
+def capability_statement(
+    *, base_url: str, software: str, version: str, auth_enabled: bool, search_enabled: bool
+) -> dict[str, Any]:
     security: dict[str, Any] = {"cors": False}
     if auth_enabled:
-        security["service"] = [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
-                                            "code": "SMART-on-FHIR"}]}]
+        security["service"] = [
+            {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                        "code": "SMART-on-FHIR",
+                    }
+                ]
+            }
+        ]
         security["description"] = "SMART on FHIR / OAuth2 bearer tokens are required."
     else:
         security["description"] = "Authorization is switched OFF by configuration (security.auth = off)."
@@ -42,20 +51,32 @@ def capability_statement(*, base_url: str, software: str, version: str, auth_ena
         ],
     }
     if search_enabled:
-        appointment["extension"] = [{
-            "url": "http://hl7.org/fhir/StructureDefinition/capabilitystatement-search-parameter-combination",
-            "extension": [{"url": "required", "valueString": "patient"}, {"url": "required", "valueString": "date"}],
-        }]
+        appointment["extension"] = [
+            {
+                "url": "http://hl7.org/fhir/StructureDefinition/capabilitystatement-search-parameter-combination",
+                "extension": [
+                    {"url": "required", "valueString": "patient"},
+                    {"url": "required", "valueString": "date"},
+                ],
+            }
+        ]
         appointment["searchInclude"] = SEARCH_INCLUDES
         appointment["searchParam"] = [{"name": n, "definition": d, "type": t} for n, t, d in SEARCH_PARAMS] + [
             {"name": "_count", "type": "number", "documentation": "page size, default 50, maximum 500"},
             {"name": "_sort", "type": "string", "documentation": "date or -date"},
         ]
-    actor_resources = [{
-        "type": kind, "interaction": [{"code": "read"}, {"code": "search-type"}],
-        "searchParam": [{"name": "_id", "type": "token"}, {"name": "identifier", "type": "token"},
-                        {"name": "name", "type": "string"}],
-    } for kind in ("Location", "Patient", "Practitioner")]
+    actor_resources = [
+        {
+            "type": kind,
+            "interaction": [{"code": "read"}, {"code": "search-type"}],
+            "searchParam": [
+                {"name": "_id", "type": "token"},
+                {"name": "identifier", "type": "token"},
+                {"name": "name", "type": "string"},
+            ],
+        }
+        for kind in ("Location", "Patient", "Practitioner")
+    ]
     return {
         "resourceType": "CapabilityStatement",
         "id": "sched-adapter",
@@ -72,9 +93,11 @@ def capability_statement(*, base_url: str, software: str, version: str, auth_ena
         "format": ["application/fhir+json", "application/fhir+xml"],
         # BALP is not claimed: this server does not write AuditEvents yet.
         "implementationGuide": ["https://profiles.ihe.net/ITI/Scheduling/ImplementationGuide/ihe.iti.scheduling"],
-        "rest": [{
-            "mode": "server",
-            "security": security,
-            "resource": [appointment, {"type": "Bundle", "profile": BUNDLE_PROFILE}, *actor_resources],
-        }],
+        "rest": [
+            {
+                "mode": "server",
+                "security": security,
+                "resource": [appointment, {"type": "Bundle", "profile": BUNDLE_PROFILE}, *actor_resources],
+            }
+        ],
     }

@@ -22,15 +22,32 @@ from adapter.backends.protocol import Identifier, Interval
 from adapter.fhir.context import FhirContext, read_body
 from adapter.fhir.formats import parse_body, render, response_format
 from adapter.fhir.outcome import issue, operation_outcome
-from adapter.fhir.parameters import ParamList, bad, parse_count, parse_datetime, parse_reference, parse_token, validate_embedded
+from adapter.fhir.parameters import (
+    ParamList,
+    bad,
+    parse_count,
+    parse_datetime,
+    parse_reference,
+    parse_token,
+    validate_embedded,
+)
 from adapter.fhir.render import appointment, local_instant, searchset
 from adapter.scheduling.service import FindRequest, FindResult
 
 _REF = "valueReference"
 _GET_PARAMS = {
-    "start": "valueDateTime", "end": "valueDateTime", "specialty": "valueString", "visit-type": "valueString",
-    "reason": "valueString", "location-string": "valueString", "practitioner": _REF, "organization": _REF,
-    "location-reference": _REF, "patient-reference": _REF, "insurance-reference": _REF, "_count": "valueString",
+    "start": "valueDateTime",
+    "end": "valueDateTime",
+    "specialty": "valueString",
+    "visit-type": "valueString",
+    "reason": "valueString",
+    "location-string": "valueString",
+    "practitioner": _REF,
+    "organization": _REF,
+    "location-reference": _REF,
+    "patient-reference": _REF,
+    "insurance-reference": _REF,
+    "_count": "valueString",
 }
 _NOT_NARROWING = ("referral-identifier", "timing", "insurance-reference", "reason")
 
@@ -60,8 +77,9 @@ async def find_endpoint(request: Request) -> Response:
     return render(bundle, fmt)
 
 
-def _find_request(ctx: FhirContext, params: ParamList, request: Request, now: dt.datetime,
-                  notices: list[dict[str, Any]]) -> FindRequest:
+def _find_request(
+    ctx: FhirContext, params: ParamList, request: Request, now: dt.datetime, notices: list[dict[str, Any]]
+) -> FindRequest:
     zone = ctx.zone
     start_raw = params.one("start", "valueDateTime", "valueInstant")
     end_raw = params.one("end", "valueDateTime", "valueInstant")
@@ -74,9 +92,14 @@ def _find_request(ctx: FhirContext, params: ParamList, request: Request, now: dt
         if end is None:
             end = start + default_span
         filled = " and ".join(n for n, v in (("start", start_raw), ("end", end_raw)) if v is None)
-        notices.append(issue("warning", "incomplete",
-                             f"{filled} not given; searched from {start.isoformat()} to {end.isoformat()}",
-                             expression=filled.split(" ")[0]))
+        notices.append(
+            issue(
+                "warning",
+                "incomplete",
+                f"{filled} not given; searched from {start.isoformat()} to {end.isoformat()}",
+                expression=filled.split(" ")[0],
+            )
+        )
     if end <= start:
         raise bad(f"end ({end.isoformat()}) must be after start ({start.isoformat()})", "end")
     if end - start > dt.timedelta(days=ctx.find.max_window_days):
@@ -90,8 +113,14 @@ def _find_request(ctx: FhirContext, params: ParamList, request: Request, now: dt
     elif count_url is not None:
         count = parse_count(count_url)
     if count > ctx.find.max_count:
-        notices.append(issue("information", "informational",
-                             f"_count {count} is above the maximum; {ctx.find.max_count} used", expression="_count"))
+        notices.append(
+            issue(
+                "information",
+                "informational",
+                f"_count {count} is above the maximum; {ctx.find.max_count} used",
+                expression="_count",
+            )
+        )
         count = ctx.find.max_count
     offset_text = request.query_params.get("_offset", "0")
     if not offset_text.isdigit():
@@ -99,15 +128,19 @@ def _find_request(ctx: FhirContext, params: ParamList, request: Request, now: dt
 
     base = ctx.base_url
     req = FindRequest(window=Interval(start, end), offset=int(offset_text), count=count)
-    req.practitioners = [parse_reference(v, "practitioner", ["Practitioner"], base)
-                         for v in params.values("practitioner", _REF)]
-    req.organizations = [parse_reference(v, "organization", ["Organization"], base)
-                         for v in params.values("organization", _REF)]
-    req.locations = [parse_reference(v, "location-reference", ["Location"], base)
-                     for v in params.values("location-reference", _REF)]
+    req.practitioners = [
+        parse_reference(v, "practitioner", ["Practitioner"], base) for v in params.values("practitioner", _REF)
+    ]
+    req.organizations = [
+        parse_reference(v, "organization", ["Organization"], base) for v in params.values("organization", _REF)
+    ]
+    req.locations = [
+        parse_reference(v, "location-reference", ["Location"], base) for v in params.values("location-reference", _REF)
+    ]
     req.location_strings = [_string(v, "location-string") for v in params.values("location-string", "valueString")]
-    req.patients = [parse_reference(v, "patient-reference", ["Patient"], base)
-                    for v in params.values("patient-reference", _REF)]
+    req.patients = [
+        parse_reference(v, "patient-reference", ["Patient"], base) for v in params.values("patient-reference", _REF)
+    ]
     for resource in params.values("patient-resource", "resource"):
         patient = validate_embedded(resource, "Patient", "patient-resource")
         idents = [Identifier(i.get("system", ""), i["value"]) for i in patient.get("identifier", []) if i.get("value")]
@@ -119,8 +152,14 @@ def _find_request(ctx: FhirContext, params: ParamList, request: Request, now: dt
         for v in params.values(name, "valueString"):
             token = parse_token(v, name)
             if token.system is None:
-                notices.append(issue("warning", "incomplete", f"{name} {token.code!r} has no system; matched on the code alone",
-                                     expression=name))
+                notices.append(
+                    issue(
+                        "warning",
+                        "incomplete",
+                        f"{name} {token.code!r} has no system; matched on the code alone",
+                        expression=name,
+                    )
+                )
             target.append(token)
     for v in params.values("reason", "valueString"):
         parse_token(v, "reason")
@@ -130,8 +169,14 @@ def _find_request(ctx: FhirContext, params: ParamList, request: Request, now: dt
         parse_reference(v, "insurance-reference", ["InsurancePlan", "Coverage"], base)
     for name in _NOT_NARROWING:
         if params.entries.get(name):
-            notices.append(issue("information", "informational",
-                                 f"{name} is accepted but does not narrow the search on this server", expression=name))
+            notices.append(
+                issue(
+                    "information",
+                    "informational",
+                    f"{name} is accepted but does not narrow the search on this server",
+                    expression=name,
+                )
+            )
     for name in params.unused():
         notices.append(issue("warning", "not-supported", f"unknown parameter {name!r} was ignored", expression=name))
     return req
@@ -143,8 +188,9 @@ def _string(value: Any, name: str) -> str:
     return value
 
 
-def _bundle(ctx: FhirContext, req: FindRequest, result: FindResult, notices: list[dict[str, Any]],
-            request: Request) -> dict[str, Any]:
+def _bundle(
+    ctx: FhirContext, req: FindRequest, result: FindResult, notices: list[dict[str, Any]], request: Request
+) -> dict[str, Any]:
     zone = ctx.zone
     matches = []
     patients = [(p.id, p.display) for p in result.patients]
@@ -155,29 +201,54 @@ def _bundle(ctx: FhirContext, req: FindRequest, result: FindResult, notices: lis
         key = (c.practitioner_id, c.location_id, c.visit_type.key)
         shape = shapes.get(key)
         if shape is not None:
-            matches.append({**shape, "id": token, "start": local_instant(c.interval.start, zone),
-                            "end": local_instant(c.interval.end, zone),
-                            "minutesDuration": int((c.interval.end - c.interval.start).total_seconds() // 60)})
+            matches.append(
+                {
+                    **shape,
+                    "id": token,
+                    "start": local_instant(c.interval.start, zone),
+                    "end": local_instant(c.interval.end, zone),
+                    "minutesDuration": int((c.interval.end - c.interval.start).total_seconds() // 60),
+                }
+            )
             continue
         prac = result.actors.get(f"Practitioner/{c.practitioner_id}")
         loc = result.actors.get(f"Location/{c.location_id}")
         shapes[key] = appointment(
-            appt_id=token, status="proposed", start=c.interval.start, end=c.interval.end, zone=zone,
+            appt_id=token,
+            status="proposed",
+            start=c.interval.start,
+            end=c.interval.end,
+            zone=zone,
             practitioner=(c.practitioner_id, prac.display if prac else None),
-            location=(c.location_id, loc.display if loc else None), patients=patients,
-            visit_type=c.visit_type, specialties=prac.specialties if prac else (),
-            requested=(req.window.start, req.window.end), participant_status="needs-action")
+            location=(c.location_id, loc.display if loc else None),
+            patients=patients,
+            visit_type=c.visit_type,
+            specialties=prac.specialties if prac else (),
+            requested=(req.window.start, req.window.end),
+            participant_status="needs-action",
+        )
         matches.append(shapes[key])
     issues = list(notices) + [issue(n.severity, n.code, n.text, expression=n.expression) for n in result.notices]
     if result.total == 0:
-        issues.insert(0, issue("information", "not-found",
-                               f"no potential appointments between {req.window.start.isoformat()} and "
-                               f"{req.window.end.isoformat()} match the criteria"))
+        issues.insert(
+            0,
+            issue(
+                "information",
+                "not-found",
+                f"no potential appointments between {req.window.start.isoformat()} and "
+                f"{req.window.end.isoformat()} match the criteria",
+            ),
+        )
     links = []
     if req.offset + len(matches) < result.total:
         links.append({"relation": "next", "url": _page_url(ctx, req, req.offset + req.count)})
-    return searchset(ctx.base_url, total=result.total, matches=matches,
-                     outcome=operation_outcome(issues) if issues else None, links=links)
+    return searchset(
+        ctx.base_url,
+        total=result.total,
+        matches=matches,
+        outcome=operation_outcome(issues) if issues else None,
+        links=links,
+    )
 
 
 def _page_url(ctx: FhirContext, req: FindRequest, offset: int) -> str:

@@ -79,8 +79,11 @@ def parse_body(content_type: str | None, body: bytes) -> dict[str, Any]:
             return xml_to_resource(body)
         except FhirXmlError as exc:
             raise FhirError(400, "structure", f"the body is not valid FHIR XML: {exc}") from None
-    raise FhirError(415, "not-supported",
-                    f"Content-Type {content_type!r} is not supported; send application/fhir+json or application/fhir+xml")
+    raise FhirError(
+        415,
+        "not-supported",
+        f"Content-Type {content_type!r} is not supported; send application/fhir+json or application/fhir+xml",
+    )
 
 
 def _json_default(value: Any) -> Any:

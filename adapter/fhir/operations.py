@@ -18,13 +18,20 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 
 from adapter.backends.protocol import (
-    BackendUnavailable, BusinessRuleViolation, Coding, InvalidRequest, Interval, NotFound, SlotConflict,
+    BackendUnavailable,
+    BusinessRuleViolation,
+    Coding,
+    Interval,
+    InvalidRequest,
+    NotFound,
+    SlotConflict,
 )
 from adapter.fhir.appointments import render_appointments, render_hold
 from adapter.fhir.context import FhirContext, client_id, read_body
@@ -63,8 +70,9 @@ def _request_key(request: Request) -> tuple[str, str] | None:
     return client_id(request) or "anonymous", key[:200]
 
 
-async def _with_idempotency(request: Request, operation: str, body: bytes,
-                            produce: Callable[[], Awaitable[Response]]) -> Response:
+async def _with_idempotency(
+    request: Request, operation: str, body: bytes, produce: Callable[[], Awaitable[Response]]
+) -> Response:
     """Run ``produce`` at most once per (client, Idempotency-Key) and replay its answer (DESIGN 17).
 
     The request is identified by the operation, the body and the answer format, so a retry that
@@ -86,8 +94,12 @@ async def _with_idempotency(request: Request, operation: str, body: bytes,
     except IdempotencyInProgress as exc:
         raise FhirError(409, "conflict", str(exc), expression="Idempotency-Key", as_bundle=True) from None
     if stored is not None:
-        return Response(stored.body, status_code=stored.status, media_type=stored.media_type,
-                        headers={"Idempotent-Replayed": "true"})
+        return Response(
+            stored.body,
+            status_code=stored.status,
+            media_type=stored.media_type,
+            headers={"Idempotent-Replayed": "true"},
+        )
     try:
         response = await _as_operation_failure(produce)
     except FhirError as err:
@@ -98,7 +110,9 @@ async def _with_idempotency(request: Request, operation: str, body: bytes,
     except BaseException:
         state.idempotency_finish(who, key, None)
         raise
-    state.idempotency_finish(who, key, StoredResponse(response.status_code, response.media_type or "", bytes(response.body)))
+    state.idempotency_finish(
+        who, key, StoredResponse(response.status_code, response.media_type or "", bytes(response.body))
+    )
     return response
 
 
@@ -114,22 +128,37 @@ async def _as_operation_failure(produce: Callable[[], Awaitable[Response]]) -> R
 
 def _appointment_id(ctx: FhirContext, value: Any, name: str) -> str:
     if not isinstance(value, dict) or not isinstance(value.get("reference"), str):
-        raise FhirError(400, "invalid", f"{name} must be a Reference with 'reference' = Appointment/<id>",
-                        expression=name, as_bundle=True)
+        raise FhirError(
+            400,
+            "invalid",
+            f"{name} must be a Reference with 'reference' = Appointment/<id>",
+            expression=name,
+            as_bundle=True,
+        )
     kind, appt_id = split_reference(value["reference"], ctx.base_url, name, as_bundle=True)
     if kind != "Appointment":
-        raise FhirError(400, "invalid", f"{name} must reference an Appointment, got {value['reference']!r}",
-                        expression=name, as_bundle=True)
+        raise FhirError(
+            400,
+            "invalid",
+            f"{name} must reference an Appointment, got {value['reference']!r}",
+            expression=name,
+            as_bundle=True,
+        )
     return appt_id
 
 
 def _success(ctx: FhirContext, appt: dict[str, Any], message: str, fmt: str) -> Response:
-    bundle = searchset(ctx.base_url, total=1, matches=[appt],
-                       outcome=operation_outcome([issue("information", "informational", message)]))
+    bundle = searchset(
+        ctx.base_url,
+        total=1,
+        matches=[appt],
+        outcome=operation_outcome([issue("information", "informational", message)]),
+    )
     return render(bundle, fmt)
 
 
 # --- $hold ------------------------------------------------------------------------------------
+
 
 async def hold_endpoint(request: Request) -> Response:
     ctx: FhirContext = request.app.state.fhir
@@ -140,8 +169,13 @@ async def hold_endpoint(request: Request) -> Response:
     async def produce() -> Response:
         refs = params.values("appointment-reference", _REF)
         if len(refs) != 1:
-            raise FhirError(400, "invalid", "$hold needs exactly one appointment-reference "
-                            f"(got {len(refs)})", expression="appointment-reference", as_bundle=True)
+            raise FhirError(
+                400,
+                "invalid",
+                f"$hold needs exactly one appointment-reference (got {len(refs)})",
+                expression="appointment-reference",
+                as_bundle=True,
+            )
         token = _appointment_id(ctx, refs[0], "appointment-reference")
         try:
             result = await ctx.service.hold(token, client_id(request), ctx.now())
@@ -158,6 +192,7 @@ async def hold_endpoint(request: Request) -> Response:
 
 
 # --- $book ------------------------------------------------------------------------------------
+
 
 async def book_endpoint(request: Request) -> Response:
     ctx: FhirContext = request.app.state.fhir
@@ -194,38 +229,68 @@ async def _book(ctx: FhirContext, params: ParamList, request: Request):
     patient_resources = params.values("patient-resource", "resource")
     comment = params.one("comment", "valueString")
     if ref_value is None and resource is None:
-        raise FhirError(400, "invalid", "$book needs appointment-reference or appointment-resource",
-                        expression="appointment-reference", as_bundle=True)
+        raise FhirError(
+            400,
+            "invalid",
+            "$book needs appointment-reference or appointment-resource",
+            expression="appointment-reference",
+            as_bundle=True,
+        )
     if resource is not None:
         validate_embedded(resource, "Appointment", "appointment-resource", as_bundle=True)
         comment = comment if comment is not None else resource.get("comment")
     status = resource.get("status") if resource is not None else "pending"
     if status not in ("pending", "proposed", "booked", "cancelled"):
-        raise FhirError(400, "invalid", f"appointment-resource.status {status!r} is not one of pending, proposed "
-                        "(book), booked (modify) or cancelled (cancel)", expression="appointment-resource.status",
-                        as_bundle=True)
+        raise FhirError(
+            400,
+            "invalid",
+            f"appointment-resource.status {status!r} is not one of pending, proposed "
+            "(book), booked (modify) or cancelled (cancel)",
+            expression="appointment-resource.status",
+            as_bundle=True,
+        )
 
     if status in ("pending", "proposed"):
         patient = await _patient(ctx, patient_resources, resource)  # only a new booking needs one
-        token = _appointment_id(ctx, ref_value, "appointment-reference") if ref_value is not None else resource.get("id")
+        token = (
+            _appointment_id(ctx, ref_value, "appointment-reference") if ref_value is not None else resource.get("id")
+        )
         expect = None
         if resource is not None and ref_value is not None and (resource.get("start") or resource.get("end")):
-            expect = Interval(parse_datetime(resource.get("start"), "appointment-resource.start", ctx.zone),
-                              parse_datetime(resource.get("end"), "appointment-resource.end", ctx.zone))
+            expect = Interval(
+                parse_datetime(resource.get("start"), "appointment-resource.start", ctx.zone),
+                parse_datetime(resource.get("end"), "appointment-resource.end", ctx.zone),
+            )
         if token is None:
             token = await _proposal_from_resource(ctx, resource, now)
         scoped = _request_key(request)
-        result = await ctx.service.book(token, patient=patient, comment=comment, client=client, now=now,
-                                        expect=expect, request_key="\x1f".join(scoped) if scoped else None)
+        result = await ctx.service.book(
+            token,
+            patient=patient,
+            comment=comment,
+            client=client,
+            now=now,
+            expect=expect,
+            request_key="\x1f".join(scoped) if scoped else None,
+        )
         appt = result.appointment
-        return appt, (f"Appointment/{appt.id} was already booked by this client from Appointment/{token}; "
-                      "nothing was booked again" if result.replayed else f"Appointment/{appt.id} booked")
+        return appt, (
+            f"Appointment/{appt.id} was already booked by this client from Appointment/{token}; "
+            "nothing was booked again"
+            if result.replayed
+            else f"Appointment/{appt.id} booked"
+        )
 
     appt_id = resource.get("id") or (_appointment_id(ctx, ref_value, "appointment-reference") if ref_value else None)
     if not appt_id:
-        raise FhirError(400, "invalid", f"to {'modify' if status == 'booked' else 'cancel'} an appointment, "
-                        "appointment-resource needs the id of the existing appointment",
-                        expression="appointment-resource.id", as_bundle=True)
+        raise FhirError(
+            400,
+            "invalid",
+            f"to {'modify' if status == 'booked' else 'cancel'} an appointment, "
+            "appointment-resource needs the id of the existing appointment",
+            expression="appointment-resource.id",
+            as_bundle=True,
+        )
     if status == "cancelled":
         reason, text = _cancel_reason(resource)
         appt = await ctx.service.cancel(appt_id, reason, text, now, client=client)
@@ -233,12 +298,24 @@ async def _book(ctx: FhirContext, params: ParamList, request: Request):
     start = parse_datetime(resource.get("start"), "appointment-resource.start", ctx.zone)
     end = parse_datetime(resource.get("end"), "appointment-resource.end", ctx.zone)
     if end <= start:
-        raise FhirError(400, "invalid", "appointment-resource.end must be after start",
-                        expression="appointment-resource.end", as_bundle=True)
+        raise FhirError(
+            400,
+            "invalid",
+            "appointment-resource.end must be after start",
+            expression="appointment-resource.end",
+            as_bundle=True,
+        )
     prac, loc = _participant_ids(ctx, resource)
     await _require_actors(ctx, prac, loc)
-    appt = await ctx.service.reschedule(appt_id, practitioner_id=prac, location_id=loc, interval=Interval(start, end),
-                                        comment=comment, now=now, client=client)
+    appt = await ctx.service.reschedule(
+        appt_id,
+        practitioner_id=prac,
+        location_id=loc,
+        interval=Interval(start, end),
+        comment=comment,
+        now=now,
+        client=client,
+    )
     return appt, f"Appointment/{appt.id} modified"
 
 
@@ -246,8 +323,13 @@ async def _require_actors(ctx: FhirContext, practitioner_id: str | None, locatio
     """Participants named in appointment-resource must exist here (400 naming the one that does not)."""
     for kind, actor_id in (("Practitioner", practitioner_id), ("Location", location_id)):
         if actor_id and await ctx.service.actor(kind, actor_id) is None:
-            raise FhirError(400, "invalid", f"appointment-resource names {kind}/{actor_id}, which is not known "
-                            "to this server", expression="appointment-resource.participant", as_bundle=True)
+            raise FhirError(
+                400,
+                "invalid",
+                f"appointment-resource names {kind}/{actor_id}, which is not known to this server",
+                expression="appointment-resource.participant",
+                as_bundle=True,
+            )
 
 
 def _participant_ids(ctx: FhirContext, resource: dict[str, Any]) -> tuple[str | None, str | None]:
@@ -271,22 +353,37 @@ async def _patient(ctx: FhirContext, patient_resources: list[Any], resource: dic
         validate_embedded(p, "Patient", "patient-resource", as_bundle=True)
         for ident in p.get("identifier", []):
             if ident.get("value"):
-                refs.append(ActorRef("Patient", identifier=_ident(ident), text=f"Patient?identifier={ident.get('system', '')}|{ident['value']}"))
+                refs.append(
+                    ActorRef(
+                        "Patient",
+                        identifier=_ident(ident),
+                        text=f"Patient?identifier={ident.get('system', '')}|{ident['value']}",
+                    )
+                )
         if p.get("id"):
             refs.append(ActorRef("Patient", id=p["id"], text=f"Patient/{p['id']}"))
     for i, part in enumerate((resource or {}).get("participant") or []):
         actor = part.get("actor") or {}
         if actor.get("reference", "").split("/")[-2:-1] == ["Patient"] or actor.get("type") == "Patient":
-            refs.append(parse_reference(actor, f"appointment-resource.participant[{i}].actor", ["Patient"],
-                                        ctx.base_url, as_bundle=True))
+            refs.append(
+                parse_reference(
+                    actor, f"appointment-resource.participant[{i}].actor", ["Patient"], ctx.base_url, as_bundle=True
+                )
+            )
     if not refs:
         return None
     for ref in refs:
         actor = await ctx.service.resolve(ref)
         if actor is not None:
             return actor
-    raise FhirError(422, "business-rule", f"{refs[0].text} does not match a patient of the legacy system, and this "
-                    "mapping does not allow creating patients", expression="patient-resource", as_bundle=True)
+    raise FhirError(
+        422,
+        "business-rule",
+        f"{refs[0].text} does not match a patient of the legacy system, and this "
+        "mapping does not allow creating patients",
+        expression="patient-resource",
+        as_bundle=True,
+    )
 
 
 def _ident(ident: dict[str, Any]):
@@ -296,14 +393,17 @@ def _ident(ident: dict[str, Any]):
 
 
 def _cancel_reason(resource: dict[str, Any]) -> tuple[Coding | None, str | None]:
-    concepts = [resource.get("cancelationReason")] + [e.get("valueCodeableConcept") for e in resource.get("extension", [])
-                                                        if e.get("url") == STATUS_REASON_URL]
+    concepts = [resource.get("cancelationReason")] + [
+        e.get("valueCodeableConcept") for e in resource.get("extension", []) if e.get("url") == STATUS_REASON_URL
+    ]
     for c in concepts:
         if c:
             codings = [x for x in c.get("coding", []) if x.get("code")]
             first = codings[0] if codings else None
-            return (Coding(first.get("system", ""), first["code"], first.get("display")) if first else None,
-                    c.get("text") or (first.get("display") if first else None))
+            return (
+                Coding(first.get("system", ""), first["code"], first.get("display")) if first else None,
+                c.get("text") or (first.get("display") if first else None),
+            )
     return None, None
 
 
@@ -313,16 +413,34 @@ async def _proposal_from_resource(ctx: FhirContext, resource: dict[str, Any], no
     end = parse_datetime(resource.get("end"), "appointment-resource.end", ctx.zone)
     prac, loc = _participant_ids(ctx, resource)
     if not prac or not loc or end <= start:
-        raise FhirError(400, "invalid", "appointment-resource without a proposed id needs start, end and "
-                        "Practitioner and Location participants", expression="appointment-resource", as_bundle=True)
+        raise FhirError(
+            400,
+            "invalid",
+            "appointment-resource without a proposed id needs start, end and Practitioner and Location participants",
+            expression="appointment-resource",
+            as_bundle=True,
+        )
     await _require_actors(ctx, prac, loc)
     minutes = int((end - start).total_seconds() // 60)
     types = await ctx.service.backend.visit_types()
     wanted = [c for c in ((resource.get("appointmentType") or {}).get("coding") or [])]
-    vt = next((t for t in types for c in wanted for tc in t.codings
-               if tc.code == c.get("code") and tc.system == c.get("system")), None)
+    vt = next(
+        (
+            t
+            for t in types
+            for c in wanted
+            for tc in t.codings
+            if tc.code == c.get("code") and tc.system == c.get("system")
+        ),
+        None,
+    )
     vt = vt or next((t for t in types if t.minutes == minutes), None)
     if vt is None:
-        raise FhirError(400, "invalid", "appointment-resource.appointmentType does not name a visit type of this "
-                        "server", expression="appointment-resource.appointmentType", as_bundle=True)
+        raise FhirError(
+            400,
+            "invalid",
+            "appointment-resource.appointmentType does not name a visit type of this server",
+            expression="appointment-resource.appointmentType",
+            as_bundle=True,
+        )
     return ctx.service.proposals.encode(Proposal(prac, loc, start, minutes, vt.key, (), now, start, end))

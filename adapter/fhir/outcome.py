@@ -13,14 +13,24 @@ offending parameter.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from http import HTTPStatus
-from typing import Any, Iterable
+from typing import Any
 
 
 class FhirError(Exception):
-    def __init__(self, status: int, code: str, diagnostics: str, *, expression: str | None = None,
-                 severity: str = "fatal", as_bundle: bool = False, headers: dict[str, str] | None = None,
-                 extra_issues: Iterable[dict] = ()) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        diagnostics: str,
+        *,
+        expression: str | None = None,
+        severity: str = "fatal",
+        as_bundle: bool = False,
+        headers: dict[str, str] | None = None,
+        extra_issues: Iterable[dict] = (),
+    ) -> None:
         super().__init__(diagnostics)
         self.status = status
         self.code = code
@@ -32,8 +42,9 @@ class FhirError(Exception):
         self.extra_issues = list(extra_issues)
 
     def issue(self) -> dict[str, Any]:
-        return issue(self.severity, self.code, self.diagnostics, expression=self.expression,
-                     details=reason_phrase(self.status))
+        return issue(
+            self.severity, self.code, self.diagnostics, expression=self.expression, details=reason_phrase(self.status)
+        )
 
 
 def reason_phrase(status: int) -> str:
@@ -43,8 +54,9 @@ def reason_phrase(status: int) -> str:
         return str(status)
 
 
-def issue(severity: str, code: str, diagnostics: str, *, expression: str | None = None,
-          details: str | None = None) -> dict[str, Any]:
+def issue(
+    severity: str, code: str, diagnostics: str, *, expression: str | None = None, details: str | None = None
+) -> dict[str, Any]:
     out: dict[str, Any] = {"severity": severity, "code": code}
     if details:
         out["details"] = {"text": details}

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
@@ -21,11 +22,14 @@ from adapter.scheduling.service import ActorRef, Token
 
 _DATETIME = re.compile(
     r"^(?P<y>\d{4})(-(?P<m>\d{2})(-(?P<d>\d{2})(T(?P<H>\d{2}):(?P<M>\d{2})(:(?P<S>\d{2})(\.\d+)?)?"
-    r"(?P<tz>Z|[+-]\d{2}:\d{2}))?)?)?$")
+    r"(?P<tz>Z|[+-]\d{2}:\d{2}))?)?)?$"
+)
 FHIR_ID = re.compile(r"^[A-Za-z0-9\-\.]{1,64}$")
 
 
-def bad(diagnostics: str, expression: str | None = None, *, code: str = "invalid", as_bundle: bool = False) -> FhirError:
+def bad(
+    diagnostics: str, expression: str | None = None, *, code: str = "invalid", as_bundle: bool = False
+) -> FhirError:
     return FhirError(400, code, diagnostics, expression=expression, as_bundle=as_bundle)
 
 
@@ -36,15 +40,18 @@ def parse_datetime(text: Any, name: str, zone: ZoneInfo, *, is_end: bool = False
         raise bad(f"{name} must be a dateTime string, got {type(text).__name__}", name)
     m = _DATETIME.match(text.strip())
     if not m:
-        raise bad(f"{name} {text!r} is not a valid FHIR dateTime (e.g. 2026-12-01T09:00:00-05:00); "
-                  "a time needs a timezone offset", name)
+        raise bad(
+            f"{name} {text!r} is not a valid FHIR dateTime (e.g. 2026-12-01T09:00:00-05:00); "
+            "a time needs a timezone offset",
+            name,
+        )
     try:
         if m.group("H") is not None:
             if m.group("tz") is None:
                 raise bad(f"{name} {text!r} has a time but no timezone offset", name)
             # UTC from here on: comparing datetimes that share one tzinfo object is several times
             # cheaper than comparing across offsets, and the slot maths compares a lot.
-            return dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00")).astimezone(dt.timezone.utc)
+            return dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00")).astimezone(dt.UTC)
         y, mo, d = int(m.group("y")), int(m.group("m") or 1), int(m.group("d") or 1)
         start = dt.date(y, mo, d)
         if is_end:
@@ -55,7 +62,7 @@ def parse_datetime(text: Any, name: str, zone: ZoneInfo, *, is_end: bool = False
             else:
                 start = dt.date(y + 1, 1, 1)
         # Local midnight as an instant: computing on ZoneInfo datetimes would be wall-clock maths.
-        return dt.datetime.combine(start, dt.time(), tzinfo=zone).astimezone(dt.timezone.utc)
+        return dt.datetime.combine(start, dt.time(), tzinfo=zone).astimezone(dt.UTC)
     except ValueError as exc:
         raise bad(f"{name} {text!r} is not a valid date: {exc}", name) from None
 
@@ -80,19 +87,33 @@ class ParamList:
     used: set[str] = field(default_factory=set)
 
     @classmethod
-    def from_resource(cls, resource: dict[str, Any], *, as_bundle: bool = False) -> "ParamList":
+    def from_resource(cls, resource: dict[str, Any], *, as_bundle: bool = False) -> ParamList:
         if resource.get("resourceType") != "Parameters":
-            raise FhirError(400, "invalid", f"expected a Parameters resource, got resourceType "
-                            f"{resource.get('resourceType')!r}", as_bundle=as_bundle)
+            raise FhirError(
+                400,
+                "invalid",
+                f"expected a Parameters resource, got resourceType {resource.get('resourceType')!r}",
+                as_bundle=as_bundle,
+            )
         params = resource.get("parameter", [])
         if not isinstance(params, list):
-            raise FhirError(400, "structure", "Parameters.parameter must be a list", expression="Parameters.parameter",
-                            as_bundle=as_bundle)
+            raise FhirError(
+                400,
+                "structure",
+                "Parameters.parameter must be a list",
+                expression="Parameters.parameter",
+                as_bundle=as_bundle,
+            )
         entries: dict[str, list[dict[str, Any]]] = {}
         for i, p in enumerate(params):
             if not isinstance(p, dict) or not isinstance(p.get("name"), str):
-                raise FhirError(400, "structure", f"Parameters.parameter[{i}] has no name",
-                                expression=f"Parameters.parameter[{i}]", as_bundle=as_bundle)
+                raise FhirError(
+                    400,
+                    "structure",
+                    f"Parameters.parameter[{i}] has no name",
+                    expression=f"Parameters.parameter[{i}]",
+                    as_bundle=as_bundle,
+                )
             entries.setdefault(p["name"], []).append(p)
         return cls(entries, as_bundle)
 
@@ -147,8 +168,9 @@ def parse_reference(value: Any, name: str, kinds: Iterable[str], base: str, *, a
         if kind not in kinds:
             raise err(f"{name}.type must be {' or '.join(kinds)}")
         system = ident.get("system") or ""
-        return ActorRef(kind, identifier=Identifier(system, ident["value"]),
-                        text=f"{kind}?identifier={system}|{ident['value']}")
+        return ActorRef(
+            kind, identifier=Identifier(system, ident["value"]), text=f"{kind}?identifier={system}|{ident['value']}"
+        )
     raise err(f"{name} needs a 'reference' or an 'identifier' with a value")
 
 
@@ -159,15 +181,25 @@ def split_reference(ref: str, base: str, name: str, *, as_bundle: bool = False) 
         parsed, ours = urlsplit(text), urlsplit(base)
         prefix = base.rstrip("/") + "/"
         if not text.startswith(prefix) or parsed.netloc != ours.netloc:
-            raise FhirError(404, "not-found", f"{name} {ref!r} points to another server; this server acts only on "
-                            f"references relative to {base}", expression=name, as_bundle=as_bundle)
-        text = text[len(prefix):]
+            raise FhirError(
+                404,
+                "not-found",
+                f"{name} {ref!r} points to another server; this server acts only on references relative to {base}",
+                expression=name,
+                as_bundle=as_bundle,
+            )
+        text = text[len(prefix) :]
     parts = text.split("/")
     if len(parts) == 4 and parts[2] == "_history":
         parts = parts[:2]
     if len(parts) != 2 or not parts[0] or not FHIR_ID.match(parts[1]):
-        raise FhirError(400, "invalid", f"{name} {ref!r} is not a reference of the form Type/id",
-                        expression=name, as_bundle=as_bundle)
+        raise FhirError(
+            400,
+            "invalid",
+            f"{name} {ref!r} is not a reference of the form Type/id",
+            expression=name,
+            as_bundle=as_bundle,
+        )
     return parts[0], parts[1]
 
 
@@ -189,17 +221,22 @@ def validate_embedded(resource: Any, expected: str, name: str, *, as_bundle: boo
     """Check an embedded resource's type and R4 structure (fhir.resources R4B models)."""
     if not isinstance(resource, dict) or resource.get("resourceType") != expected:
         got = resource.get("resourceType") if isinstance(resource, dict) else type(resource).__name__
-        raise FhirError(400, "invalid", f"{name} must be a {expected} resource, got {got!r}",
-                        expression=name, as_bundle=as_bundle)
-    from pydantic import ValidationError
-
+        raise FhirError(
+            400, "invalid", f"{name} must be a {expected} resource, got {got!r}", expression=name, as_bundle=as_bundle
+        )
     from fhir.resources.R4B import get_fhir_model_class
+    from pydantic import ValidationError
 
     try:
         get_fhir_model_class(expected).model_validate(resource)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise FhirError(400, "structure", f"{name} is not a valid {expected}: {where}: {first['msg']}",
-                        expression=name, as_bundle=as_bundle) from None
+        raise FhirError(
+            400,
+            "structure",
+            f"{name} is not a valid {expected}: {where}: {first['msg']}",
+            expression=name,
+            as_bundle=as_bundle,
+        ) from None
     return resource

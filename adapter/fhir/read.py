@@ -33,8 +33,11 @@ async def read_appointment(request: Request) -> Response:
     _check_id(appt_id, "Appointment")
     found = await ctx.service.get(appt_id, ctx.now())
     if found is None:
-        raise FhirError(404, "not-found", f"Appointment/{appt_id} is not known (proposed appointments from $find "
-                        "exist only once held or booked)")
+        raise FhirError(
+            404,
+            "not-found",
+            f"Appointment/{appt_id} is not known (proposed appointments from $find exist only once held or booked)",
+        )
     if isinstance(found, Hold):
         return render(await render_hold(ctx, found), fmt)
     rendered, _ = await render_appointments(ctx, [found])
@@ -72,10 +75,24 @@ async def search_actor(request: Request) -> Response:
     if not (ids or identifiers or name):
         found = await ctx.service.backend.find_actors(ActorQuery(kind, limit=count))  # type: ignore[arg-type]
     else:
-        found = await ctx.service.backend.find_actors(ActorQuery(kind, ids=ids, identifiers=tuple(identifiers),  # type: ignore[arg-type]
-                                                                 name=name, limit=count))
-    issues = [issue("warning", "not-supported", f"parameter {k!r} is not supported and was ignored", expression=k)
-              for k in ignored]
-    bundle = searchset(ctx.base_url, total=len(found), matches=[a.resource for a in found[:count]],
-                       outcome=operation_outcome(issues) if issues else None, profile=False)
+        found = await ctx.service.backend.find_actors(
+            ActorQuery(
+                kind,
+                ids=ids,
+                identifiers=tuple(identifiers),  # type: ignore[arg-type]
+                name=name,
+                limit=count,
+            )
+        )
+    issues = [
+        issue("warning", "not-supported", f"parameter {k!r} is not supported and was ignored", expression=k)
+        for k in ignored
+    ]
+    bundle = searchset(
+        ctx.base_url,
+        total=len(found),
+        matches=[a.resource for a in found[:count]],
+        outcome=operation_outcome(issues) if issues else None,
+        profile=False,
+    )
     return render(bundle, fmt)

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from adapter.backends.protocol import Actor, Appointment, Coding, VisitType
 
@@ -61,8 +62,9 @@ def concept(codings: Iterable[Coding], text: str | None = None) -> dict[str, Any
     return out
 
 
-def participant(kind: str, actor_id: str | None, display: str | None, status: str = "accepted",
-                identifier: dict | None = None) -> dict[str, Any]:
+def participant(
+    kind: str, actor_id: str | None, display: str | None, status: str = "accepted", identifier: dict | None = None
+) -> dict[str, Any]:
     actor: dict[str, Any] = {}
     if actor_id:
         actor["reference"] = f"{kind}/{actor_id}"
@@ -74,13 +76,27 @@ def participant(kind: str, actor_id: str | None, display: str | None, status: st
     return {"actor": actor, "required": "required", "status": status}
 
 
-def appointment(*, appt_id: str, status: str, start: dt.datetime, end: dt.datetime, zone: dt.tzinfo,
-                practitioner: tuple[str | None, str | None], location: tuple[str | None, str | None],
-                patients: Iterable[tuple[str | None, str | None]], visit_type: VisitType | None,
-                specialties: Iterable[Coding], requested: tuple[dt.datetime, dt.datetime] | None,
-                participant_status: str, identifiers: Iterable[tuple[str, str]] = (),
-                comment: str | None = None, status_reason: Coding | None = None, cancel_text: str | None = None,
-                created: dt.datetime | None = None, extensions: Iterable[dict] = ()) -> dict[str, Any]:
+def appointment(
+    *,
+    appt_id: str,
+    status: str,
+    start: dt.datetime,
+    end: dt.datetime,
+    zone: dt.tzinfo,
+    practitioner: tuple[str | None, str | None],
+    location: tuple[str | None, str | None],
+    patients: Iterable[tuple[str | None, str | None]],
+    visit_type: VisitType | None,
+    specialties: Iterable[Coding],
+    requested: tuple[dt.datetime, dt.datetime] | None,
+    participant_status: str,
+    identifiers: Iterable[tuple[str, str]] = (),
+    comment: str | None = None,
+    status_reason: Coding | None = None,
+    cancel_text: str | None = None,
+    created: dt.datetime | None = None,
+    extensions: Iterable[dict] = (),
+) -> dict[str, Any]:
     res: dict[str, Any] = {"resourceType": "Appointment", "id": appt_id, "meta": {"profile": [APPT_PROFILE]}}
     ext = list(extensions)
     if status_reason is not None:
@@ -125,8 +141,14 @@ def appointment(*, appt_id: str, status: str, start: dt.datetime, end: dt.dateti
     return res
 
 
-def from_booked(appt: Appointment, *, zone: dt.tzinfo, visit_types: dict[str, VisitType],
-                actors: dict[str, Actor], identifier_system: str | None = None) -> dict[str, Any]:
+def from_booked(
+    appt: Appointment,
+    *,
+    zone: dt.tzinfo,
+    visit_types: dict[str, VisitType],
+    actors: dict[str, Actor],
+    identifier_system: str | None = None,
+) -> dict[str, Any]:
     prac = actors.get(f"Practitioner/{appt.practitioner_id}")
     loc = actors.get(f"Location/{appt.location_id}")
     pat = actors.get(f"Patient/{appt.patient_id}")
@@ -134,24 +156,44 @@ def from_booked(appt: Appointment, *, zone: dt.tzinfo, visit_types: dict[str, Vi
     status = appt.status
     part_status = "declined" if status in ("cancelled", "noshow") else "accepted"
     return appointment(
-        appt_id=appt.id, status=status, start=appt.interval.start, end=appt.interval.end, zone=zone,
+        appt_id=appt.id,
+        status=status,
+        start=appt.interval.start,
+        end=appt.interval.end,
+        zone=zone,
         practitioner=(appt.practitioner_id, prac.display if prac else None),
         location=(appt.location_id, loc.display if loc else None),
         patients=[(appt.patient_id, pat.display if pat else None)],
-        visit_type=vt, specialties=prac.specialties if prac else (), requested=None,
-        participant_status=part_status, identifiers=[(i.system, i.value) for i in appt.identifiers],
-        comment=appt.comment, status_reason=appt.status_reason if status in ("cancelled", "noshow") else None,
-        cancel_text=appt.cancel_text, created=appt.created)
+        visit_type=vt,
+        specialties=prac.specialties if prac else (),
+        requested=None,
+        participant_status=part_status,
+        identifiers=[(i.system, i.value) for i in appt.identifiers],
+        comment=appt.comment,
+        status_reason=appt.status_reason if status in ("cancelled", "noshow") else None,
+        cancel_text=appt.cancel_text,
+        created=appt.created,
+    )
 
 
 def entry(base: str, resource: dict[str, Any], mode: str) -> dict[str, Any]:
-    return {"fullUrl": f"{base}/{resource['resourceType']}/{resource['id']}", "resource": resource,
-            "search": {"mode": mode}}
+    return {
+        "fullUrl": f"{base}/{resource['resourceType']}/{resource['id']}",
+        "resource": resource,
+        "search": {"mode": mode},
+    }
 
 
-def searchset(base: str, *, total: int, matches: list[dict[str, Any]], outcome: dict[str, Any] | None = None,
-              includes: Iterable[dict[str, Any]] = (), links: list[dict[str, str]] | None = None,
-              profile: bool = True) -> dict[str, Any]:
+def searchset(
+    base: str,
+    *,
+    total: int,
+    matches: list[dict[str, Any]],
+    outcome: dict[str, Any] | None = None,
+    includes: Iterable[dict[str, Any]] = (),
+    links: list[dict[str, str]] | None = None,
+    profile: bool = True,
+) -> dict[str, Any]:
     bundle: dict[str, Any] = {"resourceType": "Bundle"}
     if profile:
         bundle["meta"] = {"profile": [BUNDLE_PROFILE]}

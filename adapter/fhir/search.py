@@ -47,7 +47,7 @@ from urllib.parse import parse_qsl, urlencode
 from starlette.requests import Request
 from starlette.responses import Response
 
-from adapter.backends.protocol import ActorQuery, AppointmentQuery, Identifier, InvalidRequest, Interval
+from adapter.backends.protocol import ActorQuery, AppointmentQuery, Identifier, Interval, InvalidRequest
 from adapter.fhir.appointments import render_appointments
 from adapter.fhir.context import FhirContext, read_body
 from adapter.fhir.formats import FORM, format_named, render, response_format
@@ -57,22 +57,43 @@ from adapter.fhir.render import searchset
 from adapter.mapping.expressions import attach_zone
 
 APPOINTMENT_STATUS_SYSTEM = "http://hl7.org/fhir/appointmentstatus"
-APPOINTMENT_STATUSES = frozenset({"proposed", "pending", "booked", "arrived", "fulfilled", "cancelled", "noshow",
-                                  "entered-in-error", "checked-in", "waitlist"})
+APPOINTMENT_STATUSES = frozenset(
+    {
+        "proposed",
+        "pending",
+        "booked",
+        "arrived",
+        "fulfilled",
+        "cancelled",
+        "noshow",
+        "entered-in-error",
+        "checked-in",
+        "waitlist",
+    }
+)
 PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap")
 REFERENCE_PARAMS = {"patient": "Patient", "practitioner": "Practitioner", "location": "Location"}
-ACTOR_TYPES = ("Patient", "Practitioner", "PractitionerRole", "RelatedPerson", "Device", "HealthcareService",
-               "Location")
+ACTOR_TYPES = (
+    "Patient",
+    "Practitioner",
+    "PractitionerRole",
+    "RelatedPerson",
+    "Device",
+    "HealthcareService",
+    "Location",
+)
 OUR_ACTOR_KINDS = ("Patient", "Practitioner", "Location")
 CONTROL_ONCE = ("_count", "_sort", "_total", "_format", "_cursor")
 CURSOR_PARAM = "_cursor"
 
 _DATE = re.compile(
     r"^(?P<y>\d{4})(?:-(?P<m>\d{2})(?:-(?P<d>\d{2})(?:T(?P<H>\d{2}):(?P<M>\d{2})(?::(?P<S>\d{2})(?:\.(?P<f>\d+))?)?"
-    r"(?P<tz>Z|[+-]\d{2}:\d{2})?)?)?)?$")
+    r"(?P<tz>Z|[+-]\d{2}:\d{2})?)?)?)?$"
+)
 
 
 # --- small parsers --------------------------------------------------------------------------------
+
 
 def split_escaped(value: str, sep: str, *, keep_escaped: str = "") -> list[str]:
     """Split on ``sep`` unless escaped with a backslash (FHIR search escaping) and unescape the parts;
@@ -81,7 +102,7 @@ def split_escaped(value: str, sep: str, *, keep_escaped: str = "") -> list[str]:
     while i < len(value):
         ch = value[i]
         if ch == "\\" and i + 1 < len(value):
-            current.append(value[i:i + 2] if value[i + 1] in keep_escaped else value[i + 1])
+            current.append(value[i : i + 2] if value[i + 1] in keep_escaped else value[i + 1])
             i += 2
             continue
         if ch == sep:
@@ -102,7 +123,7 @@ def _split_token(text: str) -> tuple[str | None, str]:
             i += 2
             continue
         if text[i] == "|":
-            return _unescape(text[:i]), _unescape(text[i + 1:])
+            return _unescape(text[:i]), _unescape(text[i + 1 :])
         i += 1
     return None, _unescape(text)
 
@@ -120,9 +141,14 @@ def parse_date_range(text: str, zone: dt.tzinfo, name: str = "date") -> tuple[dt
     """A FHIR search date/dateTime -> the range ``[lo, hi)`` its precision implies."""
     m = _DATE.match(text)
     if not m:
-        raise FhirError(400, "invalid", f"{name} value {text!r} is not a FHIR date or dateTime "
-                        "(YYYY, YYYY-MM, YYYY-MM-DD or YYYY-MM-DDThh:mm[:ss[.fff]][Z|±hh:mm]), optionally after "
-                        f"a prefix ({', '.join(PREFIXES)})", expression=name)
+        raise FhirError(
+            400,
+            "invalid",
+            f"{name} value {text!r} is not a FHIR date or dateTime "
+            "(YYYY, YYYY-MM, YYYY-MM-DD or YYYY-MM-DDThh:mm[:ss[.fff]][Z|±hh:mm]), optionally after "
+            f"a prefix ({', '.join(PREFIXES)})",
+            expression=name,
+        )
     try:
         y = int(m["y"])
         if m["H"] is None:
@@ -144,8 +170,11 @@ def parse_date_range(text: str, zone: dt.tzinfo, name: str = "date") -> tuple[dt
             lo = attach_zone(naive, zone)  # type: ignore[arg-type]
         else:
             tz = m["tz"]
-            offset = dt.timedelta(0) if tz == "Z" else (1 if tz[0] == "+" else -1) * dt.timedelta(
-                hours=int(tz[1:3]), minutes=int(tz[4:6]))
+            offset = (
+                dt.timedelta(0)
+                if tz == "Z"
+                else (1 if tz[0] == "+" else -1) * dt.timedelta(hours=int(tz[1:3]), minutes=int(tz[4:6]))
+            )
             lo = naive.replace(tzinfo=dt.timezone(offset))
         if m["S"] is None:
             width = dt.timedelta(minutes=1)
@@ -158,19 +187,29 @@ def parse_date_range(text: str, zone: dt.tzinfo, name: str = "date") -> tuple[dt
         raise FhirError(400, "invalid", f"{name} value {text!r} is not a valid date: {exc}", expression=name) from None
 
 
-def date_constraints(value: str, zone: dt.tzinfo, now: dt.datetime, name: str = "date"
-                     ) -> tuple[list[tuple[str, dt.datetime]], list[Interval]]:
+def date_constraints(
+    value: str, zone: dt.tzinfo, now: dt.datetime, name: str = "date"
+) -> tuple[list[tuple[str, dt.datetime]], list[Interval]]:
     """One ``date`` value -> (start bounds as ('ge'|'lt', instant), excluded start ranges)."""
     text = value.strip()
     if "," in text:
-        raise FhirError(400, "not-supported", f"{name} {value!r}: a comma (OR) inside one date value is not "
-                        "supported; repeat the parameter for a range (AND)", expression=name)
+        raise FhirError(
+            400,
+            "not-supported",
+            f"{name} {value!r}: a comma (OR) inside one date value is not "
+            "supported; repeat the parameter for a range (AND)",
+            expression=name,
+        )
     prefix = "eq"
     if len(text) >= 2 and text[:2].isalpha():
         prefix = text[:2]
         if prefix not in PREFIXES:
-            raise FhirError(400, "invalid", f"{name} {value!r} has an unknown prefix {prefix!r}; expected one of "
-                            f"{', '.join(PREFIXES)}", expression=name)
+            raise FhirError(
+                400,
+                "invalid",
+                f"{name} {value!r} has an unknown prefix {prefix!r}; expected one of {', '.join(PREFIXES)}",
+                expression=name,
+            )
         text = text[2:]
     lo, hi = parse_date_range(text, zone, name)
     if prefix == "eq":
@@ -191,6 +230,7 @@ def date_constraints(value: str, zone: dt.tzinfo, now: dt.datetime, name: str = 
 
 # --- the cursor -----------------------------------------------------------------------------------
 
+
 def _mac(ctx: FhirContext, body: str) -> str:
     """Truncated HMAC with the server secret that signs proposed ids, so every replica agrees; the
     purpose prefix keeps a cursor MAC from ever being valid for a proposed id."""
@@ -205,29 +245,41 @@ class Cursor:
     appt_id: str
 
     def encode(self, ctx: FhirContext) -> str:
-        micros = (self.start - dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)) // dt.timedelta(microseconds=1)
+        micros = (self.start - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)) // dt.timedelta(microseconds=1)
         body = f"1.{'n' if self.forward else 'p'}{'d' if self.descending else 'a'}.{micros}.{self.appt_id}"
         return f"{body}.{_mac(ctx, body)}"
 
     @classmethod
-    def decode(cls, ctx: FhirContext, token: str) -> "Cursor":
+    def decode(cls, ctx: FhirContext, token: str) -> Cursor:
         def bad() -> FhirError:
-            return FhirError(400, "invalid", f"{CURSOR_PARAM} {token[:80]!r} is not a paging cursor issued by this "
-                             "server (tampered, truncated or from another server); follow the Bundle's links",
-                             expression=CURSOR_PARAM)
+            return FhirError(
+                400,
+                "invalid",
+                f"{CURSOR_PARAM} {token[:80]!r} is not a paging cursor issued by this "
+                "server (tampered, truncated or from another server); follow the Bundle's links",
+                expression=CURSOR_PARAM,
+            )
 
         body, _, mac = token.rpartition(".")
         if not body or not hmac.compare_digest(_mac(ctx, body), mac):
             raise bad()
         parts = body.split(".", 3)
-        if len(parts) != 4 or parts[0] != "1" or len(parts[1]) != 2 or parts[1][0] not in "np" \
-                or parts[1][1] not in "ad" or not re.fullmatch(r"-?\d+", parts[2]) or not FHIR_ID.match(parts[3]):
+        if (
+            len(parts) != 4
+            or parts[0] != "1"
+            or len(parts[1]) != 2
+            or parts[1][0] not in "np"
+            or parts[1][1] not in "ad"
+            or not re.fullmatch(r"-?\d+", parts[2])
+            or not FHIR_ID.match(parts[3])
+        ):
             raise bad()
-        start = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(microseconds=int(parts[2]))
+        start = dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(microseconds=int(parts[2]))
         return cls(parts[1][0] == "n", parts[1][1] == "d", start, parts[3])
 
 
 # --- request parsing ------------------------------------------------------------------------------
+
 
 @dataclass(slots=True)
 class _RefCriterion:
@@ -285,7 +337,7 @@ def _reference_id(value: str, kind: str, name: str, base: str) -> str | None:
         prefix = base.rstrip("/") + "/"
         if not text.startswith(prefix):
             return None
-        text = text[len(prefix):]
+        text = text[len(prefix) :]
     parts = text.split("/")
     if len(parts) == 4 and parts[2] == "_history":
         parts = parts[:2]
@@ -296,8 +348,9 @@ def _reference_id(value: str, kind: str, name: str, base: str) -> str | None:
     elif len(parts) == 1:
         rid = parts[0]
     else:
-        raise FhirError(400, "invalid", f"{name} {value!r} is not a reference of the form id or {kind}/id",
-                        expression=name)
+        raise FhirError(
+            400, "invalid", f"{name} {value!r} is not a reference of the form id or {kind}/id", expression=name
+        )
     if not FHIR_ID.match(rid):
         raise FhirError(400, "invalid", f"{name} {value!r}: {rid!r} is not a valid FHIR id", expression=name)
     return rid
@@ -359,8 +412,10 @@ def parse_search(ctx: FhirContext, params: list[tuple[str, str]], now: dt.dateti
             for v in _split_or(value):
                 rid = _reference_id(_unescape(v), kind, name, ctx.base_url)
                 if rid is None:
-                    req.nothing.append(f"{name} {v!r} refers to another server; this server only knows "
-                                       f"references relative to {ctx.base_url}")
+                    req.nothing.append(
+                        f"{name} {v!r} refers to another server; this server only knows "
+                        f"references relative to {ctx.base_url}"
+                    )
                 else:
                     ids.add(rid)
             crit.ids = ids if crit.ids is None else crit.ids & ids
@@ -385,8 +440,13 @@ def parse_search(ctx: FhirContext, params: list[tuple[str, str]], now: dt.dateti
             for v in _split_or(value):
                 system, code = _token(v, name)
                 if system not in (None, "", APPOINTMENT_STATUS_SYSTEM) or code not in APPOINTMENT_STATUSES:
-                    raise FhirError(400, "invalid", f"status {v!r} is not an AppointmentStatus code (one of "
-                                    f"{', '.join(sorted(APPOINTMENT_STATUSES))})", expression=name)
+                    raise FhirError(
+                        400,
+                        "invalid",
+                        f"status {v!r} is not an AppointmentStatus code (one of "
+                        f"{', '.join(sorted(APPOINTMENT_STATUSES))})",
+                        expression=name,
+                    )
                 codes.add(code)
             req.statuses = codes if req.statuses is None else req.statuses & codes
         elif name == "specialty":
@@ -402,8 +462,14 @@ def parse_search(ctx: FhirContext, params: list[tuple[str, str]], now: dt.dateti
         elif name == "_count":
             count = parse_count(value)
             if count > ctx.find.max_count:
-                req.notes.append(issue("information", "informational", f"_count {count} is above the maximum; "
-                                       f"{ctx.find.max_count} used", expression="_count"))
+                req.notes.append(
+                    issue(
+                        "information",
+                        "informational",
+                        f"_count {count} is above the maximum; {ctx.find.max_count} used",
+                        expression="_count",
+                    )
+                )
                 count = ctx.find.max_count
             req.count = count
         elif name == "_sort":
@@ -415,8 +481,13 @@ def parse_search(ctx: FhirContext, params: list[tuple[str, str]], now: dt.dateti
         elif name == "_include":
             kinds = _include_kinds(value)
             if kinds is None:
-                req.ignored.append((name, f"value {value!r} is not supported (Appointment:actor[:Type], "
-                                          "Appointment:patient, Appointment:practitioner, Appointment:location)"))
+                req.ignored.append(
+                    (
+                        name,
+                        f"value {value!r} is not supported (Appointment:actor[:Type], "
+                        "Appointment:patient, Appointment:practitioner, Appointment:location)",
+                    )
+                )
                 used = False
             else:
                 req.includes |= kinds
@@ -442,12 +513,18 @@ def parse_search(ctx: FhirContext, params: list[tuple[str, str]], now: dt.dateti
         if used:
             req.used.append((name, raw))
     if req.cursor is not None and req.cursor.descending != req.descending:
-        raise FhirError(400, "invalid", f"{CURSOR_PARAM} was issued for _sort={'-date' if req.cursor.descending else 'date'}"
-                        "; follow the Bundle's links without changing _sort", expression=CURSOR_PARAM)
+        raise FhirError(
+            400,
+            "invalid",
+            f"{CURSOR_PARAM} was issued for _sort={'-date' if req.cursor.descending else 'date'}"
+            "; follow the Bundle's links without changing _sort",
+            expression=CURSOR_PARAM,
+        )
     return req
 
 
 # --- resolving references and tokens --------------------------------------------------------------
+
 
 def _identifier_systems(backend: Any, kind: str) -> set[str] | None:
     """Identifier systems the backend can search actors by."""
@@ -464,22 +541,29 @@ async def _resolve_ref(ctx: FhirContext, crit: _RefCriterion, req: SearchRequest
         for system, value in group:
             if system:
                 if known is not None and system not in known:
-                    req.nothing.append(f"{param}.identifier system {system!r} cannot be processed by this server"
-                                       + (f"; it knows {', '.join(sorted(known))}" if known else ""))
+                    req.nothing.append(
+                        f"{param}.identifier system {system!r} cannot be processed by this server"
+                        + (f"; it knows {', '.join(sorted(known))}" if known else "")
+                    )
                     continue
                 idents.append(Identifier(system, value))
             elif known:
                 idents += [Identifier(s, value) for s in sorted(known)]  # no system: try every known one
             else:
-                req.nothing.append(f"{param}.identifier {value!r} has no system and this server has no "
-                                   f"{crit.kind} identifier system to interpret it with")
+                req.nothing.append(
+                    f"{param}.identifier {value!r} has no system and this server has no "
+                    f"{crit.kind} identifier system to interpret it with"
+                )
         found: set[str] = set()
         if idents:
             actors = await backend.find_actors(ActorQuery(crit.kind, identifiers=tuple(idents), limit=1000))  # type: ignore[arg-type]
             found = {a.id for a in actors}
             if not found:
-                req.nothing.append(f"no {crit.kind} with identifier "
-                                   + " or ".join(f"{i.system}|{i.value}" for i in idents) + " is known")
+                req.nothing.append(
+                    f"no {crit.kind} with identifier "
+                    + " or ".join(f"{i.system}|{i.value}" for i in idents)
+                    + " is known"
+                )
         ids = found if ids is None else ids & found
     return ids
 
@@ -508,12 +592,18 @@ async def build_query(ctx: FhirContext, req: SearchRequest) -> AppointmentQuery 
     if req.type_groups:
         types = await ctx.service.backend.visit_types()
         for name, tokens in req.type_groups:
-            keys = {vt.key for vt in types for c in (vt.codings if name == "appointment-type" else vt.service_types)
-                    if any(_token_matches(t, c.system, c.code) for t in tokens)}
+            keys = {
+                vt.key
+                for vt in types
+                for c in (vt.codings if name == "appointment-type" else vt.service_types)
+                if any(_token_matches(t, c.system, c.code) for t in tokens)
+            }
             visit_keys = keys if visit_keys is None else visit_keys & keys
             if not visit_keys:
-                req.nothing.append(f"no visit type of this server matches {name} "
-                                   + ",".join(f"{s}|{c}" if s is not None else str(c) for s, c in tokens))
+                req.nothing.append(
+                    f"no visit type of this server matches {name} "
+                    + ",".join(f"{s}|{c}" if s is not None else str(c) for s, c in tokens)
+                )
                 return None
     for what, value in (("_id", req.ids), ("identifier", req.identifiers), ("status", req.statuses)):
         if value is not None and not value:
@@ -541,6 +631,7 @@ async def build_query(ctx: FhirContext, req: SearchRequest) -> AppointmentQuery 
 
 # --- the endpoint ---------------------------------------------------------------------------------
 
+
 async def _request_params(request: Request) -> list[tuple[str, str]]:
     params = list(request.query_params.multi_items())
     if request.method == "POST":
@@ -548,8 +639,11 @@ async def _request_params(request: Request) -> list[tuple[str, str]]:
         media = (request.headers.get("content-type") or "").split(";", 1)[0].strip().lower()
         if body.strip():
             if media != FORM:
-                raise FhirError(415, "not-supported", f"POST Appointment/_search takes a {FORM} body, "
-                                f"not {media or 'an untyped body'}")
+                raise FhirError(
+                    415,
+                    "not-supported",
+                    f"POST Appointment/_search takes a {FORM} body, not {media or 'an untyped body'}",
+                )
             try:
                 params += parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
             except UnicodeDecodeError:
@@ -577,18 +671,32 @@ async def search_endpoint(request: Request) -> Response:
     req = parse_search(ctx, params, now)
     if req.ignored and _prefer_strict(request):
         name, why = req.ignored[0]
-        raise FhirError(400, "invalid", f"parameter {name!r} {why} (Prefer: handling=strict); "
-                        + "; ".join(f"{n!r} {w}" for n, w in req.ignored[1:]), expression=name)
-    issues = [issue("warning", "not-supported", f"parameter {n!r} {why}; it was ignored", expression=n)
-              for n, why in req.ignored]
+        raise FhirError(
+            400,
+            "invalid",
+            f"parameter {name!r} {why} (Prefer: handling=strict); "
+            + "; ".join(f"{n!r} {w}" for n, w in req.ignored[1:]),
+            expression=name,
+        )
+    issues = [
+        issue("warning", "not-supported", f"parameter {n!r} {why}; it was ignored", expression=n)
+        for n, why in req.ignored
+    ]
     issues += req.notes
 
     links = [{"relation": "self", "url": _link(ctx, req.used, req.cursor)}]
     if req.criteria == 0:
-        issues.insert(0, issue("information", "required", "a search needs at least one criterion: ITI-118 asks "
-                               "for patient (patient=id or patient.identifier=system|value), usually with date "
-                               "(e.g. date=ge2026-01-01); other criteria: _id, identifier, practitioner, location, "
-                               "status, specialty, appointment-type, service-type"))
+        issues.insert(
+            0,
+            issue(
+                "information",
+                "required",
+                "a search needs at least one criterion: ITI-118 asks "
+                "for patient (patient=id or patient.identifier=system|value), usually with date "
+                "(e.g. date=ge2026-01-01); other criteria: _id, identifier, practitioner, location, "
+                "status, specialty, appointment-type, service-type",
+            ),
+        )
         return render(searchset(ctx.base_url, total=0, matches=[], outcome=operation_outcome(issues), links=links), fmt)
 
     query = await build_query(ctx, req)
@@ -613,11 +721,19 @@ async def search_endpoint(request: Request) -> Response:
     if appts:
         links.insert(0, {"relation": "first", "url": _link(ctx, req.used, None)})
         if has_more_before and cursor is not None:
-            links.append({"relation": "previous",
-                          "url": _link(ctx, req.used, Cursor(False, desc, appts[0].interval.start, appts[0].id))})
+            links.append(
+                {
+                    "relation": "previous",
+                    "url": _link(ctx, req.used, Cursor(False, desc, appts[0].interval.start, appts[0].id)),
+                }
+            )
         if has_more_after and req.count > 0:
-            links.append({"relation": "next",
-                          "url": _link(ctx, req.used, Cursor(True, desc, appts[-1].interval.start, appts[-1].id))})
+            links.append(
+                {
+                    "relation": "next",
+                    "url": _link(ctx, req.used, Cursor(True, desc, appts[-1].interval.start, appts[-1].id)),
+                }
+            )
     elif cursor is not None:
         links.insert(0, {"relation": "first", "url": _link(ctx, req.used, None)})
 
@@ -628,8 +744,15 @@ async def search_endpoint(request: Request) -> Response:
         if cursor is None or total == 0:
             issues.insert(0, issue("information", "not-found", "no appointments match the search criteria"))
         else:
-            issues.insert(0, issue("information", "not-found", "no more appointments in this direction "
-                                   "(they may have changed since the link was made); see the first link"))
+            issues.insert(
+                0,
+                issue(
+                    "information",
+                    "not-found",
+                    "no more appointments in this direction "
+                    "(they may have changed since the link was made); see the first link",
+                ),
+            )
     elif req.count == 0:
         issues.insert(0, issue("information", "informational", "_count=0: only the total is returned"))
 
@@ -637,16 +760,25 @@ async def search_endpoint(request: Request) -> Response:
     if req.includes:
         seen: set[str] = set()
         for a in appts:
-            for kind, actor_id in (("Patient", a.patient_id), ("Practitioner", a.practitioner_id),
-                                   ("Location", a.location_id)):
+            for kind, actor_id in (
+                ("Patient", a.patient_id),
+                ("Practitioner", a.practitioner_id),
+                ("Location", a.location_id),
+            ):
                 key = f"{kind}/{actor_id}"
                 if kind in req.includes and actor_id and key not in seen and key in actors:
                     seen.add(key)
                     includes.append(actors[key].resource)
 
-    bundle = searchset(ctx.base_url, total=total if total is not None else 0, matches=rendered,
-                       outcome=operation_outcome(issues) if issues else None, includes=includes, links=links,
-                       profile=total is not None)
+    bundle = searchset(
+        ctx.base_url,
+        total=total if total is not None else 0,
+        matches=rendered,
+        outcome=operation_outcome(issues) if issues else None,
+        includes=includes,
+        links=links,
+        profile=total is not None,
+    )
     if total is None:
         del bundle["total"]
     return render(bundle, fmt)

@@ -24,7 +24,7 @@ class CodeTable:
     reverse: dict[tuple[str | None, str], str] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, name: str, entries: dict[str, Any], explicit_reverse: dict[str, str] | None = None) -> "CodeTable":
+    def build(cls, name: str, entries: dict[str, Any], explicit_reverse: dict[str, str] | None = None) -> CodeTable:
         table = cls(name, {})
         for legacy, target in entries.items():
             table.forward[str(legacy)] = target
@@ -125,8 +125,13 @@ def conceptmap_entries(resource: dict) -> dict[str, Any]:
         target_system = group.get("target")
         for element in group.get("element", []):
             targets = [
-                {k: v for k, v in {"system": target_system, "code": t.get("code"), "display": t.get("display")}.items() if v}
-                for t in element.get("target", []) if t.get("code")
+                {
+                    k: v
+                    for k, v in {"system": target_system, "code": t.get("code"), "display": t.get("display")}.items()
+                    if v
+                }
+                for t in element.get("target", [])
+                if t.get("code")
             ]
             if targets:
                 entries[str(element["code"])] = targets[0] if len(targets) == 1 else targets

@@ -19,8 +19,9 @@ import functools
 import importlib
 import re
 import unicodedata
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from adapter.mapping.codes import CodeTables
@@ -88,20 +89,23 @@ class Expression:
         pos = 0
         for match in _PLACEHOLDER.finditer(source):
             if match.start() > pos:
-                parts.append(source[pos:match.start()])
+                parts.append(source[pos : match.start()])
             parts.append(_compile_placeholder(match.group(1)))
             pos = match.end()
         if pos < len(source):
             parts.append(source[pos:])
-        if "{" in "".join(p for p in parts if isinstance(p, str)) or "}" in "".join(p for p in parts if isinstance(p, str)):
+        if "{" in "".join(p for p in parts if isinstance(p, str)) or "}" in "".join(
+            p for p in parts if isinstance(p, str)
+        ):
             raise ExpressionError(f"unbalanced braces in expression {source!r}")
         self._parts = tuple(parts)
         self._whole = parts[0] if len(parts) == 1 and isinstance(parts[0], _Placeholder) else None
 
     @property
     def inputs(self) -> tuple[str, ...]:
-        return tuple(name for p in self._parts if isinstance(p, _Placeholder) for name in p.inputs
-                     if not name.startswith("'"))
+        return tuple(
+            name for p in self._parts if isinstance(p, _Placeholder) for name in p.inputs if not name.startswith("'")
+        )
 
     def evaluate(self, row: Mapping[str, Any], ctx: EvalContext) -> Any:
         if self._whole is not None:
@@ -161,6 +165,7 @@ _NO_CODES = CodeTables()
 
 # --- converters -------------------------------------------------------------------------------
 # Each takes (value, args, ctx). They are deliberately small; compose them in the mapping.
+
 
 def _need_args(name: str, args: tuple[str, ...], n: int) -> None:
     if len(args) != n:
@@ -252,7 +257,7 @@ def attach_zone(naive: dt.datetime, zone: ZoneInfo) -> dt.datetime:
     skipped hour do not exist; they are moved forward by the gap, as a wall clock would be.
     """
     aware = naive.replace(tzinfo=zone, fold=0)
-    round_trip = aware.astimezone(dt.timezone.utc).astimezone(zone)
+    round_trip = aware.astimezone(dt.UTC).astimezone(zone)
     if round_trip.replace(tzinfo=None) != naive:  # nonexistent local time
         return round_trip
     return aware
@@ -302,7 +307,7 @@ def _local_instant(values: tuple, a: tuple, zone: ZoneInfo) -> dt.datetime:
     # Wall-clock arithmetic first, then the zone: 09:00 stays 09:00 local on both sides of DST.
     # The result is an instant in UTC: Python does wall-clock arithmetic on ZoneInfo datetimes
     # (01:50 EST + 10 min = a nonexistent 02:00), so nothing downstream may compute in local time.
-    return attach_zone(base + offset, ctx.zone).astimezone(dt.timezone.utc)
+    return attach_zone(base + offset, ctx.zone).astimezone(dt.UTC)
 
 
 def _c_local(v: Any, a: tuple, ctx: EvalContext) -> dt.datetime:

@@ -48,6 +48,7 @@ class Mapping:
 
 # --- YAML with line numbers ---------------------------------------------------------------------
 
+
 def _construct(node: yaml.Node, path: tuple, lines: dict[tuple, int]) -> Any:
     lines[path] = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
@@ -115,14 +116,17 @@ def load_mapping(path: str | Path) -> Mapping:
     try:
         zone = ZoneInfo(doc.system.timezone)
     except (ZoneInfoNotFoundError, ValueError):
-        fail(("system", "timezone"), f"expected an IANA time zone name such as America/New_York, got {doc.system.timezone!r}")
+        fail(
+            ("system", "timezone"),
+            f"expected an IANA time zone name such as America/New_York, got {doc.system.timezone!r}",
+        )
         zone = ZoneInfo("UTC")
 
     tables: dict[str, CodeTable] = {}
     for name, spec in doc.codes.items():
         entries = dict(spec.entries or {})
         if spec.conceptmap:
-            cm_path = (path.parent / spec.conceptmap)
+            cm_path = path.parent / spec.conceptmap
             try:
                 entries.update(conceptmap_entries(json.loads(cm_path.read_text(encoding="utf-8"))))
             except (OSError, ValueError, KeyError) as exc:
@@ -131,8 +135,10 @@ def load_mapping(path: str | Path) -> Mapping:
             fail(("codes", name), "expected 'entries' or 'conceptmap' with at least one code")
         for legacy, target in entries.items():
             if not _valid_target(target):
-                fail(("codes", name, "entries", legacy),
-                     "expected a FHIR code (string), a coding {system, code[, display]} or a list of codings")
+                fail(
+                    ("codes", name, "entries", legacy),
+                    "expected a FHIR code (string), a coding {system, code[, display]} or a list of codings",
+                )
         tables[name] = CodeTable.build(name, entries, spec.reverse)
     codes = CodeTables(tables)
     ctx = EvalContext(zone=zone, codes=codes)
@@ -148,7 +154,10 @@ def load_mapping(path: str | Path) -> Mapping:
         for expr in _expressions(template):
             for table in _code_tables_used(expr.source):
                 if table not in tables:
-                    fail(loc, f"expression {expr.source!r} uses code table {table!r}, which is not declared under 'codes'")
+                    fail(
+                        loc,
+                        f"expression {expr.source!r} uses code table {table!r}, which is not declared under 'codes'",
+                    )
         compiled[_dotted(loc)] = template
 
     def compile_mapping(loc: tuple, values: dict[str, Any]) -> None:
@@ -192,14 +201,20 @@ def load_mapping(path: str | Path) -> Mapping:
     }[av.working_time.kind]
     missing = required - set(av.working_time.fields)
     if missing:
-        fail(("availability", "working_time", "fields"), f"kind {av.working_time.kind!r} needs field(s) {sorted(missing)}")
+        fail(
+            ("availability", "working_time", "fields"),
+            f"kind {av.working_time.kind!r} needs field(s) {sorted(missing)}",
+        )
     for section in ("absences", "busy"):
         spec = getattr(av, section)
         if spec is not None:
             need = {"practitioner", "start"} | ({"end"} if "minutes" not in spec.fields else set())
             missing = need - set(spec.fields)
             if missing:
-                fail(("availability", section, "fields"), f"expected field(s) {sorted(missing)} (or 'minutes' instead of 'end')")
+                fail(
+                    ("availability", section, "fields"),
+                    f"expected field(s) {sorted(missing)} (or 'minutes' instead of 'end')",
+                )
 
     ap = doc.appointments
     base = ("appointments",)
@@ -213,8 +228,11 @@ def load_mapping(path: str | Path) -> Mapping:
     _check_expr_inputs(fail, base + ("binds",), compiled, ap.binds, {"bound"})
     if "start_from" in ap.filters:
         if not ap.binds:
-            fail(base + ("binds",), "start_from/start_before need 'binds' computed from the bound instant, "
-                                    "e.g. date: \"{bound|to_yyyymmdd}\"")
+            fail(
+                base + ("binds",),
+                "start_from/start_before need 'binds' computed from the bound instant, "
+                'e.g. date: "{bound|to_yyyymmdd}"',
+            )
         if "start" not in ap.order:
             fail(base + ("order",), "start_from/start_before need order.start (the sort expression of the start time)")
     for system, spec in ap.identifier_filters.items():
@@ -229,8 +247,11 @@ def load_mapping(path: str | Path) -> Mapping:
             fail(base + ("codes", purpose), f"code table {table!r} is not declared under 'codes'")
     for purpose in ("status", "specialty"):
         if purpose in ap.filters and purpose not in ap.codes:
-            fail(base + ("filters", purpose), f"filter {purpose!r} needs codes.{purpose}: the code table that "
-                                              "translates FHIR search tokens to legacy codes")
+            fail(
+                base + ("filters", purpose),
+                f"filter {purpose!r} needs codes.{purpose}: the code table that "
+                "translates FHIR search tokens to legacy codes",
+            )
 
     if doc.writes is not None:
         w = doc.writes

@@ -53,7 +53,9 @@ class ActorSpec(_Strict):
     key: str = Field(description="column holding the legacy key")
     id: IdRule = IdRule()
     filters: dict[str, str] = Field(default_factory=dict, description="SQL conditions: key, name")
-    identifier_filters: dict[str, str] = Field(default_factory=dict, description="identifier system -> SQL condition using :values")
+    identifier_filters: dict[str, str] = Field(
+        default_factory=dict, description="identifier system -> SQL condition using :values"
+    )
     fields: dict[str, str] = Field(default_factory=dict)
     resource: dict[str, Any]
 
@@ -104,7 +106,7 @@ APPOINTMENT_FILTERS: dict[str, set[str] | None] = {
     "status": {"status_codes"},
     "visit_type": {"visit_type_keys"},
     "specialty": {"specialty_keys"},
-    "start_from": None,    # Appointment.start >= the bound instant
+    "start_from": None,  # Appointment.start >= the bound instant
     "start_before": None,  # Appointment.start <  the bound instant
 }
 
@@ -113,26 +115,42 @@ class IdentifierFilterSpec(_Strict):
     """An ``Appointment.identifier`` system the search can match, and how."""
 
     sql: str = Field(description="SQL condition using :values (the identifier values, as a list)")
-    value: str = Field("{value}", description="expression turning one identifier value (input 'value') into "
-                                              "the legacy bind value, e.g. \"{value|int}\"")
+    value: str = Field(
+        "{value}",
+        description="expression turning one identifier value (input 'value') into "
+        'the legacy bind value, e.g. "{value|int}"',
+    )
 
 
 class AppointmentsSpec(_Strict):
     select: str
     key: str
     id: IdRule = IdRule()
-    filters: dict[str, str] = Field(default_factory=dict, description="SQL conditions over the select's columns: "
-                                    + ", ".join(APPOINTMENT_FILTERS))
+    filters: dict[str, str] = Field(
+        default_factory=dict, description="SQL conditions over the select's columns: " + ", ".join(APPOINTMENT_FILTERS)
+    )
     identifier_filters: dict[str, str | IdentifierFilterSpec] = Field(
-        default_factory=dict, description="Appointment.identifier system -> SQL condition using :values")
-    order: dict[str, str] = Field(default_factory=dict, description="start: sort expression(s) of the start time; "
-                                  "key: tie-breaker column (default: key)")
-    binds: dict[str, str] = Field(default_factory=dict, description="binds of start_from/start_before, computed "
-                                  "from the bound instant (input 'bound', already in the mapping's zone)")
-    start_resolution_seconds: int = Field(1, ge=1, le=3600, description="smallest step the legacy start columns "
-                                          "can express (60 for HHMM); search bounds are rounded up to it")
+        default_factory=dict, description="Appointment.identifier system -> SQL condition using :values"
+    )
+    order: dict[str, str] = Field(
+        default_factory=dict,
+        description="start: sort expression(s) of the start time; key: tie-breaker column (default: key)",
+    )
+    binds: dict[str, str] = Field(
+        default_factory=dict,
+        description="binds of start_from/start_before, computed "
+        "from the bound instant (input 'bound', already in the mapping's zone)",
+    )
+    start_resolution_seconds: int = Field(
+        1,
+        ge=1,
+        le=3600,
+        description="smallest step the legacy start columns "
+        "can express (60 for HHMM); search bounds are rounded up to it",
+    )
     codes: dict[Literal["status", "specialty"], str] = Field(
-        default_factory=dict, description="code tables that translate FHIR search tokens to legacy codes")
+        default_factory=dict, description="code tables that translate FHIR search tokens to legacy codes"
+    )
     fields: dict[str, str]
     identifier: list[Any] = Field(default_factory=list)
 

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from adapter.backends.protocol import AvailabilityQuery, Interval, SchedulingBackend
 from adapter.scheduling.candidates import FreeTime, Span, free_time, subtract_spans, to_spans
@@ -40,8 +40,13 @@ class _DayEntry:
 
 
 class AvailabilityCache:
-    def __init__(self, backend: SchedulingBackend, version: Callable[[], int], ttl_seconds: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        backend: SchedulingBackend,
+        version: Callable[[], int],
+        ttl_seconds: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.backend = backend
         self._version = version
         self.ttl = ttl_seconds
@@ -63,14 +68,17 @@ class AvailabilityCache:
         now = self._clock()
         w_start, w_end = int(q.window.start.timestamp()), int(q.window.end.timestamp())
         days = list(range(w_start - w_start % _DAY, w_end, _DAY))
-        stale = [p for p in q.practitioner_ids
-                 if any((e := self._days.get((p, day))) is None or now - e.loaded > self.ttl for day in days)]
+        stale = [
+            p
+            for p in q.practitioner_ids
+            if any((e := self._days.get((p, day))) is None or now - e.loaded > self.ttl for day in days)
+        ]
         if stale:
             await self._load(tuple(stale), days, now)
         return self._assemble(q, days, w_start, w_end)
 
     async def _load(self, practitioners: tuple[str, ...], days: list[int], now: float) -> None:
-        utc = dt.timezone.utc
+        utc = dt.UTC
         span = Interval(dt.datetime.fromtimestamp(days[0], utc), dt.datetime.fromtimestamp(days[-1] + _DAY, utc))
         fetched = await self.backend.availability(AvailabilityQuery(span, practitioners, ()))
         for p in practitioners:

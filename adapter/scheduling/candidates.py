@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import datetime as dt
 import heapq
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
 
 from adapter.backends.protocol import Interval, ResourceAvailability, VisitType
 
@@ -107,14 +107,22 @@ def _starts(spans: Sequence[Span], duration: int, step: int, not_before: int) ->
             t += step
 
 
-def _tagged(rank: tuple[int, ...], tie: tuple[str, str, str], plan: ResourcePlan,
-            starts: Iterator[int]) -> Iterator[tuple]:
+def _tagged(
+    rank: tuple[int, ...], tie: tuple[str, str, str], plan: ResourcePlan, starts: Iterator[int]
+) -> Iterator[tuple]:
     for t in starts:
         yield (rank, t, tie, plan)
 
 
-def find_candidates(plans: Sequence[ResourcePlan], *, held: dict[str, list[Interval]], now: dt.datetime,
-                    step_minutes: int | None, offset: int, limit: int) -> tuple[int, list[Candidate]]:
+def find_candidates(
+    plans: Sequence[ResourcePlan],
+    *,
+    held: dict[str, list[Interval]],
+    now: dt.datetime,
+    step_minutes: int | None,
+    offset: int,
+    limit: int,
+) -> tuple[int, list[Candidate]]:
     """Return (total options, the ``limit`` best from ``offset``) over every plan."""
     now_s = int(now.timestamp())
     held_spans = {prac: to_spans(ivs) for prac, ivs in held.items() if ivs}
@@ -135,13 +143,20 @@ def find_candidates(plans: Sequence[ResourcePlan], *, held: dict[str, list[Inter
     page: list[Candidate] = []
     if limit <= 0:
         return total, page
-    utc = dt.timezone.utc
+    utc = dt.UTC
     for index, (rank, t, _, plan) in enumerate(heapq.merge(*streams)):
         if index < offset:
             continue
         start = dt.datetime.fromtimestamp(t, utc)
-        page.append(Candidate(plan.free.practitioner_id, plan.free.location_id, plan.visit_type,
-                              Interval(start, start + dt.timedelta(minutes=plan.visit_type.minutes)), rank))
+        page.append(
+            Candidate(
+                plan.free.practitioner_id,
+                plan.free.location_id,
+                plan.visit_type,
+                Interval(start, start + dt.timedelta(minutes=plan.visit_type.minutes)),
+                rank,
+            )
+        )
         if len(page) >= limit:
             break
     return total, page

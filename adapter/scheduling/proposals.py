@@ -18,16 +18,17 @@ Ids are valid FHIR ids (``[A-Za-z0-9\\-\\.]{1,64}``) in both forms.
 
 from __future__ import annotations
 
-import datetime as dt
 import base64
+import datetime as dt
 import functools
 import hmac
 import json
 import secrets
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
 _VERSION = "1"
 _MAC_LEN = 11
@@ -100,10 +101,11 @@ class ProposalCodec:
         """A MAC with the server secret for another signed token (e.g. search cursors): 16 hex
         characters, so it never contains a separator. The purpose prefix means such a MAC can never
         verify as a proposed id's."""
-        return hmac.digest(self._secret, f"{purpose}|{body}".encode("utf-8"), "sha256")[:8].hex()
+        return hmac.digest(self._secret, f"{purpose}|{body}".encode(), "sha256")[:8].hex()
 
-    def issuer(self, patient_ids: tuple[str, ...], issued: dt.datetime, window_start: dt.datetime,
-               window_end: dt.datetime) -> Callable[[str, str, dt.datetime, int, str], str]:
+    def issuer(
+        self, patient_ids: tuple[str, ...], issued: dt.datetime, window_start: dt.datetime, window_end: dt.datetime
+    ) -> Callable[[str, str, dt.datetime, int, str], str]:
         """``encode`` for many slots of one $find answer: the shared parts are computed once.
 
         Returns ``issue(practitioner_id, location_id, start, minutes, visit_type_key) -> id``; the ids
@@ -118,12 +120,25 @@ class ProposalCodec:
             text = practitioner_id + location_id + visit_type_key
             if compact_patients and "." not in text and "-" not in text:
                 start_m = int(start.timestamp()) // 60
-                body = (f"p{_VERSION}.{practitioner_id}.{location_id}.{_b36(start_m)}.{_b36(minutes)}."
-                        f"{visit_type_key}.{patients}.{issued_b36}.{_b36(max(0, start_m - ws))}.{_b36(max(0, we - start_m))}")
+                body = (
+                    f"p{_VERSION}.{practitioner_id}.{location_id}.{_b36(start_m)}.{_b36(minutes)}."
+                    f"{visit_type_key}.{patients}.{issued_b36}.{_b36(max(0, start_m - ws))}.{_b36(max(0, we - start_m))}"
+                )
                 if len(body) + 1 + _MAC_LEN <= 64:
                     return f"{body}.{self._mac(body)}"
-            return self.encode(Proposal(practitioner_id, location_id, start, minutes, visit_type_key, patient_ids,
-                                        issued, window_start, window_end))
+            return self.encode(
+                Proposal(
+                    practitioner_id,
+                    location_id,
+                    start,
+                    minutes,
+                    visit_type_key,
+                    patient_ids,
+                    issued,
+                    window_start,
+                    window_end,
+                )
+            )
 
         return issue
 
@@ -133,10 +148,12 @@ class ProposalCodec:
         text = p.practitioner_id + p.location_id + p.visit_type_key + "".join(p.patient_ids)
         if "." not in text and "-" not in text:
             start_m = int(p.start.timestamp()) // 60
-            body = (f"p{_VERSION}.{p.practitioner_id}.{p.location_id}.{_b36(start_m)}.{_b36(p.minutes)}."
-                    f"{p.visit_type_key}.{patients}.{_b36(int(p.issued.timestamp()) // 60)}."
-                    f"{_b36(max(0, start_m - int(p.window_start.timestamp()) // 60))}."
-                    f"{_b36(max(0, int(p.window_end.timestamp()) // 60 - start_m))}")
+            body = (
+                f"p{_VERSION}.{p.practitioner_id}.{p.location_id}.{_b36(start_m)}.{_b36(p.minutes)}."
+                f"{p.visit_type_key}.{patients}.{_b36(int(p.issued.timestamp()) // 60)}."
+                f"{_b36(max(0, start_m - int(p.window_start.timestamp()) // 60))}."
+                f"{_b36(max(0, int(p.window_end.timestamp()) // 60 - start_m))}"
+            )
             token = f"{body}.{self._mac(body)}"  # the MAC is always the last _MAC_LEN characters
             if len(token) <= 64:
                 return token
@@ -151,32 +168,51 @@ class ProposalCodec:
                 raise ProposalError(f"proposed appointment {token!r} is unknown or has expired")
             p = proposal_from_dict(json.loads(payload))
         else:
-            body, sep, mac = token[:-_MAC_LEN - 1], token[-_MAC_LEN - 1:-_MAC_LEN], token[-_MAC_LEN:]
-            if (sep != "." or not body.startswith("p" + _VERSION + ".")
-                    or not hmac.compare_digest(mac, self._mac(body))):
-                raise ProposalError(f"{token!r} is not a proposed appointment issued by this server "
-                                    "(unknown or altered id)")
+            body, sep, mac = token[: -_MAC_LEN - 1], token[-_MAC_LEN - 1 : -_MAC_LEN], token[-_MAC_LEN:]
+            if sep != "." or not body.startswith("p" + _VERSION + ".") or not hmac.compare_digest(mac, self._mac(body)):
+                raise ProposalError(
+                    f"{token!r} is not a proposed appointment issued by this server (unknown or altered id)"
+                )
             parts = body.split(".")
             if len(parts) != 10:
                 raise ProposalError(f"{token!r} is malformed")
             _, prac, loc, start_s, minutes_s, vt, patients, issued_s, ws, we = parts
             start_m = int(start_s, 36)
-            p = Proposal(prac, loc, _from_minutes(start_m), int(minutes_s, 36), vt,
-                         tuple(x for x in patients.split("-") if x), _from_minutes(int(issued_s, 36)),
-                         _from_minutes(start_m - int(ws, 36)), _from_minutes(start_m + int(we, 36)))
+            p = Proposal(
+                prac,
+                loc,
+                _from_minutes(start_m),
+                int(minutes_s, 36),
+                vt,
+                tuple(x for x in patients.split("-") if x),
+                _from_minutes(int(issued_s, 36)),
+                _from_minutes(start_m - int(ws, 36)),
+                _from_minutes(start_m + int(we, 36)),
+            )
         if now - p.issued > self.ttl:
-            raise ProposalError(f"proposed appointment {token!r} has expired (issued {p.issued.isoformat()}, "
-                                f"valid for {int(self.ttl.total_seconds())} s); run $find again")
+            raise ProposalError(
+                f"proposed appointment {token!r} has expired (issued {p.issued.isoformat()}, "
+                f"valid for {int(self.ttl.total_seconds())} s); run $find again"
+            )
         return p
 
 
 def proposal_to_dict(p: Proposal) -> dict:
-    return {k: (v.isoformat() if isinstance(v, dt.datetime) else list(v) if isinstance(v, tuple) else v)
-            for k, v in asdict(p).items()}
+    return {
+        k: (v.isoformat() if isinstance(v, dt.datetime) else list(v) if isinstance(v, tuple) else v)
+        for k, v in asdict(p).items()
+    }
 
 
 def proposal_from_dict(d: dict) -> Proposal:
-    return Proposal(d["practitioner_id"], d["location_id"], dt.datetime.fromisoformat(d["start"]),
-                    int(d["minutes"]), d["visit_type_key"], tuple(d["patient_ids"]),
-                    dt.datetime.fromisoformat(d["issued"]), dt.datetime.fromisoformat(d["window_start"]),
-                    dt.datetime.fromisoformat(d["window_end"]))
+    return Proposal(
+        d["practitioner_id"],
+        d["location_id"],
+        dt.datetime.fromisoformat(d["start"]),
+        int(d["minutes"]),
+        d["visit_type_key"],
+        tuple(d["patient_ids"]),
+        dt.datetime.fromisoformat(d["issued"]),
+        dt.datetime.fromisoformat(d["window_start"]),
+        dt.datetime.fromisoformat(d["window_end"]),
+    )

@@ -15,13 +15,29 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from adapter.backends.protocol import (
-    Actor, ActorQuery, Appointment, AppointmentPage, AppointmentQuery, AvailabilityQuery, BackendError,
-    BackendUnavailable, BusinessRuleViolation, Coding, Identifier, InvalidRequest, Interval, NewBooking, NotFound, SchedulingBackend, SlotConflict,
-    SlotRequest, VisitType,
+    Actor,
+    ActorQuery,
+    Appointment,
+    AppointmentPage,
+    AppointmentQuery,
+    AvailabilityQuery,
+    BackendError,
+    BackendUnavailable,
+    BusinessRuleViolation,
+    Coding,
+    Identifier,
+    Interval,
+    InvalidRequest,
+    NewBooking,
+    NotFound,
+    SchedulingBackend,
+    SlotConflict,
+    SlotRequest,
+    VisitType,
 )
 from adapter.scheduling.availability_cache import AvailabilityCache
 from adapter.scheduling.candidates import Candidate, ResourcePlan, find_candidates
@@ -100,10 +116,18 @@ class BookResult:
 
 
 class SchedulingService:
-    def __init__(self, backend: SchedulingBackend, state: StateStore, proposals: ProposalCodec, *,
-                 hold_ttl: dt.timedelta, default_visit_type: str | None = None,
-                 slot_step_minutes: int | None = None, organization_id: str | None = None,
-                 availability_cache_seconds: float = 0.0) -> None:
+    def __init__(
+        self,
+        backend: SchedulingBackend,
+        state: StateStore,
+        proposals: ProposalCodec,
+        *,
+        hold_ttl: dt.timedelta,
+        default_visit_type: str | None = None,
+        slot_step_minutes: int | None = None,
+        organization_id: str | None = None,
+        availability_cache_seconds: float = 0.0,
+    ) -> None:
         self.backend = backend
         self.availability = AvailabilityCache(backend, state.calendar_version, availability_cache_seconds)
         self.state = state
@@ -137,7 +161,9 @@ class SchedulingService:
             for rank, ref in enumerate(req.practitioners):
                 actor = await self.resolve(ref)
                 if actor is None:
-                    notices.append(Notice("information", "not-found", f"{ref.text} is not known to this server", "practitioner"))
+                    notices.append(
+                        Notice("information", "not-found", f"{ref.text} is not known to this server", "practitioner")
+                    )
                     continue
                 prac_rank.setdefault(actor.id, rank)
             if not prac_rank:
@@ -152,14 +178,23 @@ class SchedulingService:
                         spec_rank[p.id] = min(spec_rank.get(p.id, rank), rank)
             for tok in req.specialties:
                 if not any(tok.matches(c) for p in practitioners for c in p.specialties):
-                    notices.append(Notice("information", "not-found", f"specialty {tok} is not offered here", "specialty"))
+                    notices.append(
+                        Notice("information", "not-found", f"specialty {tok} is not offered here", "specialty")
+                    )
             candidates_prac = [p for p in candidates_prac if p.id in spec_rank]
 
         if req.organizations:
             ours = [o for o in req.organizations if o.id == self.organization_id]
             if not ours:
                 for o in req.organizations:
-                    notices.append(Notice("information", "not-found", f"{o.text} is not an organization of this server", "organization"))
+                    notices.append(
+                        Notice(
+                            "information",
+                            "not-found",
+                            f"{o.text} is not an organization of this server",
+                            "organization",
+                        )
+                    )
                 return empty
 
         locations = {a.id: a for a in await self.backend.find_actors(ActorQuery("Location", limit=100000))}
@@ -168,19 +203,34 @@ class SchedulingService:
             for rank, ref in enumerate(req.locations):
                 actor = await self.resolve(ref)
                 if actor is None:
-                    notices.append(Notice("information", "not-found", f"{ref.text} is not known to this server", "location-reference"))
+                    notices.append(
+                        Notice(
+                            "information", "not-found", f"{ref.text} is not known to this server", "location-reference"
+                        )
+                    )
                     continue
                 loc_rank.setdefault(actor.id, rank)
             if not loc_rank:
                 return empty
         if req.location_strings:
-            matching = {lid for lid, loc in locations.items()
-                        if any(_address_matches(loc.resource, s) for s in req.location_strings)}
+            matching = {
+                lid
+                for lid, loc in locations.items()
+                if any(_address_matches(loc.resource, s) for s in req.location_strings)
+            }
             if not matching:
-                notices.append(Notice("information", "not-found",
-                                      f"no location matches location-string {', '.join(req.location_strings)!r}", "location-string"))
+                notices.append(
+                    Notice(
+                        "information",
+                        "not-found",
+                        f"no location matches location-string {', '.join(req.location_strings)!r}",
+                        "location-string",
+                    )
+                )
                 return empty
-            loc_rank = {lid: r for lid, r in loc_rank.items() if lid in matching} if loc_rank else {lid: 0 for lid in matching}
+            loc_rank = (
+                {lid: r for lid, r in loc_rank.items() if lid in matching} if loc_rank else {lid: 0 for lid in matching}
+            )
             if not loc_rank:
                 return empty
 
@@ -190,21 +240,27 @@ class SchedulingService:
             for rank, tok in enumerate(req.visit_types):
                 matched = [vt for vt in all_types if any(tok.matches(c) for c in vt.codings)]
                 if not matched:
-                    notices.append(Notice("information", "not-found", f"visit-type {tok} is not offered here", "visit-type"))
+                    notices.append(
+                        Notice("information", "not-found", f"visit-type {tok} is not offered here", "visit-type")
+                    )
                 chosen.extend((rank, vt) for vt in matched)
             if not chosen:
                 return FindResult(0, [], [], notices, req.window, {})
         else:
             default = next((vt for vt in all_types if vt.key == self.default_visit_type), None)
             if default is None:
-                raise BusinessRuleViolation(f"the mapping's default visit type {self.default_visit_type!r} does not exist")
+                raise BusinessRuleViolation(
+                    f"the mapping's default visit type {self.default_visit_type!r} does not exist"
+                )
             chosen = [(0, default)]
 
         patients: list[Actor] = []
         for ref in req.patients:
             actor = await self.resolve(ref)
             if actor is None:
-                notices.append(Notice("information", "not-found", f"{ref.text} is not known to this server", "patient-reference"))
+                notices.append(
+                    Notice("information", "not-found", f"{ref.text} is not known to this server", "patient-reference")
+                )
                 return empty
             patients.append(actor)
         for identifiers in req.patient_identifiers:
@@ -214,9 +270,15 @@ class SchedulingService:
                 if actor:
                     break
             if actor is None:
-                notices.append(Notice("warning", "not-found",
-                                      "patient-resource does not match a patient of the legacy system by identifier; "
-                                      "the patient must be known before booking", "patient-resource"))
+                notices.append(
+                    Notice(
+                        "warning",
+                        "not-found",
+                        "patient-resource does not match a patient of the legacy system by identifier; "
+                        "the patient must be known before booking",
+                        "patient-resource",
+                    )
+                )
             else:
                 patients.append(actor)
 
@@ -224,7 +286,8 @@ class SchedulingService:
         if not prac_ids:
             return FindResult(0, [], patients, notices, req.window, {})
         availability = await self.availability.free_time(
-            AvailabilityQuery(req.window, prac_ids, tuple(loc_rank) if loc_rank else ()))
+            AvailabilityQuery(req.window, prac_ids, tuple(loc_rank) if loc_rank else ())
+        )
         held = self.state.holds_by_practitioner(prac_ids, req.window, now)
         if patients:
             # REQ-115-14: a time the patient is already booked for is no option for them, whoever the
@@ -241,24 +304,36 @@ class SchedulingService:
             for vt_rank, vt in chosen:
                 if vt.specialty_codes and not _offers(prac, vt):
                     continue
-                rank = (prac_rank.get(ra.practitioner_id, 0), loc_rank.get(ra.location_id, 0), vt_rank,
-                        spec_rank.get(ra.practitioner_id, 0))
+                rank = (
+                    prac_rank.get(ra.practitioner_id, 0),
+                    loc_rank.get(ra.location_id, 0),
+                    vt_rank,
+                    spec_rank.get(ra.practitioner_id, 0),
+                )
                 plans.append(ResourcePlan(ra, vt, rank))
-        total, page = find_candidates(plans, held=held, now=now, step_minutes=self.slot_step_minutes,
-                                      offset=req.offset, limit=req.count)
+        total, page = find_candidates(
+            plans, held=held, now=now, step_minutes=self.slot_step_minutes, offset=req.offset, limit=req.count
+        )
         patient_ids = tuple(p.id for p in patients)
         issue = self.proposals.issuer(patient_ids, now, req.window.start, req.window.end)
-        proposed = [(issue(c.practitioner_id, c.location_id, c.interval.start, c.visit_type.minutes, c.visit_type.key), c)
-                    for c in page]
+        proposed = [
+            (issue(c.practitioner_id, c.location_id, c.interval.start, c.visit_type.minutes, c.visit_type.key), c)
+            for c in page
+        ]
         actors = {f"Practitioner/{p.id}": p for p in candidates_prac}
         actors.update({f"Location/{lid}": loc for lid, loc in locations.items()})
         return FindResult(total, proposed, patients, notices, req.window, actors)
 
     async def _patient_busy(self, patient_ids: tuple[str, ...], window: Interval) -> list[Interval]:
-        page = await self.backend.search_appointments(AppointmentQuery(
-            patient_ids=patient_ids, statuses=("booked", "arrived", "checked-in", "pending"),
-            start_bounds=(("ge", window.start - dt.timedelta(days=1)), ("lt", window.end)),
-            limit=1000, want_total=False))
+        page = await self.backend.search_appointments(
+            AppointmentQuery(
+                patient_ids=patient_ids,
+                statuses=("booked", "arrived", "checked-in", "pending"),
+                start_bounds=(("ge", window.start - dt.timedelta(days=1)), ("lt", window.end)),
+                limit=1000,
+                want_total=False,
+            )
+        )
         return [a.interval for a in page.appointments if a.interval.overlaps(window)]
 
     # -- ITI-116 -------------------------------------------------------------------------------
@@ -278,16 +353,24 @@ class SchedulingService:
         if existing is not None:
             if client is not None and existing.client == client:
                 return HoldResult(existing, proposal, created=False)
-            raise SlotConflict(f"Appointment/{token} is already held by another client until "
-                               f"{existing.expires_at.isoformat()}")
+            raise SlotConflict(
+                f"Appointment/{token} is already held by another client until {existing.expires_at.isoformat()}"
+            )
         if proposal.start <= now:
             raise ProposalError(f"proposed appointment {token!r} starts in the past")
         slot = self._slot(proposal)
         expires = now + self.hold_ttl
         if expires.microsecond:  # whole seconds, as the hold-expiration extension states it
             expires = expires.replace(microsecond=0) + dt.timedelta(seconds=1)
-        new_hold = Hold(token, proposal.practitioner_id, proposal.location_id, slot.interval,
-                        expires, client, proposal_to_dict(proposal))
+        new_hold = Hold(
+            token,
+            proposal.practitioner_id,
+            proposal.location_id,
+            slot.interval,
+            expires,
+            client,
+            proposal_to_dict(proposal),
+        )
         placed: list[Hold] = []
 
         def gate(slots: Sequence[SlotRequest]) -> None:
@@ -302,8 +385,17 @@ class SchedulingService:
         return HoldResult(hold, proposal, created=True)
 
     # -- ITI-117 -------------------------------------------------------------------------------
-    async def book(self, token: str, *, patient: Actor | None, comment: str | None, client: str | None,
-                   now: dt.datetime, expect: Interval | None = None, request_key: str | None = None) -> BookResult:
+    async def book(
+        self,
+        token: str,
+        *,
+        patient: Actor | None,
+        comment: str | None,
+        client: str | None,
+        now: dt.datetime,
+        expect: Interval | None = None,
+        request_key: str | None = None,
+    ) -> BookResult:
         """Book a proposed (or held) appointment, exactly once.
 
         Conflict rules: the legacy calendar and every foreign hold are checked inside the backend's
@@ -316,11 +408,17 @@ class SchedulingService:
         """
         proposal = self.proposals.decode(token, now)
         if expect is not None and (expect.start != proposal.start or expect.end != proposal.end):
-            raise InvalidRequest("appointment-resource start/end differ from the referenced proposed appointment "
-                                 f"({proposal.start.isoformat()} to {proposal.end.isoformat()})")
+            raise InvalidRequest(
+                "appointment-resource start/end differ from the referenced proposed appointment "
+                f"({proposal.start.isoformat()} to {proposal.end.isoformat()})"
+            )
         entry = await self._settle(token, now)
-        if (entry is not None and entry.state == "done" and entry.appointment_id
-                and _same_requester(entry, client, request_key)):
+        if (
+            entry is not None
+            and entry.state == "done"
+            and entry.appointment_id
+            and _same_requester(entry, client, request_key)
+        ):
             previous = await self.backend.get_appointment(entry.appointment_id)
             if previous is not None and previous.status not in _FREEING_STATUSES:
                 return BookResult(previous, replayed=True)
@@ -329,11 +427,14 @@ class SchedulingService:
             raise SlotConflict(f"Appointment/{token} is held by another client")
         patient_id = patient.id if patient else (proposal.patient_ids[0] if proposal.patient_ids else None)
         if patient_id is None:
-            raise InvalidRequest("no patient: give patient-reference/patient-resource to $find, "
-                                 "or patient-resource or a Patient participant to $book")
+            raise InvalidRequest(
+                "no patient: give patient-reference/patient-resource to $find, "
+                "or patient-resource or a Patient participant to $book"
+            )
         if len(proposal.patient_ids) > 1 and patient is None:
-            raise BusinessRuleViolation("the legacy system books one patient per appointment; "
-                                        "book each patient of a group separately")
+            raise BusinessRuleViolation(
+                "the legacy system books one patient per appointment; book each patient of a group separately"
+            )
         if proposal.start <= now:
             raise InvalidRequest(f"the proposed appointment starts in the past ({proposal.start.isoformat()})")
         slot = self._slot(proposal)
@@ -368,8 +469,7 @@ class SchedulingService:
         try:
             self.state.journal_done(token, appt.id, now, release_hold=True)
         except Exception:  # the booking stands; the intent is settled later from the legacy system
-            log.exception("booking journal: cannot record Appointment/%s for %s; it will be reconciled",
-                          appt.id, token)
+            log.exception("booking journal: cannot record Appointment/%s for %s; it will be reconciled", appt.id, token)
         return BookResult(appt, replayed=False)
 
     async def _settle(self, token: str, now: dt.datetime) -> JournalEntry | None:
@@ -395,13 +495,20 @@ class SchedulingService:
             return "unknown"
         if appt is not None:
             self.state.journal_done(entry.token, appt.id, now, release_hold=True)
-            log.warning("booking journal: the booking of %s by %s was committed in the legacy system as "
-                        "Appointment/%s but not recorded here (crash or lost connection); recorded now",
-                        entry.token, entry.client or "an anonymous client", appt.id)
+            log.warning(
+                "booking journal: the booking of %s by %s was committed in the legacy system as "
+                "Appointment/%s but not recorded here (crash or lost connection); recorded now",
+                entry.token,
+                entry.client or "an anonymous client",
+                appt.id,
+            )
             return "booked"
         self.state.journal_drop(entry.token)
-        log.warning("booking journal: the booking of %s by %s never reached the legacy system; intent dropped",
-                    entry.token, entry.client or "an anonymous client")
+        log.warning(
+            "booking journal: the booking of %s by %s never reached the legacy system; intent dropped",
+            entry.token,
+            entry.client or "an anonymous client",
+        )
         return "not-booked"
 
     async def reconcile(self, now: dt.datetime) -> int:
@@ -411,9 +518,17 @@ class SchedulingService:
             await self._reconcile_entry(entry, now)
         return len(entries)
 
-    async def reschedule(self, appointment_id: str, *, practitioner_id: str | None, location_id: str | None,
-                         interval: Interval, comment: str | None, now: dt.datetime,
-                         client: str | None = None) -> Appointment:
+    async def reschedule(
+        self,
+        appointment_id: str,
+        *,
+        practitioner_id: str | None,
+        location_id: str | None,
+        interval: Interval,
+        comment: str | None,
+        now: dt.datetime,
+        client: str | None = None,
+    ) -> Appointment:
         """Move a booking (REQ-117-07/08): the new time is secured and the old one released in one
         legacy transaction, so a conflict (409) or any failure leaves the original untouched."""
         current = await self.backend.get_appointment(appointment_id)
@@ -423,8 +538,13 @@ class SchedulingService:
             raise BusinessRuleViolation(f"Appointment/{appointment_id} is {current.status} and cannot be modified")
         if interval.start <= now:
             raise InvalidRequest("the new time is in the past")
-        slot = SlotRequest(practitioner_id or current.practitioner_id or "", location_id or current.location_id or "",
-                           interval, current.visit_type_key or "", (current.patient_id,) if current.patient_id else ())
+        slot = SlotRequest(
+            practitioner_id or current.practitioner_id or "",
+            location_id or current.location_id or "",
+            interval,
+            current.visit_type_key or "",
+            (current.patient_id,) if current.patient_id else (),
+        )
 
         def gate(slots: Sequence[SlotRequest]) -> None:
             for s in slots:
@@ -434,8 +554,14 @@ class SchedulingService:
         self.state.bump_calendar_version()
         return appt
 
-    async def cancel(self, appointment_id: str, reason: Coding | None, reason_text: str | None,
-                     now: dt.datetime, client: str | None = None) -> Appointment:
+    async def cancel(
+        self,
+        appointment_id: str,
+        reason: Coding | None,
+        reason_text: str | None,
+        now: dt.datetime,
+        client: str | None = None,
+    ) -> Appointment:
         """Cancel a booking (legacy status update; the slot is offered again) or release a hold.
 
         A hold placed by a known client can only be released by that client.
@@ -488,8 +614,9 @@ _FREEING_STATUSES = ("cancelled", "noshow", "entered-in-error")
 
 
 def _same_requester(entry: JournalEntry, client: str | None, request_key: str | None) -> bool:
-    return ((client is not None and entry.client == client)
-            or (request_key is not None and entry.request_key == request_key))
+    return (client is not None and entry.client == client) or (
+        request_key is not None and entry.request_key == request_key
+    )
 
 
 class _HeldCancellation(Exception):

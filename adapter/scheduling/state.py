@@ -38,9 +38,10 @@ import secrets
 import socket
 import sqlite3
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Protocol
+from typing import Protocol
 
 from adapter.backends.protocol import Interval, SlotConflict
 
@@ -147,22 +148,33 @@ class IdempotencyInProgress(Exception):
 
 
 class StateStore(Protocol):
-    def holds_by_practitioner(self, practitioner_ids: Iterable[str], window: Interval, now: dt.datetime) -> dict[str, list[Interval]]: ...
+    def holds_by_practitioner(
+        self, practitioner_ids: Iterable[str], window: Interval, now: dt.datetime
+    ) -> dict[str, list[Interval]]: ...
     def get_hold(self, hold_id: str, now: dt.datetime) -> Hold | None: ...
     def place_hold(self, hold: Hold, now: dt.datetime) -> Hold: ...
-    def check_free(self, practitioner_id: str, interval: Interval, now: dt.datetime, own_hold: str | None,
-                   client: str | None = None) -> None: ...
+    def check_free(
+        self,
+        practitioner_id: str,
+        interval: Interval,
+        now: dt.datetime,
+        own_hold: str | None,
+        client: str | None = None,
+    ) -> None: ...
     def release(self, hold_id: str) -> None: ...
     def sweep(self, now: dt.datetime) -> int: ...
     def put_proposal(self, proposal_id: str, payload: str, expires_at: dt.datetime) -> None: ...
     def get_proposal(self, proposal_id: str, now: dt.datetime) -> str | None: ...
-    def idempotency_begin(self, client: str, key: str, operation: str, body_hash: str, now: dt.datetime) -> StoredResponse | None: ...
+    def idempotency_begin(
+        self, client: str, key: str, operation: str, body_hash: str, now: dt.datetime
+    ) -> StoredResponse | None: ...
     def idempotency_finish(self, client: str, key: str, response: StoredResponse | None) -> None: ...
     def journal_get(self, token: str) -> JournalEntry | None: ...
     def calendar_version(self) -> int: ...
     def bump_calendar_version(self) -> None: ...
-    def journal_intent(self, token: str, *, client: str | None, request_key: str | None, payload: dict,
-                       now: dt.datetime) -> None: ...
+    def journal_intent(
+        self, token: str, *, client: str | None, request_key: str | None, payload: dict, now: dt.datetime
+    ) -> None: ...
     def journal_done(self, token: str, appointment_id: str, now: dt.datetime, *, release_hold: bool) -> None: ...
     def journal_abandon(self, token: str, now: dt.datetime) -> None: ...
     def journal_drop(self, token: str) -> None: ...
@@ -176,7 +188,7 @@ def _ts(t: dt.datetime) -> float:
 
 
 def _dt(s: float) -> dt.datetime:
-    return dt.datetime.fromtimestamp(s, tz=dt.timezone.utc)
+    return dt.datetime.fromtimestamp(s, tz=dt.UTC)
 
 
 def owner_alive(owner: str | None) -> bool:
@@ -238,23 +250,29 @@ class SqliteStateStore:
                 self._all.append(conn)
         return conn
 
-    def _tx(self) -> "_Tx":
+    def _tx(self) -> _Tx:
         return _Tx(self._conn())
 
     def _stale(self, owner: str | None, updated_s: float, now: dt.datetime) -> bool:
         return owner is None or not owner_alive(owner) or updated_s <= _ts(now) - self.lease_seconds
 
     # -- holds -------------------------------------------------------------------------------
-    def holds_by_practitioner(self, practitioner_ids: Iterable[str], window: Interval,
-                              now: dt.datetime) -> dict[str, list[Interval]]:
+    def holds_by_practitioner(
+        self, practitioner_ids: Iterable[str], window: Interval, now: dt.datetime
+    ) -> dict[str, list[Interval]]:
         ids = list(practitioner_ids)
         if not ids:
             return {}
         marks = ",".join("?" * len(ids))
-        rows = self._conn().execute(
-            f"SELECT practitioner_id, start_s, end_s FROM holds WHERE practitioner_id IN ({marks}) "
-            "AND expires_s > ? AND start_s < ? AND end_s > ?",
-            [*ids, _ts(now), _ts(window.end), _ts(window.start)]).fetchall()
+        rows = (
+            self._conn()
+            .execute(
+                f"SELECT practitioner_id, start_s, end_s FROM holds WHERE practitioner_id IN ({marks}) "
+                "AND expires_s > ? AND start_s < ? AND end_s > ?",
+                [*ids, _ts(now), _ts(window.end), _ts(window.start)],
+            )
+            .fetchall()
+        )
         out: dict[str, list[Interval]] = {}
         for prac, s, e in rows:
             out.setdefault(prac, []).append(Interval(_dt(s), _dt(e)))
@@ -268,8 +286,15 @@ class SqliteStateStore:
         row = self._conn().execute("SELECT * FROM holds WHERE id = ? AND expires_s > ?", (hold_id, _ts(now))).fetchone()
         return self._row_to_hold(row) if row else None
 
-    def _conflicts(self, conn: sqlite3.Connection, practitioner_id: str, interval: Interval, now: dt.datetime,
-                   own_hold: str | None, client: str | None) -> list[tuple]:
+    def _conflicts(
+        self,
+        conn: sqlite3.Connection,
+        practitioner_id: str,
+        interval: Interval,
+        now: dt.datetime,
+        own_hold: str | None,
+        client: str | None,
+    ) -> list[tuple]:
         """Active holds overlapping ``interval`` except ``own_hold`` when it is the caller's own.
 
         A hold is the caller's own when it was placed anonymously (whoever knows its id may book
@@ -278,32 +303,57 @@ class SqliteStateStore:
         rows = conn.execute(
             "SELECT id, start_s, end_s, client FROM holds WHERE practitioner_id = ? AND expires_s > ? "
             "AND start_s < ? AND end_s > ?",
-            (practitioner_id, _ts(now), _ts(interval.end), _ts(interval.start))).fetchall()
+            (practitioner_id, _ts(now), _ts(interval.end), _ts(interval.start)),
+        ).fetchall()
         return [r for r in rows if not (r[0] == own_hold and (r[3] is None or r[3] == client))]
 
-    def check_free(self, practitioner_id: str, interval: Interval, now: dt.datetime, own_hold: str | None,
-                   client: str | None = None) -> None:
+    def check_free(
+        self,
+        practitioner_id: str,
+        interval: Interval,
+        now: dt.datetime,
+        own_hold: str | None,
+        client: str | None = None,
+    ) -> None:
         found = self._conflicts(self._conn(), practitioner_id, interval, now, own_hold, client)
         if found:
-            raise SlotConflict(f"Practitioner/{practitioner_id} is held by another client from "
-                               f"{_dt(found[0][1]).isoformat()} to {_dt(found[0][2]).isoformat()}")
+            raise SlotConflict(
+                f"Practitioner/{practitioner_id} is held by another client from "
+                f"{_dt(found[0][1]).isoformat()} to {_dt(found[0][2]).isoformat()}"
+            )
 
     def place_hold(self, hold: Hold, now: dt.datetime) -> Hold:
         """Insert ``hold``; an active hold with the same id is returned unchanged (no extension)."""
         with self._tx() as conn:
-            existing = conn.execute("SELECT * FROM holds WHERE id = ? AND expires_s > ?",
-                                    (hold.id, _ts(now))).fetchone()
+            existing = conn.execute(
+                "SELECT * FROM holds WHERE id = ? AND expires_s > ?", (hold.id, _ts(now))
+            ).fetchone()
             if existing:
                 return self._row_to_hold(existing)
-            found = [r for r in self._conflicts(conn, hold.practitioner_id, hold.interval, now, None, None)
-                     if r[0] != hold.id]
+            found = [
+                r
+                for r in self._conflicts(conn, hold.practitioner_id, hold.interval, now, None, None)
+                if r[0] != hold.id
+            ]
             if found:
-                raise SlotConflict(f"Practitioner/{hold.practitioner_id} is already held by another client "
-                                   f"between {_dt(found[0][1]).isoformat()} and {_dt(found[0][2]).isoformat()}")
+                raise SlotConflict(
+                    f"Practitioner/{hold.practitioner_id} is already held by another client "
+                    f"between {_dt(found[0][1]).isoformat()} and {_dt(found[0][2]).isoformat()}"
+                )
             conn.execute("DELETE FROM holds WHERE id = ?", (hold.id,))  # an expired hold of the same slot
-            conn.execute("INSERT INTO holds VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                         (hold.id, hold.practitioner_id, hold.location_id, _ts(hold.interval.start),
-                          _ts(hold.interval.end), _ts(hold.expires_at), hold.client, json.dumps(hold.payload)))
+            conn.execute(
+                "INSERT INTO holds VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    hold.id,
+                    hold.practitioner_id,
+                    hold.location_id,
+                    _ts(hold.interval.start),
+                    _ts(hold.interval.end),
+                    _ts(hold.expires_at),
+                    hold.client,
+                    json.dumps(hold.payload),
+                ),
+            )
         return hold
 
     def release(self, hold_id: str) -> None:
@@ -328,25 +378,34 @@ class SqliteStateStore:
             conn.execute("INSERT OR REPLACE INTO proposals VALUES (?, ?, ?)", (proposal_id, payload, _ts(expires_at)))
 
     def get_proposal(self, proposal_id: str, now: dt.datetime) -> str | None:
-        row = self._conn().execute("SELECT payload FROM proposals WHERE id = ? AND expires_s > ?",
-                                   (proposal_id, _ts(now))).fetchone()
+        row = (
+            self._conn()
+            .execute("SELECT payload FROM proposals WHERE id = ? AND expires_s > ?", (proposal_id, _ts(now)))
+            .fetchone()
+        )
         return row[0] if row else None
 
     # -- idempotency -------------------------------------------------------------------------
-    def idempotency_begin(self, client: str, key: str, operation: str, body_hash: str,
-                          now: dt.datetime) -> StoredResponse | None:
+    def idempotency_begin(
+        self, client: str, key: str, operation: str, body_hash: str, now: dt.datetime
+    ) -> StoredResponse | None:
         """None: go ahead (the key is now reserved by this process). A StoredResponse: replay it.
 
         A reservation whose request died (its process is gone, or it is older than the lease) is
         taken over, so a client retrying after a crash is served instead of told to wait forever.
         """
         with self._tx() as conn:
-            row = conn.execute("SELECT operation, body_hash, state, status, media_type, body, owner, created_s "
-                               "FROM idempotency WHERE client = ? AND key = ?", (client, key)).fetchone()
+            row = conn.execute(
+                "SELECT operation, body_hash, state, status, media_type, body, owner, created_s "
+                "FROM idempotency WHERE client = ? AND key = ?",
+                (client, key),
+            ).fetchone()
             if row is None:
-                conn.execute("INSERT INTO idempotency (client, key, operation, body_hash, state, created_s, owner) "
-                             "VALUES (?, ?, ?, ?, 'started', ?, ?)",
-                             (client, key, operation, body_hash, _ts(now), self.owner))
+                conn.execute(
+                    "INSERT INTO idempotency (client, key, operation, body_hash, state, created_s, owner) "
+                    "VALUES (?, ?, ?, ?, 'started', ?, ?)",
+                    (client, key, operation, body_hash, _ts(now), self.owner),
+                )
                 return None
             op, h, state, status, media_type, body, owner, created_s = row
             if op != operation or h != body_hash:
@@ -355,18 +414,24 @@ class SqliteStateStore:
                 return StoredResponse(status, media_type, bytes(body))
             if not self._stale(owner, created_s, now):
                 raise IdempotencyInProgress(f"a request with Idempotency-Key {key!r} is still being processed")
-            conn.execute("UPDATE idempotency SET owner = ?, created_s = ? WHERE client = ? AND key = ?",
-                         (self.owner, _ts(now), client, key))
+            conn.execute(
+                "UPDATE idempotency SET owner = ?, created_s = ? WHERE client = ? AND key = ?",
+                (self.owner, _ts(now), client, key),
+            )
             return None
 
     def idempotency_finish(self, client: str, key: str, response: StoredResponse | None) -> None:
         with self._tx() as conn:
             if response is None:  # the request failed before any outcome worth replaying
-                conn.execute("DELETE FROM idempotency WHERE client = ? AND key = ? AND state = 'started'", (client, key))
+                conn.execute(
+                    "DELETE FROM idempotency WHERE client = ? AND key = ? AND state = 'started'", (client, key)
+                )
             else:
-                conn.execute("UPDATE idempotency SET state = 'done', status = ?, media_type = ?, body = ?, owner = NULL "
-                             "WHERE client = ? AND key = ?",
-                             (response.status, response.media_type, response.body, client, key))
+                conn.execute(
+                    "UPDATE idempotency SET state = 'done', status = ?, media_type = ?, body = ?, owner = NULL "
+                    "WHERE client = ? AND key = ?",
+                    (response.status, response.media_type, response.body, client, key),
+                )
 
     # -- booking journal -----------------------------------------------------------------------
     # -- calendar version ----------------------------------------------------------------------
@@ -376,40 +441,48 @@ class SqliteStateStore:
 
     def bump_calendar_version(self) -> None:
         with self._tx() as conn:
-            conn.execute("INSERT INTO calendar (id, version) VALUES (1, 1) "
-                         "ON CONFLICT (id) DO UPDATE SET version = version + 1")
+            conn.execute(
+                "INSERT INTO calendar (id, version) VALUES (1, 1) ON CONFLICT (id) DO UPDATE SET version = version + 1"
+            )
 
     def _row_to_entry(self, row: tuple) -> JournalEntry:
         token, client, request_key, payload, state, appt_id, owner, created_s, updated_s = row
-        return JournalEntry(token, client, request_key, json.loads(payload), state, appt_id, owner,
-                            _dt(created_s), _dt(updated_s))
+        return JournalEntry(
+            token, client, request_key, json.loads(payload), state, appt_id, owner, _dt(created_s), _dt(updated_s)
+        )
 
     def journal_get(self, token: str) -> JournalEntry | None:
         row = self._conn().execute("SELECT * FROM journal WHERE token = ?", (token,)).fetchone()
         return self._row_to_entry(row) if row else None
 
-    def journal_intent(self, token: str, *, client: str | None, request_key: str | None, payload: dict,
-                       now: dt.datetime) -> None:
+    def journal_intent(
+        self, token: str, *, client: str | None, request_key: str | None, payload: dict, now: dt.datetime
+    ) -> None:
         """Record that this process is about to write the legacy booking of ``token`` (call under the
         legacy lock, after the conflict checks, before the legacy write)."""
         with self._tx() as conn:
-            conn.execute("INSERT OR REPLACE INTO journal VALUES (?, ?, ?, ?, 'intent', NULL, ?, ?, ?)",
-                         (token, client, request_key, json.dumps(payload), self.owner, _ts(now), _ts(now)))
+            conn.execute(
+                "INSERT OR REPLACE INTO journal VALUES (?, ?, ?, ?, 'intent', NULL, ?, ?, ?)",
+                (token, client, request_key, json.dumps(payload), self.owner, _ts(now), _ts(now)),
+            )
 
     def journal_done(self, token: str, appointment_id: str, now: dt.datetime, *, release_hold: bool) -> None:
         """The legacy booking of ``token`` is committed as ``appointment_id``; its hold goes, atomically."""
         with self._tx() as conn:
             # The owner stays: which process recorded the booking (diagnostics; done rows never go stale).
-            conn.execute("UPDATE journal SET state = 'done', appointment_id = ?, owner = ?, updated_s = ? "
-                         "WHERE token = ?", (appointment_id, self.owner, _ts(now), token))
+            conn.execute(
+                "UPDATE journal SET state = 'done', appointment_id = ?, owner = ?, updated_s = ? WHERE token = ?",
+                (appointment_id, self.owner, _ts(now), token),
+            )
             if release_hold:
                 conn.execute("DELETE FROM holds WHERE id = ?", (token,))
 
     def journal_abandon(self, token: str, now: dt.datetime) -> None:
         """Outcome unknown and this request gives up: the next claimant reconciles it at once."""
         with self._tx() as conn:
-            conn.execute("UPDATE journal SET owner = NULL, updated_s = ? WHERE token = ? AND state = 'intent'",
-                         (_ts(now), token))
+            conn.execute(
+                "UPDATE journal SET owner = NULL, updated_s = ? WHERE token = ? AND state = 'intent'", (_ts(now), token)
+            )
 
     def journal_drop(self, token: str) -> None:
         """The legacy write certainly did not happen: forget the intent."""
@@ -431,7 +504,9 @@ class SqliteStateStore:
             rows = conn.execute("SELECT * FROM journal WHERE state = 'intent' ORDER BY updated_s").fetchall()
             stale = [r for r in rows if self._stale(r[6], r[8], now)][:limit]
             for r in stale:
-                conn.execute("UPDATE journal SET owner = ?, updated_s = ? WHERE token = ?", (self.owner, _ts(now), r[0]))
+                conn.execute(
+                    "UPDATE journal SET owner = ?, updated_s = ? WHERE token = ?", (self.owner, _ts(now), r[0])
+                )
         return [self._row_to_entry(r) for r in stale]
 
     def close(self) -> None:

@@ -7,20 +7,22 @@ import datetime as dt
 from pathlib import Path
 
 import pytest
+from apputil import appointments, local_midnight, make_app, parameters
+from conformance import assert_avail_bundle
 from starlette.testclient import TestClient
 
 from adapter.demo.seed import ensure_demo_database
-from apputil import appointments, local_midnight, make_app, parameters
-from conformance import assert_avail_bundle
 
 
 def _find(app) -> dict:
     start = local_midnight(1)
-    body = parameters(("start", "valueDateTime", start.isoformat()),
-                      ("end", "valueDateTime", (start + dt.timedelta(days=14)).isoformat()),
-                      ("practitioner", "valueReference", {"reference": "Practitioner/SPEARSB"}),
-                      ("practitioner", "valueReference", {"reference": "Practitioner/OKAFORC"}),
-                      ("_count", "valueInteger", 500))
+    body = parameters(
+        ("start", "valueDateTime", start.isoformat()),
+        ("end", "valueDateTime", (start + dt.timedelta(days=14)).isoformat()),
+        ("practitioner", "valueReference", {"reference": "Practitioner/SPEARSB"}),
+        ("practitioner", "valueReference", {"reference": "Practitioner/OKAFORC"}),
+        ("_count", "valueInteger", 500),
+    )
     with TestClient(app, raise_server_exceptions=False) as c:
         r = c.post("/fhir/Appointment/$find", json=body)
         assert r.status_code == 200, r.text
@@ -31,7 +33,9 @@ def _find(app) -> dict:
 
 
 def _shape(bundle: dict) -> list[tuple]:
-    return [(a["start"], a["end"], tuple(p["actor"]["reference"] for p in a["participant"])) for a in appointments(bundle)]
+    return [
+        (a["start"], a["end"], tuple(p["actor"]["reference"] for p in a["participant"])) for a in appointments(bundle)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +47,9 @@ def sqlite_answer(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 @pytest.mark.parametrize("kind", ["postgresql", "mariadb"])
-def test_find_over_odbc_matches_sqlite(kind: str, sqlite_answer: dict, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+def test_find_over_odbc_matches_sqlite(
+    kind: str, sqlite_answer: dict, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
     dsn = request.getfixturevalue("pg_demo_dsn" if kind == "postgresql" else "mariadb_demo_dsn")
     bundle = _find(make_app(tmp_path, "odbc:" + dsn))
     assert bundle["total"] == sqlite_answer["total"] > 0

@@ -14,22 +14,22 @@ import datetime as dt
 import os
 import sqlite3
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
-
 from dbutil import legacy_rows
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import dbutil  # noqa: E402
-from conformance import assert_avail_bundle, assert_ihe_appointment  # noqa: E402
-from serverutil import ProcessServers, free_port, process_log  # noqa: E402
+import dbutil
+from conformance import assert_avail_bundle, assert_ihe_appointment
+from serverutil import ProcessServers, free_port, process_log
 
-from adapter.demo.seed import ensure_demo_database  # noqa: E402
+from adapter.demo.seed import ensure_demo_database
 
 REPO = Path(__file__).resolve().parents[2]
 MAPPING = REPO / "mappings" / "demo.yaml"
@@ -66,8 +66,12 @@ class RaceServer:
         start = dt.datetime.fromisoformat(appt["start"]).astimezone(ZONE)
         end = dt.datetime.fromisoformat(appt["end"]).astimezone(ZONE)
         day = start.year * 10000 + start.month * 100 + start.day
-        rows = self.rows("SELECT APPT_ID, APPT_TM, DUR_MIN FROM APPT WHERE TRIM(PROV_ID) = ? AND APPT_DT = ? "
-                         "AND STATUS_CD IN ('S', 'A', 'D', 'N')", practitioner(appt), day)
+        rows = self.rows(
+            "SELECT APPT_ID, APPT_TM, DUR_MIN FROM APPT WHERE TRIM(PROV_ID) = ? AND APPT_DT = ? "
+            "AND STATUS_CD IN ('S', 'A', 'D', 'N')",
+            practitioner(appt),
+            day,
+        )
         out = []
         for appt_id, hhmm, minutes in rows:
             s = dt.datetime.combine(start.date(), dt.time(int(hhmm) // 100, int(hhmm) % 100), tzinfo=ZONE)
@@ -86,7 +90,8 @@ def practitioner(appt: dict[str, Any]) -> str | None:
 
 def _config(tmp: Path, port: int, database_url: str) -> Path:
     path = tmp / "race.toml"
-    path.write_text(f"""
+    path.write_text(
+        f"""
 [server]
 host = "127.0.0.1"
 port = {port}
@@ -105,7 +110,9 @@ path = '{tmp / "state.sqlite"}'
 [security]
 auth = "off"
 signing_secret = "race-test-secret-0123456789abcdef"
-""", encoding="utf-8")
+""",
+        encoding="utf-8",
+    )
     return path
 
 
@@ -142,8 +149,13 @@ def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     port = free_port()
     config = _config(tmp, port, url)
     try:
-        proc = servers.start([sys.executable, "-m", "adapter.cli", "serve", "--config", str(config)],
-                             env={"PYTHONPATH": str(REPO)}, port=port, cwd=str(REPO), timeout=60)
+        proc = servers.start(
+            [sys.executable, "-m", "adapter.cli", "serve", "--config", str(config)],
+            env={"PYTHONPATH": str(REPO)},
+            port=port,
+            cwd=str(REPO),
+            timeout=60,
+        )
         srv = RaceServer(kind, target, proc.base_url, tmp / "state.sqlite", proc)
         with httpx.Client(timeout=60) as client:  # both workers up and answering
             for _ in range(8):
@@ -168,15 +180,18 @@ def ref(token: str) -> dict[str, Any]:
     return {"name": "appointment-reference", "valueReference": {"reference": f"Appointment/{token}"}}
 
 
-def find_body(days: tuple[int, int], *, practitioner_id: str | None = None, visit_type: str | None = None,
-              count: int = 200) -> dict[str, Any]:
+def find_body(
+    days: tuple[int, int], *, practitioner_id: str | None = None, visit_type: str | None = None, count: int = 200
+) -> dict[str, Any]:
     today = dt.datetime.now(ZONE).date()
     start = dt.datetime.combine(today + dt.timedelta(days=days[0]), dt.time(), tzinfo=ZONE)
     end = dt.datetime.combine(today + dt.timedelta(days=days[1]), dt.time(), tzinfo=ZONE)
-    entries = [{"name": "start", "valueDateTime": start.isoformat()},
-               {"name": "end", "valueDateTime": end.isoformat()},
-               {"name": "patient-reference", "valueReference": {"reference": "Patient/7"}},
-               {"name": "_count", "valueInteger": count}]
+    entries = [
+        {"name": "start", "valueDateTime": start.isoformat()},
+        {"name": "end", "valueDateTime": end.isoformat()},
+        {"name": "patient-reference", "valueReference": {"reference": "Patient/7"}},
+        {"name": "_count", "valueInteger": count},
+    ]
     if practitioner_id:
         entries.append({"name": "practitioner", "valueReference": {"reference": f"Practitioner/{practitioner_id}"}})
     if visit_type:
@@ -207,9 +222,16 @@ async def race(srv: RaceServer, calls: list[tuple[str, str, str]]) -> list[httpx
     limits = httpx.Limits(max_connections=len(calls), max_keepalive_connections=len(calls))
     async with httpx.AsyncClient(timeout=60, limits=limits) as client:
         await asyncio.gather(*(client.get(f"{srv.base}/metadata") for _ in calls))  # open the connections
-        return list(await asyncio.gather(*(
-            client.post(f"{srv.base}/Appointment/${op}", json=parameters(ref(token)), headers={"X-Client-Id": who})
-            for op, token, who in calls)))
+        return list(
+            await asyncio.gather(
+                *(
+                    client.post(
+                        f"{srv.base}/Appointment/${op}", json=parameters(ref(token)), headers={"X-Client-Id": who}
+                    )
+                    for op, token, who in calls
+                )
+            )
+        )
 
 
 def split(responses: list[httpx.Response]) -> tuple[list[httpx.Response], list[httpx.Response]]:
@@ -244,8 +266,9 @@ def assert_won(resp: httpx.Response, status: str, token: str | None = None) -> d
 
 async def _book_winner(srv: RaceServer, token: str, who: str) -> dict[str, Any]:
     async with httpx.AsyncClient(timeout=60) as client:
-        resp = await client.post(f"{srv.base}/Appointment/$book", json=parameters(ref(token)),
-                                 headers={"X-Client-Id": who})
+        resp = await client.post(
+            f"{srv.base}/Appointment/$book", json=parameters(ref(token)), headers={"X-Client-Id": who}
+        )
     assert resp.status_code == 200, resp.text
     return assert_won(resp, "booked")
 
@@ -303,7 +326,7 @@ def test_req_116_08_hold_versus_book_exactly_one_wins(server: RaceServer, rep: i
         ok, failed = split(responses)
         assert len(ok) == 1, [r.status_code for r in responses]
         winner = calls[responses.index(ok[0])]
-        for call, r in zip(calls, responses):
+        for call, r in zip(calls, responses, strict=False):
             if r is not ok[0]:
                 assert_conflict(r, hold=call[0] == "hold")
         if winner[0] == "hold":
@@ -321,6 +344,7 @@ def test_req_116_08_hold_versus_book_exactly_one_wins(server: RaceServer, rep: i
 @pytest.mark.parametrize("rep", range(5))
 def test_req_117_05_overlapping_slots_race(server: RaceServer, rep: int) -> None:
     """20 clients book four different proposals that all overlap (40-minute visits 10 minutes apart)."""
+
     async def scenario() -> None:
         async with httpx.AsyncClient(timeout=60) as client:
             found = await find(client, server, find_body((21 + rep, 24 + rep), visit_type="NEWPT"))
@@ -331,7 +355,7 @@ def test_req_117_05_overlapping_slots_race(server: RaceServer, rep: int) -> None
         for appts in by_prac.values():
             appts.sort(key=lambda a: dt.datetime.fromisoformat(a["start"]))
             for i in range(len(appts) - 3):
-                window = appts[i:i + 4]
+                window = appts[i : i + 4]
                 first_end = dt.datetime.fromisoformat(window[0]["end"])
                 if all(dt.datetime.fromisoformat(a["start"]) < first_end for a in window):
                     group = window
@@ -356,6 +380,7 @@ def test_concurrent_books_for_different_practitioners_all_succeed(server: RaceSe
     """Bookings that do not conflict all succeed at once; the shared key counter hands out
     distinct APPT_IDs (regression: under READ COMMITTED two practitioners' bookings used to read
     the same ID_COUNTER value and the second insert failed on the primary key)."""
+
     async def scenario() -> None:
         async with httpx.AsyncClient(timeout=60) as client:
             found = await find(client, server, find_body((27 + rep, 30 + rep), count=500))
@@ -366,8 +391,9 @@ def test_concurrent_books_for_different_practitioners_all_succeed(server: RaceSe
         assert len(slots) >= 8
         before = server.rows("SELECT COUNT(*) FROM APPT")[0][0]
         responses = await race(server, [("book", s["id"], f"spread-{rep}-{i}") for i, s in enumerate(slots)])
-        assert [r.status_code for r in responses] == [200] * len(slots), [r.text[:300] for r in responses
-                                                                        if r.status_code != 200]
+        assert [r.status_code for r in responses] == [200] * len(slots), [
+            r.text[:300] for r in responses if r.status_code != 200
+        ]
         ids = {assert_won(r, "booked")["id"] for r in responses}
         assert len(ids) == len(slots)
         assert server.rows("SELECT COUNT(*) FROM APPT")[0][0] == before + len(slots)
@@ -378,8 +404,10 @@ def test_concurrent_books_for_different_practitioners_all_succeed(server: RaceSe
 def test_no_double_booking_anywhere_and_both_workers_booked(server: RaceServer) -> None:
     """After all races: no blocking appointment written here overlaps another blocking one, and
     bookings were recorded by both worker processes (the journal keeps the recording process)."""
-    rows = server.rows("SELECT APPT_ID, TRIM(PROV_ID), APPT_DT, APPT_TM, DUR_MIN, BOOKED_BY FROM APPT "
-                       "WHERE STATUS_CD IN ('S', 'A', 'D', 'N')")
+    rows = server.rows(
+        "SELECT APPT_ID, TRIM(PROV_ID), APPT_DT, APPT_TM, DUR_MIN, BOOKED_BY FROM APPT "
+        "WHERE STATUS_CD IN ('S', 'A', 'D', 'N')"
+    )
     spans: dict[str, list[tuple[dt.datetime, dt.datetime, str, bool]]] = {}
     for appt_id, prac, day, hhmm, minutes, by in rows:
         d = dt.date(int(day) // 10000, int(day) // 100 % 100, int(day) % 100)
@@ -389,9 +417,9 @@ def test_no_double_booking_anywhere_and_both_workers_booked(server: RaceServer) 
     ours_total = 0
     for prac, items in spans.items():
         items.sort()
-        for i, (s, e, appt_id, ours) in enumerate(items):
+        for i, (_s, e, appt_id, ours) in enumerate(items):
             ours_total += ours
-            for s2, e2, other, ours2 in items[i + 1:]:
+            for s2, _e2, other, ours2 in items[i + 1 :]:
                 if s2 >= e:
                     break
                 assert not (ours or ours2), f"double booking: {prac} {appt_id} and {other} overlap"
@@ -424,12 +452,20 @@ def test_conflict_storm_sustained_load_never_double_books(server: RaceServer) ->
                         slots.append(appt)
                     if len(slots) == slots_per_round:
                         break
-            calls = [("book" if i % 3 else "hold", slots[i % slots_per_round]["id"], f"storm-{rnd}-{i}")
-                     for i in range(clients)]
+            calls = [
+                ("book" if i % 3 else "hold", slots[i % slots_per_round]["id"], f"storm-{rnd}-{i}")
+                for i in range(clients)
+            ]
             responses = await race(server, calls)
             for slot in slots:
-                winners = [r for (op, token, _), r in zip(calls, responses) if token == slot["id"] and r.status_code == 200]
-                assert len(winners) == 1, [r.status_code for (_, t, _), r in zip(calls, responses) if t == slot["id"]]
+                winners = [
+                    r
+                    for (op, token, _), r in zip(calls, responses, strict=False)
+                    if token == slot["id"] and r.status_code == 200
+                ]
+                assert len(winners) == 1, [
+                    r.status_code for (_, t, _), r in zip(calls, responses, strict=False) if t == slot["id"]
+                ]
             assert all(r.status_code in (200, 409) for r in responses), {r.status_code for r in responses}
             contested.extend(slots)
         for slot in contested:

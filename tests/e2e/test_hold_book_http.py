@@ -16,27 +16,27 @@ import sqlite3
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
-
 from dbutil import legacy_rows
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import dbutil  # noqa: E402
-from conformance import assert_avail_bundle, assert_ihe_appointment, assert_operation_outcome  # noqa: E402
-from serverutil import ThreadServer  # noqa: E402
+import dbutil
+from conformance import assert_avail_bundle, assert_ihe_appointment, assert_operation_outcome
+from serverutil import ThreadServer
 
-from adapter.backends.sql.db import CommitOutcomeUnknown  # noqa: E402
-from adapter.demo.seed import ensure_demo_database  # noqa: E402
-from adapter.scheduling.proposals import Proposal, ProposalCodec  # noqa: E402
-from adapter.server import build_app  # noqa: E402
-from adapter.settings import Settings  # noqa: E402
+from adapter.backends.sql.db import CommitOutcomeUnknown
+from adapter.demo.seed import ensure_demo_database
+from adapter.scheduling.proposals import Proposal, ProposalCodec
+from adapter.server import build_app
+from adapter.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 MAPPING = REPO / "mappings" / "demo.yaml"
@@ -80,8 +80,12 @@ def appointments_of(bundle: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def issues_of(bundle: dict[str, Any]) -> list[dict[str, Any]]:
-    return [i for e in bundle.get("entry", []) if e["resource"]["resourceType"] == "OperationOutcome"
-            for i in e["resource"]["issue"]]
+    return [
+        i
+        for e in bundle.get("entry", [])
+        if e["resource"]["resourceType"] == "OperationOutcome"
+        for i in e["resource"]["issue"]
+    ]
 
 
 def actor_id(appt: dict[str, Any], kind: str) -> str | None:
@@ -97,9 +101,11 @@ def slot_of(appt: dict[str, Any]) -> tuple[str | None, dt.datetime]:
 
 
 def overlaps(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    return (actor_id(a, "Practitioner") == actor_id(b, "Practitioner")
-            and parse_instant(a["start"]) < parse_instant(b["end"])
-            and parse_instant(b["start"]) < parse_instant(a["end"]))
+    return (
+        actor_id(a, "Practitioner") == actor_id(b, "Practitioner")
+        and parse_instant(a["start"]) < parse_instant(b["end"])
+        and parse_instant(b["start"]) < parse_instant(a["end"])
+    )
 
 
 def assert_success(resp: httpx.Response, status: str) -> dict[str, Any]:
@@ -149,13 +155,20 @@ class LegacyDb:
     def blocking_at(self, appt: dict[str, Any]) -> list[tuple]:
         """Blocking legacy rows of the appointment's practitioner starting at its start."""
         day, hhmm = legacy_date_time(appt["start"])
-        return self.rows("SELECT APPT_ID, PAT_ID, STATUS_CD, DUR_MIN, BOOKED_BY FROM APPT WHERE TRIM(PROV_ID) = ? "
-                         "AND APPT_DT = ? AND APPT_TM = ? AND STATUS_CD IN ('S', 'A', 'D', 'N')",
-                         actor_id(appt, "Practitioner"), day, hhmm)
+        return self.rows(
+            "SELECT APPT_ID, PAT_ID, STATUS_CD, DUR_MIN, BOOKED_BY FROM APPT WHERE TRIM(PROV_ID) = ? "
+            "AND APPT_DT = ? AND APPT_TM = ? AND STATUS_CD IN ('S', 'A', 'D', 'N')",
+            actor_id(appt, "Practitioner"),
+            day,
+            hhmm,
+        )
 
     def appt(self, appt_id: str) -> tuple:
-        rows = self.rows("SELECT APPT_DT, APPT_TM, DUR_MIN, STATUS_CD, CANCEL_RSN, NOTE_TXT, TRIM(PROV_ID), PAT_ID "
-                         "FROM APPT WHERE APPT_ID = ?", int(appt_id))
+        rows = self.rows(
+            "SELECT APPT_DT, APPT_TM, DUR_MIN, STATUS_CD, CANCEL_RSN, NOTE_TXT, TRIM(PROV_ID), PAT_ID "
+            "FROM APPT WHERE APPT_ID = ?",
+            int(appt_id),
+        )
         assert len(rows) == 1
         return rows[0]
 
@@ -172,7 +185,9 @@ class Api:
     def close(self) -> None:
         self.http.close()
 
-    def post(self, path: str, body: dict[str, Any], client: str | None = None, key: str | None = None) -> httpx.Response:
+    def post(
+        self, path: str, body: dict[str, Any], client: str | None = None, key: str | None = None
+    ) -> httpx.Response:
         headers = {"Content-Type": "application/fhir+json"}
         if client:
             headers["X-Client-Id"] = client
@@ -180,11 +195,21 @@ class Api:
             headers["Idempotency-Key"] = key
         return self.http.post(path, json=body, headers=headers)
 
-    def find(self, *, days: tuple[int, int] = (1, 8), practitioner: str | None = SPEARS, client: str = "finder",
-             patient: str | None = PATIENT, count: int = 200, visit_type: str | None = None) -> list[dict[str, Any]]:
-        entries = [{"name": "start", "valueDateTime": local_day(days[0]).isoformat()},
-                   {"name": "end", "valueDateTime": local_day(days[1]).isoformat()},
-                   {"name": "_count", "valueInteger": count}]
+    def find(
+        self,
+        *,
+        days: tuple[int, int] = (1, 8),
+        practitioner: str | None = SPEARS,
+        client: str = "finder",
+        patient: str | None = PATIENT,
+        count: int = 200,
+        visit_type: str | None = None,
+    ) -> list[dict[str, Any]]:
+        entries = [
+            {"name": "start", "valueDateTime": local_day(days[0]).isoformat()},
+            {"name": "end", "valueDateTime": local_day(days[1]).isoformat()},
+            {"name": "_count", "valueInteger": count},
+        ]
         if practitioner:
             entries.append({"name": "practitioner", "valueReference": {"reference": f"Practitioner/{practitioner}"}})
         if patient:
@@ -205,8 +230,15 @@ class Api:
     def hold(self, token: str, client: str | None, key: str | None = None) -> httpx.Response:
         return self.post("/Appointment/$hold", parameters(ref_param(token)), client=client, key=key)
 
-    def book(self, token: str | None = None, client: str | None = None, *, key: str | None = None,
-             resource: dict[str, Any] | None = None, extra: tuple[dict[str, Any], ...] = ()) -> httpx.Response:
+    def book(
+        self,
+        token: str | None = None,
+        client: str | None = None,
+        *,
+        key: str | None = None,
+        resource: dict[str, Any] | None = None,
+        extra: tuple[dict[str, Any], ...] = (),
+    ) -> httpx.Response:
         entries = [ref_param(token)] if token else []
         if resource is not None:
             entries.append({"name": "appointment-resource", "resource": resource})
@@ -218,7 +250,10 @@ class Api:
     def offered(self, appt: dict[str, Any], client: str = "finder") -> bool:
         """Is (practitioner, start) of ``appt`` offered by a fresh $find?"""
         start = parse_instant(appt["start"]).astimezone(ZONE)
-        days = ((start.date() - dt.datetime.now(ZONE).date()).days, (start.date() - dt.datetime.now(ZONE).date()).days + 1)
+        days = (
+            (start.date() - dt.datetime.now(ZONE).date()).days,
+            (start.date() - dt.datetime.now(ZONE).date()).days + 1,
+        )
         found = self.find(days=days, practitioner=actor_id(appt, "Practitioner"), client=client, count=500)
         return slot_of(appt) in {slot_of(a) for a in found}
 
@@ -318,9 +353,11 @@ def apart(api: Api, first: dict[str, Any], **kw: Any) -> dict[str, Any]:
 
 
 def participants(patient: str = PATIENT, practitioner: str = SPEARS, location: str = "1") -> list[dict[str, Any]]:
-    return [{"actor": {"reference": f"Practitioner/{practitioner}"}, "status": "accepted"},
-            {"actor": {"reference": f"Location/{location}"}, "status": "accepted"},
-            {"actor": {"reference": f"Patient/{patient}"}, "status": "accepted"}]
+    return [
+        {"actor": {"reference": f"Practitioner/{practitioner}"}, "status": "accepted"},
+        {"actor": {"reference": f"Location/{location}"}, "status": "accepted"},
+        {"actor": {"reference": f"Patient/{patient}"}, "status": "accepted"},
+    ]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -371,9 +408,15 @@ def test_req_117_07_reschedule_moves_booking(api: Api) -> None:
     first = api.free_slot()
     booked = assert_success(api.book(first["id"], "client-r"), "booked")
     target = apart(api, first, days=(2, 9))
-    resource = {"resourceType": "Appointment", "id": booked["id"], "status": "booked",
-                "start": target["start"], "end": target["end"], "participant": participants(),
-                "comment": "moved by the patient"}
+    resource = {
+        "resourceType": "Appointment",
+        "id": booked["id"],
+        "status": "booked",
+        "start": target["start"],
+        "end": target["end"],
+        "participant": participants(),
+        "comment": "moved by the patient",
+    }
     moved = assert_success(api.book(resource=resource, client="client-r"), "booked")
     assert moved["id"] == booked["id"]
     assert (moved["start"], moved["end"]) == (target["start"], target["end"])
@@ -391,8 +434,14 @@ def test_req_117_08_reschedule_conflict_keeps_original(api: Api) -> None:
     b = apart(api, a)
     booked_b = assert_success(api.book(b["id"], "client-c"), "booked")
     original = api.db.appt(booked_a["id"])
-    resource = {"resourceType": "Appointment", "id": booked_a["id"], "status": "booked",
-                "start": booked_b["start"], "end": booked_b["end"], "participant": participants()}
+    resource = {
+        "resourceType": "Appointment",
+        "id": booked_a["id"],
+        "status": "booked",
+        "start": booked_b["start"],
+        "end": booked_b["end"],
+        "participant": participants(),
+    }
     assert_failure(api.book(resource=resource, client="client-c"), 409, "conflict", "already booked")
     assert api.db.appt(booked_a["id"]) == original
     # A time held by another client is not free either.
@@ -408,10 +457,16 @@ def test_req_117_08_reschedule_conflict_keeps_original(api: Api) -> None:
 def test_req_117_09_cancel_frees_slot_and_updates_legacy_status(api: Api) -> None:
     proposed = api.free_slot()
     booked = assert_success(api.book(proposed["id"], "client-x"), "booked")
-    resource = {"resourceType": "Appointment", "id": booked["id"], "status": "cancelled",
-                "cancelationReason": {"coding": [{"system": STATUS_REASON_SYSTEM, "code": "patient-cancel"}],
-                                      "text": "Patient called to cancel"},
-                "participant": participants()}
+    resource = {
+        "resourceType": "Appointment",
+        "id": booked["id"],
+        "status": "cancelled",
+        "cancelationReason": {
+            "coding": [{"system": STATUS_REASON_SYSTEM, "code": "patient-cancel"}],
+            "text": "Patient called to cancel",
+        },
+        "participant": participants(),
+    }
     cancelled = assert_success(api.book(resource=resource, client="client-x"), "cancelled")
     assert cancelled["cancelationReason"]["text"] == "Patient called to cancel"
     assert any(c["code"] == "patient-cancel" for c in cancelled["cancelationReason"].get("coding", []))
@@ -451,8 +506,8 @@ def test_req_116_08_held_slot_conflicts_for_other_client(sq: Api) -> None:
 
 def sleep_past_expiry(held: dict[str, Any]) -> None:
     expires = parse_instant(next(e["valueDateTime"] for e in held["extension"] if e["url"] == HOLD_EXPIRATION_URL))
-    assert expires - dt.datetime.now(dt.timezone.utc) <= dt.timedelta(seconds=3)  # ttl 2 s, whole seconds
-    time.sleep(max(0.0, (expires - dt.datetime.now(dt.timezone.utc)).total_seconds()) + 0.05)
+    assert expires - dt.datetime.now(dt.UTC) <= dt.timedelta(seconds=3)  # ttl 2 s, whole seconds
+    time.sleep(max(0.0, (expires - dt.datetime.now(dt.UTC)).total_seconds()) + 0.05)
 
 
 def test_req_116_07_expired_hold_frees_slot(short_ttl: Api) -> None:
@@ -479,8 +534,12 @@ def test_req_116_07_expired_hold_can_be_booked_by_anyone(short_ttl: Api) -> None
 def test_req_117_09_cancel_of_a_hold_releases_it(sq: Api) -> None:
     proposed = sq.free_slot()
     assert_success(sq.hold(proposed["id"], "client-h"), "pending")
-    resource = {"resourceType": "Appointment", "id": proposed["id"], "status": "cancelled",
-                "participant": participants()}
+    resource = {
+        "resourceType": "Appointment",
+        "id": proposed["id"],
+        "status": "cancelled",
+        "participant": participants(),
+    }
     assert_failure(sq.book(resource=resource, client="client-other"), 409, "conflict", "held by another client")
     assert not sq.offered(proposed)
     cancelled = assert_success(sq.book(resource=resource, client="client-h"), "cancelled")
@@ -491,11 +550,21 @@ def test_req_117_09_cancel_of_a_hold_releases_it(sq: Api) -> None:
 def test_req_117_09_cancel_reason_from_status_reason_extension(sq: Api) -> None:
     proposed = sq.free_slot()
     booked = assert_success(sq.book(proposed["id"], "client-e"), "booked")
-    resource = {"resourceType": "Appointment", "id": booked["id"], "status": "cancelled",
-                "extension": [{"url": STATUS_REASON_URL, "valueCodeableConcept": {
+    resource = {
+        "resourceType": "Appointment",
+        "id": booked["id"],
+        "status": "cancelled",
+        "extension": [
+            {
+                "url": STATUS_REASON_URL,
+                "valueCodeableConcept": {
                     "coding": [{"system": STATUS_REASON_SYSTEM, "code": "staff-cancel", "display": "Staff Cancel"}],
-                    "text": "Doctor ill " * 10}}],  # longer than CANCEL_RSN: cut to the column, not refused
-                "participant": participants()}
+                    "text": "Doctor ill " * 10,
+                },
+            }
+        ],  # longer than CANCEL_RSN: cut to the column, not refused
+        "participant": participants(),
+    }
     cancelled = assert_success(sq.book(resource=resource, client="client-e"), "cancelled")
     assert any(c["code"] == "staff-cancel" for c in cancelled["cancelationReason"]["coding"])
     row = sq.db.appt(booked["id"])
@@ -506,8 +575,14 @@ def test_req_117_09_cancel_reason_from_status_reason_extension(sq: Api) -> None:
 def test_req_117_07_reschedule_by_ten_minutes_overlapping_itself(sq: Api) -> None:
     first, later = two_overlapping(sq, days=(4, 11))
     booked = assert_success(sq.book(first["id"], "client-s"), "booked")
-    resource = {"resourceType": "Appointment", "id": booked["id"], "status": "booked",
-                "start": later["start"], "end": later["end"], "participant": participants()}
+    resource = {
+        "resourceType": "Appointment",
+        "id": booked["id"],
+        "status": "booked",
+        "start": later["start"],
+        "end": later["end"],
+        "participant": participants(),
+    }
     moved = assert_success(sq.book(resource=resource, client="client-s"), "booked")
     assert moved["start"] == later["start"]
     assert [str(r[0]) for r in sq.db.blocking_at(later)] == [booked["id"]]
@@ -555,8 +630,9 @@ def test_req_117_booking_same_id_again_by_same_client_returns_it(sq: Api) -> Non
     booked = assert_success(sq.book(proposed["id"], "client-again"), "booked")
     again = assert_success(sq.book(proposed["id"], "client-again"), "booked")
     assert again["id"] == booked["id"]
-    assert "already booked by this client" in " ".join(i["diagnostics"] for i in issues_of(sq.book(
-        proposed["id"], "client-again").json()))
+    assert "already booked by this client" in " ".join(
+        i["diagnostics"] for i in issues_of(sq.book(proposed["id"], "client-again").json())
+    )
     assert len(sq.db.blocking_at(proposed)) == 1
     assert_failure(sq.book(proposed["id"], "client-stranger"), 409, "conflict", "already booked")
 
@@ -567,10 +643,19 @@ def test_req_117_booking_same_id_again_by_same_client_returns_it(sq: Api) -> Non
 def _mint(api: Api, **changes: Any) -> str:
     """A correctly signed proposed id (the test knows the server secret), e.g. an expired one."""
     codec = ProposalCodec(SECRET.encode(), None, dt.timedelta(seconds=3600))  # type: ignore[arg-type]
-    start = local_day(2).replace(hour=10).astimezone(dt.timezone.utc)
-    now = dt.datetime.now(dt.timezone.utc).replace(second=0, microsecond=0)
-    fields = dict(practitioner_id=SPEARS, location_id="1", start=start, minutes=20, visit_type_key="FOLLOW",
-                  patient_ids=(PATIENT,), issued=now, window_start=start, window_end=start + dt.timedelta(minutes=20))
+    start = local_day(2).replace(hour=10).astimezone(dt.UTC)
+    now = dt.datetime.now(dt.UTC).replace(second=0, microsecond=0)
+    fields = dict(
+        practitioner_id=SPEARS,
+        location_id="1",
+        start=start,
+        minutes=20,
+        visit_type_key="FOLLOW",
+        patient_ids=(PATIENT,),
+        issued=now,
+        window_start=start,
+        window_end=start + dt.timedelta(minutes=20),
+    )
     fields.update(changes)
     return codec.encode(Proposal(**fields))
 
@@ -580,7 +665,7 @@ def test_req_116_10_unknown_tampered_expired_ids_are_404(api: Api) -> None:
     token = proposed["id"]
     tampered = token[:-1] + ("0" if token[-1] != "0" else "1")
     moved = token.replace(".FOLLOW.", ".NEWPT.")
-    expired = _mint(api, issued=dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=2))
+    expired = _mint(api, issued=dt.datetime.now(dt.UTC) - dt.timedelta(hours=2))
     unknown_stored = "r" + "0" * 20
     before = api.db.count_appts()
     for bad in (tampered, moved, expired, unknown_stored, "nonsense"):
@@ -590,22 +675,36 @@ def test_req_116_10_unknown_tampered_expired_ids_are_404(api: Api) -> None:
     assert_failure(api.book(tampered, "client-a"), 404, "not-found", "not a proposed appointment issued by this server")
     # Modify and cancel of an unknown appointment (REQ-117-10).
     for status in ("booked", "cancelled"):
-        resource = {"resourceType": "Appointment", "id": "987654", "status": status, "start": proposed["start"],
-                    "end": proposed["end"], "participant": participants()}
+        resource = {
+            "resourceType": "Appointment",
+            "id": "987654",
+            "status": status,
+            "start": proposed["start"],
+            "end": proposed["end"],
+            "participant": participants(),
+        }
         assert_failure(api.book(resource=resource, client="client-a"), 404, "not-found", "Appointment/987654")
     assert api.db.count_appts() == before
-    assert api.state_rows("SELECT COUNT(*) FROM holds WHERE client = 'client-a' AND id IN (?, ?, ?)",
-                          tampered, moved, expired) == [(0,)]
+    assert api.state_rows(
+        "SELECT COUNT(*) FROM holds WHERE client = 'client-a' AND id IN (?, ?, ?)", tampered, moved, expired
+    ) == [(0,)]
 
 
 def test_req_117_04_wrong_status_is_400(api: Api) -> None:
     proposed = api.free_slot()
     before = api.db.count_appts()
     for status in ("arrived", "fulfilled", "noshow"):
-        resource = {"resourceType": "Appointment", "id": proposed["id"], "status": status,
-                    "start": proposed["start"], "end": proposed["end"], "participant": participants()}
-        assert_failure(api.book(resource=resource, client="client-a"), 400, "invalid", repr(status),
-                       "appointment-resource.status")
+        resource = {
+            "resourceType": "Appointment",
+            "id": proposed["id"],
+            "status": status,
+            "start": proposed["start"],
+            "end": proposed["end"],
+            "participant": participants(),
+        }
+        assert_failure(
+            api.book(resource=resource, client="client-a"), 400, "invalid", repr(status), "appointment-resource.status"
+        )
     assert_failure(api.book(client="client-a"), 400, "invalid", "appointment-reference or appointment-resource")
     assert api.db.count_appts() == before
     assert api.offered(proposed)
@@ -613,8 +712,13 @@ def test_req_117_04_wrong_status_is_400(api: Api) -> None:
 
 def test_req_117_outside_working_hours_is_400(api: Api) -> None:
     start = local_day(2).replace(hour=3)  # 03:00 local: nobody works
-    resource = {"resourceType": "Appointment", "status": "pending", "start": start.isoformat(),
-                "end": (start + dt.timedelta(minutes=20)).isoformat(), "participant": participants()}
+    resource = {
+        "resourceType": "Appointment",
+        "status": "pending",
+        "start": start.isoformat(),
+        "end": (start + dt.timedelta(minutes=20)).isoformat(),
+        "participant": participants(),
+    }
     before = api.db.count_appts()
     assert_failure(api.book(resource=resource, client="client-a"), 400, "invalid", "outside working hours")
     # Rescheduling an existing booking there is refused the same way and leaves it unchanged.
@@ -630,12 +734,23 @@ def test_req_117_outside_working_hours_is_400(api: Api) -> None:
 def test_req_117_12_unknown_patient_is_422(api: Api) -> None:
     proposed = api.free_slot()
     before = api.db.count_appts()
-    unknown = {"resourceType": "Patient", "identifier": [{"system": "urn:sched-adapter:clinicware:mrn",
-                                                          "value": "MRN-NOPE"}]}
-    assert_failure(api.book(proposed["id"], "client-a", extra=({"name": "patient-resource", "resource": unknown},)),
-                   422, "business-rule", "MRN-NOPE")
-    resource = {"resourceType": "Appointment", "status": "pending", "start": proposed["start"],
-                "end": proposed["end"], "participant": participants(patient="999999")}
+    unknown = {
+        "resourceType": "Patient",
+        "identifier": [{"system": "urn:sched-adapter:clinicware:mrn", "value": "MRN-NOPE"}],
+    }
+    assert_failure(
+        api.book(proposed["id"], "client-a", extra=({"name": "patient-resource", "resource": unknown},)),
+        422,
+        "business-rule",
+        "MRN-NOPE",
+    )
+    resource = {
+        "resourceType": "Appointment",
+        "status": "pending",
+        "start": proposed["start"],
+        "end": proposed["end"],
+        "participant": participants(patient="999999"),
+    }
     assert_failure(api.book(proposed["id"], "client-a", resource=resource), 422, "business-rule", "Patient/999999")
     assert api.db.count_appts() == before
     assert api.offered(proposed)
@@ -650,8 +765,9 @@ def test_req_117_13_no_patient_is_400(api: Api) -> None:
 
 def test_req_116_02_hold_needs_exactly_one_reference(sq: Api) -> None:
     proposed = sq.free_slot()
-    assert_failure(sq.post("/Appointment/$hold", parameters(), client="client-a"), 400, "invalid",
-                   "appointment-reference")
+    assert_failure(
+        sq.post("/Appointment/$hold", parameters(), client="client-a"), 400, "invalid", "appointment-reference"
+    )
     twice = parameters(ref_param(proposed["id"]), ref_param(proposed["id"]))
     assert_failure(sq.post("/Appointment/$hold", twice, client="client-a"), 400, "invalid", "got 2")
     not_appt = parameters({"name": "appointment-reference", "valueReference": {"reference": "Patient/5"}})
@@ -663,8 +779,13 @@ def test_req_116_02_hold_needs_exactly_one_reference(sq: Api) -> None:
 def test_req_117_11_reference_and_resource_times_must_match(sq: Api) -> None:
     proposed = sq.free_slot()
     shifted = (parse_instant(proposed["start"]) + dt.timedelta(minutes=10)).isoformat()
-    resource = {"resourceType": "Appointment", "status": "pending", "start": shifted, "end": proposed["end"],
-                "participant": participants()}
+    resource = {
+        "resourceType": "Appointment",
+        "status": "pending",
+        "start": shifted,
+        "end": proposed["end"],
+        "participant": participants(),
+    }
     before = sq.db.count_appts()
     assert_failure(sq.book(proposed["id"], "client-a", resource=resource), 400, "invalid", "differ")
     bad_time = dict(resource, start="2026-13-01T10:00:00Z")
@@ -677,9 +798,13 @@ def test_req_117_11_reference_and_resource_times_must_match(sq: Api) -> None:
 
 def test_req_117_unknown_practitioner_in_resource_is_400(sq: Api) -> None:
     start = local_day(2).replace(hour=10)
-    resource = {"resourceType": "Appointment", "status": "pending", "start": start.isoformat(),
-                "end": (start + dt.timedelta(minutes=20)).isoformat(),
-                "participant": participants(practitioner="NOSUCHDOCTORX")}
+    resource = {
+        "resourceType": "Appointment",
+        "status": "pending",
+        "start": start.isoformat(),
+        "end": (start + dt.timedelta(minutes=20)).isoformat(),
+        "participant": participants(practitioner="NOSUCHDOCTORX"),
+    }
     before = sq.db.count_appts()
     assert_failure(sq.book(resource=resource, client="client-a"), 400, "invalid", "Practitioner/NOSUCHDOCTORX")
     assert sq.db.count_appts() == before
@@ -764,8 +889,9 @@ class TcpProxy:
 
 
 @pytest.mark.parametrize("kind", [dbutil.POSTGRESQL, dbutil.MARIADB])
-def test_req_gen_21_legacy_outage_is_503_and_leaves_nothing(kind: str, request: pytest.FixtureRequest,
-                                                            tmp_path: Path) -> None:
+def test_req_gen_21_legacy_outage_is_503_and_leaves_nothing(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
     dsn = request.getfixturevalue("fresh_pg_demo_dsn" if kind == dbutil.POSTGRESQL else "fresh_mariadb_demo_dsn")
     upstream = 5432 if kind == dbutil.POSTGRESQL else 3306
     proxy = TcpProxy(upstream)
@@ -777,8 +903,10 @@ def test_req_gen_21_legacy_outage_is_503_and_leaves_nothing(kind: str, request: 
             first, second = a.find()[:2]
             before = a.db.count_appts()
             proxy.cut()
-            for resp in (a.hold(first["id"], "client-o", key="outage-hold"),
-                         a.book(second["id"], "client-o", key="outage-book")):
+            for resp in (
+                a.hold(first["id"], "client-o", key="outage-hold"),
+                a.book(second["id"], "client-o", key="outage-book"),
+            ):
                 assert resp.status_code == 503, resp.text
                 assert resp.headers.get("Retry-After")
                 oo = resp.json()
@@ -808,8 +936,11 @@ def test_req_gen_21_unreachable_sqlite_is_503(tmp_path: Path) -> None:
     missing = tmp_path / "no-such-dir" / "legacy.sqlite"
     with running_api(tmp_path, "sqlite", str(missing)) as a:
         token = _mint(a)
-        for resp in (a.hold(token, "client-a", key="k1"), a.book(token, "client-a", key="k2"),
-                     a.post("/Appointment/$find", parameters())):
+        for resp in (
+            a.hold(token, "client-a", key="k1"),
+            a.book(token, "client-a", key="k2"),
+            a.post("/Appointment/$find", parameters()),
+        ):
             assert resp.status_code == 503, resp.text
             assert resp.headers.get("Retry-After")
             assert resp.json()["issue"][0]["code"] == "transient"
@@ -905,7 +1036,8 @@ def test_req_116_07_holds_survive_a_restart(live_server_process: Any, tmp_path: 
     port = free_port()
     ttl = 8
     config = tmp_path / "restart.toml"
-    config.write_text(f"""
+    config.write_text(
+        f"""
 [server]
 host = "127.0.0.1"
 port = {port}
@@ -921,7 +1053,9 @@ ttl_seconds = {ttl}
 [security]
 auth = "off"
 signing_secret = "{SECRET}"
-""", encoding="utf-8")
+""",
+        encoding="utf-8",
+    )
     argv = [sys.executable, "-m", "adapter.cli", "serve", "--config", str(config)]
     proc = live_server_process.start(argv, env={"PYTHONPATH": str(REPO)}, port=port, cwd=str(REPO), timeout=60)
     a = Api(proc.base_url, LegacyDb("sqlite", target), tmp_path / "state.sqlite")
@@ -942,7 +1076,7 @@ signing_secret = "{SECRET}"
         assert [str(r[0]) for r in a.db.blocking_at(first)] == [booked["id"]]
         assert a.read(second["id"]).json()["status"] == "pending"
 
-        time.sleep(max(0.0, (expires - dt.datetime.now(dt.timezone.utc)).total_seconds()) + 0.05)
+        time.sleep(max(0.0, (expires - dt.datetime.now(dt.UTC)).total_seconds()) + 0.05)
         assert a.offered(second, client="client-b")
         assert_success(a.hold(second["id"], "client-b"), "pending")
     finally:
@@ -968,9 +1102,10 @@ def test_state_store_failure_after_commit_still_answers_the_booking(tmp_path: Pa
         service.state.lease_seconds = 0  # let housekeeping treat the intent as stale right away
         import asyncio
 
-        asyncio.run(service.housekeeping(dt.datetime.now(dt.timezone.utc)))
-        assert a.state_rows("SELECT state, appointment_id FROM journal WHERE token = ?",
-                            proposed["id"]) == [("done", booked["id"])]
+        asyncio.run(service.housekeeping(dt.datetime.now(dt.UTC)))
+        assert a.state_rows("SELECT state, appointment_id FROM journal WHERE token = ?", proposed["id"]) == [
+            ("done", booked["id"])
+        ]
 
 
 def test_sqlite_through_odbc_books_exactly_once(tmp_path: Path) -> None:
@@ -984,8 +1119,13 @@ def test_sqlite_through_odbc_books_exactly_once(tmp_path: Path) -> None:
 
         def book(i: int) -> None:
             with httpx.Client(base_url=a.base, timeout=60) as c:
-                results.append(c.post("/Appointment/$book", json=parameters(ref_param(proposed["id"])),
-                                      headers={"X-Client-Id": f"odbc-{i}"}).status_code)
+                results.append(
+                    c.post(
+                        "/Appointment/$book",
+                        json=parameters(ref_param(proposed["id"])),
+                        headers={"X-Client-Id": f"odbc-{i}"},
+                    ).status_code
+                )
 
         threads = [threading.Thread(target=book, args=(i,)) for i in range(12)]
         for t in threads:

@@ -11,12 +11,12 @@ import sqlite3
 from zoneinfo import ZoneInfo
 
 import pytest
+from apputil import appointments, make_app, parameters
+from conformance import assert_avail_bundle
 from starlette.testclient import TestClient
 
 from adapter.demo.seed import create_schema
 from adapter.mapping.expressions import attach_zone
-from apputil import appointments, make_app, parameters
-from conformance import assert_avail_bundle
 
 NY = ZoneInfo("America/New_York")
 
@@ -31,7 +31,9 @@ def client(tmp_path_factory: pytest.TempPathFactory):
     con.execute("INSERT INTO PROVIDER VALUES ('DAYW    ', 'Day', 'Wanda', 'MD', 'FP', '1234567893', 1, 'Y')")
     con.execute("INSERT INTO APPT_TYPE VALUES ('FOLLOW', 'Follow-up visit', 20, NULL)")
     for weekday in range(1, 8):
-        con.execute("INSERT INTO PROV_TEMPLATE VALUES (?, 'DAYW    ', 1, ?, 900, 1700, 20260101, NULL)", (weekday, weekday))
+        con.execute(
+            "INSERT INTO PROV_TEMPLATE VALUES (?, 'DAYW    ', 1, ?, 900, 1700, 20260101, NULL)", (weekday, weekday)
+        )
     # A template that starts inside the skipped hour on spring-forward day.
     con.execute("INSERT INTO PROVIDER VALUES ('NIGHTN  ', 'Night', 'Nora', 'MD', 'FP', '1234567894', 1, 'Y')")
     con.execute("INSERT INTO PROV_TEMPLATE VALUES (20, 'NIGHTN  ', 1, 7, 130, 400, 20260101, NULL)")
@@ -45,11 +47,15 @@ def client(tmp_path_factory: pytest.TempPathFactory):
 
 def _starts(client: TestClient, practitioner: str, first: dt.date, days: int) -> list[str]:
     start = dt.datetime.combine(first, dt.time(), tzinfo=NY)
-    r = client.post("/fhir/Appointment/$find", json=parameters(
-        ("start", "valueDateTime", start.isoformat()),
-        ("end", "valueDateTime", (start + dt.timedelta(days=days)).isoformat()),
-        ("practitioner", "valueReference", {"reference": f"Practitioner/{practitioner}"}),
-        ("_count", "valueInteger", 500)))
+    r = client.post(
+        "/fhir/Appointment/$find",
+        json=parameters(
+            ("start", "valueDateTime", start.isoformat()),
+            ("end", "valueDateTime", (start + dt.timedelta(days=days)).isoformat()),
+            ("practitioner", "valueReference", {"reference": f"Practitioner/{practitioner}"}),
+            ("_count", "valueInteger", 500),
+        ),
+    )
     assert r.status_code == 200, r.text
     assert_avail_bundle(r.json())
     return [a["start"] for a in appointments(r.json())]
@@ -79,7 +85,7 @@ def test_req_gen_22_working_time_starting_in_the_skipped_hour_begins_at_the_gap_
     # 01:30 EST .. 04:00 EDT = 1.5 real hours: (90 - 20) / 10 + 1 = 8 starts on the 10-minute grid.
     starts = _starts(client, "NIGHTN", dt.date(2027, 3, 14), 1)
     assert starts[0] == "2027-03-14T01:30:00-05:00"
-    assert all(dt.datetime.fromisoformat(s).astimezone(dt.timezone.utc).minute % 10 == 0 for s in starts)
+    assert all(dt.datetime.fromisoformat(s).astimezone(dt.UTC).minute % 10 == 0 for s in starts)
     total = dt.datetime.fromisoformat("2027-03-14T04:00:00-04:00") - dt.datetime.fromisoformat(starts[0])
     assert total == dt.timedelta(minutes=90)
     assert len(starts) == 8

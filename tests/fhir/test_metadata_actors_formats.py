@@ -7,13 +7,13 @@ import socket
 from pathlib import Path
 
 import pytest
+from apputil import appointments, local_midnight, make_app, parameters
+from conformance import assert_avail_bundle, assert_operation_outcome, assert_r4
 from starlette.testclient import TestClient
 
 from adapter.demo.seed import ensure_demo_database
 from adapter.fhir.xml import resource_to_xml, xml_to_resource
 from adapter.settings import SettingsError, load_settings
-from apputil import appointments, local_midnight, make_app, parameters
-from conformance import assert_avail_bundle, assert_operation_outcome, assert_r4
 
 IHE = "https://profiles.ihe.net/ITI/Scheduling"
 
@@ -39,8 +39,11 @@ def test_req_gen_01_to_13_capability_statement(client: TestClient) -> None:
     assert appt["profile"] == f"{IHE}/StructureDefinition/ihe-sched-appt"
     assert {i["code"] for i in appt["interaction"]} >= {"read"}
     ops = {o["name"]: o["definition"] for o in appt["operation"]}
-    assert ops == {"find": f"{IHE}/OperationDefinition/appointment-find", "hold": f"{IHE}/OperationDefinition/appointment-hold",
-                   "book": f"{IHE}/OperationDefinition/appointment-book"}
+    assert ops == {
+        "find": f"{IHE}/OperationDefinition/appointment-find",
+        "hold": f"{IHE}/OperationDefinition/appointment-hold",
+        "book": f"{IHE}/OperationDefinition/appointment-book",
+    }
     bundle = next(res for res in cs["rest"][0]["resource"] if res["type"] == "Bundle")
     assert bundle["profile"] == f"{IHE}/StructureDefinition/ihe-sched-avail-bundle"
     assert "off" in cs["rest"][0]["security"]["description"].lower()  # REQ-SEC-05: says auth is off
@@ -57,11 +60,18 @@ def test_req_gen_05_format_parameter_wins_over_accept(client: TestClient) -> Non
 
 def test_req_gen_04_find_with_xml_body_and_xml_answer(client: TestClient) -> None:
     start = local_midnight(1)
-    body = resource_to_xml(parameters(("start", "valueDateTime", start.isoformat()),
-                                      ("end", "valueDateTime", (start + dt.timedelta(days=3)).isoformat()),
-                                      ("practitioner", "valueReference", {"reference": "Practitioner/SPEARSB"})))
-    r = client.post("/fhir/Appointment/$find", content=body,
-                    headers={"Content-Type": "application/fhir+xml", "Accept": "application/fhir+xml"})
+    body = resource_to_xml(
+        parameters(
+            ("start", "valueDateTime", start.isoformat()),
+            ("end", "valueDateTime", (start + dt.timedelta(days=3)).isoformat()),
+            ("practitioner", "valueReference", {"reference": "Practitioner/SPEARSB"}),
+        )
+    )
+    r = client.post(
+        "/fhir/Appointment/$find",
+        content=body,
+        headers={"Content-Type": "application/fhir+xml", "Accept": "application/fhir+xml"},
+    )
     assert r.status_code == 200, r.text
     assert r.headers["content-type"].startswith("application/fhir+xml")
     bundle = xml_to_resource(r.content)
@@ -70,8 +80,11 @@ def test_req_gen_04_find_with_xml_body_and_xml_answer(client: TestClient) -> Non
 
 
 def test_malformed_xml_is_400_structure(client: TestClient) -> None:
-    r = client.post("/fhir/Appointment/$find", content=b"<Parameters xmlns='http://hl7.org/fhir'><oops",
-                    headers={"Content-Type": "application/fhir+xml"})
+    r = client.post(
+        "/fhir/Appointment/$find",
+        content=b"<Parameters xmlns='http://hl7.org/fhir'><oops",
+        headers={"Content-Type": "application/fhir+xml"},
+    )
     assert r.status_code == 400
     assert r.json()["issue"][0]["code"] == "structure"
 
@@ -114,8 +127,13 @@ def test_req_gen_21_unreachable_legacy_database_is_503_transient(tmp_path: Path)
     app = make_app(tmp_path, url, backend={"timeout_seconds": 2})
     with TestClient(app, raise_server_exceptions=False) as c:
         start = local_midnight(1)
-        r = c.post("/fhir/Appointment/$find", json=parameters(("start", "valueDateTime", start.isoformat()),
-                                                              ("end", "valueDateTime", (start + dt.timedelta(days=1)).isoformat())))
+        r = c.post(
+            "/fhir/Appointment/$find",
+            json=parameters(
+                ("start", "valueDateTime", start.isoformat()),
+                ("end", "valueDateTime", (start + dt.timedelta(days=1)).isoformat()),
+            ),
+        )
     assert r.status_code == 503
     assert r.headers["retry-after"] == "5"
     oo = r.json()
@@ -126,8 +144,10 @@ def test_req_gen_21_unreachable_legacy_database_is_503_transient(tmp_path: Path)
 
 def test_settings_from_file_and_environment(tmp_path: Path) -> None:
     cfg = tmp_path / "c.toml"
-    cfg.write_text('[backend]\nmapping = "m.yaml"\ndatabase_url = "sqlite:///db.sqlite"\n[security]\nauth = "off"\n'
-                   'signing_secret = "0123456789abcdef0"\n[hold]\nttl_seconds = 60\n')
+    cfg.write_text(
+        '[backend]\nmapping = "m.yaml"\ndatabase_url = "sqlite:///db.sqlite"\n[security]\nauth = "off"\n'
+        'signing_secret = "0123456789abcdef0"\n[hold]\nttl_seconds = 60\n'
+    )
     s = load_settings(cfg, {"SCHED_HOLD__TTL_SECONDS": "90", "SCHED_SERVER__PORT": "9999"})
     assert s.hold.ttl_seconds == 90 and s.server.port == 9999 and s.find.default_window_days == 14
     assert s.backend.mapping == tmp_path / "m.yaml"

@@ -14,17 +14,18 @@ import datetime as dt
 import importlib.util
 import shutil
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import httpx
 import pytest
+from conformance import assert_avail_bundle, assert_ihe_appointment, assert_r4
 from starlette.testclient import TestClient
 
 from adapter.server import build_app
 from adapter.settings import BackendSettings, SecuritySettings, ServerSettings, Settings, StateSettings
-from conformance import assert_avail_bundle, assert_ihe_appointment, assert_r4
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_MAPPING = REPO / "mappings" / "demo.yaml"
@@ -76,6 +77,7 @@ def client(search_db: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 # helpers
 # --------------------------------------------------------------------------------------------------
 
+
 def check(bundle: dict[str, Any]) -> dict[str, Any]:
     """REQ-118-19 / REQ-BNDL-*: the searchset, every Appointment and every included resource conform."""
     if "total" in bundle:
@@ -98,14 +100,18 @@ def check(bundle: dict[str, Any]) -> dict[str, Any]:
     return bundle
 
 
-def search(client: TestClient, params: Any = None, *, status: int = 200, headers: dict | None = None,
-           method: str = "GET") -> dict[str, Any]:
+def search(
+    client: TestClient, params: Any = None, *, status: int = 200, headers: dict | None = None, method: str = "GET"
+) -> dict[str, Any]:
     if method == "GET":
         r = client.get("/fhir/Appointment", params=params, headers=headers)
     else:
         items = list(params.items()) if isinstance(params, dict) else list(params or [])
-        r = client.post("/fhir/Appointment/_search", content=urlencode(items).encode(),
-                        headers={"content-type": "application/x-www-form-urlencoded", **(headers or {})})
+        r = client.post(
+            "/fhir/Appointment/_search",
+            content=urlencode(items).encode(),
+            headers={"content-type": "application/x-www-form-urlencoded", **(headers or {})},
+        )
     assert r.status_code == status, r.text
     body = r.json()
     if status == 200:
@@ -123,17 +129,24 @@ def ids(bundle: dict[str, Any]) -> list[int]:
 
 
 def outcome(bundle: dict[str, Any]) -> list[dict[str, Any]]:
-    return [i for e in bundle.get("entry", []) if e["resource"]["resourceType"] == "OperationOutcome"
-            for i in e["resource"]["issue"]]
+    return [
+        i
+        for e in bundle.get("entry", [])
+        if e["resource"]["resourceType"] == "OperationOutcome"
+        for i in e["resource"]["issue"]
+    ]
 
 
 def included(bundle: dict[str, Any]) -> list[str]:
-    return sorted(f"{e['resource']['resourceType']}/{e['resource']['id']}" for e in bundle.get("entry", [])
-                  if e["search"]["mode"] == "include")
+    return sorted(
+        f"{e['resource']['resourceType']}/{e['resource']['id']}"
+        for e in bundle.get("entry", [])
+        if e["search"]["mode"] == "include"
+    )
 
 
 def link(bundle: dict[str, Any], relation: str) -> str | None:
-    return next((l["url"] for l in bundle.get("link", []) if l["relation"] == relation), None)
+    return next((lk["url"] for lk in bundle.get("link", []) if lk["relation"] == relation), None)
 
 
 def follow(client: TestClient, url: str, status: int = 200) -> dict[str, Any]:
@@ -161,6 +174,7 @@ def assert_empty_with_information(bundle: dict[str, Any], *words: str) -> None:
 # REQ-118-01/02: GET and POST
 # --------------------------------------------------------------------------------------------------
 
+
 def test_req_118_01_get_returns_a_searchset(client: TestClient) -> None:
     b = search(client, {"patient": "1"})
     assert b["resourceType"] == "Bundle" and b["type"] == "searchset"
@@ -170,8 +184,13 @@ def test_req_118_01_get_returns_a_searchset(client: TestClient) -> None:
 
 
 def test_req_118_02_post_form_gives_the_same_result_as_get(client: TestClient) -> None:
-    params = [("patient", "1"), ("date", "ge2026-03-02"), ("date", "lt2026-11-01"), ("_count", "3"),
-              ("_include", "Appointment:practitioner")]
+    params = [
+        ("patient", "1"),
+        ("date", "ge2026-03-02"),
+        ("date", "lt2026-11-01"),
+        ("_count", "3"),
+        ("_include", "Appointment:practitioner"),
+    ]
     got = search(client, params)
     posted = search(client, params, method="POST")
     assert posted == got
@@ -183,8 +202,9 @@ def test_req_118_02_post_form_gives_the_same_result_as_get(client: TestClient) -
 
 
 def test_req_118_02_post_needs_a_form_body(client: TestClient) -> None:
-    r = client.post("/fhir/Appointment/_search", content=b'{"patient": "1"}',
-                    headers={"content-type": "application/fhir+json"})
+    r = client.post(
+        "/fhir/Appointment/_search", content=b'{"patient": "1"}', headers={"content-type": "application/fhir+json"}
+    )
     assert r.status_code == 415 and error_issue(r.json())["code"] == "not-supported"
     r = client.post("/fhir/Appointment/_search?patient=1")  # an empty body is fine
     assert r.status_code == 200 and r.json()["total"] == 13
@@ -193,6 +213,7 @@ def test_req_118_02_post_needs_a_form_body(client: TestClient) -> None:
 # --------------------------------------------------------------------------------------------------
 # REQ-118-03/04/06/09/11: references
 # --------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("value", ["1", "Patient/1", f"{BASE}/Patient/1", "Patient/1/_history/3"])
 def test_req_118_03_patient_by_id_and_reference(client: TestClient, value: str) -> None:
@@ -218,8 +239,11 @@ def test_req_118_03_patient_id_and_identifier_combine_with_and(client: TestClien
 
 
 def test_req_118_03_bad_patient_references_are_400(client: TestClient) -> None:
-    for value, words in (("Practitioner/SMITHJ", "must reference a Patient"), ("Patient/1/2", "not a reference"),
-                         ("a b", "not a valid FHIR id")):
+    for value, words in (
+        ("Practitioner/SMITHJ", "must reference a Patient"),
+        ("Patient/1/2", "not a reference"),
+        ("a b", "not a valid FHIR id"),
+    ):
         body = search(client, {"patient": value}, status=400)
         assert error_issue(body)["expression"] == ["patient"] and words in error_issue(body)["diagnostics"]
 
@@ -232,8 +256,9 @@ def test_req_118_04_unknown_identifier_system_is_an_empty_searchset(client: Test
 
 def test_req_118_04_known_system_unknown_patient_and_foreign_reference(client: TestClient) -> None:
     assert_empty_with_information(search(client, {"patient.identifier": f"{MRN}|NOPE"}), "no Patient", "NOPE")
-    assert_empty_with_information(search(client, {"patient": "http://elsewhere.example/fhir/Patient/1"}),
-                                  "another server")
+    assert_empty_with_information(
+        search(client, {"patient": "http://elsewhere.example/fhir/Patient/1"}), "another server"
+    )
 
 
 def test_req_118_06_patient_and_date_combine_with_and(client: TestClient) -> None:
@@ -241,15 +266,18 @@ def test_req_118_06_patient_and_date_combine_with_and(client: TestClient) -> Non
     assert ids(search(client, {"patient": "2", "date": "2026-03-08"})) == [202]
 
 
-@pytest.mark.parametrize("params, expected", [
-    ({"practitioner": "JONESA"}, [103, 104, 105]),
-    ({"practitioner": "Practitioner/JONESA"}, [103, 104, 105]),
-    ({"practitioner.identifier": f"{NPI}|2222222222"}, [103, 104, 105]),
-    ({"practitioner.identifier": "2222222222"}, [103, 104, 105]),
-    ({"practitioner": "SMITHJ,JONESA"}, PATIENT1),
-    ({"location": "2"}, [103, 104, 105]),
-    ({"location": "Location/1"}, ALL_BUT(103, 104, 105)),
-])
+@pytest.mark.parametrize(
+    "params, expected",
+    [
+        ({"practitioner": "JONESA"}, [103, 104, 105]),
+        ({"practitioner": "Practitioner/JONESA"}, [103, 104, 105]),
+        ({"practitioner.identifier": f"{NPI}|2222222222"}, [103, 104, 105]),
+        ({"practitioner.identifier": "2222222222"}, [103, 104, 105]),
+        ({"practitioner": "SMITHJ,JONESA"}, PATIENT1),
+        ({"location": "2"}, [103, 104, 105]),
+        ({"location": "Location/1"}, ALL_BUT(103, 104, 105)),
+    ],
+)
 def test_req_118_09_11_practitioner_and_location(client: TestClient, params: dict, expected: list[int]) -> None:
     assert ids(search(client, {"patient": "1", **params})) == expected
 
@@ -265,53 +293,56 @@ def test_req_118_09_unknown_practitioner_identifier_system(client: TestClient) -
 AFTER_MAR8 = [109, 107, 108, 110, 111, 112, 113]
 
 
-@pytest.mark.parametrize("dates, expected", [
-    (["2026-03-08"], [104, 105, 106]),                         # a local day (23 hours long: DST)
-    (["eq2026-03-08"], [104, 105, 106]),
-    (["eq2026-03-07"], [103]),                                 # starts 23:30, ends after midnight
-    (["eq2026-03"], [101, 102, 103, 104, 105, 106]),
-    (["eq2027"], [113]),
-    (["2026"], ALL_BUT(113)),
-    (["ne2026-03-08"], ALL_BUT(104, 105, 106)),
-    (["lt2026-03-08"], [101, 102, 103]),
-    (["eb2026-03-08"], [101, 102, 103]),
-    (["le2026-03-08"], [101, 102, 103, 104, 105, 106]),
-    (["gt2026-03-08"], AFTER_MAR8),
-    (["sa2026-03-08"], AFTER_MAR8),
-    (["ge2026-03-08"], [104, 105, 106] + AFTER_MAR8),
-    # 101 is 09:00-09:30 EST: ending exactly at a bound does not make it start there
-    (["ge2026-03-02T09:30:00-05:00"], ALL_BUT(101)),
-    (["lt2026-03-02T09:30:00-05:00"], [101]),
-    # 102 starts exactly at 10:00 EST
-    (["ge2026-03-02T10:00:00-05:00"], ALL_BUT(101)),
-    (["ge2026-03-02T15:00:00Z"], ALL_BUT(101)),
-    (["lt2026-03-02T10:00:00-05:00"], [101]),
-    (["le2026-03-02T10:00:00-05:00"], [101, 102]),
-    (["eq2026-03-02T10:00:00-05:00"], [102]),
-    (["eq2026-03-02T10:00-05:00"], [102]),                     # minute precision
-    (["gt2026-03-02T10:00:00-05:00"], ALL_BUT(101, 102)),
-    (["gt2026-03-02T10:00-05:00"], ALL_BUT(101, 102)),         # the whole minute is the value's range
-    (["gt2026-03-02T09:59-05:00"], ALL_BUT(101)),
-    (["sa2026-03-02T09:00:00-05:00"], ALL_BUT(101)),
-    (["eb2026-03-02T10:00:00-05:00"], [101]),
-    (["ge2026-03-02T09:59:30-05:00"], ALL_BUT(101)),           # seconds against minute columns
-    (["eq2026-03-08T01:30:00.000-05:00"], [104]),              # fractional seconds
-    (["ne2026-03-02T10:00:00-05:00", "lt2026-03-03"], [101]),
-    # spring forward: 01:30 EST and 03:30 EDT are one hour apart
-    (["ge2026-03-08T02:30:00-05:00", "lt2026-03-09"], [105, 106]),
-    (["ge2026-03-08T03:00:00-04:00", "lt2026-03-09"], [105, 106]),
-    (["lt2026-03-08T03:00:00-04:00", "ge2026-03-08"], [104]),
-    (["ge2026-03-08T03:00", "lt2026-03-09"], [105, 106]),      # no offset: the legacy system's zone
-    # fall back: 01:30 on Nov 1 is read as the first pass (EDT, 05:30Z)
-    (["ge2026-11-01T01:15:00-05:00", "lt2026-11-02"], [108]),  # second pass: after 107
-    (["ge2026-11-01T01:15:00-04:00", "lt2026-11-02"], [107, 108]),
-    (["ge2026-11-01T01:15", "lt2026-11-02"], [107, 108]),
-    (["eq2026-11-01"], [107, 108]),
-    # ranges: repeated = AND
-    (["ge2026-03-02", "lt2026-03-08"], [101, 102, 103]),
-    (["ge2026-03-08T00:00:00-05:00", "lt2026-03-09T00:00:00-04:00"], [104, 105, 106]),
-    (["ge2026-03-08", "lt2026-03-08"], []),
-])
+@pytest.mark.parametrize(
+    "dates, expected",
+    [
+        (["2026-03-08"], [104, 105, 106]),  # a local day (23 hours long: DST)
+        (["eq2026-03-08"], [104, 105, 106]),
+        (["eq2026-03-07"], [103]),  # starts 23:30, ends after midnight
+        (["eq2026-03"], [101, 102, 103, 104, 105, 106]),
+        (["eq2027"], [113]),
+        (["2026"], ALL_BUT(113)),
+        (["ne2026-03-08"], ALL_BUT(104, 105, 106)),
+        (["lt2026-03-08"], [101, 102, 103]),
+        (["eb2026-03-08"], [101, 102, 103]),
+        (["le2026-03-08"], [101, 102, 103, 104, 105, 106]),
+        (["gt2026-03-08"], AFTER_MAR8),
+        (["sa2026-03-08"], AFTER_MAR8),
+        (["ge2026-03-08"], [104, 105, 106] + AFTER_MAR8),
+        # 101 is 09:00-09:30 EST: ending exactly at a bound does not make it start there
+        (["ge2026-03-02T09:30:00-05:00"], ALL_BUT(101)),
+        (["lt2026-03-02T09:30:00-05:00"], [101]),
+        # 102 starts exactly at 10:00 EST
+        (["ge2026-03-02T10:00:00-05:00"], ALL_BUT(101)),
+        (["ge2026-03-02T15:00:00Z"], ALL_BUT(101)),
+        (["lt2026-03-02T10:00:00-05:00"], [101]),
+        (["le2026-03-02T10:00:00-05:00"], [101, 102]),
+        (["eq2026-03-02T10:00:00-05:00"], [102]),
+        (["eq2026-03-02T10:00-05:00"], [102]),  # minute precision
+        (["gt2026-03-02T10:00:00-05:00"], ALL_BUT(101, 102)),
+        (["gt2026-03-02T10:00-05:00"], ALL_BUT(101, 102)),  # the whole minute is the value's range
+        (["gt2026-03-02T09:59-05:00"], ALL_BUT(101)),
+        (["sa2026-03-02T09:00:00-05:00"], ALL_BUT(101)),
+        (["eb2026-03-02T10:00:00-05:00"], [101]),
+        (["ge2026-03-02T09:59:30-05:00"], ALL_BUT(101)),  # seconds against minute columns
+        (["eq2026-03-08T01:30:00.000-05:00"], [104]),  # fractional seconds
+        (["ne2026-03-02T10:00:00-05:00", "lt2026-03-03"], [101]),
+        # spring forward: 01:30 EST and 03:30 EDT are one hour apart
+        (["ge2026-03-08T02:30:00-05:00", "lt2026-03-09"], [105, 106]),
+        (["ge2026-03-08T03:00:00-04:00", "lt2026-03-09"], [105, 106]),
+        (["lt2026-03-08T03:00:00-04:00", "ge2026-03-08"], [104]),
+        (["ge2026-03-08T03:00", "lt2026-03-09"], [105, 106]),  # no offset: the legacy system's zone
+        # fall back: 01:30 on Nov 1 is read as the first pass (EDT, 05:30Z)
+        (["ge2026-11-01T01:15:00-05:00", "lt2026-11-02"], [108]),  # second pass: after 107
+        (["ge2026-11-01T01:15:00-04:00", "lt2026-11-02"], [107, 108]),
+        (["ge2026-11-01T01:15", "lt2026-11-02"], [107, 108]),
+        (["eq2026-11-01"], [107, 108]),
+        # ranges: repeated = AND
+        (["ge2026-03-02", "lt2026-03-08"], [101, 102, 103]),
+        (["ge2026-03-08T00:00:00-05:00", "lt2026-03-09T00:00:00-04:00"], [104, 105, 106]),
+        (["ge2026-03-08", "lt2026-03-08"], []),
+    ],
+)
 def test_req_118_05_date_prefixes_and_precisions(client: TestClient, dates: list[str], expected: list[int]) -> None:
     b = search(client, [("patient", "1")] + [("date", d) for d in dates])
     assert ids(b) == expected
@@ -332,10 +363,13 @@ def test_req_118_05_instants_on_the_wire_carry_offsets_across_dst(client: TestCl
     assert fall == {"107": "2026-11-01T01:30:00-04:00", "108": "2026-11-01T03:00:00-05:00"}
 
 
-@pytest.mark.parametrize("now, expected", [
-    ("2026-03-01T00:00:00+00:00", [103, 104, 105, 106]),             # a week away: +-1 day
-    ("2025-01-01T00:00:00+00:00", [101, 102, 103, 104, 105, 106]),   # 14 months away: +-43 days
-])
+@pytest.mark.parametrize(
+    "now, expected",
+    [
+        ("2026-03-01T00:00:00+00:00", [103, 104, 105, 106]),  # a week away: +-1 day
+        ("2025-01-01T00:00:00+00:00", [101, 102, 103, 104, 105, 106]),  # 14 months away: +-43 days
+    ],
+)
 def test_req_118_05_date_prefix_ap(client: TestClient, now: str, expected: list[int]) -> None:
     ctx = client.app.state.fhir
     saved = ctx.now
@@ -346,11 +380,19 @@ def test_req_118_05_date_prefix_ap(client: TestClient, now: str, expected: list[
         ctx.now = saved
 
 
-@pytest.mark.parametrize("value, code", [
-    ("2026-13-01", "invalid"), ("xx2026-03-01", "invalid"), ("20260301", "invalid"),
-    ("2026-03-08T25:00:00Z", "invalid"), ("2026-03-08T10", "invalid"), ("ge", "invalid"),
-    ("2026-03-08T10:00:00+5", "invalid"), ("ge2026-03-08,2026-03-09", "not-supported"),
-])
+@pytest.mark.parametrize(
+    "value, code",
+    [
+        ("2026-13-01", "invalid"),
+        ("xx2026-03-01", "invalid"),
+        ("20260301", "invalid"),
+        ("2026-03-08T25:00:00Z", "invalid"),
+        ("2026-03-08T10", "invalid"),
+        ("ge", "invalid"),
+        ("2026-03-08T10:00:00+5", "invalid"),
+        ("ge2026-03-08,2026-03-09", "not-supported"),
+    ],
+)
 def test_req_118_05_malformed_date_is_400_naming_the_parameter(client: TestClient, value: str, code: str) -> None:
     body = search(client, {"patient": "1", "date": value}, status=400)
     i = error_issue(body)
@@ -361,16 +403,20 @@ def test_req_118_05_malformed_date_is_400_naming_the_parameter(client: TestClien
 # REQ-118-07/08: _id and identifier
 # --------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("params, expected", [
-    ({"_id": "102"}, [102]),
-    ({"_id": "102,201"}, [201, 102]),
-    ({"_id": "nope"}, []),
-    ({"identifier": f"{APPT_SYSTEM}|105"}, [105]),
-    ({"identifier": "105"}, [105]),
-    ({"identifier": f"{APPT_SYSTEM}|105,{APPT_SYSTEM}|106"}, [105, 106]),
-    ({"identifier": "urn:other|105"}, []),
-    ({"identifier": f"{APPT_SYSTEM}|abc"}, []),
-])
+
+@pytest.mark.parametrize(
+    "params, expected",
+    [
+        ({"_id": "102"}, [102]),
+        ({"_id": "102,201"}, [201, 102]),
+        ({"_id": "nope"}, []),
+        ({"identifier": f"{APPT_SYSTEM}|105"}, [105]),
+        ({"identifier": "105"}, [105]),
+        ({"identifier": f"{APPT_SYSTEM}|105,{APPT_SYSTEM}|106"}, [105, 106]),
+        ({"identifier": "urn:other|105"}, []),
+        ({"identifier": f"{APPT_SYSTEM}|abc"}, []),
+    ],
+)
 def test_req_118_07_08_id_and_identifier(client: TestClient, params: dict, expected: list[int]) -> None:
     b = search(client, params)
     assert ids(b) == expected
@@ -389,6 +435,7 @@ def test_req_118_07_repeated_id_is_and(client: TestClient) -> None:
 # REQ-118-10/11: status, specialty, appointment-type, service-type
 # --------------------------------------------------------------------------------------------------
 
+
 def test_req_118_11_status_cancelled_matches_every_legacy_cancel_code(client: TestClient) -> None:
     b = search(client, {"status": "cancelled"})
     assert ids(b) == [202, 109, 110, 111]
@@ -404,12 +451,15 @@ def test_req_118_11_status_cancelled_matches_every_legacy_cancel_code(client: Te
     assert appts(search(client, {"_id": "110"}))[0]["cancelationReason"]["text"] == "Patient request"
 
 
-@pytest.mark.parametrize("params, expected", [
-    ({"status": "booked"}, [101, 102, 104, 105, 107, 108, 113]),
-    ({"status": "noshow,arrived"}, [106, 112]),
-    ({"status": "http://hl7.org/fhir/appointmentstatus|fulfilled"}, [103]),
-    ({"status": "pending"}, []),  # no legacy code maps to it
-])
+@pytest.mark.parametrize(
+    "params, expected",
+    [
+        ({"status": "booked"}, [101, 102, 104, 105, 107, 108, 113]),
+        ({"status": "noshow,arrived"}, [106, 112]),
+        ({"status": "http://hl7.org/fhir/appointmentstatus|fulfilled"}, [103]),
+        ({"status": "pending"}, []),  # no legacy code maps to it
+    ],
+)
 def test_req_118_11_status_tokens(client: TestClient, params: dict, expected: list[int]) -> None:
     assert ids(search(client, {"patient": "1", **params})) == expected
 
@@ -423,20 +473,24 @@ def test_req_118_11_status_repeated_is_and_and_bad_codes_are_400(client: TestCli
     assert noshow["status"] == "noshow" and noshow["cancelationReason"]["coding"][0]["code"] == "no-show"
 
 
-@pytest.mark.parametrize("params, expected", [
-    ({"specialty": f"{SCT}|394579002"}, [103, 104, 105]),
-    ({"specialty": "394579002"}, [103, 104, 105]),
-    ({"specialty": f"{SCT}|394579002,{SCT}|419772000"}, PATIENT1),
-    ({"specialty": f"{SCT}|394582007"}, []),                          # dermatology: nobody here
-    ({"appointment-type": f"{V2_0276}|CHECKUP"}, [101, 113]),
-    ({"appointment-type": "ROUTINE"}, [103, 104, 105, 108]),
-    ({"appointment-type": "urn:sched-adapter:clinicware:visit-type|ECHO"}, [103, 104, 105]),
-    ({"appointment-type": f"{V2_0276}|"}, PATIENT1),                   # any code of the system
-    ({"service-type": f"{SCT}|185389009"}, [102, 106, 109, 107, 110, 111, 112]),
-    ({"service-type": f"{SCT}|40701008", "appointment-type": "ROUTINE"}, [103, 104, 105]),
-])
-def test_req_118_10_11_specialty_appointment_type_service_type(client: TestClient, params: dict,
-                                                               expected: list[int]) -> None:
+@pytest.mark.parametrize(
+    "params, expected",
+    [
+        ({"specialty": f"{SCT}|394579002"}, [103, 104, 105]),
+        ({"specialty": "394579002"}, [103, 104, 105]),
+        ({"specialty": f"{SCT}|394579002,{SCT}|419772000"}, PATIENT1),
+        ({"specialty": f"{SCT}|394582007"}, []),  # dermatology: nobody here
+        ({"appointment-type": f"{V2_0276}|CHECKUP"}, [101, 113]),
+        ({"appointment-type": "ROUTINE"}, [103, 104, 105, 108]),
+        ({"appointment-type": "urn:sched-adapter:clinicware:visit-type|ECHO"}, [103, 104, 105]),
+        ({"appointment-type": f"{V2_0276}|"}, PATIENT1),  # any code of the system
+        ({"service-type": f"{SCT}|185389009"}, [102, 106, 109, 107, 110, 111, 112]),
+        ({"service-type": f"{SCT}|40701008", "appointment-type": "ROUTINE"}, [103, 104, 105]),
+    ],
+)
+def test_req_118_10_11_specialty_appointment_type_service_type(
+    client: TestClient, params: dict, expected: list[int]
+) -> None:
     b = search(client, {"patient": "1", **params})
     assert ids(b) == expected
     if params.get("specialty") == f"{SCT}|394579002":
@@ -452,6 +506,7 @@ def test_req_118_10_types_that_exclude_each_other(client: TestClient) -> None:
 # --------------------------------------------------------------------------------------------------
 # REQ-118-12/13/14/16: _count, total, paging, _sort
 # --------------------------------------------------------------------------------------------------
+
 
 def test_req_118_12_count_limits_matches(client: TestClient) -> None:
     b = search(client, {"patient": "1", "_count": "5", "_include": "Appointment:actor"})
@@ -469,7 +524,8 @@ def test_req_118_12_count_default_max_zero_and_bad(client: TestClient) -> None:
     assert b["total"] == 13 and appts(b) == [] and link(b, "next") is None
     assert error_issue(search(client, {"patient": "1", "_count": "x"}, status=400))["expression"] == ["_count"]
     assert error_issue(search(client, [("patient", "1"), ("_count", "1"), ("_count", "2")], status=400))[
-        "expression"] == ["_count"]
+        "expression"
+    ] == ["_count"]
 
 
 def _walk(client: TestClient, first: dict, relation: str) -> tuple[list[int], list[dict]]:
@@ -511,10 +567,14 @@ def test_req_118_14_pages_stay_correct_while_data_changes(search_db: Path, tmp_p
         assert ids(page1) == [301, 302, 303, 304]
         conn = sqlite3.connect(db)
         conn.execute("DELETE FROM APPT WHERE APPT_ID = 305")  # on the next page
-        conn.execute("INSERT INTO APPT (APPT_ID, PAT_ID, PROV_ID, FAC_ID, APPT_DT, APPT_TM, DUR_MIN, TYPE_CD, "
-                     "STATUS_CD) VALUES (399, 3, 'SMITHJ  ', 1, 20260501, 900, 20, 'FOLLOW', 'S')")  # before page 1
-        conn.execute("INSERT INTO APPT (APPT_ID, PAT_ID, PROV_ID, FAC_ID, APPT_DT, APPT_TM, DUR_MIN, TYPE_CD, "
-                     "STATUS_CD) VALUES (300, 3, 'JONESA  ', 2, 20260505, 1400, 20, 'FOLLOW', 'S')")  # ties 303/304
+        conn.execute(
+            "INSERT INTO APPT (APPT_ID, PAT_ID, PROV_ID, FAC_ID, APPT_DT, APPT_TM, DUR_MIN, TYPE_CD, "
+            "STATUS_CD) VALUES (399, 3, 'SMITHJ  ', 1, 20260501, 900, 20, 'FOLLOW', 'S')"
+        )  # before page 1
+        conn.execute(
+            "INSERT INTO APPT (APPT_ID, PAT_ID, PROV_ID, FAC_ID, APPT_DT, APPT_TM, DUR_MIN, TYPE_CD, "
+            "STATUS_CD) VALUES (300, 3, 'JONESA  ', 2, 20260505, 1400, 20, 'FOLLOW', 'S')"
+        )  # ties 303/304
         conn.commit()
         conn.close()
         page2 = follow(c, link(page1, "next"))
@@ -535,8 +595,12 @@ def test_req_118_14_tampered_or_mismatched_cursor_is_400(client: TestClient) -> 
     cursor = parse_qs(urlsplit(nxt).query)["_cursor"][0]
     body, _, mac = cursor.rpartition(".")
     assert body.endswith(".305")
-    tampered = [body[: -len(".305")] + ".309." + mac, body + "." + ("0" if mac[0] != "0" else "1") + mac[1:],
-                "garbage", cursor[:-3]]
+    tampered = [
+        body[: -len(".305")] + ".309." + mac,
+        body + "." + ("0" if mac[0] != "0" else "1") + mac[1:],
+        "garbage",
+        cursor[:-3],
+    ]
     for bad in tampered:
         issue = error_issue(search(client, {"patient": "3", "_count": "5", "_cursor": bad}, status=400))
         assert issue["expression"] == ["_cursor"] and issue["code"] == "invalid"
@@ -564,16 +628,20 @@ def test_req_118_13_total_none_skips_the_count(client: TestClient) -> None:
 # REQ-118-15: _include
 # --------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("include, expected", [
-    ("Appointment:patient", ["Patient/1"]),
-    ("Appointment:patient:Patient", ["Patient/1"]),
-    ("Appointment:practitioner", ["Practitioner/JONESA", "Practitioner/SMITHJ"]),
-    ("Appointment:location", ["Location/1", "Location/2"]),
-    ("Appointment:actor", ["Location/1", "Location/2", "Patient/1", "Practitioner/JONESA", "Practitioner/SMITHJ"]),
-    ("Appointment:actor:Practitioner", ["Practitioner/JONESA", "Practitioner/SMITHJ"]),
-    ("Appointment:actor:Location", ["Location/1", "Location/2"]),
-    ("Appointment:actor:PractitionerRole", []),
-])
+
+@pytest.mark.parametrize(
+    "include, expected",
+    [
+        ("Appointment:patient", ["Patient/1"]),
+        ("Appointment:patient:Patient", ["Patient/1"]),
+        ("Appointment:practitioner", ["Practitioner/JONESA", "Practitioner/SMITHJ"]),
+        ("Appointment:location", ["Location/1", "Location/2"]),
+        ("Appointment:actor", ["Location/1", "Location/2", "Patient/1", "Practitioner/JONESA", "Practitioner/SMITHJ"]),
+        ("Appointment:actor:Practitioner", ["Practitioner/JONESA", "Practitioner/SMITHJ"]),
+        ("Appointment:actor:Location", ["Location/1", "Location/2"]),
+        ("Appointment:actor:PractitionerRole", []),
+    ],
+)
 def test_req_118_15_include_participant_actors(client: TestClient, include: str, expected: list[str]) -> None:
     b = search(client, {"patient": "1", "date": "eq2026-03", "_include": include})
     assert included(b) == expected
@@ -584,8 +652,16 @@ def test_req_118_15_include_participant_actors(client: TestClient, include: str,
 
 
 def test_req_118_15_includes_are_deduplicated_and_only_for_the_page(client: TestClient) -> None:
-    b = search(client, [("patient", "1"), ("date", "eq2026-03-02"), ("_include", "Appointment:actor:Practitioner"),
-                        ("_include", "Appointment:practitioner"), ("_include", "Appointment:location")])
+    b = search(
+        client,
+        [
+            ("patient", "1"),
+            ("date", "eq2026-03-02"),
+            ("_include", "Appointment:actor:Practitioner"),
+            ("_include", "Appointment:practitioner"),
+            ("_include", "Appointment:location"),
+        ],
+    )
     assert included(b) == ["Location/1", "Practitioner/SMITHJ"]
     practitioner = next(e["resource"] for e in b["entry"] if e["resource"]["resourceType"] == "Practitioner")
     assert practitioner["identifier"] == [{"system": NPI, "value": "1111111111"}]
@@ -600,9 +676,19 @@ def test_req_118_15_unsupported_include_is_reported(client: TestClient) -> None:
 # REQ-118-17/18: unknown parameters, strict handling, no parameters
 # --------------------------------------------------------------------------------------------------
 
+
 def test_req_118_17_unknown_parameters_are_ignored_and_reported(client: TestClient) -> None:
-    b = search(client, [("patient", "1"), ("foo", "bar"), ("status:not", "cancelled"), ("patient.name", "Able"),
-                        ("date", ""), ("_elements", "id")])
+    b = search(
+        client,
+        [
+            ("patient", "1"),
+            ("foo", "bar"),
+            ("status:not", "cancelled"),
+            ("patient.name", "Able"),
+            ("date", ""),
+            ("_elements", "id"),
+        ],
+    )
     assert ids(b) == PATIENT1
     warned = {i["expression"][0]: i for i in outcome(b) if i["severity"] == "warning"}
     assert set(warned) == {"foo", "status:not", "patient.name", "date", "_elements"}
@@ -616,8 +702,9 @@ def test_req_118_17_strict_handling_rejects_unknown_parameters(client: TestClien
     body = search(client, {"patient": "1", "foo": "bar"}, status=400, headers={"Prefer": "handling=strict"})
     i = error_issue(body)
     assert i["code"] == "invalid" and i["expression"] == ["foo"] and "foo" in i["diagnostics"]
-    body = search(client, {"patient": "1", "foo": "bar"}, status=400,
-                  headers={"Prefer": "return=representation, handling=strict"})
+    body = search(
+        client, {"patient": "1", "foo": "bar"}, status=400, headers={"Prefer": "return=representation, handling=strict"}
+    )
     assert error_issue(body)["expression"] == ["foo"]
     assert ids(search(client, {"patient": "1", "foo": "bar"}, headers={"Prefer": "handling=lenient"})) == PATIENT1
     assert ids(search(client, {"patient": "1"}, headers={"Prefer": "handling=strict"})) == PATIENT1
@@ -634,6 +721,7 @@ def test_req_118_18_search_without_criteria_asks_for_some(client: TestClient, pa
 # --------------------------------------------------------------------------------------------------
 # REQ-118-19, formats
 # --------------------------------------------------------------------------------------------------
+
 
 def test_req_118_19_search_and_read_render_the_same_appointment(client: TestClient) -> None:
     for a in appts(search(client, {"patient": "1"})):
@@ -657,8 +745,8 @@ def test_req_gen_xml_searchset(client: TestClient, how: str) -> None:
     assert r.content.startswith(b"<") and b'xmlns="http://hl7.org/fhir"' in r.content
     got = xml_to_resource(r.content)
     for bundle in (got, expected):  # _format is a used parameter: it is kept in the page links
-        for l in bundle.get("link", []):
-            l["url"] = l["url"].replace("&_format=xml", "").replace("&_format=application%2Ffhir%2Bxml", "")
+        for lk in bundle.get("link", []):
+            lk["url"] = lk["url"].replace("&_format=xml", "").replace("&_format=application%2Ffhir%2Bxml", "")
     assert got == expected
 
 
@@ -674,22 +762,34 @@ def test_req_118_errors_answer_in_xml_when_asked(client: TestClient) -> None:
 # Over real HTTP, and on PostgreSQL / MariaDB
 # --------------------------------------------------------------------------------------------------
 
+
 def test_req_118_01_02_end_to_end_over_http(live_server: Any, search_db: Path, tmp_path: Path) -> None:
     app = build_app(settings_for(f"sqlite:///{search_db}", tmp_path, base_url="http://127.0.0.1:1/fhir"))
     base = live_server(app)
     with httpx.Client(base_url=base, timeout=10) as http:
-        r = http.get("/fhir/Appointment", params=[("patient.identifier", f"{MRN}|MRN0000001"),
-                                                  ("date", "ge2026-03-08"), ("date", "lt2026-11-01"),
-                                                  ("_include", "Appointment:patient")])
+        r = http.get(
+            "/fhir/Appointment",
+            params=[
+                ("patient.identifier", f"{MRN}|MRN0000001"),
+                ("date", "ge2026-03-08"),
+                ("date", "lt2026-11-01"),
+                ("_include", "Appointment:patient"),
+            ],
+        )
         assert r.status_code == 200 and r.headers["content-type"].startswith("application/fhir+json")
         b = r.json()
         assert [int(a["id"]) for a in appts(b)] == [104, 105, 106, 109] and included(b) == ["Patient/1"]
         assert_avail_bundle(b, search=True)
         for a in appts(b):
             assert_ihe_appointment(a)
-        r2 = http.post("/fhir/Appointment/_search", data={"patient.identifier": f"{MRN}|MRN0000001",
-                                                          "date": ["ge2026-03-08", "lt2026-11-01"],
-                                                          "_include": "Appointment:patient"})
+        r2 = http.post(
+            "/fhir/Appointment/_search",
+            data={
+                "patient.identifier": f"{MRN}|MRN0000001",
+                "date": ["ge2026-03-08", "lt2026-11-01"],
+                "_include": "Appointment:patient",
+            },
+        )
         assert r2.status_code == 200 and r2.json() == b
         r3 = http.get("/fhir/Appointment", params={"patient": "3", "_count": "5"})
         nxt = link(r3.json(), "next")
@@ -701,8 +801,12 @@ def test_req_118_01_02_end_to_end_over_http(live_server: Any, search_db: Path, t
 def demo_queries() -> list[list[tuple[str, str]]]:
     today = dt.date.today()
     return [
-        [("patient", "1"), ("date", f"ge{today - dt.timedelta(days=30)}"), ("_count", "10"),
-         ("_include", "Appointment:actor")],
+        [
+            ("patient", "1"),
+            ("date", f"ge{today - dt.timedelta(days=30)}"),
+            ("_count", "10"),
+            ("_include", "Appointment:actor"),
+        ],
         [("status", "cancelled"), ("_count", "20"), ("_sort", "-date")],
         [("practitioner", "SPEARSB"), ("date", f"ge{today}"), ("date", f"lt{today + dt.timedelta(days=7)}")],
         [("specialty", f"{SCT}|394579002"), ("date", f"eq{today + dt.timedelta(days=1)}")],
@@ -724,9 +828,9 @@ def _run_demo_queries(database_url: str, state_dir: Path, queries: list) -> list
 
 
 @pytest.mark.parametrize("kind", ["postgresql", "mariadb"])
-def test_req_118_same_answers_on_postgresql_and_mariadb(kind: str, request: pytest.FixtureRequest,
-                                                        sqlite_demo_path: Path, tmp_path: Path,
-                                                        demo_queries: list) -> None:
+def test_req_118_same_answers_on_postgresql_and_mariadb(
+    kind: str, request: pytest.FixtureRequest, sqlite_demo_path: Path, tmp_path: Path, demo_queries: list
+) -> None:
     dsn = request.getfixturevalue("pg_demo_dsn" if kind == "postgresql" else "mariadb_demo_dsn")
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()

@@ -74,9 +74,9 @@ def test_output_is_deterministic_and_in_definition_order() -> None:
     shuffled["participant"] = [dict(reversed(list(p.items()))) for p in appt["participant"]]
     assert resource_to_xml(shuffled) == resource_to_xml(appt)
     tags = [child.tag.removeprefix(F) for child in ET.fromstring(resource_to_xml(appt))]
-    assert tags == ["id", "meta", "status", "serviceType", "appointmentType", "start", "end"] + [
-        "participant"
-    ] * 3 + ["requestedPeriod"]
+    assert tags == ["id", "meta", "status", "serviceType", "appointmentType", "start", "end"] + ["participant"] * 3 + [
+        "requestedPeriod"
+    ]
 
 
 def _parameters() -> dict[str, Any]:
@@ -109,11 +109,18 @@ def test_primitive_extensions_ids_and_null_alignment() -> None:
     patient["_birthDate"] = {
         "id": "bd",
         "extension": [
-            {"url": "http://hl7.org/fhir/StructureDefinition/patient-birthTime", "valueDateTime": "1978-03-22T10:00:00+01:00"}
+            {
+                "url": "http://hl7.org/fhir/StructureDefinition/patient-birthTime",
+                "valueDateTime": "1978-03-22T10:00:00+01:00",
+            }
         ],
     }
     patient["name"][0]["given"] = ["Meiko", None, "Jo"]
-    patient["name"][0]["_given"] = [None, {"extension": [{"url": "http://example.org/nick", "valueString": "Mei"}]}, {"id": "g3"}]
+    patient["name"][0]["_given"] = [
+        None,
+        {"extension": [{"url": "http://example.org/nick", "valueString": "Mei"}]},
+        {"id": "g3"},
+    ]
     patient["_gender"] = {"extension": [{"url": "http://example.org/x", "valueCode": "f"}]}
     del patient["gender"]  # extension only, no value
     patient["telecom"][0]["id"] = "tel-1"
@@ -170,7 +177,9 @@ def test_xml_decimal_text_is_kept_exactly() -> None:
 def test_special_characters_survive() -> None:
     patient = {
         "resourceType": "Patient",
-        "name": [{"text": 'A & B <c> "d" \'e\'', "family": "line1\nline2\ttab\r\ncrlf", "given": ["Zoë", "名前", "😀"]}],
+        "name": [
+            {"text": "A & B <c> \"d\" 'e'", "family": "line1\nline2\ttab\r\ncrlf", "given": ["Zoë", "名前", "😀"]}
+        ],
     }
     assert _round_trip(patient) == patient
 
@@ -193,14 +202,19 @@ def test_contained_resources_and_bundle_response_outcome() -> None:
             {
                 "response": {
                     "status": "404 Not Found",
-                    "outcome": {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "not-found"}]},
+                    "outcome": {
+                        "resourceType": "OperationOutcome",
+                        "issue": [{"severity": "error", "code": "not-found"}],
+                    },
                 }
             },
         ],
     }
     assert _round_trip(bundle) == bundle
     root = ET.fromstring(resource_to_xml(bundle))
-    assert root.find(f"{F}entry/{F}resource/{F}Appointment/{F}contained/{F}Location/{F}name").get("value") == "Napa Office"
+    assert (
+        root.find(f"{F}entry/{F}resource/{F}Appointment/{F}contained/{F}Location/{F}name").get("value") == "Napa Office"
+    )
 
 
 # --- hand-written XML ----------------------------------------------------------------------------
@@ -258,7 +272,10 @@ def test_hand_written_xml_parameters_body() -> None:
         "parameter": [
             {"name": "start", "valueDateTime": "2026-01-05T08:00:00+01:00"},
             {"name": "end", "valueDateTime": "2026-01-19T18:00:00+01:00"},
-            {"name": "practitioner", "valueReference": {"reference": "Practitioner/dr-y", "display": "Dr Y & partners"}},
+            {
+                "name": "practitioner",
+                "valueReference": {"reference": "Practitioner/dr-y", "display": "Dr Y & partners"},
+            },
             {"id": "p4", "name": "_count", "valueInteger": 5},
             {
                 "name": "patient-resource",
@@ -340,7 +357,10 @@ def test_dtd_payloads_are_refused(payload: bytes) -> None:
     [
         (b"", r"^line 1: malformed XML .*no element found"),
         (b'<Patient xmlns="http://hl7.org/fhir"><name>', r"malformed XML"),
-        (b'<Patient xmlns="http://hl7.org/fhir">\n<active value="true">\n</Patient>', r"^line 3: malformed XML .*mismatched tag"),
+        (
+            b'<Patient xmlns="http://hl7.org/fhir">\n<active value="true">\n</Patient>',
+            r"^line 3: malformed XML .*mismatched tag",
+        ),
         (b"\xff\xfe\x00garbage", r"malformed XML"),
         (b'<Patient xmlns="http://hl7.org/fhir"><name><family value="&nbsp;"/></name></Patient>', r"undefined entity"),
         (b"<Patient/>", r"^line 1: not FHIR XML: root namespace is missing"),
@@ -350,22 +370,46 @@ def test_dtd_payloads_are_refused(payload: bytes) -> None:
             b'<?xml version="1.0"?>\n<Appointment xmlns="http://hl7.org/fhir">\n  <foo value="x"/>\n</Appointment>',
             r"^line 3: unknown element 'foo' in Appointment$",
         ),
-        (b'<Patient xmlns="http://hl7.org/fhir">\n<gender value="female"/>\n<gender value="male"/></Patient>', r"^line 3: element 'gender' may appear only once"),
-        (b'<Patient xmlns="http://hl7.org/fhir"><active value="yes"/></Patient>', r"'active' value 'yes' is not a boolean"),
+        (
+            b'<Patient xmlns="http://hl7.org/fhir">\n<gender value="female"/>\n<gender value="male"/></Patient>',
+            r"^line 3: element 'gender' may appear only once",
+        ),
+        (
+            b'<Patient xmlns="http://hl7.org/fhir"><active value="yes"/></Patient>',
+            r"'active' value 'yes' is not a boolean",
+        ),
         (b'<Patient xmlns="http://hl7.org/fhir"><multipleBirthInteger value="2.5"/></Patient>', r"is not an integer"),
         (b'<Patient xmlns="http://hl7.org/fhir"><active/></Patient>', r"has no value attribute, id or extension"),
-        (b'<Patient xmlns="http://hl7.org/fhir"><active value="true" colour="red"/></Patient>', r"unexpected attribute 'colour'"),
+        (
+            b'<Patient xmlns="http://hl7.org/fhir"><active value="true" colour="red"/></Patient>',
+            r"unexpected attribute 'colour'",
+        ),
         (b'<Patient xmlns="http://hl7.org/fhir">text</Patient>', r"unexpected text 'text' in Patient"),
         (b'<Patient xmlns="http://hl7.org/fhir" id="p1"/>', r"unexpected attribute 'id' on Patient"),
-        (b'<Patient xmlns="http://hl7.org/fhir"><name><x:family xmlns:x="urn:x" value="a"/></name></Patient>', r"'\{urn:x\}family' in HumanName must be in namespace 'http://hl7.org/fhir'"),
-        (b'<Patient xmlns="http://hl7.org/fhir"><name><x:nick xmlns:x="urn:x" value="a"/></name></Patient>', r"unknown element '\{urn:x\}nick' in HumanName"),
-        (b'<Patient xmlns="http://hl7.org/fhir"><text><status value="generated"/><div/></text></Patient>', r"element 'div' in Narrative must be in namespace 'http://www.w3.org/1999/xhtml'"),
+        (
+            b'<Patient xmlns="http://hl7.org/fhir"><name><x:family xmlns:x="urn:x" value="a"/></name></Patient>',
+            r"'\{urn:x\}family' in HumanName must be in namespace 'http://hl7.org/fhir'",
+        ),
+        (
+            b'<Patient xmlns="http://hl7.org/fhir"><name><x:nick xmlns:x="urn:x" value="a"/></name></Patient>',
+            r"unknown element '\{urn:x\}nick' in HumanName",
+        ),
+        (
+            b'<Patient xmlns="http://hl7.org/fhir"><text><status value="generated"/><div/></text></Patient>',
+            r"element 'div' in Narrative must be in namespace 'http://www.w3.org/1999/xhtml'",
+        ),
         (
             b'<Patient xmlns="http://hl7.org/fhir"><text><status value="generated"/><div xmlns="http://www.w3.org/1999/xhtml"><svg xmlns="http://www.w3.org/2000/svg"/></div></text></Patient>',
             r"narrative may contain only XHTML elements",
         ),
-        (b'<Bundle xmlns="http://hl7.org/fhir"><entry><resource/></entry></Bundle>', r"'resource' must contain exactly one resource"),
-        (b'<Bundle xmlns="http://hl7.org/fhir"><entry><resource><Nope/></resource></entry></Bundle>', r"unknown resource type 'Nope'"),
+        (
+            b'<Bundle xmlns="http://hl7.org/fhir"><entry><resource/></entry></Bundle>',
+            r"'resource' must contain exactly one resource",
+        ),
+        (
+            b'<Bundle xmlns="http://hl7.org/fhir"><entry><resource><Nope/></resource></entry></Bundle>',
+            r"unknown resource type 'Nope'",
+        ),
         (b"<a>" * 300 + b"</a>" * 300, r"nested deeper than 200"),
     ],
 )
@@ -389,16 +433,40 @@ def test_fhir_xml_error_is_a_value_error() -> None:
         ({"resourceType": "Patient", "name": {"family": "x"}}, r"^Patient\.name: 'name' repeats"),
         ({"resourceType": "Patient", "gender": ["male"]}, r"^Patient\.gender: expected a string, got array"),
         ({"resourceType": "Patient", "gender": "male", "_gender": [{"id": "g"}]}, r"'gender' does not repeat"),
-        ({"resourceType": "Patient", "contact": [{"gender": "male", "_gender": {"colour": 1}}]}, r"^Patient\.contact\[0\]\.gender: '_gender' may only hold"),
-        ({"resourceType": "Patient", "name": [{"given": ["a", "b"], "_given": [None]}]}, r"^Patient\.name\[0\]\.given: .*differ in length"),
+        (
+            {"resourceType": "Patient", "contact": [{"gender": "male", "_gender": {"colour": 1}}]},
+            r"^Patient\.contact\[0\]\.gender: '_gender' may only hold",
+        ),
+        (
+            {"resourceType": "Patient", "name": [{"given": ["a", "b"], "_given": [None]}]},
+            r"^Patient\.name\[0\]\.given: .*differ in length",
+        ),
         ({"resourceType": "Patient", "name": [{"family": "bell\x07"}]}, r"character XML cannot carry"),
         ({"resourceType": "Patient", "multipleBirthInteger": 2.0}, r"expected an integer, got number"),
         ({"resourceType": "Observation", "valueQuantity": {"value": float("nan")}}, r"expected a decimal number"),
-        ({"resourceType": "Patient", "_birthDate": {"extension": [{"url": "u", "valueFoo": 1}]}}, r"^Patient\.birthDate\.extension\[0\]: unknown element 'valueFoo' in Extension"),
-        ({"resourceType": "Patient", "text": {"status": "generated", "div": "<div>no namespace</div>"}}, r"^Patient\.text\.div: narrative must be a <div xmlns="),
-        ({"resourceType": "Patient", "text": {"status": "generated", "div": f'<div xmlns="{XHTML_NS}"><p>x</div>'}}, r"^Patient\.text\.div: line 1: malformed XML"),
-        ({"resourceType": "Patient", "text": {"status": "generated", "div": f'<!DOCTYPE div><div xmlns="{XHTML_NS}"/>'}}, r"DOCTYPE"),
-        ({"resourceType": "Bundle", "entry": [{"resource": {"resourceType": "Patient", "x": 1}}]}, r"^Bundle\.entry\[0\]\.resource: unknown element 'x' in Patient"),
+        (
+            {"resourceType": "Patient", "_birthDate": {"extension": [{"url": "u", "valueFoo": 1}]}},
+            r"^Patient\.birthDate\.extension\[0\]: unknown element 'valueFoo' in Extension",
+        ),
+        (
+            {"resourceType": "Patient", "text": {"status": "generated", "div": "<div>no namespace</div>"}},
+            r"^Patient\.text\.div: narrative must be a <div xmlns=",
+        ),
+        (
+            {"resourceType": "Patient", "text": {"status": "generated", "div": f'<div xmlns="{XHTML_NS}"><p>x</div>'}},
+            r"^Patient\.text\.div: line 1: malformed XML",
+        ),
+        (
+            {
+                "resourceType": "Patient",
+                "text": {"status": "generated", "div": f'<!DOCTYPE div><div xmlns="{XHTML_NS}"/>'},
+            },
+            r"DOCTYPE",
+        ),
+        (
+            {"resourceType": "Bundle", "entry": [{"resource": {"resourceType": "Patient", "x": 1}}]},
+            r"^Bundle\.entry\[0\]\.resource: unknown element 'x' in Patient",
+        ),
     ],
 )
 def test_unrepresentable_json_is_rejected_with_fhir_xml_error(resource: dict[str, Any], message: str) -> None:
@@ -413,9 +481,13 @@ def _find_appointment(index: int) -> dict[str, Any]:
     appt = copy.deepcopy(_load("example-iti-scheduling-bundle.json")["entry"][0]["resource"])
     del appt["text"]  # $find results carry no narrative
     appt["id"] = f"find-{index}"
-    appt["specialty"] = [{"coding": [{"system": "http://snomed.info/sct", "code": "394814009", "display": "General practice"}]}]
+    appt["specialty"] = [
+        {"coding": [{"system": "http://snomed.info/sct", "code": "394814009", "display": "General practice"}]}
+    ]
     appt["minutesDuration"] = 15
-    appt["participant"].append({"actor": {"reference": "Patient/pat1"}, "required": "required", "status": "needs-action"})
+    appt["participant"].append(
+        {"actor": {"reference": "Patient/pat1"}, "required": "required", "status": "needs-action"}
+    )
     return appt
 
 
@@ -425,7 +497,11 @@ def test_perf_50_appointment_bundle(capsys: pytest.CaptureFixture[str]) -> None:
         "type": "searchset",
         "total": 50,
         "entry": [
-            {"fullUrl": f"http://localhost/fhir/Appointment/find-{i}", "resource": _find_appointment(i), "search": {"mode": "match"}}
+            {
+                "fullUrl": f"http://localhost/fhir/Appointment/find-{i}",
+                "resource": _find_appointment(i),
+                "search": {"mode": "match"},
+            }
             for i in range(50)
         ],
     }
@@ -441,7 +517,9 @@ def test_perf_50_appointment_bundle(capsys: pytest.CaptureFixture[str]) -> None:
         xml_to_resource(xml)
     read_ms = (time.perf_counter() - started) / runs * 1000
     with capsys.disabled():
-        print(f"\n50-Appointment Bundle ({len(xml) // 1024} KB XML): resource_to_xml {write_ms:.1f} ms, xml_to_resource {read_ms:.1f} ms")
+        print(
+            f"\n50-Appointment Bundle ({len(xml) // 1024} KB XML): resource_to_xml {write_ms:.1f} ms, xml_to_resource {read_ms:.1f} ms"
+        )
     # generous bounds: catch accidental quadratic behaviour, not machine noise
     assert write_ms < 100 and read_ms < 250
     big = dict(bundle, entry=bundle["entry"] * 10)

@@ -50,7 +50,9 @@ def test_missing_required_key_is_reported(tmp_path: Path) -> None:
     with pytest.raises(MappingError) as exc:
         load_mapping(path)
     problem = exc.value.problems[0]
-    assert re.match(rf"{re.escape(str(path))}:\d+: actors\.Practitioner\.key: required key is missing", problem), problem
+    assert re.match(rf"{re.escape(str(path))}:\d+: actors\.Practitioner\.key: required key is missing", problem), (
+        problem
+    )
 
 
 def test_unknown_converter_is_reported(tmp_path: Path) -> None:
@@ -58,7 +60,9 @@ def test_unknown_converter_is_reported(tmp_path: Path) -> None:
     with pytest.raises(MappingError) as exc:
         load_mapping(path)
     problem = exc.value.problems[0]
-    assert problem.startswith(f"{path}:{_line_of(path, 'DAY_OF_WEEK|integer')}: availability.working_time.fields.weekday:")
+    assert problem.startswith(
+        f"{path}:{_line_of(path, 'DAY_OF_WEEK|integer')}: availability.working_time.fields.weekday:"
+    )
     assert "unknown converter 'integer'" in problem and "expected one of" in problem
 
 
@@ -97,7 +101,7 @@ def test_expressions_convert_legacy_shapes() -> None:
     ctx = EvalContext(ZoneInfo("America/New_York"), CodeTables())
     start = Expression("{D,T|local_datetime:yyyymmdd,hhmm}").evaluate({"D": 20270115, "T": 930}, ctx)
     ny = ZoneInfo("America/New_York")
-    assert start.tzinfo == dt.timezone.utc
+    assert start.tzinfo == dt.UTC
     assert start.astimezone(ny).isoformat() == "2027-01-15T09:30:00-05:00"
     end_of_day = Expression("{D,T|local_datetime:yyyymmdd,hhmm}").evaluate({"D": "20270115", "T": 2400}, ctx)
     assert end_of_day.astimezone(ny).isoformat() == "2027-01-16T00:00:00-05:00"
@@ -125,11 +129,14 @@ def test_templates_drop_null_elements() -> None:
     assert out == {"name": [{"family": "Spears"}]}
 
 
-@pytest.mark.parametrize(("rule", "key", "fhir_id"), [
-    (IdRule(trim=True, pad_right=8), "SPEARSB ", "SPEARSB"),
-    (IdRule(key_type="int"), 42, "42"),
-    (IdRule(encode="hex"), "A/B 1", "x412f422031"),
-])
+@pytest.mark.parametrize(
+    ("rule", "key", "fhir_id"),
+    [
+        (IdRule(trim=True, pad_right=8), "SPEARSB ", "SPEARSB"),
+        (IdRule(key_type="int"), 42, "42"),
+        (IdRule(encode="hex"), "A/B 1", "x412f422031"),
+    ],
+)
 def test_req_115_28_legacy_keys_map_reversibly_to_fhir_ids(rule: IdRule, key: object, fhir_id: str) -> None:
     assert to_fhir_id(rule, key) == fhir_id
     assert to_legacy_key(rule, fhir_id) == key
@@ -143,8 +150,16 @@ def test_keys_that_cannot_be_fhir_ids_are_refused() -> None:
 
 
 def test_code_tables_from_a_conceptmap() -> None:
-    cm = {"resourceType": "ConceptMap", "group": [{"source": "urn:legacy", "target": "http://snomed.info/sct",
-                                                    "element": [{"code": "CARD", "target": [{"code": "394579002", "display": "Cardiology"}]}]}]}
+    cm = {
+        "resourceType": "ConceptMap",
+        "group": [
+            {
+                "source": "urn:legacy",
+                "target": "http://snomed.info/sct",
+                "element": [{"code": "CARD", "target": [{"code": "394579002", "display": "Cardiology"}]}],
+            }
+        ],
+    }
     entries = conceptmap_entries(cm)
     assert entries == {"CARD": {"system": "http://snomed.info/sct", "code": "394579002", "display": "Cardiology"}}
 

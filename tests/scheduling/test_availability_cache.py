@@ -9,6 +9,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from apputil import DEMO_MAPPING
 
 from adapter.backends.protocol import AvailabilityQuery, Interval
 from adapter.backends.sql.backend import SqlBackend
@@ -18,9 +19,8 @@ from adapter.mapping.loader import load_mapping
 from adapter.scheduling.availability_cache import AvailabilityCache
 from adapter.scheduling.candidates import FreeTime, free_time
 from adapter.scheduling.state import SqliteStateStore
-from apputil import DEMO_MAPPING
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 PRACS = ("SPEARSB", "OKAFORC", "GOLDBERM")
 
 
@@ -45,11 +45,19 @@ def _bookable(result) -> dict[tuple[str, str], list[tuple[int, int]]]:
     return out
 
 
-@pytest.mark.parametrize(("offset_h", "hours", "locations"), [
-    (0, 24 * 14, ()), (7.5, 50.25, ()), (-3, 30, ("1",)), (36.1, 24 * 40, ("1", "3")), (15, 1, ()),
-])
-def test_cached_availability_equals_the_legacy_answer(demo: Path, tmp_path: Path, offset_h: float, hours: float,
-                                                      locations: tuple[str, ...]) -> None:
+@pytest.mark.parametrize(
+    ("offset_h", "hours", "locations"),
+    [
+        (0, 24 * 14, ()),
+        (7.5, 50.25, ()),
+        (-3, 30, ("1",)),
+        (36.1, 24 * 40, ("1", "3")),
+        (15, 1, ()),
+    ],
+)
+def test_cached_availability_equals_the_legacy_answer(
+    demo: Path, tmp_path: Path, offset_h: float, hours: float, locations: tuple[str, ...]
+) -> None:
     backend = _backend(demo)
     cache = AvailabilityCache(backend, lambda: 0, ttl_seconds=60)
     base = dt.datetime.combine(dt.date.today() + dt.timedelta(days=1), dt.time(), tzinfo=UTC)
@@ -100,9 +108,11 @@ def test_a_change_made_directly_in_the_legacy_system_shows_after_the_ttl(tmp_pat
     slot = free[0]
     local = dt.datetime.fromtimestamp(slot[0], UTC).astimezone(__import__("zoneinfo").ZoneInfo("America/New_York"))
     con = sqlite3.connect(path)
-    con.execute("INSERT INTO APPT (APPT_ID, PAT_ID, PROV_ID, FAC_ID, APPT_DT, APPT_TM, DUR_MIN, TYPE_CD, STATUS_CD) "
-                "VALUES (999999, 1, 'SPEARSB ', ?, ?, ?, 10, 'FOLLOW', 'S')",
-                (int(loc), int(local.strftime("%Y%m%d")), local.hour * 100 + local.minute))
+    con.execute(
+        "INSERT INTO APPT (APPT_ID, PAT_ID, PROV_ID, FAC_ID, APPT_DT, APPT_TM, DUR_MIN, TYPE_CD, STATUS_CD) "
+        "VALUES (999999, 1, 'SPEARSB ', ?, ?, ?, 10, 'FOLLOW', 'S')",
+        (int(loc), int(local.strftime("%Y%m%d")), local.hour * 100 + local.minute),
+    )
     con.commit()
     assert _bookable(asyncio.run(cache.free_time(q))) == before  # within the TTL: the cached view
     clock[0] += 2.5

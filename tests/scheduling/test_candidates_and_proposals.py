@@ -12,7 +12,7 @@ from adapter.intervals import merge, subtract
 from adapter.scheduling.candidates import ResourcePlan, find_candidates, free_time, subtract_spans
 from adapter.scheduling.proposals import Proposal, ProposalCodec, ProposalError
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 T0 = dt.datetime(2030, 1, 7, 14, 0, tzinfo=UTC)
 
 
@@ -37,8 +37,14 @@ def test_subtract_spans_matches_interval_subtraction() -> None:
 
 def test_candidates_skip_busy_and_held_time_and_count_all() -> None:
     ra = ResourceAvailability("P1", "L1", [iv(0, 120)], [iv(20, 40)])
-    total, page = find_candidates([ResourcePlan(free_time(ra), FOLLOW, (0,))], held={"P1": [iv(60, 80)]}, now=T0,
-                                  step_minutes=10, offset=0, limit=100)
+    total, page = find_candidates(
+        [ResourcePlan(free_time(ra), FOLLOW, (0,))],
+        held={"P1": [iv(60, 80)]},
+        now=T0,
+        step_minutes=10,
+        offset=0,
+        limit=100,
+    )
     starts = [int((c.interval.start - T0).total_seconds() // 60) for c in page]
     assert starts == [0, 40, 80, 90, 100]
     assert total == len(page)
@@ -46,8 +52,14 @@ def test_candidates_skip_busy_and_held_time_and_count_all() -> None:
 
 def test_candidates_in_the_past_are_not_offered_and_grid_is_kept() -> None:
     ra = ResourceAvailability("P1", "L1", [iv(0, 60)], [])
-    total, page = find_candidates([ResourcePlan(free_time(ra), FOLLOW, (0,))], held={}, now=T0 + dt.timedelta(minutes=13),
-                                  step_minutes=10, offset=0, limit=10)
+    total, page = find_candidates(
+        [ResourcePlan(free_time(ra), FOLLOW, (0,))],
+        held={},
+        now=T0 + dt.timedelta(minutes=13),
+        step_minutes=10,
+        offset=0,
+        limit=10,
+    )
     assert [int((c.interval.start - T0).total_seconds() // 60) for c in page] == [20, 30, 40]
     assert total == 3
 
@@ -79,8 +91,17 @@ def codec():
 
 
 def _proposal(prac: str = "SPEARSB", patients: tuple[str, ...] = ("7",)) -> Proposal:
-    return Proposal(prac, "1", T0, 20, "FOLLOW", patients, T0 - dt.timedelta(minutes=5),
-                    T0 - dt.timedelta(days=1), T0 + dt.timedelta(days=13))
+    return Proposal(
+        prac,
+        "1",
+        T0,
+        20,
+        "FOLLOW",
+        patients,
+        T0 - dt.timedelta(minutes=5),
+        T0 - dt.timedelta(days=1),
+        T0 + dt.timedelta(days=13),
+    )
 
 
 def test_req_115_28_compact_signed_id_round_trips(codec: ProposalCodec) -> None:

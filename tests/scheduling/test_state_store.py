@@ -21,18 +21,31 @@ from adapter.backends.protocol import Interval, SlotConflict
 from adapter.scheduling.proposals import Proposal, ProposalCodec, proposal_to_dict
 from adapter.scheduling.service import SchedulingService
 from adapter.scheduling.state import (
-    Hold, IdempotencyInProgress, IdempotencyMismatch, SqliteStateStore, StoredResponse, owner_alive,
+    Hold,
+    IdempotencyInProgress,
+    IdempotencyMismatch,
+    SqliteStateStore,
+    StoredResponse,
+    owner_alive,
 )
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 NOW = dt.datetime(2030, 3, 4, 14, 0, tzinfo=UTC)
 
 
-def hold(hid: str, start_min: int, minutes: int = 20, client: str | None = "a", prac: str = "P1",
-         expires_in: int = 300) -> Hold:
+def hold(
+    hid: str, start_min: int, minutes: int = 20, client: str | None = "a", prac: str = "P1", expires_in: int = 300
+) -> Hold:
     start = NOW + dt.timedelta(hours=1, minutes=start_min)
-    return Hold(hid, prac, "1", Interval(start, start + dt.timedelta(minutes=minutes)),
-                NOW + dt.timedelta(seconds=expires_in), client, {"id": hid})
+    return Hold(
+        hid,
+        prac,
+        "1",
+        Interval(start, start + dt.timedelta(minutes=minutes)),
+        NOW + dt.timedelta(seconds=expires_in),
+        client,
+        {"id": hid},
+    )
 
 
 @pytest.fixture
@@ -259,10 +272,11 @@ def _service(store: SqliteStateStore, backend: Any) -> SchedulingService:
 
 
 def _real_backend(url: str):
+    from apputil import DEMO_MAPPING
+
     from adapter.backends.sql.backend import SqlBackend
     from adapter.backends.sql.db import Database
     from adapter.mapping.loader import load_mapping
-    from apputil import DEMO_MAPPING
 
     return SqlBackend(load_mapping(DEMO_MAPPING), Database(url, timeout_s=2))
 
@@ -279,7 +293,9 @@ def legacy(tmp_path: Path) -> tuple[str, tuple[str, int, dt.datetime, int]]:
     con = sqlite3.connect(path)
     appt_id, prac, pat, day, hhmm, minutes = con.execute(
         "SELECT APPT_ID, PROV_ID, PAT_ID, APPT_DT, APPT_TM, DUR_MIN FROM APPT WHERE STATUS_CD = 'S' AND APPT_DT > ? "
-        "ORDER BY APPT_ID LIMIT 1", (int(dt.date.today().strftime("%Y%m%d")),)).fetchone()
+        "ORDER BY APPT_ID LIMIT 1",
+        (int(dt.date.today().strftime("%Y%m%d")),),
+    ).fetchone()
     start = dt.datetime.strptime(f"{day}{hhmm:04d}", "%Y%m%d%H%M").replace(tzinfo=ZoneInfo("America/New_York"))
     return f"sqlite:///{path}", (str(appt_id), prac.strip(), pat, start.astimezone(UTC), minutes)
 
@@ -287,8 +303,9 @@ def legacy(tmp_path: Path) -> tuple[str, tuple[str, int, dt.datetime, int]]:
 def _intent_for(store: SqliteStateStore, token: str, prac: str, patient: str, start: dt.datetime, minutes: int) -> None:
     p = Proposal(prac, "1", start, minutes, "FOLLOW", (patient,), NOW, start, start + dt.timedelta(minutes=minutes))
     store.place_hold(Hold(token, prac, "1", Interval(start, p.end), NOW + dt.timedelta(minutes=5), "a", {}), NOW)
-    store.journal_intent(token, client="a", request_key=None, payload=proposal_to_dict(p) | {"patient_id": patient},
-                         now=NOW)
+    store.journal_intent(
+        token, client="a", request_key=None, payload=proposal_to_dict(p) | {"patient_id": patient}, now=NOW
+    )
     store.journal_abandon(token, NOW)
 
 
@@ -296,8 +313,9 @@ def _intent(store: SqliteStateStore, token: str) -> None:
     start = NOW + dt.timedelta(hours=2)
     p = Proposal("P1", "1", start, 20, "FOLLOW", ("5",), NOW, start, start + dt.timedelta(minutes=20))
     store.place_hold(Hold(token, "P1", "1", Interval(start, p.end), NOW + dt.timedelta(minutes=5), "a", {}), NOW)
-    store.journal_intent(token, client="a", request_key=None, payload=proposal_to_dict(p) | {"patient_id": "5"},
-                         now=NOW)
+    store.journal_intent(
+        token, client="a", request_key=None, payload=proposal_to_dict(p) | {"patient_id": "5"}, now=NOW
+    )
     store.journal_abandon(token, NOW)
 
 
@@ -318,7 +336,9 @@ def test_reconcile_drops_an_intent_that_never_reached_the_legacy_system(store: S
     assert store.get_hold("t1", NOW) is not None  # the hold was not the booking's to release
 
 
-def test_reconcile_keeps_the_intent_while_the_legacy_system_is_down(store: SqliteStateStore, tmp_path: Path, legacy) -> None:
+def test_reconcile_keeps_the_intent_while_the_legacy_system_is_down(
+    store: SqliteStateStore, tmp_path: Path, legacy
+) -> None:
     _, (_, prac, patient, start, minutes) = legacy
     _intent_for(store, "t1", prac, str(patient), start, minutes)
     unreachable = f"sqlite:///{tmp_path / 'no-such-dir' / 'legacy.sqlite'}"

@@ -43,12 +43,29 @@ import itertools
 import sqlite3
 import time
 import unicodedata
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from adapter.backends.protocol import (
-    Actor, ActorQuery, Appointment, AppointmentPage, AppointmentQuery, AvailabilityQuery, BackendError, Coding,
-    BusinessRuleViolation, ConflictGate, Identifier, InvalidRequest, Interval, NewBooking, NotFound, ResourceAvailability,
-    SlotConflict, SlotRequest, VisitType,
+    Actor,
+    ActorQuery,
+    Appointment,
+    AppointmentPage,
+    AppointmentQuery,
+    AvailabilityQuery,
+    BackendError,
+    BusinessRuleViolation,
+    Coding,
+    ConflictGate,
+    Identifier,
+    Interval,
+    InvalidRequest,
+    NewBooking,
+    NotFound,
+    ResourceAvailability,
+    SlotConflict,
+    SlotRequest,
+    VisitType,
 )
 from adapter.backends.sql.db import CommitOutcomeUnknown, Database, LockNotTaken, _first_line, execute, query
 from adapter.intervals import subtract
@@ -81,17 +98,30 @@ class SqlBackend:
         fields = {name: _eval(m.expr(f"{base}.{name}"), row, ctx) for name in spec.fields}
         resource = render_template(m.expr(f"actors.{kind}.resource"), row, ctx) or {}
         resource["id"] = fhir_id
-        identifiers = tuple(Identifier(i["system"], i["value"]) for i in resource.get("identifier", [])
-                            if "system" in i and "value" in i)
+        identifiers = tuple(
+            Identifier(i["system"], i["value"])
+            for i in resource.get("identifier", [])
+            if "system" in i and "value" in i
+        )
         specialties: tuple[Coding, ...] = ()
         spec_key = fields.get("specialty")
         if spec_key:
-            specialties = tuple(Coding(c["system"], c["code"], c.get("display"))
-                                for c in m.codes.codings("specialty", spec_key)) if "specialty" in m.codes.names() else ()
-        return Actor(kind=kind, id=fhir_id, key=str(key), display=fields.get("display") or fhir_id,  # type: ignore[arg-type]
-                     resource=resource, identifiers=identifiers, specialties=specialties,
-                     specialty_keys=(str(spec_key),) if spec_key else (),
-                     zone=fields.get("zone"))
+            specialties = (
+                tuple(Coding(c["system"], c["code"], c.get("display")) for c in m.codes.codings("specialty", spec_key))
+                if "specialty" in m.codes.names()
+                else ()
+            )
+        return Actor(
+            kind=kind,
+            id=fhir_id,
+            key=str(key),
+            display=fields.get("display") or fhir_id,  # type: ignore[arg-type]
+            resource=resource,
+            identifiers=identifiers,
+            specialties=specialties,
+            specialty_keys=(str(spec_key),) if spec_key else (),
+            zone=fields.get("zone"),
+        )
 
     def legacy_key(self, kind: str, fhir_id: str) -> Any:
         rule = self.doc.actors[kind].id if kind in self.doc.actors else self.doc.appointments.id  # type: ignore[index]
@@ -175,11 +205,16 @@ class SqlBackend:
                 f = {name: m.expr(f"visit_types.fields.{name}").evaluate(row, ctx) for name in vt.fields}
                 codings = render_template(m.expr("visit_types.codings"), row, ctx) or []
                 services = render_template(m.expr("visit_types.service_types"), row, ctx) or []
-                out.append(VisitType(
-                    key=str(f["key"]), display=str(f["display"]), minutes=int(f["minutes"]),
-                    codings=tuple(_to_codings(codings)), service_types=tuple(_to_codings(services)),
-                    specialty_codes=(str(f["specialty"]),) if f.get("specialty") else (),
-                ))
+                out.append(
+                    VisitType(
+                        key=str(f["key"]),
+                        display=str(f["display"]),
+                        minutes=int(f["minutes"]),
+                        codings=tuple(_to_codings(codings)),
+                        service_types=tuple(_to_codings(services)),
+                        specialty_codes=(str(f["specialty"]),) if f.get("specialty") else (),
+                    )
+                )
             return out
 
         types = await self.db.run(load)
@@ -202,8 +237,9 @@ class SqlBackend:
         fields = [(name, m.expr(f"{base}.{name}").evaluate) for name in spec.fields]
         return [{name: evaluate(row, ctx) for name, evaluate in fields} for row in rows]
 
-    def _availability(self, conn: Any, window: Interval, prac_keys: list[Any],
-                      location_ids: set[str]) -> list[ResourceAvailability]:
+    def _availability(
+        self, conn: Any, window: Interval, prac_keys: list[Any], location_ids: set[str]
+    ) -> list[ResourceAvailability]:
         if not prac_keys:
             return []
         av = self.doc.availability
@@ -219,12 +255,14 @@ class SqlBackend:
                     continue
                 day = first
                 while day <= last:
-                    if (day.isoweekday() == r["weekday"]
-                            and (r.get("valid_from") is None or r["valid_from"] <= day)
-                            and (r.get("valid_to") is None or day <= r["valid_to"])):
+                    if (
+                        day.isoweekday() == r["weekday"]
+                        and (r.get("valid_from") is None or r["valid_from"] <= day)
+                        and (r.get("valid_to") is None or day <= r["valid_to"])
+                    ):
                         midnight = dt.datetime.combine(day, dt.time())
-                        start = attach_zone(midnight + r["start_time"], zone).astimezone(dt.timezone.utc)
-                        end = attach_zone(midnight + r["end_time"], zone).astimezone(dt.timezone.utc)
+                        start = attach_zone(midnight + r["start_time"], zone).astimezone(dt.UTC)
+                        end = attach_zone(midnight + r["end_time"], zone).astimezone(dt.UTC)
                         start, end = max(start, window.start), min(end, window.end)
                         if start < end:
                             free.setdefault((str(r["practitioner"]), loc), []).append(Interval(start, end))
@@ -248,8 +286,7 @@ class SqlBackend:
         for (prac, loc), intervals in sorted(free.items()):
             intervals = subtract(sorted(intervals, key=lambda i: i.start), absences.get(prac, []))
             if intervals:
-                result.append(ResourceAvailability(prac, loc, intervals,
-                                                   [b for _, b in busy.get(prac, [])]))
+                result.append(ResourceAvailability(prac, loc, intervals, [b for _, b in busy.get(prac, [])]))
         return result
 
     def _busy(self, conn: Any, window: Interval, prac_keys: list[Any]) -> dict[str, list[tuple[str | None, Interval]]]:
@@ -272,14 +309,17 @@ class SqlBackend:
         if not covered:
             raise InvalidRequest(
                 f"Practitioner/{slot.practitioner_id} does not work at Location/{slot.location_id} from "
-                f"{iv.start.isoformat()} to {iv.end.isoformat()} (outside working hours or absent)")
+                f"{iv.start.isoformat()} to {iv.end.isoformat()} (outside working hours or absent)"
+            )
         ignore: set[str] = set()
         if ignore_appointment is not None:
             ignore = {ignore_appointment, str(self._key("Appointment", ignore_appointment))}
         for appt_id, busy in self._busy(conn, iv, [prac_key]).get(slot.practitioner_id, []):
             if busy.overlaps(iv) and (appt_id is None or str(appt_id).strip() not in ignore):
-                raise SlotConflict(f"Practitioner/{slot.practitioner_id} is already booked from "
-                                   f"{busy.start.isoformat()} to {busy.end.isoformat()}")
+                raise SlotConflict(
+                    f"Practitioner/{slot.practitioner_id} is already booked from "
+                    f"{busy.start.isoformat()} to {busy.end.isoformat()}"
+                )
 
     def _key(self, kind: str, fhir_id: str) -> Any:
         """The legacy key of a FHIR id; an id that cannot be one of ours is a bad request."""
@@ -297,7 +337,9 @@ class SqlBackend:
 
     def _require_writes(self):
         if self.doc.writes is None:
-            raise BusinessRuleViolation(f"mapping {self.mapping.path.name} declares no 'writes': this backend is read-only")
+            raise BusinessRuleViolation(
+                f"mapping {self.mapping.path.name} declares no 'writes': this backend is read-only"
+            )
         return self.doc.writes
 
     async def _write(self, work: Any) -> Any:
@@ -307,8 +349,10 @@ class SqlBackend:
         except (BackendError, InvalidKey):
             raise
         except LockNotTaken as exc:
-            raise BusinessRuleViolation(f"the legacy system refused the write: {exc} (the practitioner may no "
-                                        "longer exist, or the mapping's writes.lock is wrong)") from exc
+            raise BusinessRuleViolation(
+                f"the legacy system refused the write: {exc} (the practitioner may no "
+                "longer exist, or the mapping's writes.lock is wrong)"
+            ) from exc
         except Exception as exc:
             if isinstance(exc, sqlite3.Error) or type(exc).__module__ == "pyodbc":
                 raise BusinessRuleViolation(f"the legacy database refused the write: {_first_line(exc)}") from exc
@@ -352,7 +396,7 @@ class SqlBackend:
             "end": slot.interval.end,
             "minutes": int((slot.interval.end - slot.interval.start).total_seconds() // 60),
             "visit_type_key": slot.visit_type_key,
-            "now": dt.datetime.now(dt.timezone.utc),
+            "now": dt.datetime.now(dt.UTC),
         }
 
     def _allocate_id(self, cur: Any) -> Any:
@@ -368,6 +412,7 @@ class SqlBackend:
         alloc = self._require_writes().id_allocation
         if alloc.strategy == "uuid":
             import uuid
+
             return str(uuid.uuid4())
         if alloc.strategy in ("counter", "sequence"):
             sql = self.db.lockable(alloc.next_sql) if alloc.strategy == "counter" else alloc.next_sql
@@ -394,8 +439,11 @@ class SqlBackend:
         slot = booking.slot
         patient_key = self._key("Patient", booking.patient_id)
         lock_binds = self._lock_binds([slot.practitioner_id])
-        env = self._slot_env(slot) | {"patient_key": patient_key, "comment": booking.comment,
-                                      "booked_by": booking.booked_by}
+        env = self._slot_env(slot) | {
+            "patient_key": patient_key,
+            "comment": booking.comment,
+            "booked_by": booking.booked_by,
+        }
 
         def work(conn: Any) -> str:
             with self.db.write(conn, writes.lock.sql, lock_binds) as cur:
@@ -412,8 +460,9 @@ class SqlBackend:
         appt_id = await self._write(work)
         appt = await self.get_appointment(appt_id)
         if appt is None:  # pragma: no cover - would mean the mapping's read query cannot see its own insert
-            raise BusinessRuleViolation(f"Appointment/{appt_id} was written but cannot be read back; "
-                                        "check appointments.select")
+            raise BusinessRuleViolation(
+                f"Appointment/{appt_id} was written but cannot be read back; check appointments.select"
+            )
         return appt
 
     async def find_booked(self, slot: SlotRequest, patient_id: str | None) -> Appointment | None:
@@ -425,8 +474,11 @@ class SqlBackend:
         prac_key = self._key("Practitioner", slot.practitioner_id)
 
         def load(conn: Any) -> list[str]:
-            return [str(a) for a, iv in self._busy(conn, slot.interval, [prac_key]).get(slot.practitioner_id, [])
-                    if a is not None and iv.start == slot.interval.start and iv.end == slot.interval.end]
+            return [
+                str(a)
+                for a, iv in self._busy(conn, slot.interval, [prac_key]).get(slot.practitioner_id, [])
+                if a is not None and iv.start == slot.interval.start and iv.end == slot.interval.end
+            ]
 
         for legacy_id in await self.db.run(load):
             try:
@@ -437,8 +489,9 @@ class SqlBackend:
                 return appt
         return None
 
-    async def reschedule(self, appointment_id: str, new_slot: SlotRequest, gate: ConflictGate,
-                         comment: str | None = None) -> Appointment:
+    async def reschedule(
+        self, appointment_id: str, new_slot: SlotRequest, gate: ConflictGate, comment: str | None = None
+    ) -> Appointment:
         writes = self._require_writes()
         current = await self.get_appointment(appointment_id)
         if current is None:
@@ -454,9 +507,13 @@ class SqlBackend:
                 if now_row is None:
                     raise NotFound(f"Appointment/{appointment_id} is not known")
                 if now_row.status in _FINAL_STATUSES:
-                    raise BusinessRuleViolation(f"Appointment/{appointment_id} is {now_row.status} and cannot be modified")
+                    raise BusinessRuleViolation(
+                        f"Appointment/{appointment_id} is {now_row.status} and cannot be modified"
+                    )
                 if now_row.practitioner_id != current.practitioner_id:
-                    raise SlotConflict(f"Appointment/{appointment_id} was changed by someone else meanwhile; read it again")
+                    raise SlotConflict(
+                        f"Appointment/{appointment_id} was changed by someone else meanwhile; read it again"
+                    )
                 # The new time is checked and written in the same transaction that frees the old one,
                 # so a failure leaves the original booking exactly as it was.
                 self._check_slot(conn, new_slot, ignore_appointment=appointment_id)
@@ -474,8 +531,12 @@ class SqlBackend:
         writes = self._require_writes()
         key = self._key("Appointment", appointment_id)
         reason_dict = {"system": reason.system, "code": reason.code} if reason else None
-        env = {"appointment_key": key, "reason": reason_dict, "reason_text": reason_text,
-               "now": dt.datetime.now(dt.timezone.utc)}
+        env = {
+            "appointment_key": key,
+            "reason": reason_dict,
+            "reason_text": reason_text,
+            "now": dt.datetime.now(dt.UTC),
+        }
 
         def work(conn: Any) -> None:
             # No booking lock: a cancellation only frees time, it cannot create a conflict.
@@ -509,7 +570,9 @@ class SqlBackend:
             visit_type_key=_opt_str(f.get("visit_type")),
             identifiers=tuple(Identifier(i["system"], i["value"]) for i in idents),
             comment=f.get("comment"),
-            status_reason=Coding(reason["system"], reason["code"], reason.get("display")) if isinstance(reason, dict) else None,
+            status_reason=Coding(reason["system"], reason["code"], reason.get("display"))
+            if isinstance(reason, dict)
+            else None,
             cancel_text=f.get("cancel_text"),
         )
 
@@ -529,6 +592,7 @@ class SqlBackend:
 
     async def search_appointments(self, q: AppointmentQuery) -> AppointmentPage:
         from adapter.backends.sql.search import search_appointments
+
         return await search_appointments(self, q)
 
     async def close(self) -> None:

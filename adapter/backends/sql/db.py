@@ -32,11 +32,12 @@ import re
 import sqlite3
 import tempfile
 import threading
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, TypeVar
 
 from adapter.backends.protocol import BackendUnavailable
 
@@ -54,6 +55,7 @@ class LockNotTaken(Exception):
 
 class CommitOutcomeUnknown(BackendUnavailable):
     """The connection broke during COMMIT: the write may or may not be in the legacy database."""
+
 
 _NAMED = re.compile(r"'(?:[^']|'')*'|(?<![:\w]):([A-Za-z_][A-Za-z0-9_]*)")
 
@@ -84,7 +86,7 @@ def bind(sql: str, values: dict[str, Any]) -> tuple[str, list[Any]]:
     pieces = compiled.text.split("\x00")
     out = [pieces[0]]
     params: list[Any] = []
-    for name, tail in zip(compiled.order, pieces[1:]):
+    for name, tail in zip(compiled.order, pieces[1:], strict=False):
         if name not in values:
             raise KeyError(f"no value for bind parameter :{name}")
         value = values[name]
@@ -110,13 +112,19 @@ class Database:
         self.timeout_s = timeout_s
         if url.startswith("sqlite:///"):
             self.dialect = "sqlite"
-            self._sqlite_path = url[len("sqlite:///"):]
+            self._sqlite_path = url[len("sqlite:///") :]
         elif url.startswith("odbc:"):
-            self._odbc = url[len("odbc:"):]
+            self._odbc = url[len("odbc:") :]
             upper = self._odbc.upper()
-            self.dialect = ("postgresql" if "POSTGRES" in upper else
-                            "mariadb" if ("MARIADB" in upper or "MYSQL" in upper) else
-                            "sqlite" if "SQLITE" in upper else "odbc")
+            self.dialect = (
+                "postgresql"
+                if "POSTGRES" in upper
+                else "mariadb"
+                if ("MARIADB" in upper or "MYSQL" in upper)
+                else "sqlite"
+                if "SQLITE" in upper
+                else "odbc"
+            )
         else:
             raise ValueError(f"database url must start with sqlite:/// or odbc:, got {url!r}")
         self.kind = "sqlite3" if url.startswith("sqlite:///") else "pyodbc"
@@ -133,8 +141,9 @@ class Database:
     def _connect(self) -> Any:
         try:
             if self.kind == "sqlite3":
-                conn = sqlite3.connect(self._sqlite_path, timeout=self.timeout_s, isolation_level=None,
-                                       check_same_thread=True)
+                conn = sqlite3.connect(
+                    self._sqlite_path, timeout=self.timeout_s, isolation_level=None, check_same_thread=True
+                )
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=NORMAL")
             else:
@@ -182,7 +191,7 @@ class Database:
     # -- running work ------------------------------------------------------------------------
     async def run(self, fn: Callable[[Any], T], *, inline: bool | None = None) -> T:
         """Run ``fn(connection)`` in a DB thread (or inline for SQLite reads)."""
-        if (self.inline_reads if inline is None else inline):
+        if self.inline_reads if inline is None else inline:
             return self._call(fn)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._call, fn)
@@ -263,8 +272,7 @@ class Database:
             # itself, SQLite's busy handler polls with growing sleeps (up to 100 ms): under load one
             # process kept the file lock while the other's writers slept for seconds.
             if not self._writer.acquire(timeout=self.timeout_s):
-                raise BackendUnavailable("the legacy database is busy: no write slot within "
-                                         f"{self.timeout_s:g} s")
+                raise BackendUnavailable(f"the legacy database is busy: no write slot within {self.timeout_s:g} s")
             queued = True
             try:
                 self._host_lock(True)
@@ -287,7 +295,8 @@ class Database:
                         # MariaDB counts changed rows only, and a no-op UPDATE changes none.)
                         if cur.description is not None and not cur.fetchall():
                             raise LockNotTaken(
-                                f"writes.lock locked no row for {values}: nothing would serialise these bookings")
+                                f"writes.lock locked no row for {values}: nothing would serialise these bookings"
+                            )
                 yield cur
             except BaseException:
                 try:
@@ -302,8 +311,9 @@ class Database:
                 cur.execute("COMMIT") if manual else conn.commit()
             except Exception as exc:
                 if _is_connection_error(exc) and not _is_lock_error(exc):
-                    raise CommitOutcomeUnknown(f"the legacy database connection failed while committing: "
-                                               f"{_first_line(exc)}") from exc
+                    raise CommitOutcomeUnknown(
+                        f"the legacy database connection failed while committing: {_first_line(exc)}"
+                    ) from exc
                 raise
         finally:
             if self.kind == "pyodbc" and manual:
@@ -323,8 +333,9 @@ class Database:
             if not path or fcntl is None:
                 return
             digest = hashlib.sha1(os.path.realpath(path).encode()).hexdigest()[:20]
-            self._lock_fd = os.open(os.path.join(tempfile.gettempdir(), f"sched-adapter-{digest}.lock"),
-                                    os.O_RDWR | os.O_CREAT, 0o600)
+            self._lock_fd = os.open(
+                os.path.join(tempfile.gettempdir(), f"sched-adapter-{digest}.lock"), os.O_RDWR | os.O_CREAT, 0o600
+            )
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX if take else fcntl.LOCK_UN)
 
     async def close(self) -> None:
@@ -349,10 +360,12 @@ def _odbc_database(dsn: str) -> str | None:
 def query(cur_or_conn: Any, sql: str, values: dict[str, Any]) -> list[dict[str, Any]]:
     """Run a SELECT with named binds; rows as dicts keyed by the column names."""
     text, params = bind(sql, values)
-    cur = cur_or_conn.cursor() if hasattr(cur_or_conn, "cursor") and not hasattr(cur_or_conn, "fetchall") else cur_or_conn
+    cur = (
+        cur_or_conn.cursor() if hasattr(cur_or_conn, "cursor") and not hasattr(cur_or_conn, "fetchall") else cur_or_conn
+    )
     cur.execute(text, params)
     names = [d[0] for d in cur.description]
-    return [dict(zip(names, row)) for row in cur.fetchall()]
+    return [dict(zip(names, row, strict=False)) for row in cur.fetchall()]
 
 
 def execute(cur: Any, sql: str, values: dict[str, Any]) -> int:
@@ -367,9 +380,16 @@ def _first_line(exc: BaseException) -> str:
 
 _MARIADB_CONNECTION_CODES = ("(2002)", "(2003)", "(2005)", "(2006)", "(2013)", "(2026)", "(2055)")
 # psqlODBC reports a dropped connection as a generic HY000 with one of these texts.
-_LOST_CONNECTION_TEXTS = ("connection has been lost", "server closed the connection", "could not send data",
-                          "could not receive data", "no connection to the server", "terminating connection",
-                          "connection not open", "communication link failure")
+_LOST_CONNECTION_TEXTS = (
+    "connection has been lost",
+    "server closed the connection",
+    "could not send data",
+    "could not receive data",
+    "no connection to the server",
+    "terminating connection",
+    "connection not open",
+    "communication link failure",
+)
 
 
 def _is_lock_error(exc: BaseException) -> bool:
@@ -391,6 +411,14 @@ def _is_connection_error(exc: BaseException) -> bool:
     # 57P0x PostgreSQL shutting down; MariaDB reports lock wait timeouts and lost or refused
     # connections as a generic HY000 with its own error number.
     return isinstance(state, str) and (
-        state.startswith("08") or state in ("HYT00", "HYT01", "40001", "40P01", "57P01", "57P02", "57P03")
-        or (state == "HY000" and (_is_lock_error(exc) or any(code in text for code in _MARIADB_CONNECTION_CODES)
-                                  or any(t in text.lower() for t in _LOST_CONNECTION_TEXTS))))
+        state.startswith("08")
+        or state in ("HYT00", "HYT01", "40001", "40P01", "57P01", "57P02", "57P03")
+        or (
+            state == "HY000"
+            and (
+                _is_lock_error(exc)
+                or any(code in text for code in _MARIADB_CONNECTION_CODES)
+                or any(t in text.lower() for t in _LOST_CONNECTION_TEXTS)
+            )
+        )
+    )

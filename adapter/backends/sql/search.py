@@ -43,6 +43,7 @@ _LIMIT_DIALECTS = ("sqlite", "postgresql", "mariadb")
 
 # --- legacy wall-clock bounds -------------------------------------------------------------------
 
+
 def _ambiguous(naive: dt.datetime, zone: ZoneInfo) -> bool:
     return naive.replace(tzinfo=zone, fold=0).utcoffset() != naive.replace(tzinfo=zone, fold=1).utcoffset()
 
@@ -94,6 +95,7 @@ def legacy_bound(instant: dt.datetime, zone: ZoneInfo, resolution_seconds: int =
 
 # --- building the SQL ---------------------------------------------------------------------------
 
+
 def split_top_level(text: str) -> list[str]:
     """``"APPT_DT, COALESCE(A, B)"`` -> ``["APPT_DT", "COALESCE(A, B)"]`` (commas outside parentheses/quotes)."""
     parts, depth, quote, current = [], 0, False, []
@@ -143,7 +145,7 @@ class _Where:
 
 
 class _Plan:
-    def __init__(self, backend: "SqlBackend") -> None:
+    def __init__(self, backend: SqlBackend) -> None:
         self.backend = backend
         self.ap = backend.doc.appointments
         self.mapping = backend.mapping
@@ -153,15 +155,16 @@ class _Plan:
     def filter(self, name: str, what: str) -> str:
         sql = self.ap.filters.get(name)
         if sql is None:
-            raise InvalidRequest(f"this legacy system's mapping ({self.mapping.path.name}) declares no "
-                                 f"appointments.filters.{name}: cannot search appointments by {what}")
+            raise InvalidRequest(
+                f"this legacy system's mapping ({self.mapping.path.name}) declares no "
+                f"appointments.filters.{name}: cannot search appointments by {what}"
+            )
         return sql
 
     def start_values(self, instant: dt.datetime) -> dict[str, Any]:
         bound = legacy_bound(instant, self.ctx.zone, self.ap.start_resolution_seconds)
         env = {"bound": bound}
-        return {name: self.mapping.expr(f"appointments.binds.{name}").evaluate(env, self.ctx)
-                for name in self.ap.binds}
+        return {name: self.mapping.expr(f"appointments.binds.{name}").evaluate(env, self.ctx) for name in self.ap.binds}
 
     def start_cond(self, op: str, instant: dt.datetime) -> str:
         """SQL for ``start >= instant`` (op ``ge``) or ``start < instant`` (op ``lt``)."""
@@ -206,7 +209,7 @@ def _empty(q: AppointmentQuery) -> AppointmentPage:
     return AppointmentPage([], 0 if q.want_total else None, False)
 
 
-async def search_appointments(backend: "SqlBackend", q: AppointmentQuery) -> AppointmentPage:
+async def search_appointments(backend: SqlBackend, q: AppointmentQuery) -> AppointmentPage:
     plan = _Plan(backend)
     ap, doc, codes, w = plan.ap, backend.doc, backend.mapping.codes, plan.where
 
@@ -216,9 +219,11 @@ async def search_appointments(backend: "SqlBackend", q: AppointmentQuery) -> App
         if not keys:
             return _empty(q)
         w.add(plan.filter("key", "_id"), {"keys": keys})
-    for ids, kind, name, bind in ((q.patient_ids, "Patient", "patient", "patient_keys"),
-                                  (q.practitioner_ids, "Practitioner", "practitioner", "practitioner_keys"),
-                                  (q.location_ids, "Location", "location", "location_keys")):
+    for ids, kind, name, bind in (
+        (q.patient_ids, "Patient", "patient", "patient_keys"),
+        (q.practitioner_ids, "Practitioner", "practitioner", "practitioner_keys"),
+        (q.location_ids, "Location", "location", "location_keys"),
+    ):
         if ids:
             keys = plan.keys(doc.actors[kind].id, ids)
             if not keys:
@@ -237,7 +242,9 @@ async def search_appointments(backend: "SqlBackend", q: AppointmentQuery) -> App
             return _empty(q)
         w.add(sql, {"status_codes": legacy})
     if q.visit_type_keys:
-        w.add(plan.filter("visit_type", "appointment-type or service-type"), {"visit_type_keys": list(q.visit_type_keys)})
+        w.add(
+            plan.filter("visit_type", "appointment-type or service-type"), {"visit_type_keys": list(q.visit_type_keys)}
+        )
     if q.specialty_keys or q.specialty_codes:
         sql = plan.filter("specialty", "specialty")
         wanted: set[str] | None = set(q.specialty_keys) if q.specialty_keys else None
@@ -269,8 +276,10 @@ async def search_appointments(backend: "SqlBackend", q: AppointmentQuery) -> App
 
     # -- order and keyset ----------------------------------------------------------------------
     if "start" not in ap.order or "start_from" not in ap.filters:
-        raise InvalidRequest(f"the mapping ({backend.mapping.path.name}) declares no appointments.order.start "
-                             "and filters.start_from/start_before: appointments cannot be searched page by page")
+        raise InvalidRequest(
+            f"the mapping ({backend.mapping.path.name}) declares no appointments.order.start "
+            "and filters.start_from/start_before: appointments cannot be searched page by page"
+        )
     key_col = ap.order.get("key", ap.key)
     direction = "DESC" if q.descending else "ASC"
     order_by = ", ".join(f"{expr} {direction}" for expr in split_top_level(ap.order["start"]) + [key_col])
@@ -308,8 +317,9 @@ async def search_appointments(backend: "SqlBackend", q: AppointmentQuery) -> App
 
     def run(conn: Any) -> AppointmentPage:
         if python_filter:
-            return _python_filtered(backend, conn, q, f"{base}{filter_where} ORDER BY {order_by}{limit_sql}",
-                                    page_sql, values)
+            return _python_filtered(
+                backend, conn, q, f"{base}{filter_where} ORDER BY {order_by}{limit_sql}", page_sql, values
+            )
         rows = query(conn, page_sql, values) if q.limit > 0 else []
         appts = [backend.appointment_from_row(r) for r in rows[: q.limit]]
         total = None
@@ -320,13 +330,16 @@ async def search_appointments(backend: "SqlBackend", q: AppointmentQuery) -> App
     return await backend.db.run(run)
 
 
-def _python_filtered(backend: "SqlBackend", conn: Any, q: AppointmentQuery, all_sql: str, page_sql: str,
-                     values: dict[str, Any]) -> AppointmentPage:
+def _python_filtered(
+    backend: SqlBackend, conn: Any, q: AppointmentQuery, all_sql: str, page_sql: str, values: dict[str, Any]
+) -> AppointmentPage:
     def narrowed(sql: str) -> list[Appointment]:
         rows = query(conn, sql, values)
         if len(rows) > PYTHON_FILTER_CAP:
-            raise InvalidRequest(f"more than {PYTHON_FILTER_CAP} appointments match before the end-time condition; "
-                                 "narrow the search (patient, practitioner, or a start range)")
+            raise InvalidRequest(
+                f"more than {PYTHON_FILTER_CAP} appointments match before the end-time condition; "
+                "narrow the search (patient, practitioner, or a start range)"
+            )
         return [a for a in (backend.appointment_from_row(r) for r in rows) if _end_ok(a, q.end_bounds)]
 
     page = narrowed(page_sql)
