@@ -128,6 +128,10 @@ class ResourceAvailability:
     location_id: str
     free: list[Interval]  # working time minus absences (or explicit free slots); sorted, non-overlapping
     busy: list[Interval] = field(default_factory=list)  # blocking appointments
+    # Where the slot grid of each working-time period (or listed free slot) starts: its unclipped
+    # start, sorted. A candidate starts at anchor + k * step of the period it lies in (issue 7.3).
+    # Empty: the grid starts at each free interval's start (a backend without periods).
+    anchors: list[dt.datetime] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +161,7 @@ class Appointment:
     status_reason: Coding | None = None
     cancel_text: str | None = None
     created: dt.datetime | None = None
+    warnings: tuple[str, ...] = ()  # e.g. a legacy code rendered with its code table's fallback
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +203,7 @@ class AppointmentPage:
     appointments: list[Appointment]
     total: int | None
     has_more: bool
+    warnings: list[str] = field(default_factory=list)  # rows skipped or rendered with a fallback code
 
 
 ConflictGate = Callable[[Sequence[SlotRequest]], None]
@@ -208,6 +214,7 @@ class SchedulingBackend(Protocol):
     """What the domain needs from a legacy scheduler. All methods may raise BackendError."""
 
     name: str
+    zone: dt.tzinfo  # the zone of the legacy wall-clock times: messages state times in it
 
     async def find_actors(self, query: ActorQuery) -> list[Actor]: ...
 

@@ -39,7 +39,7 @@ from adapter.fhir.formats import parse_body, render, response_format
 from adapter.fhir.outcome import FhirError, error_body, issue, operation_outcome
 from adapter.fhir.parameters import ParamList, parse_datetime, parse_reference, split_reference, validate_embedded
 from adapter.fhir.render import STATUS_REASON_URL, local_instant, searchset
-from adapter.scheduling.proposals import Proposal, ProposalError
+from adapter.scheduling.proposals import ProposalError
 from adapter.scheduling.service import ActorRef, HeldCancellation
 from adapter.scheduling.state import IdempotencyInProgress, IdempotencyMismatch, StoredResponse
 
@@ -291,9 +291,12 @@ async def _book(ctx: FhirContext, params: ParamList, request: Request):
             expression="appointment-resource.id",
             as_bundle=True,
         )
+    # Whose appointment it is (issue 7.2): a Patient participant, when given, must be its patient.
+    named = await _patient(ctx, [], resource)
+    patient_id = named.id if named is not None else None
     if status == "cancelled":
         reason, text = _cancel_reason(resource)
-        appt = await ctx.service.cancel(appt_id, reason, text, now, client=client)
+        appt = await ctx.service.cancel(appt_id, reason, text, now, client=client, patient_id=patient_id)
         return appt, f"Appointment/{appt.id} cancelled"
     start = parse_datetime(resource.get("start"), "appointment-resource.start", ctx.zone)
     end = parse_datetime(resource.get("end"), "appointment-resource.end", ctx.zone)
@@ -315,6 +318,7 @@ async def _book(ctx: FhirContext, params: ParamList, request: Request):
         comment=comment,
         now=now,
         client=client,
+        patient_id=patient_id,
     )
     return appt, f"Appointment/{appt.id} modified"
 
@@ -421,7 +425,7 @@ async def _proposal_from_resource(ctx: FhirContext, resource: dict[str, Any], no
             as_bundle=True,
         )
     await _require_actors(ctx, prac, loc)
-    minutes = int((end - start).total_seconds() // 60)
+    minutes = (end - start) / dt.timedelta(minutes=1)
     types = await ctx.service.backend.visit_types()
     wanted = [c for c in ((resource.get("appointmentType") or {}).get("coding") or [])]
     vt = next(
@@ -443,4 +447,5 @@ async def _proposal_from_resource(ctx: FhirContext, resource: dict[str, Any], no
             expression="appointment-resource.appointmentType",
             as_bundle=True,
         )
-    return ctx.service.proposals.encode(Proposal(prac, loc, start, minutes, vt.key, (), now, start, end))
+    # Checked like a proposal of $find (duration, grid, horizon, practitioner offers it): 422 otherwise.
+    return await ctx.service.proposal_for(prac, loc, Interval(start, end), vt, now)

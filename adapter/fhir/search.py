@@ -755,6 +755,9 @@ async def search_endpoint(request: Request) -> Response:
             )
     elif req.count == 0:
         issues.insert(0, issue("information", "informational", "_count=0: only the total is returned"))
+    issues.extend(
+        issue("warning", "informational", text) for text in page.warnings
+    )  # rows the mapping could not render as stored
 
     includes: list[dict[str, Any]] = []
     if req.includes:

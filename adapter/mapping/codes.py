@@ -5,12 +5,32 @@ or loaded from a FHIR ConceptMap JSON file (``codes: {specialty: {conceptmap: fi
 ``group.source`` is the legacy system, ``element.code`` the legacy code, ``target`` the FHIR
 coding. Reverse lookups (FHIR -> legacy) take the first legacy code that maps to the coding,
 unless the table names an explicit ``reverse`` entry.
+
+A table may declare a ``fallback`` target: a legacy code missing from the table then translates
+to it (``code:`` conversions only) and the substitution is reported to whoever collects
+``fallback_notes()`` for the current evaluation (the SQL backend turns them into warning issues).
 """
 
 from __future__ import annotations
 
+import contextvars
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
+
+_NOTES: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("code_fallback_notes", default=None)
+
+
+@contextmanager
+def fallback_notes() -> Iterator[list[str]]:
+    """Collect the fallback substitutions made while the block runs (one text per substitution)."""
+    notes: list[str] = []
+    token = _NOTES.set(notes)
+    try:
+        yield notes
+    finally:
+        _NOTES.reset(token)
 
 
 class UnknownCode(LookupError):
@@ -22,10 +42,17 @@ class CodeTable:
     name: str
     forward: dict[str, Any]  # legacy code -> FHIR coding dict | str (plain code)
     reverse: dict[tuple[str | None, str], str] = field(default_factory=dict)
+    fallback: Any = None  # target for legacy codes missing from ``forward``; None: they are an error
 
     @classmethod
-    def build(cls, name: str, entries: dict[str, Any], explicit_reverse: dict[str, str] | None = None) -> CodeTable:
-        table = cls(name, {})
+    def build(
+        cls,
+        name: str,
+        entries: dict[str, Any],
+        explicit_reverse: dict[str, str] | None = None,
+        fallback: Any = None,
+    ) -> CodeTable:
+        table = cls(name, {}, fallback=fallback)
         for legacy, target in entries.items():
             table.forward[str(legacy)] = target
             for coding in _codings(target):
@@ -61,9 +88,15 @@ class CodeTables:
             raise UnknownCode(f"no code table named {name!r}") from None
 
     def to_fhir(self, table: str, legacy: str, *, missing_ok: bool = False) -> Any:
-        found = self.table(table).forward.get(legacy)
+        tab = self.table(table)
+        found = tab.forward.get(legacy)
         if found is None and not missing_ok:
-            raise UnknownCode(f"legacy code {legacy!r} is not in code table {table!r}")
+            if tab.fallback is None:
+                raise UnknownCode(f"legacy code {legacy!r} is not in code table {table!r}")
+            notes = _NOTES.get()
+            if notes is not None:
+                notes.append(f"legacy code {legacy!r} is not in code table {table!r}; shown as its fallback")
+            return tab.fallback
         return found
 
     def to_legacy(self, table: str, fhir: Any) -> str:

@@ -139,7 +139,12 @@ def load_mapping(path: str | Path) -> Mapping:
                     ("codes", name, "entries", legacy),
                     "expected a FHIR code (string), a coding {system, code[, display]} or a list of codings",
                 )
-        tables[name] = CodeTable.build(name, entries, spec.reverse)
+        if spec.fallback is not None and not _valid_target(spec.fallback):
+            fail(
+                ("codes", name, "fallback"),
+                "expected a FHIR code (string), a coding {system, code[, display]} or a list of codings",
+            )
+        tables[name] = CodeTable.build(name, entries, spec.reverse, spec.fallback)
     codes = CodeTables(tables)
     ctx = EvalContext(zone=zone, codes=codes)
 
@@ -258,6 +263,10 @@ def load_mapping(path: str | Path) -> Mapping:
         for name in ("lock", "book", "reschedule", "cancel"):
             stmt = getattr(w, name)
             compile_mapping(("writes", name, "binds"), stmt.binds)
+        if w.patient_lock is not None:
+            compile_mapping(("writes", "patient_lock", "binds"), w.patient_lock.binds)
+            if set(sql_bind_names(w.patient_lock.sql)) != {"patient_key"}:
+                fail(("writes", "patient_lock", "sql"), "expected exactly one bind, :patient_key (the patient's key)")
         if w.id_allocation.strategy == "counter" and not (w.id_allocation.next_sql and w.id_allocation.bump_sql):
             fail(("writes", "id_allocation"), "strategy 'counter' needs next_sql and bump_sql")
         if w.id_allocation.strategy == "sequence" and not w.id_allocation.next_sql:

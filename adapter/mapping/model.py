@@ -31,6 +31,9 @@ class CodeTableSpec(_Strict):
     entries: dict[str, Any] | None = None
     conceptmap: str | None = Field(None, description="path of a FHIR ConceptMap JSON, relative to the mapping")
     reverse: dict[str, str] | None = Field(None, description="explicit 'system|code' -> legacy code overrides")
+    fallback: Any = Field(
+        None, description="target (FHIR code or coding) for legacy codes missing from the table; default: error"
+    )
 
 
 class IdRule(_Strict):
@@ -212,6 +215,9 @@ class PatientCreateSpec(_Strict):
 
 class WritesSpec(_Strict):
     lock: StatementSpec
+    # Locks one patient (bind :patient_key) after the practitioner lock, so that one patient's
+    # bookings with different practitioners are serialised; default: the Patient select by key.
+    patient_lock: StatementSpec | None = None
     id_allocation: IdAllocationSpec
     book: StatementSpec
     reschedule: StatementSpec

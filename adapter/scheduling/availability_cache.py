@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from adapter.backends.protocol import AvailabilityQuery, Interval, SchedulingBackend
-from adapter.scheduling.candidates import FreeTime, Span, free_time, subtract_spans, to_spans
+from adapter.scheduling.candidates import FreeTime, Span, anchor_of, free_time, subtract_spans, to_spans
 
 _DAY = 86400
 _MAX_ENTRIES = 200_000
@@ -37,6 +37,7 @@ _MAX_ENTRIES = 200_000
 class _DayEntry:
     loaded: float
     free: dict[str, list[Span]] = field(default_factory=dict)  # location id -> bookable spans in the day
+    anchors: dict[str, set[int]] = field(default_factory=dict)  # location id -> grid anchors of those spans
 
 
 class AvailabilityCache:
@@ -87,13 +88,18 @@ class AvailabilityCache:
         for ra in fetched:
             # Stored already minus the bookings: per request only holds remain to subtract.
             bookable = subtract_spans(to_spans(ra.free), to_spans(ra.busy))
+            anchors = sorted(int(a.timestamp()) for a in ra.anchors)
             for start, end in bookable:
+                # Each piece keeps the anchor of its period, which may lie on an earlier day.
+                anchor = anchor_of(anchors, start)
                 day = start - start % _DAY
                 while day < end:
                     piece = (max(start, day), min(end, day + _DAY))
                     entry = self._days.get((ra.practitioner_id, day))
                     if entry is not None and piece[0] < piece[1]:
                         entry.free.setdefault(ra.location_id, []).append(piece)
+                        if anchor is not None:
+                            entry.anchors.setdefault(ra.location_id, set()).add(anchor)
                     day += _DAY
 
     def _assemble(self, q: AvailabilityQuery, days: list[int], w_start: int, w_end: int) -> list[FreeTime]:
@@ -118,5 +124,6 @@ class AvailabilityCache:
                         else:
                             spans.append((start, end))
                 if spans:
-                    out.append(FreeTime(p, loc, spans))
+                    anchors = sorted({a for e in entries for a in e.anchors.get(loc, ())})
+                    out.append(FreeTime(p, loc, spans, anchors))
         return out

@@ -6,6 +6,13 @@ then by practitioner and location id so the order is stable across calls and rep
 relies on it). ``total`` counts every option without building them: each free span yields
 ``floor((length - duration) / step) + 1`` candidates, so only the returned page is materialised.
 
+The slot grid (issue 7.3): candidate starts lie on ``anchor + k * step`` where the anchor is the
+start of the working-time period (or listed free slot) the time comes from, whatever the request
+window, the clock or a busy appointment ending off the grid: a free span is first rounded up to
+its period's grid, then candidates step from there. "Now" rounds up to the next grid point too.
+Grid steps are elapsed seconds from the anchor, which is a wall-clock time in the mapping's zone
+(periods are single days, so no DST change falls inside one in practice).
+
 Time is integer seconds since the epoch here, not datetimes: a $find page walks a few hundred
 free spans per request, and datetime arithmetic and comparisons cost several times more than
 integers. Datetimes are made only for the page that is returned.
@@ -15,8 +22,9 @@ from __future__ import annotations
 
 import datetime as dt
 import heapq
+from bisect import bisect_right
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from adapter.backends.protocol import Interval, ResourceAvailability, VisitType
 
@@ -30,6 +38,9 @@ class FreeTime:
     practitioner_id: str
     location_id: str
     spans: list[Span]
+    # Sorted grid anchors (period starts): a span's grid starts at the last anchor at or before it.
+    # Empty: each span's own start (backends that report no periods).
+    anchors: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +89,37 @@ def subtract_spans(free: Sequence[Span], taken: Iterable[Span]) -> list[Span]:
 
 def free_time(ra: ResourceAvailability) -> FreeTime:
     """A backend's answer (free and busy intervals) as bookable spans."""
-    return FreeTime(ra.practitioner_id, ra.location_id, subtract_spans(to_spans(ra.free), to_spans(ra.busy)))
+    return FreeTime(
+        ra.practitioner_id,
+        ra.location_id,
+        subtract_spans(to_spans(ra.free), to_spans(ra.busy)),
+        sorted({int(a.timestamp()) for a in ra.anchors}),
+    )
+
+
+def anchor_of(anchors: Sequence[int], t: int) -> int | None:
+    """The grid anchor that governs time ``t``: the last one at or before it (None: there is none)."""
+    i = bisect_right(anchors, t) - 1
+    return anchors[i] if i >= 0 else None
+
+
+def on_grid(anchor: int, step: int, t: int) -> int:
+    """The first grid point ``anchor + k * step`` at or after ``t`` (``t`` >= ``anchor``)."""
+    return anchor - ((anchor - t) // step) * step  # ceiling division
+
+
+def snap_spans(spans: Sequence[Span], anchors: Sequence[int], step: int) -> list[Span]:
+    """Round every span's start up to the grid of the period it lies in."""
+    if not anchors:
+        return list(spans)
+    out: list[Span] = []
+    for start, end in spans:
+        anchor = anchor_of(anchors, start)
+        if anchor is not None:
+            start = on_grid(anchor, step, start)
+        if start < end:
+            out.append((start, end))
+    return out
 
 
 def _first_start(start: int, step: int, not_before: int) -> int:
@@ -122,9 +163,13 @@ def find_candidates(
     step_minutes: int | None,
     offset: int,
     limit: int,
+    latest_start: dt.datetime | None = None,
 ) -> tuple[int, list[Candidate]]:
-    """Return (total options, the ``limit`` best from ``offset``) over every plan."""
+    """Return (total options, the ``limit`` best from ``offset``) over every plan.
+
+    ``latest_start``: no candidate starts after it (the booking horizon)."""
     now_s = int(now.timestamp())
+    latest_s = int(latest_start.timestamp()) if latest_start is not None else None
     held_spans = {prac: to_spans(ivs) for prac, ivs in held.items() if ivs}
     streams = []
     total = 0
@@ -135,6 +180,9 @@ def find_candidates(
         spans = ft.spans
         if ft.practitioner_id in held_spans:
             spans = subtract_spans(spans, held_spans[ft.practitioner_id])
+        spans = snap_spans(spans, ft.anchors, step)
+        if latest_s is not None:
+            spans = [(s, min(e, latest_s + duration)) for s, e in spans if s <= latest_s]
         if not spans:
             continue
         total += _count(spans, duration, step, now_s)

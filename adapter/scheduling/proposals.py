@@ -4,13 +4,15 @@ Compact form (the usual case), readable on purpose so support staff can decode o
 
     p<ver>.<practitioner>.<location>.<start>.<minutes>.<visit type>.<patients>.<issued>.<ws>.<we>.<mac>
 
-Numbers are base 36: ``start`` and ``issued`` in minutes since the Unix epoch, ``ws``/``we`` the
-requested window's distance from start/end in minutes; ``patients`` are joined with ``-`` (an
+Numbers are base 36: ``start`` in minutes and ``issued`` in seconds since the Unix epoch (so a
+proposal lives exactly ``find.proposal_ttl_seconds``; version 1 ids, still accepted, kept ``issued``
+in minutes), ``ws``/``we`` the requested window's distance from start/end in minutes; ``patients`` are joined with ``-`` (an
 empty patient list is an empty field). The MAC is HMAC-SHA256 over the rest with the server
 secret, truncated to 64 bits, as the last 11 characters in base 64 over the FHIR id alphabet. Any replica with the same secret verifies it without
 shared state.
 
-When a field contains a ``.`` or ``-``, or the id would pass 64 characters, the proposal is stored
+When a field contains a ``.`` or ``-``, the start is not a whole minute (never on the slot grid, but
+the compact form must not truncate it), or the id would pass 64 characters, the proposal is stored
 in the shared state store under ``r`` + 20 random base-36 characters with a TTL instead.
 
 Ids are valid FHIR ids (``[A-Za-z0-9\\-\\.]{1,64}``) in both forms.
@@ -30,7 +32,8 @@ from typing import Protocol
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
-_VERSION = "1"
+_VERSION = "2"
+_VERSIONS = {"1": 60, "2": 1}  # version -> seconds per unit of ``issued``
 _MAC_LEN = 11
 
 
@@ -112,13 +115,14 @@ class ProposalCodec:
         are identical to ``encode``'s for the same Proposal.
         """
         patients = "-".join(patient_ids)
-        issued_b36 = _b36(int(issued.timestamp()) // 60)
+        issued_b36 = _b36(int(issued.timestamp()))
         ws, we = int(window_start.timestamp()) // 60, int(window_end.timestamp()) // 60
         compact_patients = "." not in patients and all("-" not in p for p in patient_ids)
 
         def issue(practitioner_id: str, location_id: str, start: dt.datetime, minutes: int, visit_type_key: str) -> str:
             text = practitioner_id + location_id + visit_type_key
-            if compact_patients and "." not in text and "-" not in text:
+            whole_minute = not (start.second or start.microsecond)
+            if compact_patients and whole_minute and "." not in text and "-" not in text:
                 start_m = int(start.timestamp()) // 60
                 body = (
                     f"p{_VERSION}.{practitioner_id}.{location_id}.{_b36(start_m)}.{_b36(minutes)}."
@@ -146,11 +150,11 @@ class ProposalCodec:
         # Runs 50 times per $find page, so written for speed rather than elegance.
         patients = "-".join(p.patient_ids)
         text = p.practitioner_id + p.location_id + p.visit_type_key + "".join(p.patient_ids)
-        if "." not in text and "-" not in text:
+        if "." not in text and "-" not in text and not (p.start.second or p.start.microsecond):
             start_m = int(p.start.timestamp()) // 60
             body = (
                 f"p{_VERSION}.{p.practitioner_id}.{p.location_id}.{_b36(start_m)}.{_b36(p.minutes)}."
-                f"{p.visit_type_key}.{patients}.{_b36(int(p.issued.timestamp()) // 60)}."
+                f"{p.visit_type_key}.{patients}.{_b36(int(p.issued.timestamp()))}."
                 f"{_b36(max(0, start_m - int(p.window_start.timestamp()) // 60))}."
                 f"{_b36(max(0, int(p.window_end.timestamp()) // 60 - start_m))}"
             )
@@ -169,7 +173,8 @@ class ProposalCodec:
             p = proposal_from_dict(json.loads(payload))
         else:
             body, sep, mac = token[: -_MAC_LEN - 1], token[-_MAC_LEN - 1 : -_MAC_LEN], token[-_MAC_LEN:]
-            if sep != "." or not body.startswith("p" + _VERSION + ".") or not hmac.compare_digest(mac, self._mac(body)):
+            unit = _VERSIONS.get(body[1:2]) if body[:1] == "p" and body[2:3] == "." else None
+            if sep != "." or unit is None or not hmac.compare_digest(mac, self._mac(body)):
                 raise ProposalError(
                     f"{token!r} is not a proposed appointment issued by this server (unknown or altered id)"
                 )
@@ -185,7 +190,7 @@ class ProposalCodec:
                 int(minutes_s, 36),
                 vt,
                 tuple(x for x in patients.split("-") if x),
-                _from_minutes(int(issued_s, 36)),
+                _EPOCH + dt.timedelta(seconds=int(issued_s, 36) * unit),
                 _from_minutes(start_m - int(ws, 36)),
                 _from_minutes(start_m + int(we, 36)),
             )

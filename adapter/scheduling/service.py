@@ -8,6 +8,28 @@ Conflict rules (DESIGN 9, 13): a practitioner is an exclusive resource: no two a
 bookings of one practitioner overlap. A hold blocks the slot for everybody except a booking that
 names the hold's own id. Holds are checked inside the backend's booking lock (the ConflictGate),
 so "check legacy calendar, check holds, write" is one atomic step.
+
+A patient is exclusive too (issue 7.1): ``$hold``, ``$book`` and reschedule refuse (409) a time
+that overlaps the patient's active appointments with any practitioner, or another active hold for
+that patient. The backend locks the patient after the practitioner(s) and checks the legacy
+calendar; the gate checks the patient's holds; both under the same lock as the practitioner's
+calendar. A proposed id signs the patients it was issued for: booking it for another patient is
+422 ``business-rule``.
+
+Whose appointment it is (issue 7.2): cancel and reschedule compare the Patient participant of the
+request with the appointment's patient; a different patient is 409 ``conflict`` and nothing is
+changed. A request that names no patient is accepted: there is no token-based authorization yet,
+so any client can act for any patient (README, Limitations).
+
+Times (issue 7.3): offered starts lie on the slot grid of their working-time period
+(``candidates``); a booking from an ``appointment-resource`` and a reschedule must start on that
+grid, last exactly the visit type's duration, lie within ``max_days_ahead`` days and name a
+practitioner who offers the visit type; otherwise 422 with the reason. Reschedule keeps the visit
+type. Messages state times in the mapping's zone, as the resources do.
+
+Cancelling (issue 7.8): an appointment that is already ``cancelled`` is returned unchanged
+(idempotent: a retried cancel must not fail); one that is ``arrived``, ``checked-in``,
+``fulfilled``, ``noshow`` or ``entered-in-error`` is 409 naming its state.
 """
 
 from __future__ import annotations
@@ -40,9 +62,9 @@ from adapter.backends.protocol import (
     VisitType,
 )
 from adapter.scheduling.availability_cache import AvailabilityCache
-from adapter.scheduling.candidates import Candidate, ResourcePlan, find_candidates
+from adapter.scheduling.candidates import Candidate, ResourcePlan, anchor_of, find_candidates, on_grid
 from adapter.scheduling.proposals import Proposal, ProposalCodec, ProposalError, proposal_from_dict, proposal_to_dict
-from adapter.scheduling.state import Hold, JournalEntry, StateStore
+from adapter.scheduling.state import Hold, HoldConflict, JournalEntry, StateStore
 
 log = logging.getLogger("adapter.scheduling")
 
@@ -127,6 +149,7 @@ class SchedulingService:
         slot_step_minutes: int | None = None,
         organization_id: str | None = None,
         availability_cache_seconds: float = 0.0,
+        max_days_ahead: float = 365,
     ) -> None:
         self.backend = backend
         self.availability = AvailabilityCache(backend, state.calendar_version, availability_cache_seconds)
@@ -136,6 +159,15 @@ class SchedulingService:
         self.default_visit_type = default_visit_type
         self.slot_step_minutes = slot_step_minutes
         self.organization_id = organization_id
+        self.max_days_ahead = max_days_ahead
+        self.zone: dt.tzinfo = getattr(backend, "zone", dt.UTC)
+
+    def _local(self, instant: dt.datetime) -> str:
+        return instant.astimezone(self.zone).isoformat()
+
+    def horizon(self, now: dt.datetime) -> dt.datetime:
+        """The latest start that may be offered or booked (``find.max_days_ahead``)."""
+        return now + dt.timedelta(days=self.max_days_ahead)
 
     # -- actors ------------------------------------------------------------------------------
     async def resolve(self, ref: ActorRef) -> Actor | None:
@@ -285,14 +317,32 @@ class SchedulingService:
         prac_ids = tuple(p.id for p in candidates_prac)
         if not prac_ids:
             return FindResult(0, [], patients, notices, req.window, {})
+        # Nothing beyond the booking horizon is offered: it could not be booked (issue 7.3). The
+        # window is cut so that the last candidate still starts within the horizon.
+        horizon = self.horizon(now)
+        longest = max(vt.minutes for _, vt in chosen)
+        window = Interval(req.window.start, min(req.window.end, horizon + dt.timedelta(minutes=longest)))
+        if window.start >= horizon:
+            notices.append(
+                Notice(
+                    "information",
+                    "informational",
+                    f"appointments are offered up to {self.max_days_ahead:g} days ahead "
+                    f"(until {self._local(horizon)}); the requested period starts later",
+                    "start",
+                )
+            )
+            return FindResult(0, [], patients, notices, req.window, {})
         availability = await self.availability.free_time(
-            AvailabilityQuery(req.window, prac_ids, tuple(loc_rank) if loc_rank else ())
+            AvailabilityQuery(window, prac_ids, tuple(loc_rank) if loc_rank else ())
         )
-        held = self.state.holds_by_practitioner(prac_ids, req.window, now)
+        held = self.state.holds_by_practitioner(prac_ids, window, now)
         if patients:
-            # REQ-115-14: a time the patient is already booked for is no option for them, whoever the
-            # practitioner; treat it like a hold on every practitioner for this request.
-            own = await self._patient_busy(tuple(p.id for p in patients), req.window)
+            # REQ-115-14: a time the patient is already booked (or held) for is no option for them,
+            # whoever the practitioner; treat it like a hold on every practitioner for this request.
+            patient_ids_ = tuple(p.id for p in patients)
+            own = await self._patient_busy(patient_ids_, window)
+            own += self.state.holds_by_patient(patient_ids_, window, now)
             if own:
                 held = {pid: held.get(pid, []) + own for pid in prac_ids}
         prac_by_id = {p.id: p for p in candidates_prac}
@@ -312,7 +362,13 @@ class SchedulingService:
                 )
                 plans.append(ResourcePlan(ra, vt, rank))
         total, page = find_candidates(
-            plans, held=held, now=now, step_minutes=self.slot_step_minutes, offset=req.offset, limit=req.count
+            plans,
+            held=held,
+            now=now,
+            step_minutes=self.slot_step_minutes,
+            offset=req.offset,
+            limit=req.count,
+            latest_start=horizon,
         )
         patient_ids = tuple(p.id for p in patients)
         issue = self.proposals.issuer(patient_ids, now, req.window.start, req.window.end)
@@ -354,7 +410,7 @@ class SchedulingService:
             if client is not None and existing.client == client:
                 return HoldResult(existing, proposal, created=False)
             raise SlotConflict(
-                f"Appointment/{token} is already held by another client until {existing.expires_at.isoformat()}"
+                f"Appointment/{token} is already held by another client until {self._local(existing.expires_at)}"
             )
         if proposal.start <= now:
             raise ProposalError(f"proposed appointment {token!r} starts in the past")
@@ -374,7 +430,10 @@ class SchedulingService:
         placed: list[Hold] = []
 
         def gate(slots: Sequence[SlotRequest]) -> None:
-            placed.append(self.state.place_hold(new_hold, now))
+            try:
+                placed.append(self.state.place_hold(new_hold, now))
+            except HoldConflict as exc:
+                raise SlotConflict(exc.describe(self.zone)) from None
 
         await self.backend.secure([slot], gate)
         hold = placed[0]
@@ -425,6 +484,12 @@ class SchedulingService:
         own = self.state.get_hold(token, now)
         if own is not None and own.client is not None and own.client != client:
             raise SlotConflict(f"Appointment/{token} is held by another client")
+        if patient is not None and proposal.patient_ids and patient.id not in proposal.patient_ids:
+            raise BusinessRuleViolation(
+                f"Appointment/{token} was proposed for "
+                + ", ".join(f"Patient/{p}" for p in proposal.patient_ids)
+                + f" and cannot be booked for Patient/{patient.id}; run $find for that patient"
+            )
         patient_id = patient.id if patient else (proposal.patient_ids[0] if proposal.patient_ids else None)
         if patient_id is None:
             raise InvalidRequest(
@@ -437,14 +502,14 @@ class SchedulingService:
             )
         if proposal.start <= now:
             raise InvalidRequest(f"the proposed appointment starts in the past ({proposal.start.isoformat()})")
-        slot = self._slot(proposal)
+        p = proposal
+        slot = SlotRequest(p.practitioner_id, p.location_id, Interval(p.start, p.end), p.visit_type_key, (patient_id,))
         payload = proposal_to_dict(proposal) | {"patient_id": patient_id}
         recorded: list[bool] = []
 
         def gate(slots: Sequence[SlotRequest]) -> None:
-            # Inside the legacy lock, after the legacy calendar said "free".
-            for s in slots:
-                self.state.check_free(s.practitioner_id, s.interval, now, own_hold=token, client=client)
+            # Inside the legacy lock (practitioner and patient), after the legacy calendar said "free".
+            self._check_holds(slots, now, own_hold=token, client=client)
             self.state.journal_intent(token, client=client, request_key=request_key, payload=payload, now=now)
             recorded.append(True)
 
@@ -471,6 +536,84 @@ class SchedulingService:
         except Exception:  # the booking stands; the intent is settled later from the legacy system
             log.exception("booking journal: cannot record Appointment/%s for %s; it will be reconciled", appt.id, token)
         return BookResult(appt, replayed=False)
+
+    def _check_holds(
+        self, slots: Sequence[SlotRequest], now: dt.datetime, *, own_hold: str | None, client: str | None
+    ) -> None:
+        """In a gate: no foreign hold on the practitioner, no other hold for the patient."""
+        try:
+            for s in slots:
+                self.state.check_free(s.practitioner_id, s.interval, now, own_hold=own_hold, client=client)
+                self.state.check_patient_free(s.patient_ids, s.interval, now, own_hold)
+        except HoldConflict as exc:
+            raise SlotConflict(exc.describe(self.zone)) from None
+
+    async def _check_time(
+        self, practitioner_id: str, location_id: str, interval: Interval, minutes: int, now: dt.datetime
+    ) -> None:
+        """A start chosen by the client (not proposed by $find) must be one $find could offer: within
+        the booking horizon and on the slot grid of the working-time period it lies in (issue 7.3).
+        Whether it lies in working time at all is checked by the backend under its lock (400)."""
+        horizon = self.horizon(now)
+        if interval.start > horizon:
+            raise BusinessRuleViolation(
+                f"{self._local(interval.start)} is beyond the booking horizon: appointments can be booked "
+                f"up to {self.max_days_ahead:g} days ahead (until {self._local(horizon)})"
+            )
+        found = await self.backend.availability(AvailabilityQuery(interval, (practitioner_id,), (location_id,)))
+        anchors = sorted({int(a.timestamp()) for ra in found for a in ra.anchors})
+        anchor_s = anchor_of(anchors, int(interval.start.timestamp()))
+        if anchor_s is None:
+            return
+        anchor = dt.datetime.fromtimestamp(anchor_s, dt.UTC)
+        step = dt.timedelta(minutes=self.slot_step_minutes or minutes)
+        if (interval.start - anchor) % step:
+            after = dt.datetime.fromtimestamp(
+                on_grid(anchor_s, int(step.total_seconds()), int(interval.start.timestamp()) + 1), dt.UTC
+            )
+            raise BusinessRuleViolation(
+                f"{self._local(interval.start)} is not on the slot grid of Practitioner/{practitioner_id} at "
+                f"Location/{location_id} (every {int(step.total_seconds()) // 60} minutes from "
+                f"{self._local(anchor)}); the nearest starts on it are {self._local(after - step)} and "
+                f"{self._local(after)}"
+            )
+
+    async def proposal_for(
+        self,
+        practitioner_id: str,
+        location_id: str,
+        interval: Interval,
+        visit_type: VisitType,
+        now: dt.datetime,
+    ) -> str:
+        """A proposed id for a slot the client describes itself (``appointment-resource`` without an
+        id): refused (422) unless $find could have offered it: the visit type's duration, a
+        practitioner who offers the visit type, on the grid, within the horizon."""
+        minutes = (interval.end - interval.start) / dt.timedelta(minutes=1)
+        if minutes != visit_type.minutes:
+            raise BusinessRuleViolation(
+                f"a {visit_type.display} visit lasts {visit_type.minutes} minutes; appointment-resource "
+                f"start and end are {minutes:g} minutes apart"
+            )
+        prac = await self.actor("Practitioner", practitioner_id)
+        if prac is not None and visit_type.specialty_codes and not _offers(prac, visit_type):
+            raise BusinessRuleViolation(
+                f"Practitioner/{practitioner_id} does not offer the visit type {visit_type.display!r}"
+            )
+        await self._check_time(practitioner_id, location_id, interval, visit_type.minutes, now)
+        return self.proposals.encode(
+            Proposal(
+                practitioner_id,
+                location_id,
+                interval.start,
+                visit_type.minutes,
+                visit_type.key,
+                (),
+                now,
+                interval.start,
+                interval.end,
+            )
+        )
 
     async def _settle(self, token: str, now: dt.datetime) -> JournalEntry | None:
         """Settle a stale booking intent of ``token`` (if any); return the journal entry as it now is."""
@@ -528,27 +671,53 @@ class SchedulingService:
         comment: str | None,
         now: dt.datetime,
         client: str | None = None,
+        patient_id: str | None = None,
     ) -> Appointment:
         """Move a booking (REQ-117-07/08): the new time is secured and the old one released in one
-        legacy transaction, so a conflict (409) or any failure leaves the original untouched."""
+        legacy transaction, so a conflict (409) or any failure leaves the original untouched.
+
+        The visit type stays, and so does its duration (a new start/end of another length is 422);
+        the new practitioner must offer the visit type (422); the new start must be on the grid and
+        within the horizon (422); ``patient_id``, when the request names one, must be the
+        appointment's patient (409)."""
         current = await self.backend.get_appointment(appointment_id)
         if current is None:
             raise NotFound(f"Appointment/{appointment_id} is not known")
+        self._require_patient(appointment_id, current.patient_id, patient_id)
         if current.status in _FREEING_STATUSES + ("fulfilled",):
             raise BusinessRuleViolation(f"Appointment/{appointment_id} is {current.status} and cannot be modified")
         if interval.start <= now:
             raise InvalidRequest("the new time is in the past")
+        vt = next((v for v in await self.backend.visit_types() if v.key == current.visit_type_key), None)
+        old_minutes = (current.interval.end - current.interval.start) / dt.timedelta(minutes=1)
+        minutes = vt.minutes if vt is not None else old_minutes
+        new_minutes = (interval.end - interval.start) / dt.timedelta(minutes=1)
+        if new_minutes != minutes:
+            what = f"a {vt.display} visit" if vt is not None else "this appointment"
+            raise BusinessRuleViolation(
+                f"Appointment/{appointment_id} is {what} of {minutes:g} minutes; the new start and end are "
+                f"{new_minutes:g} minutes apart (a reschedule keeps the visit type and its duration)"
+            )
+        new_prac = practitioner_id or current.practitioner_id or ""
+        new_loc = location_id or current.location_id or ""
+        if vt is not None and vt.specialty_codes and new_prac != current.practitioner_id:
+            prac = await self.actor("Practitioner", new_prac)
+            if prac is not None and not _offers(prac, vt):
+                raise BusinessRuleViolation(
+                    f"Practitioner/{new_prac} does not offer the visit type {vt.display!r} of "
+                    f"Appointment/{appointment_id}"
+                )
+        await self._check_time(new_prac, new_loc, interval, int(minutes), now)
         slot = SlotRequest(
-            practitioner_id or current.practitioner_id or "",
-            location_id or current.location_id or "",
+            new_prac,
+            new_loc,
             interval,
             current.visit_type_key or "",
             (current.patient_id,) if current.patient_id else (),
         )
 
         def gate(slots: Sequence[SlotRequest]) -> None:
-            for s in slots:
-                self.state.check_free(s.practitioner_id, s.interval, now, own_hold=None, client=client)
+            self._check_holds(slots, now, own_hold=None, client=client)
 
         appt = await self.backend.reschedule(appointment_id, slot, gate, comment)
         self.state.bump_calendar_version()
@@ -561,24 +730,43 @@ class SchedulingService:
         reason_text: str | None,
         now: dt.datetime,
         client: str | None = None,
+        patient_id: str | None = None,
     ) -> Appointment:
         """Cancel a booking (legacy status update; the slot is offered again) or release a hold.
 
-        A hold placed by a known client can only be released by that client.
+        A hold placed by a known client can only be released by that client. ``patient_id``, when
+        the request names one, must be the appointment's (or the hold's) patient (409).
         """
         held = self.state.get_hold(appointment_id, now)
         if held is not None:
             if held.client is not None and held.client != client:
                 raise SlotConflict(f"Appointment/{appointment_id} is held by another client")
+            held_for = [str(p) for p in held.payload.get("patient_ids") or ()]
+            if held_for and patient_id is not None and patient_id not in held_for:
+                raise SlotConflict(
+                    f"Appointment/{appointment_id} is not held for Patient/{patient_id}; nothing was changed"
+                )
             raise _HeldCancellation(held)
         current = await self.backend.get_appointment(appointment_id)
         if current is None:
             raise NotFound(f"Appointment/{appointment_id} is not known")
+        self._require_patient(appointment_id, current.patient_id, patient_id)
         if current.status == "cancelled":
-            return current  # cancelling twice changes nothing
+            return current  # cancelling twice changes nothing: a retried cancel must not fail
+        if current.status in _SETTLED_STATUSES:
+            raise SlotConflict(
+                f"Appointment/{appointment_id} is {current.status} and can no longer be cancelled; nothing was changed"
+            )
         appt = await self.backend.cancel(appointment_id, reason, reason_text)
         self.state.bump_calendar_version()
         return appt
+
+    @staticmethod
+    def _require_patient(appointment_id: str, actual: str | None, claimed: str | None) -> None:
+        if claimed is not None and actual != claimed:
+            raise SlotConflict(
+                f"Appointment/{appointment_id} is not an appointment of Patient/{claimed}; nothing was changed"
+            )
 
     async def release_hold(self, hold: Hold) -> None:
         self.state.release(hold.id)
@@ -611,6 +799,8 @@ class SchedulingService:
 
 
 _FREEING_STATUSES = ("cancelled", "noshow", "entered-in-error")
+# The visit took place (or was recorded as missed): cancelling it would rewrite history.
+_SETTLED_STATUSES = ("arrived", "checked-in", "fulfilled", "noshow", "entered-in-error")
 
 
 def _same_requester(entry: JournalEntry, client: str | None, request_key: str | None) -> bool:

@@ -95,6 +95,9 @@ _MIGRATIONS = [
     # Bumped by every change the adapter makes to the legacy calendar; workers drop their
     # availability caches when it moves (scheduling/availability_cache.py).
     "CREATE TABLE IF NOT EXISTS calendar (id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL)",
+    # The patients a hold is for, as "|5|7|" (NULL: a proposal issued without a patient), so a
+    # patient's holds block that patient's other bookings whoever the practitioner (issue 7.1).
+    "ALTER TABLE holds ADD COLUMN patients TEXT",
 ]
 
 DEFAULT_LEASE_SECONDS = 120.0
@@ -139,6 +142,28 @@ class JournalEntry:
     updated_at: dt.datetime
 
 
+class HoldConflict(SlotConflict):
+    """An active hold overlaps the requested time. Carries the facts so that the domain can state
+    the times in the mapping's zone (the store knows only instants). The hold's id is not named: an
+    anonymous hold can be booked by whoever knows its id."""
+
+    def __init__(self, practitioner_id: str, interval: Interval, patient_id: str | None = None) -> None:
+        self.practitioner_id = practitioner_id
+        self.interval = interval
+        self.patient_id = patient_id
+        super().__init__(self.describe(dt.UTC))
+
+    def describe(self, zone: dt.tzinfo) -> str:
+        start = self.interval.start.astimezone(zone).isoformat()
+        end = self.interval.end.astimezone(zone).isoformat()
+        if self.patient_id is not None:
+            return (
+                f"Patient/{self.patient_id} already has an appointment held with Practitioner/{self.practitioner_id} "
+                f"from {start} to {end}"
+            )
+        return f"Practitioner/{self.practitioner_id} is held by another client from {start} to {end}"
+
+
 class IdempotencyMismatch(Exception):
     """The Idempotency-Key was used before with a different request (HTTP 422)."""
 
@@ -161,6 +186,10 @@ class StateStore(Protocol):
         own_hold: str | None,
         client: str | None = None,
     ) -> None: ...
+    def check_patient_free(
+        self, patient_ids: Iterable[str], interval: Interval, now: dt.datetime, own_hold: str | None
+    ) -> None: ...
+    def holds_by_patient(self, patient_ids: Iterable[str], window: Interval, now: dt.datetime) -> list[Interval]: ...
     def release(self, hold_id: str) -> None: ...
     def sweep(self, now: dt.datetime) -> int: ...
     def put_proposal(self, proposal_id: str, payload: str, expires_at: dt.datetime) -> None: ...
@@ -279,7 +308,7 @@ class SqliteStateStore:
         return out
 
     def _row_to_hold(self, row: tuple) -> Hold:
-        hid, prac, loc, s, e, x, client, payload = row
+        hid, prac, loc, s, e, x, client, payload = row[:8]
         return Hold(hid, prac, loc, Interval(_dt(s), _dt(e)), _dt(x), client, json.loads(payload))
 
     def get_hold(self, hold_id: str, now: dt.datetime) -> Hold | None:
@@ -317,10 +346,50 @@ class SqliteStateStore:
     ) -> None:
         found = self._conflicts(self._conn(), practitioner_id, interval, now, own_hold, client)
         if found:
-            raise SlotConflict(
-                f"Practitioner/{practitioner_id} is held by another client from "
-                f"{_dt(found[0][1]).isoformat()} to {_dt(found[0][2]).isoformat()}"
+            raise HoldConflict(practitioner_id, Interval(_dt(found[0][1]), _dt(found[0][2])))
+
+    def _patient_conflict(
+        self,
+        conn: sqlite3.Connection,
+        patient_ids: Iterable[str],
+        interval: Interval,
+        now: dt.datetime,
+        own_hold: str | None,
+    ) -> HoldConflict | None:
+        for pid in patient_ids:
+            row = conn.execute(
+                "SELECT practitioner_id, start_s, end_s FROM holds WHERE instr(patients, ?) > 0 AND expires_s > ? "
+                "AND start_s < ? AND end_s > ? AND id IS NOT ? ORDER BY start_s LIMIT 1",
+                (f"|{pid}|", _ts(now), _ts(interval.end), _ts(interval.start), own_hold),
+            ).fetchone()
+            if row:
+                return HoldConflict(row[0], Interval(_dt(row[1]), _dt(row[2])), patient_id=pid)
+        return None
+
+    def check_patient_free(
+        self, patient_ids: Iterable[str], interval: Interval, now: dt.datetime, own_hold: str | None
+    ) -> None:
+        """No active hold for any of these patients overlaps ``interval`` (except ``own_hold``).
+
+        Call inside the legacy lock (the backend locks the patient too), like ``check_free``."""
+        found = self._patient_conflict(self._conn(), patient_ids, interval, now, own_hold)
+        if found is not None:
+            raise found
+
+    def holds_by_patient(self, patient_ids: Iterable[str], window: Interval, now: dt.datetime) -> list[Interval]:
+        out: list[Interval] = []
+        for pid in patient_ids:
+            rows = (
+                self._conn()
+                .execute(
+                    "SELECT start_s, end_s FROM holds WHERE instr(patients, ?) > 0 AND expires_s > ? "
+                    "AND start_s < ? AND end_s > ?",
+                    (f"|{pid}|", _ts(now), _ts(window.end), _ts(window.start)),
+                )
+                .fetchall()
             )
+            out.extend(Interval(_dt(s), _dt(e)) for s, e in rows)
+        return out
 
     def place_hold(self, hold: Hold, now: dt.datetime) -> Hold:
         """Insert ``hold``; an active hold with the same id is returned unchanged (no extension)."""
@@ -336,13 +405,15 @@ class SqliteStateStore:
                 if r[0] != hold.id
             ]
             if found:
-                raise SlotConflict(
-                    f"Practitioner/{hold.practitioner_id} is already held by another client "
-                    f"between {_dt(found[0][1]).isoformat()} and {_dt(found[0][2]).isoformat()}"
-                )
+                raise HoldConflict(hold.practitioner_id, Interval(_dt(found[0][1]), _dt(found[0][2])))
+            patient_ids = [str(p) for p in hold.payload.get("patient_ids") or ()]
+            own = self._patient_conflict(conn, patient_ids, hold.interval, now, hold.id)
+            if own is not None:
+                raise own
             conn.execute("DELETE FROM holds WHERE id = ?", (hold.id,))  # an expired hold of the same slot
             conn.execute(
-                "INSERT INTO holds VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO holds (id, practitioner_id, location_id, start_s, end_s, expires_s, client, payload, "
+                "patients) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     hold.id,
                     hold.practitioner_id,
@@ -352,6 +423,7 @@ class SqliteStateStore:
                     _ts(hold.expires_at),
                     hold.client,
                     json.dumps(hold.payload),
+                    "|" + "|".join(patient_ids) + "|" if patient_ids else None,
                 ),
             )
         return hold

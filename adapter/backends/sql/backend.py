@@ -69,12 +69,15 @@ from adapter.backends.protocol import (
 )
 from adapter.backends.sql.db import CommitOutcomeUnknown, Database, LockNotTaken, _first_line, execute, query
 from adapter.intervals import subtract
-from adapter.mapping.expressions import attach_zone, render_template
+from adapter.mapping.codes import UnknownCode, fallback_notes
+from adapter.mapping.expressions import ExpressionError, attach_zone, render_template
 from adapter.mapping.ids import InvalidKey, to_fhir_id, to_legacy_key
 from adapter.mapping.loader import Mapping
 
 _CACHE_SECONDS = 60.0
 _FINAL_STATUSES = ("cancelled", "noshow", "fulfilled", "entered-in-error")
+# A patient's appointments in these statuses take the patient's time (as in $find, REQ-115-14).
+_PATIENT_BLOCKING = ("booked", "arrived", "checked-in", "pending")
 
 
 class SqlBackend:
@@ -85,6 +88,7 @@ class SqlBackend:
         self.db = database
         self.doc = mapping.doc
         self._ctx = mapping.ctx
+        self.zone: dt.tzinfo = mapping.ctx.zone
         self._actor_cache: dict[str, tuple[float, dict[str, Actor]]] = {}
         self._visit_types: tuple[float, list[VisitType]] | None = None
 
@@ -245,6 +249,7 @@ class SqlBackend:
         av = self.doc.availability
         zone = self._ctx.zone
         free: dict[tuple[str, str], list[Interval]] = {}
+        anchors: dict[tuple[str, str], list[dt.datetime]] = {}
         rows = self._run_section(conn, "working_time", window, prac_keys)
         if av.working_time.kind == "weekly":
             first = window.start.astimezone(zone).date()
@@ -261,11 +266,12 @@ class SqlBackend:
                         and (r.get("valid_to") is None or day <= r["valid_to"])
                     ):
                         midnight = dt.datetime.combine(day, dt.time())
-                        start = attach_zone(midnight + r["start_time"], zone).astimezone(dt.UTC)
+                        period = attach_zone(midnight + r["start_time"], zone).astimezone(dt.UTC)
                         end = attach_zone(midnight + r["end_time"], zone).astimezone(dt.UTC)
-                        start, end = max(start, window.start), min(end, window.end)
+                        start, end = max(period, window.start), min(end, window.end)
                         if start < end:
                             free.setdefault((str(r["practitioner"]), loc), []).append(Interval(start, end))
+                            anchors.setdefault((str(r["practitioner"]), loc), []).append(period)
                     day += dt.timedelta(days=1)
         else:  # free_slots: the legacy system lists bookable slots itself
             for r in rows:
@@ -275,6 +281,7 @@ class SqlBackend:
                 start, end = max(r["start"], window.start), min(r["end"], window.end)
                 if start < end:
                     free.setdefault((str(r["practitioner"]), loc), []).append(Interval(start, end))
+                    anchors.setdefault((str(r["practitioner"]), loc), []).append(r["start"])
 
         absences: dict[str, list[Interval]] = {}
         if av.absences is not None:
@@ -286,7 +293,11 @@ class SqlBackend:
         for (prac, loc), intervals in sorted(free.items()):
             intervals = subtract(sorted(intervals, key=lambda i: i.start), absences.get(prac, []))
             if intervals:
-                result.append(ResourceAvailability(prac, loc, intervals, [b for _, b in busy.get(prac, [])]))
+                result.append(
+                    ResourceAvailability(
+                        prac, loc, intervals, [b for _, b in busy.get(prac, [])], sorted(anchors.get((prac, loc), []))
+                    )
+                )
         return result
 
     def _busy(self, conn: Any, window: Interval, prac_keys: list[Any]) -> dict[str, list[tuple[str | None, Interval]]]:
@@ -309,7 +320,7 @@ class SqlBackend:
         if not covered:
             raise InvalidRequest(
                 f"Practitioner/{slot.practitioner_id} does not work at Location/{slot.location_id} from "
-                f"{iv.start.isoformat()} to {iv.end.isoformat()} (outside working hours or absent)"
+                f"{self._local(iv.start)} to {self._local(iv.end)} (outside working hours or absent)"
             )
         ignore: set[str] = set()
         if ignore_appointment is not None:
@@ -318,8 +329,76 @@ class SqlBackend:
             if busy.overlaps(iv) and (appt_id is None or str(appt_id).strip() not in ignore):
                 raise SlotConflict(
                     f"Practitioner/{slot.practitioner_id} is already booked from "
-                    f"{busy.start.isoformat()} to {busy.end.isoformat()}"
+                    f"{self._local(busy.start)} to {self._local(busy.end)}"
+                    + (f" (Appointment/{str(appt_id).strip()})" if appt_id is not None else "")
                 )
+        self._check_patients(conn, slot, ignore_appointment)
+
+    def _local(self, instant: dt.datetime) -> str:
+        """An instant as the resources state it: wall-clock time in the mapping's zone, with offset."""
+        return instant.astimezone(self.zone).isoformat()
+
+    def _lock_patients(self, conn: Any, patient_ids: Iterable[str]) -> None:
+        """Inside the write unit, after the practitioner lock(s): lock the patients' rows too, so two
+        bookings of one patient with different practitioners are serialised (issue 7.1).
+
+        Lock order is always practitioners (sorted), then patients (sorted): no two units wait on
+        each other in opposite order. ``writes.patient_lock`` names the statement; without it the
+        Patient actor's select filtered by key is used. A patient that does not exist is 422.
+        """
+        writes = self._require_writes()
+        if writes.patient_lock is not None:
+            sql, bind_name = writes.patient_lock.sql, "patient_key"
+        else:
+            spec = self.doc.actors["Patient"]
+            sql, bind_name = f"SELECT * FROM ({spec.select}) q WHERE {spec.filters['key']}", "keys"
+        locking = self.db.lockable(sql)
+        for pid in sorted(set(patient_ids)):
+            key = self._key("Patient", pid)
+            if not query(conn, locking, {bind_name: [key] if bind_name == "keys" else key}):
+                raise BusinessRuleViolation(f"Patient/{pid} does not exist in the legacy system")
+
+    def _check_patients(self, conn: Any, slot: SlotRequest, ignore_appointment: str | None = None) -> None:
+        """Inside the write unit (patients locked): no active appointment of the slot's patients, with
+        any practitioner, overlaps the slot (issue 7.1)."""
+        if not slot.patient_ids:
+            return
+        from adapter.backends.sql.search import _Plan
+
+        ap = self.doc.appointments
+        if "patient" not in ap.filters or "start_from" not in ap.filters or "start_before" not in ap.filters:
+            return  # the loader warns: this mapping cannot tell a patient's appointments by time
+        iv = slot.interval
+        plan = _Plan(self)
+        keys = [self._key("Patient", p) for p in slot.patient_ids]
+        plan.where.add(ap.filters["patient"], {"patient_keys": keys})
+        table = ap.codes.get("status")
+        if table is not None and "status" in ap.filters:
+            legacy = sorted({c for s in _PATIENT_BLOCKING for c in self.mapping.codes.legacy_codes(table, s)})
+            if legacy:
+                plan.where.add(ap.filters["status"], {"status_codes": legacy})
+        # One day earlier: an appointment that starts the day before may still run into the slot.
+        plan.where.conditions.append(plan.start_cond("ge", iv.start - dt.timedelta(days=1)))
+        plan.where.conditions.append(plan.start_cond("lt", iv.end))
+        rows = query(conn, f"SELECT * FROM ({ap.select}) q{plan.where.text()}", dict(plan.where.values))
+        for appt in self.appointments_from_rows(rows, []):
+            if appt.status in _PATIENT_BLOCKING and appt.interval.overlaps(iv) and appt.id != ignore_appointment:
+                raise SlotConflict(
+                    f"Patient/{appt.patient_id} already has Appointment/{appt.id}"
+                    + (f" with Practitioner/{appt.practitioner_id}" if appt.practitioner_id else "")
+                    + f" from {self._local(appt.interval.start)} to {self._local(appt.interval.end)}"
+                )
+
+    def _require_storable(self, start: dt.datetime) -> None:
+        """The legacy columns keep start times to ``appointments.start_resolution_seconds``: a start
+        between two such points is refused, never truncated into another time (issue 7.3)."""
+        resolution = self.doc.appointments.start_resolution_seconds
+        local = start.astimezone(self.zone)
+        if local.microsecond or (local.hour * 3600 + local.minute * 60 + local.second) % resolution:
+            raise BusinessRuleViolation(
+                f"the legacy system stores start times to {resolution} s; {self._local(start)} cannot be "
+                "stored exactly and is not booked"
+            )
 
     def _key(self, kind: str, fhir_id: str) -> Any:
         """The legacy key of a FHIR id; an id that cannot be one of ours is a bad request."""
@@ -366,6 +445,7 @@ class SqlBackend:
 
         def work(conn: Any) -> None:
             with self.db.write(conn, writes.lock.sql, lock_binds):
+                self._lock_patients(conn, (p for s in slots for p in s.patient_ids))
                 for slot in slots:
                     self._check_slot(conn, slot)
                 gate(slots)
@@ -425,10 +505,6 @@ class SqlBackend:
             return value
         return None  # database-generated: read back after insert
 
-    def _patient_exists(self, cur: Any, patient_key: Any) -> bool:
-        spec = self.doc.actors["Patient"]
-        return bool(query(cur, f"SELECT * FROM ({spec.select}) q WHERE {spec.filters['key']}", {"keys": [patient_key]}))
-
     def _read_appointment(self, cur: Any, key: Any) -> Appointment | None:
         ap = self.doc.appointments
         rows = query(cur, f"SELECT * FROM ({ap.select}) q WHERE {ap.filters['key']}", {"keys": [key]})
@@ -445,10 +521,19 @@ class SqlBackend:
             "booked_by": booking.booked_by,
         }
 
+        self._require_storable(slot.interval.start)
+        if booking.patient_id not in slot.patient_ids:
+            slot = SlotRequest(
+                slot.practitioner_id,
+                slot.location_id,
+                slot.interval,
+                slot.visit_type_key,
+                (*slot.patient_ids, booking.patient_id),
+            )
+
         def work(conn: Any) -> str:
             with self.db.write(conn, writes.lock.sql, lock_binds) as cur:
-                if not self._patient_exists(cur, patient_key):
-                    raise BusinessRuleViolation(f"Patient/{booking.patient_id} does not exist in the legacy system")
+                self._lock_patients(cur, slot.patient_ids)  # also proves the patient exists
                 self._check_slot(conn, slot)
                 gate([slot])
                 new_id = self._allocate_id(cur)
@@ -497,11 +582,13 @@ class SqlBackend:
         if current is None:
             raise NotFound(f"Appointment/{appointment_id} is not known")
         key = self._key("Appointment", appointment_id)
+        self._require_storable(new_slot.interval.start)
         involved = [new_slot.practitioner_id] + ([current.practitioner_id] if current.practitioner_id else [])
         env = self._slot_env(new_slot) | {"appointment_key": key, "comment": comment}
 
         def work(conn: Any) -> None:
             with self.db.write(conn, writes.lock.sql, self._lock_binds(involved)) as cur:
+                self._lock_patients(cur, new_slot.patient_ids)
                 # Re-read under the lock: a concurrent change must not be overwritten blindly.
                 now_row = self._read_appointment(cur, key)
                 if now_row is None:
@@ -551,10 +638,30 @@ class SqlBackend:
         return appt
 
     # -- existing appointments ---------------------------------------------------------------
+    def appointments_from_rows(self, rows: Iterable[dict[str, Any]], warnings: list[str]) -> list[Appointment]:
+        """Rows -> appointments; a row the mapping cannot render (e.g. a legacy code missing from a
+        code table that declares no fallback) is skipped with a warning instead of failing the whole
+        answer. Fallback substitutions are reported in ``warnings`` as well."""
+        out: list[Appointment] = []
+        for row in rows:
+            try:
+                appt = self.appointment_from_row(row)
+            except (UnknownCode, ExpressionError, ValueError, TypeError, KeyError) as exc:
+                try:
+                    key = str(_column(row, self.doc.appointments.key)).strip()
+                except KeyError:
+                    key = "?"
+                warnings.append(f"legacy appointment {key} cannot be shown and was left out: {exc}")
+                continue
+            warnings.extend(f"Appointment/{appt.id}: {w}" for w in appt.warnings)
+            out.append(appt)
+        return out
+
     def appointment_from_row(self, row: dict[str, Any]) -> Appointment:
         ap = self.doc.appointments
         m, ctx = self.mapping, self._ctx
-        f = {name: m.expr(f"appointments.fields.{name}").evaluate(row, ctx) for name in ap.fields}
+        with fallback_notes() as notes:
+            f = {name: m.expr(f"appointments.fields.{name}").evaluate(row, ctx) for name in ap.fields}
         start = f["start"]
         end = f.get("end") or start + dt.timedelta(minutes=int(f["minutes"]))
         idents = render_template(m.expr("appointments.identifier"), row, ctx) or []
@@ -574,6 +681,7 @@ class SqlBackend:
             if isinstance(reason, dict)
             else None,
             cancel_text=f.get("cancel_text"),
+            warnings=tuple(notes),
         )
 
     async def get_appointment(self, appointment_id: str) -> Appointment | None:

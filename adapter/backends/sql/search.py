@@ -321,11 +321,12 @@ async def search_appointments(backend: SqlBackend, q: AppointmentQuery) -> Appoi
                 backend, conn, q, f"{base}{filter_where} ORDER BY {order_by}{limit_sql}", page_sql, values
             )
         rows = query(conn, page_sql, values) if q.limit > 0 else []
-        appts = [backend.appointment_from_row(r) for r in rows[: q.limit]]
+        warnings: list[str] = []
+        appts = backend.appointments_from_rows(rows[: q.limit], warnings)
         total = None
         if q.want_total:
             total = int(next(iter(query(conn, count_sql, values)[0].values())))
-        return AppointmentPage(appts, total, len(rows) > q.limit)
+        return AppointmentPage(appts, total, len(rows) > q.limit, warnings)
 
     return await backend.db.run(run)
 
@@ -333,18 +334,20 @@ async def search_appointments(backend: SqlBackend, q: AppointmentQuery) -> Appoi
 def _python_filtered(
     backend: SqlBackend, conn: Any, q: AppointmentQuery, all_sql: str, page_sql: str, values: dict[str, Any]
 ) -> AppointmentPage:
-    def narrowed(sql: str) -> list[Appointment]:
+    warnings: list[str] = []
+
+    def narrowed(sql: str, notes: list[str]) -> list[Appointment]:
         rows = query(conn, sql, values)
         if len(rows) > PYTHON_FILTER_CAP:
             raise InvalidRequest(
                 f"more than {PYTHON_FILTER_CAP} appointments match before the end-time condition; "
                 "narrow the search (patient, practitioner, or a start range)"
             )
-        return [a for a in (backend.appointment_from_row(r) for r in rows) if _end_ok(a, q.end_bounds)]
+        return [a for a in backend.appointments_from_rows(rows, notes) if _end_ok(a, q.end_bounds)]
 
-    page = narrowed(page_sql)
-    total = len(narrowed(all_sql)) if q.want_total else None
-    return AppointmentPage(page[: q.limit], total, len(page) > q.limit)
+    page = narrowed(page_sql, warnings)
+    total = len(narrowed(all_sql, [])) if q.want_total else None
+    return AppointmentPage(page[: q.limit], total, len(page) > q.limit, warnings)
 
 
 def _identifier_conditions(plan: _Plan, q: AppointmentQuery) -> list[str]:
