@@ -181,7 +181,12 @@ def ref(token: str) -> dict[str, Any]:
 
 
 def find_body(
-    days: tuple[int, int], *, practitioner_id: str | None = None, visit_type: str | None = None, count: int = 200
+    days: tuple[int, int],
+    *,
+    practitioner_id: str | None = None,
+    visit_type: str | None = None,
+    count: int = 200,
+    patient: str = "7",
 ) -> dict[str, Any]:
     today = dt.datetime.now(ZONE).date()
     start = dt.datetime.combine(today + dt.timedelta(days=days[0]), dt.time(), tzinfo=ZONE)
@@ -189,7 +194,7 @@ def find_body(
     entries = [
         {"name": "start", "valueDateTime": start.isoformat()},
         {"name": "end", "valueDateTime": end.isoformat()},
-        {"name": "patient-reference", "valueReference": {"reference": "Patient/7"}},
+        {"name": "patient-reference", "valueReference": {"reference": f"Patient/{patient}"}},
         {"name": "_count", "valueInteger": count},
     ]
     if practitioner_id:
@@ -232,6 +237,12 @@ async def race(srv: RaceServer, calls: list[tuple[str, str, str]]) -> list[httpx
                 )
             )
         )
+
+
+def overlap(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return dt.datetime.fromisoformat(a["start"]) < dt.datetime.fromisoformat(b["end"]) and dt.datetime.fromisoformat(
+        b["start"]
+    ) < dt.datetime.fromisoformat(a["end"])
 
 
 def split(responses: list[httpx.Response]) -> tuple[list[httpx.Response], list[httpx.Response]]:
@@ -384,9 +395,11 @@ def test_concurrent_books_for_different_practitioners_all_succeed(server: RaceSe
     async def scenario() -> None:
         async with httpx.AsyncClient(timeout=60) as client:
             found = await find(client, server, find_body((27 + rep, 30 + rep), count=500))
+        # All for Patient/7, who cannot be in two places at once (issue 7.1): times that do not overlap.
         one_each: dict[str | None, dict[str, Any]] = {}
         for a in found:
-            one_each.setdefault(practitioner(a), a)
+            if practitioner(a) not in one_each and not any(overlap(a, b) for b in one_each.values()):
+                one_each[practitioner(a)] = a
         slots = list(one_each.values())[:16]
         assert len(slots) >= 8
         before = server.rows("SELECT COUNT(*) FROM APPT")[0][0]
@@ -397,6 +410,41 @@ def test_concurrent_books_for_different_practitioners_all_succeed(server: RaceSe
         ids = {assert_won(r, "booked")["id"] for r in responses}
         assert len(ids) == len(slots)
         assert server.rows("SELECT COUNT(*) FROM APPT")[0][0] == before + len(slots)
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("rep", range(3))
+def test_issue7_1_one_patient_five_practitioners_same_time_exactly_one_wins(server: RaceServer, rep: int) -> None:
+    """Five clients book one patient at one time with five different practitioners at once: the
+    patient's own calendar is checked under the lock, so exactly one booking stands (issue 7.1)."""
+    patient = str(20 + rep)
+
+    async def scenario() -> None:
+        async with httpx.AsyncClient(timeout=60) as client:
+            found = await find(client, server, find_body((34 + rep, 37 + rep), count=500, patient=patient))
+        by_start: dict[str, dict[str | None, dict[str, Any]]] = {}
+        for a in found:
+            by_start.setdefault(a["start"], {}).setdefault(practitioner(a), a)
+        group = next((list(p.values())[:5] for p in by_start.values() if len(p) >= 5), [])
+        assert len(group) == 5, "no time offered by five practitioners"
+        responses = await race(server, [("book", a["id"], f"patient-{rep}-{i}") for i, a in enumerate(group)])
+        ok, failed = split(responses)
+        assert len(ok) == 1, [(r.status_code, r.text[:200]) for r in responses]
+        booked = assert_won(ok[0], "booked")
+        for r in failed:
+            assert_conflict(r, hold=False)
+            text = " ".join(i.get("diagnostics", "") for i in r.json()["entry"][0]["resource"]["issue"])
+            assert f"Patient/{patient} already has Appointment/{booked['id']}" in text, text
+            assert "-05:00" in text or "-04:00" in text, text  # the mapping's zone, as the resources state it
+        start = dt.datetime.fromisoformat(group[0]["start"]).astimezone(ZONE)
+        rows = server.rows(
+            "SELECT APPT_ID FROM APPT WHERE PAT_ID = ? AND APPT_DT = ? AND APPT_TM = ? AND STATUS_CD IN ('S', 'A', 'D', 'N')",
+            int(patient),
+            start.year * 10000 + start.month * 100 + start.day,
+            start.hour * 100 + start.minute,
+        )
+        assert [str(r[0]) for r in rows] == [booked["id"]]
 
     asyncio.run(scenario())
 
@@ -446,7 +494,12 @@ def test_conflict_storm_sustained_load_never_double_books(server: RaceServer) ->
                 slots, pracs = [], set()
                 for appt in await find(client, server, find_body((day, day + 3), count=500)):
                     key = (practitioner(appt), appt["start"])
-                    if practitioner(appt) not in pracs and key not in server.used:
+                    # One patient (Patient/7) for every slot: contested slots must not overlap (issue 7.1).
+                    if (
+                        practitioner(appt) not in pracs
+                        and key not in server.used
+                        and not any(overlap(appt, b) for b in slots)
+                    ):
                         server.used.add(key)
                         pracs.add(practitioner(appt))
                         slots.append(appt)
