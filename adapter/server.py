@@ -81,6 +81,7 @@ def build_app(settings: Settings) -> Starlette:
         slot_step_minutes=vt.slot_step_minutes,
         organization_id=mapping.doc.system.organization.id if mapping.doc.system.organization else None,
         availability_cache_seconds=settings.find.cache_seconds,
+        max_days_ahead=settings.find.max_days_ahead,
     )
     ctx = FhirContext(
         service=service,

@@ -1134,3 +1134,351 @@ def test_sqlite_through_odbc_books_exactly_once(tmp_path: Path) -> None:
             t.join()
         assert sorted(results) == [200] + [409] * 11
         assert len(a.db.blocking_at(proposed)) == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Issue 7: booking integrity (the patient's own calendar, whose appointment it is, the slot grid)
+# --------------------------------------------------------------------------------------------------
+def legacy_exec(api: Api, sql: str, *params: Any) -> None:
+    """A direct write to the legacy tables (what staff or another program would do)."""
+    if api.db.kind == "sqlite":
+        conn = sqlite3.connect(api.db.target)
+        try:
+            conn.execute(sql, params)
+            conn.commit()
+        finally:
+            conn.close()
+        return
+    import pyodbc
+
+    conn = pyodbc.connect(api.db.target, autocommit=True)
+    try:
+        conn.execute(sql, *params)
+    finally:
+        conn.close()
+
+
+def diagnostics(resp: httpx.Response) -> str:
+    return " ".join(i.get("diagnostics", "") for i in issues_of(resp.json()))
+
+
+def same_time_groups(api: Api, patient: str, days: tuple[int, int], size: int) -> list[list[dict[str, Any]]]:
+    """Proposals for ``patient`` at one start time with ``size`` different practitioners, per start time,
+    the groups not overlapping each other."""
+    by_start: dict[str, dict[str | None, dict[str, Any]]] = {}
+    for a in api.find(days=days, practitioner=None, patient=patient, count=500):
+        by_start.setdefault(a["start"], {}).setdefault(actor_id(a, "Practitioner"), a)
+    groups: list[list[dict[str, Any]]] = []
+    for pracs in by_start.values():
+        group = list(pracs.values())[:size]
+        if len(group) == size and not any(
+            parse_instant(group[0]["start"]) < parse_instant(g[0]["end"])
+            and parse_instant(g[0]["start"]) < parse_instant(group[0]["end"])
+            for g in groups
+        ):
+            groups.append(group)
+    return groups
+
+
+def test_issue7_1_patient_calendar_spans_practitioners(api: Api) -> None:
+    """$hold, $book and reschedule refuse a time that overlaps the patient's booking or hold with any
+    practitioner (409 naming the other appointment, times in the mapping's zone)."""
+    patient = "31"
+    groups = same_time_groups(api, patient, (40, 47), 3)
+    assert len(groups) >= 3, "not enough times offered by three practitioners"
+    (a1, a2, a3), (b1, b2, b3), (c1, _, _) = groups[:3]
+    before = api.db.count_appts()
+    booked = assert_success(api.book(a1["id"], "client-p1"), "booked")
+    # A hold and a booking of the same patient at the same time with other practitioners: 409.
+    for resp in (api.hold(a2["id"], "client-p2"), api.book(a3["id"], "client-p3")):
+        assert_failure(resp, 409, "conflict", f"Patient/{patient} already has Appointment/{booked['id']}")
+        assert f"from {booked['start']} to {booked['end']}" in diagnostics(resp)  # local time, as rendered
+    # Another active hold for the patient blocks the patient too, for $hold and for $book.
+    assert_success(api.hold(b1["id"], "client-p1"), "pending")
+    for resp in (api.hold(b2["id"], "client-p2"), api.book(b3["id"], "client-p3")):
+        assert_failure(resp, 409, "conflict", f"Patient/{patient} already has an appointment held")
+        assert f"from {b1['start']} to {b1['end']}" in diagnostics(resp)
+    assert api.db.count_appts() == before + 1
+    # $find no longer offers the patient those times, with any practitioner.
+    for a in api.find(days=(40, 47), practitioner=None, patient=patient, count=500):
+        for taken in (a1, b1):
+            assert not (
+                parse_instant(a["start"]) < parse_instant(taken["end"])
+                and parse_instant(taken["start"]) < parse_instant(a["end"])
+            ), (a["start"], taken["start"])
+    # Reschedule: moving another booking of the patient onto the booked time is 409, row untouched.
+    other = assert_success(api.book(c1["id"], "client-p1"), "booked")
+    original = api.db.appt(other["id"])
+    resource = {
+        "resourceType": "Appointment",
+        "id": other["id"],
+        "status": "booked",
+        "start": a2["start"],
+        "end": a2["end"],
+        "participant": participants(patient, actor_id(a2, "Practitioner") or "", actor_id(a2, "Location") or ""),
+    }
+    resp = api.book(resource=resource, client="client-p1")  # same visit type (the default), same length
+    assert_failure(resp, 409, "conflict", f"Patient/{patient} already has Appointment/{booked['id']}")
+    assert api.db.appt(other["id"]) == original
+    # The holder still books its own hold: its own hold is not a conflict.
+    assert_success(api.book(b1["id"], "client-p1"), "booked")
+
+
+def test_issue7_1_proposal_for_one_patient_cannot_be_booked_for_another(api: Api) -> None:
+    proposed = api.free_slot(patient=PATIENT, days=(48, 55))
+    before = api.db.count_appts()
+    other = {"name": "patient-resource", "resource": {"resourceType": "Patient", "id": "6"}}
+    resp = api.book(proposed["id"], "client-x", extra=(other,))
+    assert_failure(resp, 422, "business-rule", f"proposed for Patient/{PATIENT}", "Patient/6")
+    resource = {"resourceType": "Appointment", "status": "proposed", "participant": participants(patient="6")}
+    assert_failure(api.book(proposed["id"], "client-x", resource=resource), 422, "business-rule", "Patient/6")
+    assert api.db.count_appts() == before
+    # Naming the patient it was proposed for is fine.
+    same = {"name": "patient-resource", "resource": {"resourceType": "Patient", "id": PATIENT}}
+    assert_success(api.book(proposed["id"], "client-x", extra=(same,)), "booked")
+
+
+def test_issue7_2_cancel_and_reschedule_check_the_patient(api: Api) -> None:
+    """A Patient participant that is not the appointment's patient is 409 and changes nothing; a
+    request without a Patient participant is accepted (no token-based authorization yet)."""
+    first = api.free_slot(days=(56, 63))
+    booked = assert_success(api.book(first["id"], "client-o"), "booked")
+    target = apart(api, first, days=(56, 63))
+    original = api.db.appt(booked["id"])
+    cancel = {
+        "resourceType": "Appointment",
+        "id": booked["id"],
+        "status": "cancelled",
+        "participant": participants("6"),
+    }
+    move = {
+        "resourceType": "Appointment",
+        "id": booked["id"],
+        "status": "booked",
+        "start": target["start"],
+        "end": target["end"],
+        "participant": participants("6"),
+    }
+    for resource in (cancel, move):
+        resp = api.book(resource=resource, client="client-o")
+        assert_failure(resp, 409, "conflict", f"Appointment/{booked['id']} is not an appointment of Patient/6")
+        assert api.db.appt(booked["id"]) == original
+    move["participant"] = participants()[:2]  # Practitioner and Location only: accepted
+    moved = assert_success(api.book(resource=move, client="client-o"), "booked")
+    assert moved["start"] == target["start"]
+    cancel["participant"] = participants(PATIENT)
+    assert_success(api.book(resource=cancel, client="client-o"), "cancelled")
+
+
+def test_issue7_2_reschedule_keeps_visit_type_duration_and_offering_practitioner(sq: Api) -> None:
+    echo = sq.free_slot(practitioner="GOLDBERM", visit_type="ECHO", days=(64, 71))
+    booked = assert_success(sq.book(echo["id"], "client-v"), "booked")
+    original = sq.db.appt(booked["id"])
+    start = parse_instant(echo["start"]) + dt.timedelta(days=7)
+    move = {
+        "resourceType": "Appointment",
+        "id": booked["id"],
+        "status": "booked",
+        "start": start.isoformat(),
+        "end": (start + dt.timedelta(minutes=20)).isoformat(),
+        "participant": participants(practitioner="GOLDBERM"),
+    }
+    resp = sq.book(resource=move, client="client-v")
+    assert_failure(resp, 422, "business-rule", "of 60 minutes", "20 minutes apart", "keeps the visit type")
+    move["end"] = (start + dt.timedelta(minutes=60)).isoformat()
+    move["participant"] = participants(practitioner=SPEARS)  # family practice: no echocardiograms
+    assert_failure(sq.book(resource=move, client="client-v"), 422, "business-rule", f"Practitioner/{SPEARS}")
+    assert sq.db.appt(booked["id"]) == original
+
+
+def test_issue7_8_cancel_of_a_visit_that_took_place_is_409(api: Api) -> None:
+    proposed = api.free_slot(days=(72, 79))
+    booked = assert_success(api.book(proposed["id"], "client-s"), "booked")
+    cancel = {"resourceType": "Appointment", "id": booked["id"], "status": "cancelled", "participant": participants()}
+    for code, state in (("A", "arrived"), ("D", "fulfilled"), ("N", "noshow")):
+        legacy_exec(api, "UPDATE APPT SET STATUS_CD = ? WHERE APPT_ID = ?", code, int(booked["id"]))
+        resp = api.book(resource=cancel, client="client-s")
+        assert_failure(resp, 409, "conflict", f"Appointment/{booked['id']} is {state}")
+        assert api.db.appt(booked["id"])[3].strip() == code
+    legacy_exec(api, "UPDATE APPT SET STATUS_CD = 'S' WHERE APPT_ID = ?", int(booked["id"]))
+    assert_success(api.book(resource=cancel, client="client-s"), "cancelled")
+    assert_success(api.book(resource=cancel, client="client-s"), "cancelled")  # idempotent
+
+
+# -- the slot grid, the horizon, proposal lifetime (a server of its own: its calendar is changed) ----
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
+    """SQLite; Dr. Spears works 08:15-17:00 (a grid that does not start on the hour), bookings are
+    offered 30 days ahead, proposals live 10 s, and the clock can be set (``fhir.now``)."""
+    tmp = tmp_path_factory.mktemp("e2e-grid")
+    target = seeded("sqlite", tmp)
+    conn = sqlite3.connect(target)
+    conn.execute("UPDATE PROV_TEMPLATE SET START_HHMM = 815 WHERE PROV_ID = ?", (SPEARS + " ",))
+    conn.commit()
+    conn.close()
+    with running_api(tmp, "sqlite", target, find={"max_days_ahead": 30, "proposal_ttl_seconds": 10}) as a:
+        yield a
+
+
+def _fhir(a: Api) -> Any:
+    app = a.server.config.loaded_app  # type: ignore[attr-defined]
+    while not hasattr(app, "state"):
+        app = app.app
+    return app.state.fhir
+
+
+def _find_from(api: Api, start: dt.datetime, days: int = 3) -> list[dict[str, Any]]:
+    body = parameters(
+        {"name": "start", "valueDateTime": start.isoformat()},
+        {"name": "end", "valueDateTime": (start + dt.timedelta(days=days)).isoformat()},
+        {"name": "practitioner", "valueReference": {"reference": f"Practitioner/{SPEARS}"}},
+        {"name": "patient-reference", "valueReference": {"reference": f"Patient/{PATIENT}"}},
+        {"name": "_count", "valueInteger": 500},
+    )
+    resp = api.post("/Appointment/$find", body, client="finder")
+    assert resp.status_code == 200, resp.text
+    return appointments_of(resp.json())
+
+
+def on_spears_grid(instant: str) -> bool:
+    local = parse_instant(instant).astimezone(ZONE)
+    minutes = local.hour * 60 + local.minute - (8 * 60 + 15)
+    return local.second == 0 and local.microsecond == 0 and minutes >= 0 and minutes % 10 == 0
+
+
+def test_issue7_3_proposals_lie_on_the_working_time_grid(grid: Api) -> None:
+    # A window starting mid-slot, with seconds, on a working day.
+    day = local_day(7)
+    while day.isoweekday() > 5:
+        day += dt.timedelta(days=1)
+    found = _find_from(grid, day.replace(hour=9, minute=3, second=27))
+    assert found and all(on_spears_grid(a["start"]) for a in found), [a["start"] for a in found[:5]]
+    assert parse_instant(found[0]["start"]).astimezone(ZONE).time() >= dt.time(9, 5)  # 09:05 may be booked
+    # A window starting now rounds up to the next grid point, never the current second.
+    now_found = _find_from(grid, dt.datetime.now(ZONE))
+    assert now_found and all(on_spears_grid(a["start"]) for a in now_found)
+    # Every proposed start books exactly as proposed.
+    booked = assert_success(grid.book(found[0]["id"], "client-g"), "booked")
+    assert booked["start"] == found[0]["start"]
+    assert grid.db.appt(booked["id"])[:2] == legacy_date_time(found[0]["start"])
+
+
+def test_issue7_3_resource_bookings_are_checked_against_grid_and_horizon(grid: Api) -> None:
+    day = local_day(8)
+    while day.isoweekday() > 5:
+        day += dt.timedelta(days=1)
+    before = grid.db.count_appts()
+
+    def resource(start: dt.datetime, minutes: int = 20) -> dict[str, Any]:
+        return {
+            "resourceType": "Appointment",
+            "status": "proposed",
+            "appointmentType": {"coding": [{"system": "urn:sched-adapter:clinicware:visit-type", "code": "FOLLOW"}]},
+            "start": start.isoformat(),
+            "end": (start + dt.timedelta(minutes=minutes)).isoformat(),
+            "participant": participants(),
+        }
+
+    good = parse_instant(_find_from(grid, day)[0]["start"]).astimezone(ZONE)  # free, on the grid
+    off_grid = good + dt.timedelta(minutes=5)  # the grid is 08:15 + k * 10 min
+    resp = grid.book(resource=resource(off_grid), client="client-g")
+    nearest = [t.isoformat() for t in (good, good + dt.timedelta(minutes=10))]
+    assert_failure(resp, 422, "business-rule", "not on the slot grid", *nearest)
+    with_seconds = good + dt.timedelta(seconds=30)
+    assert_failure(grid.book(resource=resource(with_seconds), client="client-g"), 422, "business-rule", "slot grid")
+    far = local_day(45)
+    while far.isoweekday() > 5:
+        far += dt.timedelta(days=1)
+    resp = grid.book(resource=resource(far.replace(hour=10, minute=5)), client="client-g")
+    assert_failure(resp, 422, "business-rule", "beyond the booking horizon", "30 days ahead")
+    wrong_length = grid.book(resource=resource(good, minutes=25), client="client-g")
+    assert_failure(wrong_length, 422, "business-rule", "20 minutes")
+    assert grid.db.count_appts() == before
+    # On the grid, within the horizon, the visit type's length: booked exactly then.
+    booked = assert_success(grid.book(resource=resource(good), client="client-g"), "booked")
+    assert parse_instant(booked["start"]) == good
+    assert grid.db.appt(booked["id"])[:2] == legacy_date_time(booked["start"])
+
+
+def test_issue7_3_find_offers_nothing_beyond_the_horizon(grid: Api) -> None:
+    horizon = dt.datetime.now(dt.UTC) + dt.timedelta(days=30)
+    found = grid.find(days=(25, 40), count=500)
+    assert found and max(parse_instant(a["start"]) for a in found) <= horizon
+    resp = grid.post(
+        "/Appointment/$find",
+        parameters(
+            {"name": "start", "valueDateTime": local_day(35).isoformat()},
+            {"name": "end", "valueDateTime": local_day(40).isoformat()},
+        ),
+        client="finder",
+    )
+    assert resp.status_code == 200 and appointments_of(resp.json()) == []
+    assert "30 days ahead" in " ".join(i.get("diagnostics", "") for i in issues_of(resp.json()))
+
+
+def test_issue7_8_proposals_live_their_ttl_to_the_second(grid: Api) -> None:
+    """proposal_ttl_seconds = 10: a proposal issued at hh:mm:55 is still valid at hh:(mm+1):03 (it was
+    cut to the minute and expired at once) and expires after 10 s."""
+    fhir = _fhir(grid)
+    real = fhir.now
+    issued = dt.datetime.now(dt.UTC).replace(second=55, microsecond=0) + dt.timedelta(minutes=1)
+    try:
+        fhir.now = lambda: issued
+        first, second = grid.find(days=(2, 9), count=2)
+        fhir.now = lambda: issued + dt.timedelta(seconds=8)
+        assert_success(grid.hold(first["id"], "client-t"), "pending")
+        fhir.now = lambda: issued + dt.timedelta(seconds=11)
+        assert_failure(grid.book(second["id"], "client-t"), 404, "not-found", "expired")
+    finally:
+        fhir.now = real
+
+
+def _insert_appt(api: Api, appt_id: int, patient: str, when: dt.datetime, status: str) -> None:
+    legacy_exec(
+        api,
+        "INSERT INTO APPT (APPT_ID, PAT_ID, PROV_ID, FAC_ID, APPT_DT, APPT_TM, DUR_MIN, TYPE_CD, STATUS_CD, "
+        "NOTE_TXT, BOOKED_BY, CREATED_TS) VALUES (?, ?, ?, 1, ?, ?, 20, 'FOLLOW', ?, NULL, 'LEGACY', '20260101000000')",
+        appt_id,
+        int(patient),
+        SPEARS + " ",
+        when.year * 10000 + when.month * 100 + when.day,
+        when.hour * 100 + when.minute,
+        status,
+    )
+
+
+def _search(api: Api, ids: str) -> dict[str, Any]:
+    resp = api.http.get("/Appointment", params={"_id": ids}, headers={"Accept": "application/fhir+json"})
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+def test_issue7_8_unknown_legacy_code_is_skipped_with_a_warning(sq: Api) -> None:
+    """A legacy status code missing from a code table without a fallback: that row is left out with a
+    warning issue; the rest of the search answers (it was a 500 for the whole search)."""
+    patient = "42"
+    when = local_day(-3).replace(hour=10)
+    _insert_appt(sq, 990001, patient, when, "Z")
+    _insert_appt(sq, 990002, patient, when + dt.timedelta(hours=1), "S")
+    bundle = _search(sq, "990001,990002")
+    assert [a["id"] for a in appointments_of(bundle)] == ["990002"]
+    warnings = [i for i in issues_of(bundle) if i["severity"] == "warning"]
+    assert any("990001" in i["diagnostics"] and "'Z'" in i["diagnostics"] for i in warnings), warnings
+
+
+def test_issue7_8_code_table_fallback_renders_the_row(tmp_path: Path) -> None:
+    """``fallback:`` on a code table: the row is shown with the fallback code, plus a warning issue."""
+    text = MAPPING.read_text(encoding="utf-8")
+    marker = "    entries: {S: booked, A: arrived, D: fulfilled, C: cancelled, P: cancelled, L: cancelled, N: noshow}\n"
+    assert marker in text
+    mapping = tmp_path / "fallback.yaml"
+    mapping.write_text(text.replace(marker, marker + "    fallback: entered-in-error\n"), encoding="utf-8")
+    target = seeded("sqlite", tmp_path)
+    with running_api(tmp_path, "sqlite", target, backend={"mapping": str(mapping)}) as a:
+        when = local_day(-3).replace(hour=10)
+        _insert_appt(a, 990003, "43", when, "Z")
+        bundle = _search(a, "990003")
+        found = appointments_of(bundle)
+        assert [(x["id"], x["status"]) for x in found] == [("990003", "entered-in-error")]
+        warnings = [i for i in issues_of(bundle) if i["severity"] == "warning"]
+        assert any("Appointment/990003" in i["diagnostics"] and "fallback" in i["diagnostics"] for i in warnings)
