@@ -12,6 +12,16 @@ byte (header ``Idempotent-Replayed: true``), a different request gets 422, a con
 409. Transient answers (503) are not stored, so the retry is carried out; a key whose request died
 with its process is taken over (``state``). Without a key, booking the same proposed id again from
 the same client returns that client's booking instead of a conflict with itself.
+
+Integrity rules (issue 7; carried out by the domain, ``scheduling.service``): a time that overlaps
+the patient's other appointments or holds, with any practitioner, is 409; a proposed id booked for
+another patient than it was proposed for is 422; cancel and modify compare the ``appointment-resource``
+Patient participant with the appointment's patient (409 when it is another patient, nothing
+changed; no Patient participant is accepted, as there is no token-based authorization yet); an
+``appointment-resource`` booking or a reschedule off the slot grid, beyond ``find.max_days_ahead``,
+of another length than the visit type or with a practitioner who does not offer it is 422;
+cancelling an appointment that is arrived, checked-in, fulfilled or noshow is 409 naming its state,
+and cancelling a cancelled one returns it unchanged.
 """
 
 from __future__ import annotations

@@ -166,3 +166,34 @@ def test_code_tables_from_a_conceptmap() -> None:
 
 def test_sql_bind_names_ignore_literals() -> None:
     assert sql_bind_names("SELECT ':x' FROM T WHERE A = :a AND B::text = :b") == ["a", "b"]
+
+
+def test_issue7_8_code_table_fallback_is_validated_with_file_line(tmp_path: Path) -> None:
+    marker = "    reverse: {booked: S, cancelled: C, arrived: A, fulfilled: D, noshow: N}\n"
+    path = _broken(tmp_path, marker, marker + "    fallback: {display: no code}\n")
+    with pytest.raises(MappingError) as exc:
+        load_mapping(path)
+    line = _line_of(path, "fallback: {display")
+    assert any(
+        p.startswith(f"{path}:{line}: codes.appointment_status.fallback: expected a FHIR code")
+        for p in exc.value.problems
+    ), exc.value.problems
+
+
+def test_issue7_8_code_table_fallback_translates_missing_codes(tmp_path: Path) -> None:
+    marker = "    reverse: {booked: S, cancelled: C, arrived: A, fulfilled: D, noshow: N}\n"
+    mapping = load_mapping(_broken(tmp_path, marker, marker + "    fallback: entered-in-error\n"))
+    from adapter.mapping.codes import fallback_notes
+
+    with fallback_notes() as notes:
+        assert mapping.codes.to_fhir("appointment_status", "Z") == "entered-in-error"
+        assert mapping.codes.to_fhir("appointment_status", "S") == "booked"
+    assert len(notes) == 1 and "'Z'" in notes[0]
+
+
+def test_issue7_1_patient_lock_needs_exactly_the_patient_key_bind(tmp_path: Path) -> None:
+    old = "    sql: SELECT PAT_ID FROM PATIENT WHERE PAT_ID = :patient_key\n"
+    path = _broken(tmp_path, old, "    sql: SELECT PAT_ID FROM PATIENT WHERE PAT_ID = :patient\n")
+    with pytest.raises(MappingError) as exc:
+        load_mapping(path)
+    assert any("writes.patient_lock.sql: expected exactly one bind, :patient_key" in p for p in exc.value.problems)

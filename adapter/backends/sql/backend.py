@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import logging
 import sqlite3
 import time
 import unicodedata
@@ -74,6 +75,8 @@ from adapter.mapping.expressions import ExpressionError, attach_zone, render_tem
 from adapter.mapping.ids import InvalidKey, to_fhir_id, to_legacy_key
 from adapter.mapping.loader import Mapping
 
+log = logging.getLogger("adapter.backends.sql")
+
 _CACHE_SECONDS = 60.0
 _FINAL_STATUSES = ("cancelled", "noshow", "fulfilled", "entered-in-error")
 # A patient's appointments in these statuses take the patient's time (as in $find, REQ-115-14).
@@ -89,6 +92,12 @@ class SqlBackend:
         self.doc = mapping.doc
         self._ctx = mapping.ctx
         self.zone: dt.tzinfo = mapping.ctx.zone
+        if self.doc.writes is not None and self.doc.writes.patient_lock is None and database.dialect != "sqlite":
+            log.warning(
+                "mapping %s declares no writes.patient_lock: one patient's bookings with different practitioners "
+                "are serialised through the Patient select, which not every database locks (mappings/README.md)",
+                mapping.path.name,
+            )
         self._actor_cache: dict[str, tuple[float, dict[str, Actor]]] = {}
         self._visit_types: tuple[float, list[VisitType]] | None = None
 
