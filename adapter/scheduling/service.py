@@ -469,7 +469,7 @@ class SchedulingService:
         if expect is not None and (expect.start != proposal.start or expect.end != proposal.end):
             raise InvalidRequest(
                 "appointment-resource start/end differ from the referenced proposed appointment "
-                f"({proposal.start.isoformat()} to {proposal.end.isoformat()})"
+                f"({self._local(proposal.start)} to {self._local(proposal.end)})"
             )
         entry = await self._settle(token, now)
         if (
@@ -501,7 +501,7 @@ class SchedulingService:
                 "the legacy system books one patient per appointment; book each patient of a group separately"
             )
         if proposal.start <= now:
-            raise InvalidRequest(f"the proposed appointment starts in the past ({proposal.start.isoformat()})")
+            raise InvalidRequest(f"the proposed appointment starts in the past ({self._local(proposal.start)})")
         p = proposal
         slot = SlotRequest(p.practitioner_id, p.location_id, Interval(p.start, p.end), p.visit_type_key, (patient_id,))
         payload = proposal_to_dict(proposal) | {"patient_id": patient_id}

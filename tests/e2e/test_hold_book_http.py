@@ -1189,6 +1189,10 @@ def test_issue7_1_patient_calendar_spans_practitioners(api: Api) -> None:
     (a1, a2, a3), (b1, b2, b3), (c1, _, _) = groups[:3]
     before = api.db.count_appts()
     booked = assert_success(api.book(a1["id"], "client-p1"), "booked")
+    # Practitioner conflicts state times in the mapping's zone too, and name the appointment (issue 7.8).
+    resp = api.book(a1["id"], "client-p9")
+    assert_failure(resp, 409, "conflict", f"already booked from {booked['start']} to {booked['end']}")
+    assert f"Appointment/{booked['id']}" in diagnostics(resp)
     # A hold and a booking of the same patient at the same time with other practitioners: 409.
     for resp in (api.hold(a2["id"], "client-p2"), api.book(a3["id"], "client-p3")):
         assert_failure(resp, 409, "conflict", f"Patient/{patient} already has Appointment/{booked['id']}")
