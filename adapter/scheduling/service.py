@@ -340,9 +340,9 @@ class SchedulingService:
         if patients:
             # REQ-115-14: a time the patient is already booked (or held) for is no option for them,
             # whoever the practitioner; treat it like a hold on every practitioner for this request.
-            patient_ids_ = tuple(p.id for p in patients)
-            own = await self._patient_busy(patient_ids_, window)
-            own += self.state.holds_by_patient(patient_ids_, window, now)
+            own_ids = tuple(p.id for p in patients)
+            own = await self._patient_busy(own_ids, window)
+            own += self.state.holds_by_patient(own_ids, window, now)
             if own:
                 held = {pid: held.get(pid, []) + own for pid in prac_ids}
         prac_by_id = {p.id: p for p in candidates_prac}
