@@ -145,3 +145,57 @@ def test_long_or_dotted_keys_fall_back_to_the_shared_store(codec: ProposalCodec)
     assert codec.decode(token, T0) == p
     with pytest.raises(ProposalError):
         codec.decode("r" + "0" * 20, T0)
+
+
+def test_issue7_3_starts_stay_on_the_working_time_grid() -> None:
+    """The period starts at 0 (its anchor); the window was cut at 3:27, a booking ends at 25, a hold at 55
+    and "now" is 70:05: every candidate is still on 0 + k * 10, never on those odd instants."""
+    window_cut = T0 + dt.timedelta(minutes=3, seconds=27)
+    ra = ResourceAvailability("P1", "L1", [Interval(window_cut, T0 + dt.timedelta(minutes=120))], [iv(5, 25)], [T0])
+    total, page = find_candidates(
+        [ResourcePlan(free_time(ra), FOLLOW, (0,))],
+        held={"P1": [iv(40, 55)]},
+        now=T0 + dt.timedelta(minutes=70, seconds=5),
+        step_minutes=10,
+        offset=0,
+        limit=100,
+    )
+    starts = [(c.interval.start - T0).total_seconds() / 60 for c in page]
+    assert starts == [80, 90, 100]
+    assert total == 3
+    # Without "now" in the way: 25-40 is too short for 20 minutes from 30; after the hold (ends 55) comes 60.
+    _, page = find_candidates(
+        [ResourcePlan(free_time(ra), FOLLOW, (0,))],
+        held={"P1": [iv(40, 55)]},
+        now=T0,
+        step_minutes=10,
+        offset=0,
+        limit=100,
+    )
+    assert [(c.interval.start - T0).total_seconds() / 60 for c in page][:3] == [60, 70, 80]
+
+
+def test_issue7_3_nothing_is_offered_after_the_latest_start() -> None:
+    ra = ResourceAvailability("P1", "L1", [iv(0, 120)], [], [T0])
+    total, page = find_candidates(
+        [ResourcePlan(free_time(ra), FOLLOW, (0,))],
+        held={},
+        now=T0,
+        step_minutes=10,
+        offset=0,
+        limit=100,
+        latest_start=T0 + dt.timedelta(minutes=30),
+    )
+    assert [(c.interval.start - T0).total_seconds() / 60 for c in page] == [0, 10, 20, 30]
+    assert total == 4
+
+
+def test_issue7_8_proposals_expire_to_the_second(codec: ProposalCodec) -> None:
+    codec = ProposalCodec(b"0123456789abcdef0123", codec._store, dt.timedelta(seconds=10))
+    issued = dt.datetime(2030, 1, 7, 14, 0, 55, tzinfo=UTC)
+    token = codec.encode(
+        Proposal("SPEARSB", "1", T0 + dt.timedelta(days=1), 20, "FOLLOW", ("7",), issued, T0, T0 + dt.timedelta(days=2))
+    )
+    assert codec.decode(token, issued + dt.timedelta(seconds=9)).issued == issued
+    with pytest.raises(ProposalError, match="expired"):
+        codec.decode(token, issued + dt.timedelta(seconds=11))
