@@ -75,8 +75,9 @@ class SecuritySettings(_Section):
     signing_secret_file: Path | None = Field(None, description="file holding the secret (created if missing)")
 
 
-# The environment one load_settings() call reads (None: os.environ). A context variable, because
-# pydantic-settings builds its sources in a classmethod that takes no per-call arguments.
+# The environment the current load_settings() call reads. Outside it (Settings(...), Settings.model_validate in
+# tests) no environment is read at all. A context variable, because pydantic-settings builds its sources in a
+# classmethod that takes no per-call arguments.
 _ENVIRONMENT: ContextVar[Mapping[str, str] | None] = ContextVar("sched_settings_environment", default=None)
 
 
@@ -112,7 +113,7 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Earlier sources win: the environment over the file (passed in as init values). No .env, no secrets dir.
         env = _ENVIRONMENT.get()
-        return (env_settings if env is None else _MappingEnvSource(settings_cls, env), init_settings)
+        return (init_settings,) if env is None else (_MappingEnvSource(settings_cls, env), init_settings)
 
     @model_validator(mode="after")
     def _secret_source(self) -> Settings:
