@@ -22,7 +22,6 @@ Fixtures (scope):
 from __future__ import annotations
 
 import datetime as dt
-import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
