@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from serverutil import ProcessServers, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "Dockerfile"
@@ -42,6 +43,14 @@ def _run(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProc
     out = subprocess.run([str(a) for a in args], cwd=cwd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, f"{args}: exit {out.returncode}\n{out.stdout}\n{out.stderr}"
     return out
+
+
+def _start_demo(servers: ProcessServers, installed: Installed, cwd: Path, *extra: str | Path) -> tuple[str, int]:
+    """``sched-adapter demo`` of the installed wheel, started in ``cwd``; (base URL, port)."""
+    port = free_port()
+    argv = [str(installed.script), "demo", "--port", str(port), *(str(e) for e in extra)]
+    servers.start(argv, env=CLEAN_ENV, port=port, cwd=cwd)
+    return f"http://127.0.0.1:{port}", port
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +82,7 @@ def test_issue13_1_wheel_carries_the_package_data(installed: Installed) -> None:
     for data in ("adapter/demo/config.toml", "adapter/demo/mapping.yaml", "adapter/demo/schema.sql"):
         assert data in names
     assert "adapter/fhir/r4_elements.json" in names
-    assert not any(n.startswith(("tests/", "bench/", "samples/")) for n in names)
+    assert not any(n.startswith(("tests/", "bench/", "docs/")) for n in names)
 
 
 def test_issue13_1_adapter_is_imported_from_the_wheel(installed: Installed, tmp_path: Path) -> None:
@@ -82,27 +91,27 @@ def test_issue13_1_adapter_is_imported_from_the_wheel(installed: Installed, tmp_
 
 
 def test_issue13_1_installed_demo_serves_metadata_from_an_empty_directory(
-    installed: Installed, tmp_path: Path, live_server_process
+    installed: Installed, tmp_path: Path, live_server_process: ProcessServers
 ) -> None:
     here = tmp_path / "empty"
     here.mkdir()
-    p = live_server_process.start([installed.script, "demo", "--port", "{port}"], env=CLEAN_ENV, cwd=here)
-    r = httpx.get(f"{p.base_url}/fhir/metadata", timeout=30)
+    base, _ = _start_demo(live_server_process, installed, here)
+    r = httpx.get(f"{base}/fhir/metadata", timeout=30)
     assert r.status_code == 200, r.text
     assert r.json()["resourceType"] == "CapabilityStatement"
     # The demo's data lands under the working directory, nothing next to the installed package.
     assert (here / "var" / "demo" / "clinicware.sqlite").is_file()
     assert (here / "var" / "demo" / "signing-secret").is_file()
-    found = httpx.get(f"{p.base_url}/fhir/Practitioner/SPEARSB", timeout=30)
+    found = httpx.get(f"{base}/fhir/Practitioner/SPEARSB", timeout=30)
     assert found.status_code == 200, found.text
 
 
-def test_issue13_1_demo_data_dir_option(installed: Installed, tmp_path: Path, live_server_process) -> None:
+def test_issue13_1_demo_data_dir_option(
+    installed: Installed, tmp_path: Path, live_server_process: ProcessServers
+) -> None:
     data = tmp_path / "elsewhere"
-    p = live_server_process.start(
-        [installed.script, "demo", "--port", "{port}", "--data-dir", data], env=CLEAN_ENV, cwd=tmp_path
-    )
-    assert httpx.get(f"{p.base_url}/fhir/metadata", timeout=30).status_code == 200
+    base, _ = _start_demo(live_server_process, installed, tmp_path, "--data-dir", data)
+    assert httpx.get(f"{base}/fhir/metadata", timeout=30).status_code == 200
     assert {"adapter-state.sqlite", "clinicware.sqlite", "signing-secret"} <= {f.name for f in data.iterdir()}
     assert not (tmp_path / "var").exists()
 
@@ -173,17 +182,17 @@ def test_issue13_3_dockerfile_base_user_healthcheck_entrypoint(installed: Instal
 
 
 def test_issue13_3_healthcheck_command_passes_against_the_installed_demo(
-    installed: Installed, tmp_path: Path, live_server_process
+    installed: Installed, tmp_path: Path, live_server_process: ProcessServers
 ) -> None:
     import json
 
     (health,) = [a for w, a in _instructions() if w == "HEALTHCHECK"]
     argv = json.loads(health[health.index("CMD") + 3 :].strip())
     assert argv[0] == "python"
-    p = live_server_process.start([installed.script, "demo", "--port", "{port}"], env=CLEAN_ENV, cwd=tmp_path)
-    env = {"PATH": "/usr/bin:/bin", "SCHED_SERVER__PORT": str(p.port)}
+    _, port = _start_demo(live_server_process, installed, tmp_path)
+    env = {"PATH": "/usr/bin:/bin", "SCHED_SERVER__PORT": str(port)}
     ok = subprocess.run([str(installed.python), *argv[1:]], env=env, capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0, ok.stderr
-    live_server_process.stop(p)
+    live_server_process.stop_all()
     down = subprocess.run([str(installed.python), *argv[1:]], env=env, capture_output=True, text=True, timeout=60)
     assert down.returncode != 0

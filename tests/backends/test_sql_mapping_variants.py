@@ -117,7 +117,9 @@ def _id_allocation(spec: dict[str, Any]) -> MappingEdit:
 # --------------------------------------------------------------------------- id allocation
 
 
-def test_issue13_7_id_strategy_database_reads_back_the_generated_key(tmp_path: Path, live_server) -> None:
+def test_issue13_7_id_strategy_database_reads_back_the_generated_key(
+    tmp_path: Path, live_server: Callable[..., str]
+) -> None:
     db = sqlite_demo(tmp_path)
     before = sqlite3.connect(db).execute("SELECT MAX(APPT_ID), (SELECT NEXT_VAL FROM ID_COUNTER) FROM APPT").fetchone()
     mapping = variant(
@@ -132,7 +134,7 @@ def test_issue13_7_id_strategy_database_reads_back_the_generated_key(tmp_path: P
     assert sqlite3.connect(db).execute("SELECT NEXT_VAL FROM ID_COUNTER").fetchone()[0] == before[1]
 
 
-def test_issue13_7_id_strategy_uuid_on_a_text_key(tmp_path: Path, live_server) -> None:
+def test_issue13_7_id_strategy_uuid_on_a_text_key(tmp_path: Path, live_server: Callable[..., str]) -> None:
     db = sqlite_demo(tmp_path, replace=("APPT_ID     INTEGER      NOT NULL", "APPT_ID     VARCHAR(40)  NOT NULL"))
 
     def edit(doc: dict[str, Any]) -> None:
@@ -150,7 +152,9 @@ def test_issue13_7_id_strategy_uuid_on_a_text_key(tmp_path: Path, live_server) -
     assert row == ("SPEARSB ", "S")
 
 
-def test_issue13_7_id_strategy_sequence_on_postgresql(tmp_path: Path, live_server, fresh_pg_demo_dsn: str) -> None:
+def test_issue13_7_id_strategy_sequence_on_postgresql(
+    tmp_path: Path, live_server: Callable[..., str], fresh_pg_demo_dsn: str
+) -> None:
     conn = pyodbc.connect(fresh_pg_demo_dsn, autocommit=True)
     try:
         conn.execute("CREATE SEQUENCE appt_seq START WITH 700000")
@@ -187,7 +191,7 @@ def _free_slots(doc: dict[str, Any]) -> None:
     }
 
 
-def test_issue13_7_working_time_free_slots(tmp_path: Path, live_server) -> None:
+def test_issue13_7_working_time_free_slots(tmp_path: Path, live_server: Callable[..., str]) -> None:
     saturday = _next_saturday()  # no template, no seeded appointment: only the listed slot is free time
     ymd = saturday.year * 10000 + saturday.month * 100 + saturday.day
     db = sqlite_demo(
@@ -214,7 +218,7 @@ def test_issue13_7_working_time_free_slots(tmp_path: Path, live_server) -> None:
 # --------------------------------------------------------------------------- python: converter
 
 
-def test_issue13_7_python_converter_in_a_mapping(tmp_path: Path, live_server) -> None:
+def test_issue13_7_python_converter_in_a_mapping(tmp_path: Path, live_server: Callable[..., str]) -> None:
     def edit(doc: dict[str, Any]) -> None:
         doc["appointments"]["fields"]["comment"] = "{NOTE_TXT|trim|python:mapping_hooks.bracket}"
 
@@ -263,7 +267,7 @@ def _unrecognised_postgresql(dsn: str) -> str:
 
 
 def test_issue13_7_generic_odbc_dialect_pages_with_offset_fetch(
-    tmp_path: Path, live_server, fresh_pg_demo_dsn: str
+    tmp_path: Path, live_server: Callable[..., str], fresh_pg_demo_dsn: str
 ) -> None:
     generic = _unrecognised_postgresql(fresh_pg_demo_dsn)
     assert "POSTGRES" not in generic.upper()
@@ -287,7 +291,7 @@ def test_issue13_7_generic_odbc_dialect_pages_with_offset_fetch(
 
 
 def test_issue13_7_generic_odbc_dialect_books_with_locking_selects(
-    tmp_path: Path, live_server, fresh_pg_demo_dsn: str
+    tmp_path: Path, live_server: Callable[..., str], fresh_pg_demo_dsn: str
 ) -> None:
     generic = _unrecognised_postgresql(fresh_pg_demo_dsn)
     with serve(live_server, tmp_path, f"odbc:{generic}", DEMO_MAPPING) as client:
