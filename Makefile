@@ -1,9 +1,11 @@
 # sched-adapter developer and CI entry points.
 #
-#   make venv         create .venv and install the package with test extras
-#   make demo         run the demo server (PORT=8080)
+#   make venv         create .venv: the pinned versions of requirements-test.lock, then the package (editable)
+#   make lock         regenerate requirements.lock + requirements-test.lock from pyproject.toml (pip-tools);
+#                     keeps existing pins that still fit, `make lock LOCK_ARGS=--upgrade` takes the newest
+#   make demo         run the demo server (PORT=8080; data in var/demo)
 #   make system-deps  install unixODBC + ODBC drivers (root, Debian)
-#   make services     make sure PostgreSQL, MariaDB and Redis answer
+#   make services     make sure PostgreSQL and MariaDB answer
 #   make test         all of the above, then pytest (slow tests excluded)
 #   make test-slow    only the tests marked slow
 #   make bench        run bench/find.py ($find vs the HTTP floor)
@@ -15,23 +17,34 @@ PYTHON ?= python3
 VENV ?= .venv
 PORT ?= 8080
 PYTEST_ARGS ?=
+LOCK_ARGS ?=
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 # Steps must run in order (system packages before pip, services before tests).
 .NOTPARALLEL:
-.PHONY: venv demo system-deps services test test-slow bench bench-book bench-search clean
+.PHONY: venv lock demo system-deps services test test-slow bench bench-book bench-search clean
 
 venv: $(STAMP)
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# Re-run pip only when pyproject.toml is newer than the stamp.
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --disable-pip-version-check -e '.[test]'
+# Re-run pip only when pyproject.toml or the lock is newer than the stamp. The lock brings setuptools, so the
+# editable install builds without fetching a build environment.
+$(STAMP): pyproject.toml requirements-test.lock | $(BIN)/python
+	$(BIN)/python -m pip install --disable-pip-version-check -r requirements-test.lock
+	$(BIN)/python -m pip install --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $@
+
+# requirements.lock: what the product runs on (the Docker image); requirements-test.lock: plus the test extras.
+PIP_COMPILE = CUSTOM_COMPILE_COMMAND="make lock" $(BIN)/pip-compile --quiet --strip-extras --allow-unsafe \
+	--no-emit-index-url --no-emit-trusted-host --no-emit-find-links $(LOCK_ARGS)
+lock: | $(BIN)/python
+	$(BIN)/python -m pip install --disable-pip-version-check --quiet 'pip-tools>=7.4,<8'
+	$(PIP_COMPILE) -o requirements.lock pyproject.toml
+	$(PIP_COMPILE) --extra test -o requirements-test.lock pyproject.toml
 
 demo: venv
 	$(BIN)/sched-adapter demo --port $(PORT)

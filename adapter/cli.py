@@ -3,16 +3,35 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
+from collections.abc import Mapping
+from importlib import resources
 from pathlib import Path
 
 from adapter.mapping.loader import MappingError, load_mapping
 from adapter.settings import CONFIG_FILE_VARIABLE, SettingsError, load_settings
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEMO_CONFIG = REPO_ROOT / "samples" / "demo" / "demo.toml"
+DEMO_PACKAGE = "adapter.demo"  # package data: config.toml, mapping.yaml (= mappings/demo.yaml), schema.sql
+DEFAULT_DEMO_DIR = Path("var") / "demo"
+
+
+def demo_paths(data_dir: Path, mapping: Path, env: Mapping[str, str]) -> dict[str, str]:
+    """The demo's file locations as ``SCHED_*`` variables, unless the environment sets them already.
+
+    They stand in for the paths a settings file would hold (the packaged demo config has none, since it is
+    read from the installed package), so the usual rule "environment wins over the file" still holds.
+    """
+    data_dir = data_dir.resolve()
+    paths = {
+        "SCHED_BACKEND__MAPPING": str(mapping),
+        "SCHED_BACKEND__DATABASE_URL": f"sqlite:///{data_dir / 'clinicware.sqlite'}",
+        "SCHED_STATE__PATH": str(data_dir / "adapter-state.sqlite"),
+        "SCHED_SECURITY__SIGNING_SECRET_FILE": str(data_dir / "signing-secret"),
+    }
+    return {name: value for name, value in paths.items() if name not in env}
 
 
 def _serve(config: Path, overrides: dict[str, str]) -> int:
@@ -70,6 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="run the embedded demo practice database (created on first start)")
     demo.add_argument("--port", type=int)
     demo.add_argument("--host")
+    demo.add_argument(
+        "--data-dir",
+        type=Path,
+        default=DEFAULT_DEMO_DIR,
+        help="where the demo database, the state store and the signing secret live (default: ./var/demo)",
+    )
     check = sub.add_parser("check-mapping", help="validate a mapping file and exit")
     check.add_argument("mapping", type=Path)
     args = parser.parse_args(argv)
@@ -84,12 +109,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "serve":
         return _serve(args.config, {})
-    overrides = {}
-    if args.port is not None:
-        overrides["SCHED_SERVER__PORT"] = str(args.port)
-    if args.host is not None:
-        overrides["SCHED_SERVER__HOST"] = args.host
-    return _serve(DEMO_CONFIG, overrides)
+    demo_data = resources.files(DEMO_PACKAGE)
+    with contextlib.ExitStack() as files:
+        # Real paths for the whole run (uvicorn workers re-read both); as_file copies only out of a zipped package.
+        config = files.enter_context(resources.as_file(demo_data / "config.toml"))
+        mapping = files.enter_context(resources.as_file(demo_data / "mapping.yaml"))
+        overrides = demo_paths(args.data_dir, mapping, os.environ)
+        if args.port is not None:
+            overrides["SCHED_SERVER__PORT"] = str(args.port)
+        if args.host is not None:
+            overrides["SCHED_SERVER__HOST"] = args.host
+        return _serve(config, overrides)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,25 @@
-"""The one typed settings object, read from a TOML file and environment variables.
+"""The one typed settings object, read from a TOML file and environment variables (``pydantic-settings``).
 
 Every setting has a dotted name (``hold.ttl_seconds``) and an environment variable made of the
 prefix ``SCHED_`` and the upper-cased name with ``__`` between sections
 (``SCHED_HOLD__TTL_SECONDS=120``). Environment variables win over the file. Relative paths in
-the file are relative to the file's folder. No other module reads the environment.
+the file are relative to the file's folder, relative paths in the environment to the working
+directory. No other module reads the environment. Adding a setting is one annotated line in its section.
 """
 
 from __future__ import annotations
 
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
+import pydantic_settings
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 ENV_PREFIX = "SCHED_"
 CONFIG_FILE_VARIABLE = "SCHED_CONFIG_FILE"  # names the settings file for uvicorn workers; not itself a setting
@@ -71,7 +76,25 @@ class SecuritySettings(_Section):
     signing_secret_file: Path | None = Field(None, description="file holding the secret (created if missing)")
 
 
-class Settings(_Section):
+# The environment the current load_settings() call reads. Outside it (Settings(...), Settings.model_validate in
+# tests) no environment is read at all. A context variable, because pydantic-settings builds its sources in a
+# classmethod that takes no per-call arguments.
+_ENVIRONMENT: ContextVar[Mapping[str, str] | None] = ContextVar("sched_settings_environment", default=None)
+
+
+class _MappingEnvSource(EnvSettingsSource):
+    """pydantic-settings' environment source over a given mapping instead of ``os.environ``."""
+
+    def __init__(self, settings_cls: type[BaseSettings], env: Mapping[str, str]) -> None:
+        super().__init__(settings_cls)
+        self.env_vars = {name.lower(): value for name, value in env.items()}  # the settings are case-insensitive
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        extra="forbid", env_prefix=ENV_PREFIX, env_nested_delimiter="__", case_sensitive=False
+    )
+
     server: ServerSettings = ServerSettings()
     backend: BackendSettings
     state: StateSettings = StateSettings()
@@ -79,6 +102,19 @@ class Settings(_Section):
     hold: HoldSettings = HoldSettings()
     security: SecuritySettings = SecuritySettings()
     demo: bool = Field(False, description="create and seed the demo database on first start")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Earlier sources win: the environment over the file (passed in as init values). No .env, no secrets dir.
+        env = _ENVIRONMENT.get()
+        return (init_settings,) if env is None else (_MappingEnvSource(settings_cls, env), init_settings)
 
     @model_validator(mode="after")
     def _secret_source(self) -> Settings:
@@ -91,27 +127,7 @@ class SettingsError(ValueError):
     pass
 
 
-def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for name, value in env.items():
-        if not name.startswith(ENV_PREFIX) or name == CONFIG_FILE_VARIABLE:
-            continue
-        path = name[len(ENV_PREFIX) :].lower().split("__")
-        node = tree
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = value
-    return tree
-
-
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in over.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-def _resolve_paths(data: dict[str, Any], folder: Path) -> None:
+def _resolve_file_paths(data: dict[str, Any], folder: Path) -> None:
     for section, key in (("backend", "mapping"), ("state", "path"), ("security", "signing_secret_file")):
         value = data.get(section, {}).get(key)
         if isinstance(value, str) and value and not Path(value).is_absolute():
@@ -121,10 +137,18 @@ def _resolve_paths(data: dict[str, Any], folder: Path) -> None:
         data["backend"]["database_url"] = "sqlite:///" + str((folder / url[len("sqlite:///") :]).resolve())
 
 
+@contextmanager
+def _environment(env: Mapping[str, str]) -> Iterator[None]:
+    token = _ENVIRONMENT.set(env)
+    try:
+        yield
+    finally:
+        _ENVIRONMENT.reset(token)
+
+
 def load_settings(path: str | Path | None, env: Mapping[str, str] | None = None) -> Settings:
-    env = os.environ if env is None else env
+    """Settings from the TOML file at ``path`` (optional) overridden by ``SCHED_*`` variables of ``env``."""
     data: dict[str, Any] = {}
-    folder = Path.cwd()
     if path is not None:
         path = Path(path)
         try:
@@ -133,13 +157,10 @@ def load_settings(path: str | Path | None, env: Mapping[str, str] | None = None)
             raise SettingsError(f"{path}: cannot read settings file: {exc.strerror}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise SettingsError(f"{path}: {exc}") from exc
-        folder = path.resolve().parent
-        _resolve_paths(data, folder)
-    overrides = _env_overrides(env)
-    _resolve_paths(overrides, Path.cwd())
-    data = _merge(data, overrides)
+        _resolve_file_paths(data, path.resolve().parent)
     try:
-        return Settings.model_validate(data)
+        with _environment(os.environ if env is None else env):
+            return Settings(**data)
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
@@ -147,3 +168,8 @@ def load_settings(path: str | Path | None, env: Mapping[str, str] | None = None)
             env_name = ENV_PREFIX + "__".join(str(p) for p in err["loc"]).upper()
             lines.append(f"{dotted} ({env_name}): {err['msg']}")
         raise SettingsError(f"invalid settings{f' in {path}' if path else ''}:\n  " + "\n  ".join(lines)) from None
+    except pydantic_settings.SettingsError as exc:  # e.g. a section variable (SCHED_HOLD) that is not JSON
+        raise SettingsError(
+            f"invalid settings in the environment: {exc} (a section variable such as SCHED_HOLD takes a JSON "
+            "object; one key is SCHED_HOLD__TTL_SECONDS=120)"
+        ) from None

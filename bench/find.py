@@ -2,7 +2,7 @@
 
 What it does, everything on 127.0.0.1 and bounded in time (about 40 s in all):
 
-1. Starts the adapter as ``sched-adapter serve --config <temp copy of samples/demo/demo.toml>`` with its
+1. Starts the adapter as ``sched-adapter serve --config <temp copy of adapter/demo/config.toml>`` with its
    own var dir, a free port, ``workers = 2`` and ``log_level = "warning"`` (the demo database is
    created on first start, seeded relative to today).
 2. Picks 5 practitioner ids from ``GET /fhir/Practitioner`` and builds a Parameters body: window =
@@ -47,7 +47,8 @@ from zoneinfo import ZoneInfo
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH_DIR = Path(__file__).resolve().parent
-DEMO_TOML = REPO / "samples" / "demo" / "demo.toml"
+DEMO_TOML = REPO / "adapter" / "demo" / "config.toml"  # the settings of `sched-adapter demo`
+DEMO_MAPPING = REPO / "mappings" / "demo.yaml"
 HOST = "127.0.0.1"
 FIND_PATH = "/fhir/Appointment/$find"
 CONTENT_TYPE = "application/fhir+json"
@@ -97,9 +98,7 @@ def dump_toml(data: dict[str, Any], prefix: str = "") -> str:
 def demo_config(workdir: Path, port: int) -> tuple[Path, dict[str, Any]]:
     """A copy of the demo settings with its own var dir, port, 2 workers and warning logs."""
     data = tomllib.loads(DEMO_TOML.read_text(encoding="utf-8"))
-    mapping = Path(data["backend"]["mapping"])
-    if not mapping.is_absolute():
-        data["backend"]["mapping"] = str((DEMO_TOML.parent / mapping).resolve())
+    data["backend"]["mapping"] = str(DEMO_MAPPING)  # the demo command supplies it; so does this copy
     var = workdir / "var"
     var.mkdir()
     data.setdefault("server", {}).update(host=HOST, port=port, workers=2, log_level="warning")
@@ -112,7 +111,7 @@ def demo_config(workdir: Path, port: int) -> tuple[Path, dict[str, Any]]:
     # Written before the start so the two workers do not race to create it.
     (var / "signing-secret").write_text(secrets.token_urlsafe(32), encoding="utf-8")
     path = workdir / "bench.toml"
-    path.write_text("# written by bench/find.py from samples/demo/demo.toml\n" + dump_toml(data), encoding="utf-8")
+    path.write_text("# written by bench/find.py from adapter/demo/config.toml\n" + dump_toml(data), encoding="utf-8")
     return path, data
 
 

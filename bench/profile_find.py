@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/profile_find.py [-n 200] [--breakdown] [--pyinstrument] [--sort tottime] [--top 40]
 
-Builds the demo app the way ``sched-adapter serve`` does (a temp copy of samples/demo/demo.toml with
+Builds the demo app the way ``sched-adapter serve`` does (a temp copy of adapter/demo/config.toml with
 its own var dir, so the demo database is seeded fresh), sends the same POST bench/find.py sends
 (5 practitioners x 14 days, ``_count`` 50), prints the mean time per call, then a cProfile table
 (or a pyinstrument tree with ``--pyinstrument`` when it is installed) over ``n`` calls.

@@ -2,22 +2,20 @@
 # Make sure the real services the test-suite talks to are up:
 #   PostgreSQL 127.0.0.1:5432 (user postgres, trust auth)
 #   MariaDB    127.0.0.1:3306 (user root, empty password)
-#   Redis      127.0.0.1:6379
 #
 # For each service: if it answers, nothing is done. Otherwise it is started
 # (and, if its server binary is missing and we are root, installed with apt
 # first), then we wait up to $SCHED_SERVICE_WAIT seconds (default 30) for it
 # to answer.
 #
-# Overrides: when SCHED_TEST_PG_DSN / SCHED_TEST_MARIADB_DSN /
-# SCHED_TEST_REDIS_URL is set, the tests use that external service and the
-# corresponding local server is neither checked nor started.
+# Overrides: when SCHED_TEST_PG_DSN / SCHED_TEST_MARIADB_DSN is set, the
+# tests use that external service and the corresponding local server is
+# neither checked nor started.
 set -euo pipefail
 
 WAIT_SECONDS="${SCHED_SERVICE_WAIT:-30}"
 PG_PORT=5432
 MARIADB_PORT=3306
-REDIS_PORT=6379
 
 log() { printf 'start-services: %s\n' "$*"; }
 err() { printf 'start-services: ERROR: %s\n' "$*" >&2; }
@@ -192,52 +190,11 @@ SQL
     log "MariaDB: up"
 }
 
-# --------------------------------------------------------------------------
-# Redis
-# --------------------------------------------------------------------------
-redis_ping() { [[ "$(redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping 2>/dev/null)" == "PONG" ]]; }
-
-ensure_redis() {
-    if [[ -n "${SCHED_TEST_REDIS_URL:-}" ]]; then
-        log "Redis: SCHED_TEST_REDIS_URL is set, not touching the local server"
-        return 0
-    fi
-    if have redis-cli && redis_ping; then
-        log "Redis: answering on 127.0.0.1:$REDIS_PORT"
-        return 0
-    fi
-
-    if ! have redis-server; then
-        log "Redis: server not installed"
-        apt_install redis-server || return 1
-    fi
-    if ! have redis-cli; then
-        apt_install redis-tools || return 1
-    fi
-
-    if ! redis_ping; then
-        log "Redis: starting redis-server"
-        local extra=(--dir /tmp)
-        if [[ -d /var/lib/redis && -w /var/lib/redis ]]; then
-            extra=(--dir /var/lib/redis)
-        fi
-        if [[ -d /var/log/redis && -w /var/log/redis ]]; then
-            extra+=(--logfile /var/log/redis/sched-adapter.log)
-        fi
-        redis-server --daemonize yes --bind 127.0.0.1 -::1 --port "$REDIS_PORT" \
-            --save "" --appendonly no "${extra[@]}"
-    fi
-
-    wait_until "Redis" redis_ping || return 1
-    log "Redis: up"
-}
-
 # Note: errexit is not in effect inside functions called in a `||` list, so
 # every step in the ensure_* functions checks its own failures.
 failed=()
 ensure_postgres || failed+=("PostgreSQL")
 ensure_mariadb || failed+=("MariaDB")
-ensure_redis || failed+=("Redis")
 
 if (( ${#failed[@]} )); then
     err "not available: ${failed[*]}"

@@ -4,9 +4,9 @@ Why hand-written: no offline tool checks the IHE profiles ``ihe-sched-appt`` and
 ``ihe-sched-avail-bundle`` (the IG ships differentials only, and writes ``participant.actor 1..1``
 under a malformed element id that snapshot generators drop), and the official R4 JSON Schema checks
 types, codes, ids and unknown elements but neither required-array cardinality nor invariants. The
-rules below are transcribed from ``/work/shared/ihe-scheduling-ig/json-converted/
-StructureDefinition-ihe-sched-{appt,avail-bundle}.json``, the R4 Appointment invariants app-1..app-4
-and REQUIREMENTS.md (REQ-APPT-*, REQ-BNDL-*, REQ-GEN-22); each message names its rule.
+rules below are transcribed from the IG's StructureDefinitions ``ihe-sched-appt`` and
+``ihe-sched-avail-bundle`` (IHE ITI Scheduling 1.0.0), the R4 Appointment invariants app-1..app-4
+and docs/requirements.md (REQ-APPT-*, REQ-BNDL-*, REQ-GEN-22); each message names its rule.
 
 Every ``*_problems`` function is pure and returns human-readable problem strings (empty list =
 conformant) so a test can assert on one specific problem; the ``assert_*`` wrappers raise one

@@ -91,9 +91,11 @@ def working_and_booked_minutes(conn, today: dt.date, days: int) -> tuple[int, in
 # ------------------------------------------------------------------------ schema
 
 
-def test_schema_path_points_at_samples_demo_schema():
-    assert demo_seed.SCHEMA_PATH.is_file()
-    assert demo_seed.SCHEMA_PATH.parts[-3:] == ("samples", "demo", "schema.sql")
+def test_issue13_1_schema_is_package_data():
+    from importlib import resources
+
+    assert demo_seed.SCHEMA == resources.files("adapter.demo") / "schema.sql"
+    assert demo_seed.SCHEMA.is_file()
 
 
 def test_schema_statements_strip_comments_and_cover_every_table():

@@ -78,18 +78,6 @@ def test_sqlite_dsn_points_at_file(tmp_path) -> None:
     assert path.exists()
 
 
-def test_redis_answers(redis_url: str) -> None:
-    import redis
-
-    client = redis.Redis.from_url(redis_url)
-    try:
-        assert client.ping() is True
-        client.set("sched:infra", "ok", ex=10)
-        assert client.get("sched:infra") == b"ok"
-    finally:
-        client.close()
-
-
 def _tiny_app():
     from starlette.applications import Starlette
     from starlette.responses import JSONResponse

@@ -66,10 +66,12 @@ import random
 import sqlite3
 import tempfile
 from dataclasses import dataclass
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
 __all__ = [
-    "SCHEMA_PATH",
+    "SCHEMA",
     "SeedSummary",
     "add_bulk_appointments",
     "create_schema",
@@ -78,7 +80,7 @@ __all__ = [
     "seed_demo",
 ]
 
-SCHEMA_PATH: Path = Path(__file__).resolve().parents[2] / "samples" / "demo" / "schema.sql"
+SCHEMA: Traversable = resources.files(__package__) / "schema.sql"  # package data, so installed copies have it
 
 FIRST_APPT_ID = 1000
 BOOKED_BY = "LEGACY"
@@ -109,10 +111,10 @@ def _strip_line_comment(line: str) -> str:
 
 
 def schema_statements() -> list[str]:
-    """The DDL statements of :data:`SCHEMA_PATH`, comments stripped, without the ``;``."""
+    """The DDL statements of :data:`SCHEMA`, comments stripped, without the ``;``."""
     statements: list[str] = []
     current: list[str] = []
-    for raw in SCHEMA_PATH.read_text(encoding="utf-8").splitlines():
+    for raw in SCHEMA.read_text(encoding="utf-8").splitlines():
         line = _strip_line_comment(raw)
         if not line.strip():
             continue

@@ -39,7 +39,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
-from pathlib import Path
+from importlib import resources
 from typing import Any
 from xml.parsers import expat
 
@@ -53,7 +53,7 @@ XML_NS = "http://www.w3.org/XML/1998/namespace"
 #: Bundle of Appointments with narrative is ~12 deep); the bound keeps recursion safe.
 MAX_DEPTH = 200
 
-_ELEMENTS_FILE = Path(__file__).with_name("r4_elements.json")
+_ELEMENTS_FILE = resources.files(__package__) / "r4_elements.json"
 _PRIMITIVE_KINDS = frozenset({"b", "i", "d", "s"})
 _KIND_NAMES = {"b": "a boolean", "i": "an integer", "d": "a decimal number", "s": "a string"}
 _XML_DECLARATION = '<?xml version="1.0" encoding="UTF-8"?>'
