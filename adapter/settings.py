@@ -78,6 +78,7 @@ class Settings(_Section):
     hold: HoldSettings = HoldSettings()
     security: SecuritySettings = SecuritySettings()
     demo: bool = Field(False, description="create and seed the demo database on first start")
+    demo_page: bool | None = Field(None, description="serve the demo booking page at /demo; default: same as demo")
 
     @model_validator(mode="after")
     def _secret_source(self) -> Settings:
