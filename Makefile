@@ -2,7 +2,7 @@
 #
 #   make venv         create .venv and install the package with test extras
 #   make demo         run the demo server (PORT=8080)
-#   make system-deps  install unixODBC + ODBC drivers (root, Debian)
+#   make system-deps  install unixODBC + ODBC drivers and chromium (root, Debian)
 #   make services     make sure PostgreSQL, MariaDB and Redis answer
 #   make test         all of the above, then pytest (slow tests excluded)
 #   make test-slow    only the tests marked slow
