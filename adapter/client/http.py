@@ -257,7 +257,10 @@ class SchedulingClient:
         request = self._http.build_request(
             method,
             self.url(path),
-            params=list(params.items()) if isinstance(params, Mapping) else params,
+            # No params at all (not an empty set) keeps a query string already in the URL, e.g. a next link.
+            params=None
+            if params is None
+            else httpx.QueryParams(list(params.items() if isinstance(params, Mapping) else params)),
             content=body,
             headers=all_headers,
         )

@@ -306,11 +306,18 @@ class Kit:
             t.expect({"find", "book"} <= cap.operations, f"operations are {sorted(cap.operations)}")
         with self.check("REQ-GEN-09", "Appointment declares the hold operation") as t:
             t.expect("hold" in cap.operations, f"operations are {sorted(cap.operations)}")
-        with self.check("REQ-GEN-10", "search parameters _id, identifier, patient") as t:
+        with self.check("REQ-GEN-10", "search parameters _id, identifier, patient; patient+date combination") as t:
             t.expect(
                 {"_id", "identifier", "patient"} <= cap.search_params,
                 f"search parameters are {sorted(cap.search_params)}",
             )
+            appt = self._statement_resource("Appointment") or {}
+            combos = [
+                {str(part.get("valueString")) for part in ext.get("extension") or [] if part.get("url") == "required"}
+                for ext in appt.get("extension") or []
+                if str(ext.get("url", "")).endswith("capabilitystatement-search-parameter-combination")
+            ]
+            t.expect({"patient", "date"} in combos, "no search-parameter-combination extension requiring patient+date")
         with self.check("REQ-GEN-13", "Bundle: ihe-sched-avail-bundle profile") as t:
             bundle = self._statement_resource("Bundle")
             t.expect(
@@ -554,9 +561,9 @@ class Kit:
             if not held:
                 t.skip("no hold was made (REQ-116-04)")
             prac = str((actor(held["proposed"], "Practitioner") or {}).get("reference", ""))
-            again = self.proposals(t, 500, patient=False, practitioner=[prac] if prac else [])
+            offered = self.proposals(t, 500, patient=False, practitioner=[prac] if prac else [])
             t.expect(
-                all(a.get("start") != held["proposed"]["start"] for a in again),
+                all(a.get("start") != held["proposed"]["start"] for a in offered),
                 f"{prac} at {held['proposed']['start']} is still proposed while held",
             )
         booked: dict[str, Any] = {}
@@ -745,9 +752,13 @@ class Kit:
             t.expect(not wrong, "; ".join(wrong))
         with self.check("REQ-118-06", "patient + date combine with AND", "search:patient", "search:date") as t:
             appt = need_target(t)
-            day = dt.date.fromisoformat(appt["start"][:10])
-            body = search(t, ("patient", str(patient)), ("date", f"ge{day}"), ("date", f"lt{day + dt.timedelta(1)}"))
-            wrong = [a["start"] for a in entries(body, "Appointment", "match") if a["start"][:10] != day.isoformat()]
+            that_day = dt.date.fromisoformat(appt["start"][:10])
+            body = search(
+                t, ("patient", str(patient)), ("date", f"ge{that_day}"), ("date", f"lt{that_day + dt.timedelta(1)}")
+            )
+            wrong = [
+                a["start"] for a in entries(body, "Appointment", "match") if a["start"][:10] != that_day.isoformat()
+            ]
             t.expect(not wrong and appt["id"] in ids(body), f"other days {wrong[:3]} or the appointment missing")
         with self.check("REQ-118-11", "status narrows the search", "search:status") as t:
             need_target(t)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import re
 import subprocess
@@ -14,6 +15,8 @@ from adapter.cli import main
 
 PATIENT = "7"
 SPEARS = "SPEARSB"
+#: Windows start tomorrow: a window starting "now" may propose a time that is already past when held.
+START = (dt.date.today() + dt.timedelta(days=1)).isoformat()
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -55,10 +58,12 @@ def test_issue12_1_find_json_is_the_servers_bundle(demo_base: str, capsys: pytes
 
 def test_issue12_1_hold_book_show_search_reschedule_cancel(demo_base: str, capsys: pytest.CaptureFixture[str]) -> None:
     base = ["client", "--base", demo_base, "--x-client-id", "cli-test"]
-    code, out, _ = run(capsys, *base, "find", "--practitioner", SPEARS, "--patient", PATIENT, "--count", "5")
+    code, out, _ = run(
+        capsys, *base, "find", "--practitioner", SPEARS, "--patient", PATIENT, "--start", START, "--count", "5"
+    )
     token = first_id(out)
-    code, out, _ = run(capsys, *base, "hold", token)
-    assert code == 0 and "pending (hold until " in out and token in out
+    code, out, err = run(capsys, *base, "hold", token)
+    assert code == 0 and "pending (hold until " in out and token in out, err
     code, out, _ = run(capsys, *base, "--json", "book", token, "--comment", "from the CLI")
     assert code == 0
     booked = json.loads(out)["entry"][0]["resource"]
@@ -108,7 +113,9 @@ def test_issue12_1_hold_book_show_search_reschedule_cancel(demo_base: str, capsy
 def test_issue12_1_refusal_exits_1_with_the_operation_outcome(
     demo_base: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    _, out, _ = run(capsys, "client", "--base", demo_base, "find", "--practitioner", SPEARS, "--patient", PATIENT)
+    _, out, _ = run(
+        capsys, "client", "--base", demo_base, "find", "--practitioner", SPEARS, "--patient", PATIENT, "--start", START
+    )
     token = first_id(out)
     assert run(capsys, "client", "--base", demo_base, "--x-client-id", "a", "hold", token)[0] == 0
     code, out, err = run(capsys, "client", "--base", demo_base, "--x-client-id", "b", "hold", token)

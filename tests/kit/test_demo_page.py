@@ -64,7 +64,7 @@ def page(browser: Any, demo_base: str) -> Iterator[Any]:
     pg = context.new_page()
     pg.set_default_timeout(20_000)
     pg.goto(demo_base.removesuffix("/fhir") + "/demo/")
-    pg.wait_for_function("document.querySelectorAll('#practitioner option').length > 1")
+    pg.wait_for_function("document.querySelectorAll('#specialty option').length > 1")
     yield pg
     context.close()
 
@@ -128,3 +128,26 @@ def test_issue12_4_conflict_when_another_client_books_first(page: Any, demo_base
     assert message.startswith("Sorry, this time was just taken by someone else."), message
     assert page.locator("#hold-panel").is_hidden()
     assert page.locator(f"button.time[data-id='{token}']").count() == 0
+
+
+def test_issue12_3_specialty_choice_narrows_the_times(page: Any, demo_base: str) -> None:
+    options = page.locator("#specialty option").all_inner_texts()
+    assert "Cardiology" in options and "Family practice" in options
+    page.get_by_label("Patient id").fill(PATIENT)
+    page.get_by_label("Specialty").select_option(label="Cardiology")
+    page.get_by_role("button", name="Find times").click()
+    page.wait_for_selector("button.time")
+    shown = {t.split(" ", 1)[1] for t in page.locator("button.time").all_inner_texts()}
+    found = httpx.get(
+        f"{demo_base}/Appointment/$find",
+        params={"specialty": "http://snomed.info/sct|394579002", "_count": "500"},
+        timeout=30,
+    ).json()
+    cardiologists = {
+        p["actor"]["display"]
+        for e in found["entry"]
+        if e["resource"]["resourceType"] == "Appointment"
+        for p in e["resource"]["participant"]
+        if p["actor"]["reference"].startswith("Practitioner/")
+    }
+    assert shown and shown <= cardiologists
