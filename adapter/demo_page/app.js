@@ -176,6 +176,10 @@ async function hold(appt, button) {
     const bundle = await fhir("POST", "Appointment/$hold", { resourceType: "Parameters", parameter: [
       { name: "appointment-reference", valueReference: { reference: "Appointment/" + appt.id } }] });
     held = appointments(bundle)[0];
+    for (const other of document.querySelectorAll("button.time[aria-pressed=true]")) {
+      other.setAttribute("aria-pressed", "false");
+    }
+    button.setAttribute("aria-pressed", "true");  // the held time stays visible, marked
     showHold();
   } catch (err) {
     say((err.status === 409 ? "Sorry, this time was just taken by someone else. " : "") + err.message);

@@ -85,20 +85,21 @@ def test_issue12_4_find_hold_book_see_cancel_in_chromium(page: Any) -> None:
     first.focus()
     page.keyboard.press("Enter")  # keyboard works: the times are real buttons
     page.wait_for_selector("#hold-panel:not([hidden])")
+    assert first.get_attribute("aria-pressed") == "true"
     countdown = page.locator("#countdown")
     assert re.fullmatch(r"[45]:\d\d", countdown.inner_text()), countdown.inner_text()
     page.wait_for_function(
         "before => document.getElementById('countdown').textContent !== before", arg=countdown.inner_text()
     )  # it counts down
     page.get_by_label("Note for the practice (optional)").fill("booked in Chromium")
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    page.screenshot(path=str(SCREENSHOT))  # the held time with its countdown, above the times of the week
     page.get_by_role("button", name="Book this time").click()
     page.wait_for_selector("#message.ok")
     assert page.locator("#message").inner_text().startswith("Booked:")
     row = page.locator("#mine tbody tr").filter(has_text=chosen_start[11:16])
     row.wait_for()
     assert "booked" in row.inner_text()
-    SCREENSHOT.parent.mkdir(exist_ok=True)
-    page.screenshot(path=str(SCREENSHOT))
     booked_id = row.get_attribute("data-id")
     page.get_by_label("Reason when cancelling").select_option("weather")
     row.get_by_role("button", name=re.compile("^Cancel the appointment")).click()
