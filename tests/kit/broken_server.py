@@ -8,6 +8,9 @@ answers, so a test can show that the kit's named check catches it. The defects:
 ``wrong_total``            ``$find`` reports the page size as ``total``
 ``empty_find_no_outcome``  an empty ``$find`` answer has no OperationOutcome entry
 ``no_xml``                 XML requests are refused with 415 although the CapabilityStatement claims XML
+
+Not a defect but a smaller server: ``unclaimed_hold`` removes ``hold`` from the CapabilityStatement
+(the kit must then skip the hold checks and say why).
 """
 
 from __future__ import annotations
@@ -24,12 +27,13 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 DEFECTS = ("drop_requested_period", "conflict_200", "wrong_total", "empty_find_no_outcome", "no_xml")
+VARIANTS = ("unclaimed_hold",)
 _HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "content-encoding", "host"}
 
 
 def broken_app(upstream: str, defect: str, own_base: dict[str, str]) -> Starlette:
     """Proxy ``/fhir/...`` to ``upstream`` (a FHIR base); ``own_base["url"]`` is this proxy's FHIR base."""
-    if defect not in DEFECTS:
+    if defect not in DEFECTS + VARIANTS:
         raise ValueError(defect)
     client = httpx.AsyncClient(timeout=30)
 
@@ -86,6 +90,9 @@ def _plant(defect: str, path: str, body: Any, status: int) -> tuple[Any, int]:
         status = 200
     elif defect == "wrong_total" and path.endswith("$find") and isinstance(body, dict):
         body["total"] = len([e for e in body.get("entry") or [] if e["search"]["mode"] == "match"])
+    elif defect == "unclaimed_hold" and path == "/metadata" and isinstance(body, dict):
+        for resource in body["rest"][0]["resource"]:
+            resource["operation"] = [o for o in resource.get("operation") or [] if o["name"] != "hold"]
     elif defect == "empty_find_no_outcome" and path.endswith("$find") and isinstance(body, dict):
         if body.get("total") == 0:
             body["entry"] = []

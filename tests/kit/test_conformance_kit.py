@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -62,16 +63,34 @@ def test_issue12_2_without_patient_booking_checks_are_skipped_with_why(demo_base
     assert rows["REQ-115-22"]["status"] == "pass"
 
 
-@pytest.fixture(params=DEFECTS)
-def broken_base(request: pytest.FixtureRequest, demo_base: str) -> Iterator[tuple[str, str]]:
+@contextmanager
+def proxy(demo_base: str, defect: str) -> Iterator[str]:
     own: dict[str, str] = {}
-    server = ThreadServer(broken_app(demo_base, request.param, own))
+    server = ThreadServer(broken_app(demo_base, defect, own))
     own["url"] = server.base_url + "/fhir"
     server.start()
     try:
-        yield request.param, own["url"]
+        yield own["url"]
     finally:
         server.stop()
+
+
+@pytest.fixture(params=DEFECTS)
+def broken_base(request: pytest.FixtureRequest, demo_base: str) -> Iterator[tuple[str, str]]:
+    with proxy(demo_base, request.param) as base:
+        yield request.param, base
+
+
+def test_issue12_2_unclaimed_feature_is_skipped_with_why(demo_base: str, tmp_path: Path) -> None:
+    with proxy(demo_base, "unclaimed_hold") as base:
+        code, rows = kit(base, tmp_path / "report.json")
+    for requirement in ("REQ-116-04", "REQ-116-08", "REQ-116-11"):
+        assert rows[requirement]["status"] == "skip"
+        assert rows[requirement]["checks"][0]["message"] == "the CapabilityStatement does not claim op:hold"
+        assert rows[requirement]["checks"][0]["evidence"] == []  # nothing was sent
+    assert rows["REQ-GEN-09"]["status"] == "fail"  # SHOULD declare $hold
+    assert rows["REQ-117-05"]["status"] == "pass" and rows["REQ-118-05"]["status"] == "pass"
+    assert code == 1
 
 
 def test_issue12_2_each_planted_defect_fails_its_named_check(broken_base: tuple[str, str], tmp_path: Path) -> None:
