@@ -435,6 +435,7 @@ class Kit:
             ]
             t.expect(not wrong, f"page 2 proposes other practitioners: {wrong[:3]}")
         self._and_or_checks()
+        self._token_checks()
         with self.check("REQ-115-26", "no options: total 0 and one information OperationOutcome", "op:find") as t:
             ex = t.record(self.client.find(self.window(practitioner=[f"Practitioner/kit-{uuid.uuid4().hex[:8]}"])))
             body = t.expect_status(ex, 200)
@@ -451,6 +452,22 @@ class Kit:
                 a["id"] for a in found if not str((actor(a, "Patient") or {}).get("reference", "")).endswith(patient)
             ]
             t.expect(not missing, f"proposals without {patient}: {missing[:3]}")
+
+    def _token_checks(self) -> None:
+        """REQ-115-06/07: a specialty or visit type the server itself proposes narrows the result to it."""
+        for req, element, name, title in (
+            ("REQ-115-06", "specialty", "specialty", "specialty narrows proposals to that specialty"),
+            ("REQ-115-07", "appointmentType", "visit_type", "visit-type narrows proposals to that type"),
+        ):
+            with self.check(req, title, "op:find") as t:
+                sample = [c for a in self.proposals(t, 50, patient=False) for c in _codings(a, element)]
+                if not sample:
+                    t.skip(f"the proposals carry no {element} coding to search with")
+                system, code = sample[0]
+                found = self.proposals(t, 50, patient=False, **{name: [f"{system}|{code}"]})
+                t.expect(found, f"no proposals for {element} {system}|{code}")
+                wrong = [a["id"] for a in found if (system, code) not in _codings(a, element)]
+                t.expect(not wrong, f"proposals without {element} {system}|{code}: {wrong[:3]}")
 
     def _and_or_checks(self) -> None:
         with self.check("REQ-115-18", "practitioner AND location; repeated practitioner is OR", "op:find") as t:
@@ -760,6 +777,50 @@ class Kit:
                 a["start"] for a in entries(body, "Appointment", "match") if a["start"][:10] != that_day.isoformat()
             ]
             t.expect(not wrong and appt["id"] in ids(body), f"other days {wrong[:3]} or the appointment missing")
+        with self.check("REQ-118-08", "identifier finds the appointment", "search:identifier") as t:
+            appt = need_target(t)
+            idents = [i for i in appt.get("identifier") or [] if i.get("system") and i.get("value")]
+            if not idents:
+                t.skip("the booked appointment carries no identifier with system and value")
+            token = f"{idents[0]['system']}|{idents[0]['value']}"
+            t.expect(ids(search(t, ("identifier", token))) == {appt["id"]}, f"identifier={token} is not exactly it")
+        with self.check(
+            "REQ-118-09", "practitioner search matches practitioner participants", "search:practitioner"
+        ) as t:
+            appt = need_target(t)
+            prac = str((actor(appt, "Practitioner") or {}).get("reference", ""))
+            body = search(t, ("practitioner", prac), ("date", f"ge{appt['start'][:10]}"), ("_count", "500"))
+            wrong = [
+                a["id"]
+                for a in entries(body, "Appointment", "match")
+                if str((actor(a, "Practitioner") or {}).get("reference")) != prac
+            ]
+            t.expect(
+                not wrong and appt["id"] in ids(body), f"wrong practitioner {wrong[:3]} or the appointment missing"
+            )
+        with self.check("REQ-118-10", "specialty and appointment-type match", "search:specialty") as t:
+            appt = need_target(t)
+            for param, element in (("specialty", "specialty"), ("appointment-type", "appointmentType")):
+                codings = _codings(appt, element)
+                if not codings or not self.capability.claims(f"search:{param}"):
+                    continue
+                token = "|".join(codings[0])
+                body = search(t, ("patient", str(patient)), (param, token))
+                t.expect(appt["id"] in ids(body), f"{param}={token} misses the appointment")
+                wrong = [
+                    a["id"] for a in entries(body, "Appointment", "match") if codings[0] not in _codings(a, element)
+                ]
+                t.expect(not wrong, f"{param}={token} finds appointments without it: {wrong[:3]}")
+        with self.check("REQ-118-11", "location narrows the search", "search:location") as t:
+            appt = need_target(t)
+            loc = str((actor(appt, "Location") or {}).get("reference", ""))
+            body = search(t, ("patient", str(patient)), ("location", loc))
+            wrong = [
+                a["id"]
+                for a in entries(body, "Appointment", "match")
+                if str((actor(a, "Location") or {}).get("reference")) != loc
+            ]
+            t.expect(not wrong and appt["id"] in ids(body), f"wrong location {wrong[:3]} or the appointment missing")
         with self.check("REQ-118-11", "status narrows the search", "search:status") as t:
             need_target(t)
             body = search(t, ("patient", str(patient)), ("status", "cancelled"))
@@ -897,6 +958,19 @@ class _SkipTrial(Trial):
 
 class _Skipped(Exception):
     pass
+
+
+def _codings(resource: dict[str, Any], element: str) -> list[tuple[str, str]]:
+    """(system, code) pairs of a CodeableConcept element (a list or a single one)."""
+    value = resource.get(element)
+    concepts = value if isinstance(value, list) else [value] if isinstance(value, dict) else []
+    return [
+        (str(c["system"]), str(c["code"]))
+        for concept in concepts
+        if isinstance(concept, dict)
+        for c in concept.get("coding") or []
+        if isinstance(c, dict) and c.get("system") and c.get("code")
+    ]
 
 
 def _resource_of(appt: dict[str, Any]) -> dict[str, Any]:
