@@ -152,3 +152,13 @@ def test_issue12_3_specialty_choice_narrows_the_times(page: Any, demo_base: str)
         if p["actor"]["reference"].startswith("Practitioner/")
     }
     assert shown and shown <= cardiologists
+
+
+def test_issue12_3_pasted_bearer_token_is_sent(page: Any) -> None:
+    page.locator("summary", has_text="Server and access token").click()
+    page.get_by_label("Bearer token (leave empty when authorization is off)").fill("pasted-token-123")
+    page.get_by_label("Patient id").fill(PATIENT)
+    with page.expect_request(lambda r: r.url.endswith("/Appointment/$find") and r.method == "POST") as request:
+        page.get_by_role("button", name="Find times").click()
+    assert request.value.headers.get("authorization") == "Bearer pasted-token-123"
+    page.wait_for_selector("button.time")  # the server (auth off) still answers
