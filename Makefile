@@ -4,7 +4,7 @@
 #   make lock         regenerate requirements.lock + requirements-test.lock from pyproject.toml (pip-tools);
 #                     keeps existing pins that still fit, `make lock LOCK_ARGS=--upgrade` takes the newest
 #   make demo         run the demo server (PORT=8080; data in var/demo)
-#   make system-deps  install unixODBC + ODBC drivers (root, Debian)
+#   make system-deps  install unixODBC + ODBC drivers and chromium (root, Debian)
 #   make services     make sure PostgreSQL and MariaDB answer
 #   make test         all of the above, then pytest (slow tests excluded)
 #   make test-slow    only the tests marked slow

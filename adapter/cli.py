@@ -1,4 +1,4 @@
-"""``sched-adapter``: serve, demo, check-mapping."""
+"""``sched-adapter``: serve, demo, check-mapping, client, conformance."""
 
 from __future__ import annotations
 
@@ -97,7 +97,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     check = sub.add_parser("check-mapping", help="validate a mapping file and exit")
     check.add_argument("mapping", type=Path)
+    from adapter.client.cli import register as register_client
+    from adapter.conformance.cli import register as register_conformance
+
+    register_client(sub)
+    register_conformance(sub)
     args = parser.parse_args(argv)
+    if getattr(args, "handler", None) is not None:
+        return int(args.handler(args))
 
     if args.command == "check-mapping":
         try:

@@ -114,4 +114,5 @@ def build_app(settings: Settings) -> Starlette:
         await backend.close()
         state.close()
 
-    return create_app(ctx, search_endpoint=search_endpoint, on_startup=[start], on_shutdown=[stop])
+    demo_page = settings.demo if settings.demo_page is None else settings.demo_page
+    return create_app(ctx, search_endpoint=search_endpoint, on_startup=[start], on_shutdown=[stop], demo_page=demo_page)

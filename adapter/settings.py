@@ -102,6 +102,7 @@ class Settings(BaseSettings):
     hold: HoldSettings = HoldSettings()
     security: SecuritySettings = SecuritySettings()
     demo: bool = Field(False, description="create and seed the demo database on first start")
+    demo_page: bool | None = Field(None, description="serve the demo booking page at /demo; default: same as demo")
 
     @classmethod
     def settings_customise_sources(

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install the system packages the adapter and its tests need: unixODBC and the
-# ODBC drivers for PostgreSQL, MariaDB and SQLite.
+# ODBC drivers for PostgreSQL, MariaDB and SQLite, and Chromium for the browser test.
 #
 # Fast path: when `odbcinst -q -d` already lists all three driver names the
 # script prints one line and does nothing. Otherwise, as root, it runs
@@ -30,6 +30,19 @@ missing_drivers() {
         fi
     done
 }
+
+# Headless Chromium for the demo page's browser test (tests/kit/test_demo_page.py drives Debian's
+# chromium through Playwright's executable_path; Playwright's own browser download is never used).
+if command -v chromium >/dev/null 2>&1; then
+    log "chromium present; nothing to do for the browser."
+elif [[ "$(id -u)" -ne 0 ]] || ! command -v apt-get >/dev/null 2>&1; then
+    log "chromium is missing (headless browser tests); install it: sudo apt-get install -y chromium" >&2
+    exit 1
+else
+    log "apt-get install chromium (headless browser tests)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
+fi
 
 missing="$(missing_drivers)"
 if [[ -z "$missing" ]]; then

@@ -82,6 +82,7 @@ def create_app(
     on_startup: list[Callable[[], Any]] | None = None,
     on_shutdown: list[Callable[[], Any]] | None = None,
     version: str = "0.1.0",
+    demo_page: bool = False,
 ) -> Starlette:
     metadata = capability_statement(
         base_url=ctx.base_url,
@@ -126,8 +127,15 @@ def create_app(
             if hasattr(result, "__await__"):
                 await result
 
+    top_routes: list[Any] = [Mount("/fhir", routes=routes)]
+    if demo_page:
+        from starlette.staticfiles import StaticFiles
+
+        from adapter.demo_page import PAGE_DIR
+
+        top_routes.append(Mount("/demo", StaticFiles(directory=PAGE_DIR, html=True), name="demo"))
     app = Starlette(
-        routes=[Mount("/fhir", routes=routes)],
+        routes=top_routes,
         exception_handlers={
             FhirError: _on_fhir_error,
             HTTPException: _on_http_error,

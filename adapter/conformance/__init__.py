@@ -1,0 +1,1 @@
+"""The conformance kit: R4/IHE profile checkers (``profiles``), the requirement checks (``kit``), reports."""
