@@ -193,11 +193,14 @@ def load_mapping(path: str | Path) -> Mapping:
         base = ("availability", section)
         compile_mapping(base + ("fields",), spec.fields)
         compile_mapping(base + ("binds",), spec.binds)
+        if spec.repeat is not None:
+            compile_at(base + ("repeat",), spec.repeat)
         _check_binds(fail, base + ("sql",), spec.sql, set(spec.binds) | {"practitioner_keys", "location_keys"})
         _check_expr_inputs(fail, base + ("binds",), compiled, spec.binds, window_vars)
     required = {
         "weekly": {"practitioner", "location", "weekday", "start_time", "end_time"},
         "free_slots": {"practitioner", "location", "start", "end"},
+        "markers": {"practitioner", "location", "marker", "start"},
     }[av.working_time.kind]
     missing = required - set(av.working_time.fields)
     if missing:
@@ -208,7 +211,10 @@ def load_mapping(path: str | Path) -> Mapping:
     for section in ("absences", "busy"):
         spec = getattr(av, section)
         if spec is not None:
-            need = {"practitioner", "start"} | ({"end"} if "minutes" not in spec.fields else set())
+            if section == "absences" and "date" in spec.fields:
+                need = {"practitioner"}  # a date-only absence: the whole local day
+            else:
+                need = {"practitioner", "start"} | ({"end"} if "minutes" not in spec.fields else set())
             missing = need - set(spec.fields)
             if missing:
                 fail(

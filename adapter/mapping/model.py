@@ -46,6 +46,11 @@ class QuerySpec(_Strict):
     sql: str
     binds: dict[str, str] = Field(default_factory=dict)
     fields: dict[str, str] = Field(default_factory=dict)
+    repeat: str | None = Field(
+        None,
+        description="availability sections: expression giving the local dates a row occurs on (recurring "
+        "events); inputs: the row's columns plus window_start/window_end; fields then see 'occurrence'",
+    )
 
 
 class ActorSpec(_Strict):
@@ -88,7 +93,7 @@ class VisitTypesSpec(_Strict):
 
 
 class WorkingTimeSpec(QuerySpec):
-    kind: Literal["weekly", "free_slots"]
+    kind: Literal["weekly", "free_slots", "markers"]
 
 
 class AvailabilitySpec(_Strict):

@@ -235,7 +235,17 @@ class SqlBackend:
         rows = query(conn, spec.sql, values)
         base = f"availability.{section}.fields"
         fields = [(name, m.expr(f"{base}.{name}").evaluate) for name in spec.fields]
-        return [{name: evaluate(row, ctx) for name, evaluate in fields} for row in rows]
+        if spec.repeat is None:
+            return [{name: evaluate(row, ctx) for name, evaluate in fields} for row in rows]
+        # A recurring legacy row stands for one occurrence per date the mapping's `repeat` expression
+        # yields inside the window; each occurrence is evaluated with its date as input `occurrence`.
+        repeat = m.expr(f"availability.{section}.repeat")
+        out: list[dict[str, Any]] = []
+        for row in rows:
+            for day in repeat.evaluate({**row, "window_start": window.start, "window_end": window.end}, ctx) or ():
+                occurrence = {**row, "occurrence": day}
+                out.append({name: evaluate(occurrence, ctx) for name, evaluate in fields})
+        return out
 
     def _availability(
         self, conn: Any, window: Interval, prac_keys: list[Any], location_ids: set[str]
@@ -267,6 +277,13 @@ class SqlBackend:
                         if start < end:
                             free.setdefault((str(r["practitioner"]), loc), []).append(Interval(start, end))
                     day += dt.timedelta(days=1)
+        elif av.working_time.kind == "markers":
+            for key, iv in _marker_periods(rows, zone):
+                if location_ids and key[1] not in location_ids:
+                    continue
+                start, end = max(iv.start, window.start), min(iv.end, window.end)
+                if start < end:
+                    free.setdefault(key, []).append(Interval(start, end))
         else:  # free_slots: the legacy system lists bookable slots itself
             for r in rows:
                 loc = str(r["location"])
@@ -279,7 +296,11 @@ class SqlBackend:
         absences: dict[str, list[Interval]] = {}
         if av.absences is not None:
             for r in self._run_section(conn, "absences", window, prac_keys):
-                absences.setdefault(str(r["practitioner"]), []).append(Interval(r["start"], r["end"]))
+                if r.get("start") is None and r.get("date") is not None:
+                    absences.setdefault(str(r["practitioner"]), []).append(_whole_days(r, zone))
+                elif r.get("start") is not None:
+                    end = r.get("end") or r["start"] + dt.timedelta(minutes=int(r["minutes"]))
+                    absences.setdefault(str(r["practitioner"]), []).append(Interval(r["start"], end))
         busy = self._busy(conn, window, prac_keys)
 
         result = []
@@ -597,6 +618,44 @@ class SqlBackend:
 
     async def close(self) -> None:
         await self.db.close()
+
+
+def _whole_days(row: dict[str, Any], zone: Any) -> Interval:
+    """A date-only absence: from local midnight of ``date`` to local midnight after ``end_date`` (or ``date``)."""
+    first: dt.date = row["date"]
+    last: dt.date = row.get("end_date") or first
+    start = attach_zone(dt.datetime.combine(first, dt.time()), zone).astimezone(dt.UTC)
+    end = attach_zone(dt.datetime.combine(last + dt.timedelta(days=1), dt.time()), zone).astimezone(dt.UTC)
+    return Interval(start, end)
+
+
+def _marker_periods(rows: list[dict[str, Any]], zone: Any) -> list[tuple[tuple[str, str], Interval]]:
+    """Working time from "in"/"out" marker events (working-time kind ``markers``).
+
+    Per practitioner and local day, in time order: an ``in`` marker opens a period at its location
+    (unless one is open), the next ``out`` marker closes it; a period still open at the end of the
+    day closes at local midnight. Markers with another value are ignored.
+    """
+    by_day: dict[tuple[str, dt.date], list[dict[str, Any]]] = {}
+    for r in rows:
+        if r.get("start") is None or r.get("marker") not in ("in", "out"):
+            continue
+        by_day.setdefault((str(r["practitioner"]), r["start"].astimezone(zone).date()), []).append(r)
+    out: list[tuple[tuple[str, str], Interval]] = []
+    for (prac, day), markers in by_day.items():
+        markers.sort(key=lambda r: (r["start"], r["marker"] == "in"))
+        open_at: tuple[dt.datetime, str] | None = None
+        for r in markers:
+            if r["marker"] == "in" and open_at is None:
+                open_at = (r["start"], str(r["location"]))
+            elif r["marker"] == "out" and open_at is not None:
+                if open_at[0] < r["start"]:
+                    out.append(((prac, open_at[1]), Interval(open_at[0], r["start"])))
+                open_at = None
+        if open_at is not None:
+            midnight = attach_zone(dt.datetime.combine(day + dt.timedelta(days=1), dt.time()), zone)
+            out.append(((prac, open_at[1]), Interval(open_at[0], midnight.astimezone(dt.UTC))))
+    return out
 
 
 def _fold(text: str) -> str:
