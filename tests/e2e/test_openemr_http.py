@@ -38,6 +38,7 @@ ZONE = ZoneInfo(openemrutil.ZONE_NAME)
 SECRET = "e2e-openemr-secret-0123456789"
 STATUS_REASON_URL = "https://profiles.ihe.net/ITI/Scheduling/StructureDefinition/extension-status-reason"
 CLIENTS = 20
+NOTE = "Patientin möchte den Termin verschieben; " * 5
 
 
 @dataclass
@@ -262,11 +263,13 @@ def test_issue9_1_reschedule_then_cancel(oe: OpenEmr) -> None:
             "start": last["start"],
             "end": last["end"],
             "participant": participants,
+            "comment": NOTE,
         },
         client="c-move",
     )
     assert moved["id"] == booked["id"] and moved["start"] == last["start"]
     row = oe.event(booked["id"])
+    assert row["pc_hometext"] == NOTE  # regression: MariaDB ODBC garbled bound text longer than 127 characters
     assert str(row["pc_startTime"])[:5] == local(last["start"]).strftime("%H:%M") and row["pc_duration"] == 900
     assert local(first["start"]).strftime("%H:%M") in hhmm(oe.find(day, "5"))  # the old time is free again
     cancelled = oe.book(

@@ -159,6 +159,10 @@ class Database:
                     cur.execute(f"SET lock_timeout = '{int(self.timeout_s)}s'")
                     conn.commit()
                 if self.dialect == "mariadb":
+                    # Bind text as UTF-8: with pyodbc's default (UTF-16) MariaDB Connector/ODBC garbles
+                    # every text parameter longer than 127 characters (a note, an OpenEMR pc_recurrspec).
+                    conn.setencoding(encoding="utf-8")
+                    conn.setdecoding(pyodbc.SQL_CHAR, encoding="utf-8")
                     # Read committed: a fresh snapshot per statement, as a booking re-check needs.
                     cur = conn.cursor()
                     cur.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
