@@ -1,4 +1,4 @@
-"""``sched-adapter``: serve, demo, check-mapping."""
+"""``sched-adapter``: serve, demo, mappings (check, preview, verify), check-mapping."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 from adapter.mapping.loader import MappingError, load_mapping
 from adapter.settings import CONFIG_FILE_VARIABLE, SettingsError, load_settings
+from adapter.tools.commands import add_mappings_parser, check_command, run_mappings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO_ROOT / "samples" / "demo" / "demo.toml"
@@ -70,18 +71,16 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="run the embedded demo practice database (created on first start)")
     demo.add_argument("--port", type=int)
     demo.add_argument("--host")
-    check = sub.add_parser("check-mapping", help="validate a mapping file and exit")
+    check = sub.add_parser("check-mapping", help="validate a mapping file and exit (alias of `mappings check`)")
     check.add_argument("mapping", type=Path)
+    check.add_argument("--config", type=Path, help="settings file: check against the live database too")
+    add_mappings_parser(sub)
     args = parser.parse_args(argv)
 
     if args.command == "check-mapping":
-        try:
-            m = load_mapping(args.mapping)
-        except MappingError as exc:
-            print("\n".join(exc.problems), file=sys.stderr)
-            return 1
-        print(f"{args.mapping}: OK ({m.doc.system.name}, zone {m.doc.system.timezone})")
-        return 0
+        return check_command(args.mapping, args.config)
+    if args.command == "mappings":
+        return run_mappings(args)
     if args.command == "serve":
         return _serve(args.config, {})
     overrides = {}
