@@ -167,7 +167,7 @@ def load_and_seed(dsn: str, today: dt.date) -> dict[str, dt.date]:
         for pid, pubpid, fname, lname, dob, sex in patients:
             cur.execute(
                 "INSERT INTO patient_data (id, pid, pubpid, fname, lname, DOB, sex, phone_home, street, city, state, "
-                "postal_code) VALUES (?, ?, ?, ?, ?, ?, ?, CONCAT('555-01', ?), '5 Elm Street', 'Springfield', 'MA', '01101')",
+                "postal_code) VALUES (?, ?, ?, ?, ?, ?, ?, CONCAT('555-010', ?), '5 Elm Street', 'Springfield', 'MA', '01101')",
                 pid,
                 pid,
                 pubpid,

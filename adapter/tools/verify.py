@@ -510,7 +510,7 @@ class Verifier:
         if self.outcomes[-1].status == "FAIL":
             return self.outcomes
         with tempfile.TemporaryDirectory(prefix="sched-verify-") as tmp:
-            server = InProcessServer(lambda base: self._server_settings(base, Path(tmp)))
+            server = InProcessServer(lambda base: server_settings(self.settings, self.mapping, base, Path(tmp)))
             server.start()
             self.http = Http(server.port)
             try:
@@ -528,15 +528,17 @@ class Verifier:
                 self._run(self.backend.close())
         return self.outcomes
 
-    def _server_settings(self, base: str, tmp: Path) -> Settings:
-        data = self.settings.model_dump()
-        data["server"].update(host="127.0.0.1", base_url=base, workers=1)
-        data["backend"]["mapping"] = str(self.mapping.path)
-        data["state"]["path"] = str(tmp / "state.sqlite")
-        data["security"].update(auth="off", signing_secret=secrets.token_urlsafe(24), signing_secret_file=None)
-        data["find"]["cache_seconds"] = 0  # every $find reads the legacy calendar: verify checks it right after writes
-        data["demo"] = False
-        return Settings.model_validate(data)
+
+def server_settings(settings: Settings, mapping: Mapping, base: str, tmp: Path) -> Settings:
+    """The user's settings for an in-process run: this mapping, a throw-away state file and secret."""
+    data = settings.model_dump()
+    data["server"].update(host="127.0.0.1", base_url=base, workers=1)
+    data["backend"]["mapping"] = str(mapping.path)
+    data["state"]["path"] = str(tmp / "state.sqlite")
+    data["security"].update(auth="off", signing_secret=secrets.token_urlsafe(24), signing_secret_file=None)
+    data["find"]["cache_seconds"] = 0  # every $find reads the legacy calendar: verify checks it right after writes
+    data["demo"] = False
+    return Settings.model_validate(data)
 
 
 def format_table(outcomes: list[Outcome]) -> str:
