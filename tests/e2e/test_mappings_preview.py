@@ -121,4 +121,5 @@ def test_issue9_4_preview_of_openemr_shows_status_symbols(
         "noshow",
         "pending",
     ]  # + patient 1's past visit
-    assert [a["resource"]["name"] for a in (x["resource"] for x in doc["actors"]) if a["resourceType"] == "Location"]
+    locations = [x["resource"] for x in doc["actors"] if x["resource"]["resourceType"] == "Location"]
+    assert [loc["name"] for loc in locations] == ["Main Street Clinic"]
