@@ -113,6 +113,9 @@ def load_mapping(path: str | Path) -> Mapping:
     def fail(loc: tuple, msg: str) -> None:
         problems.append(f"{display}:{_line_for(lines, loc)}: {_dotted(loc)}: {msg}")
 
+    for dialect, template in doc.system.sql_fold.items():
+        if template.count("{}") != 1:
+            fail(("system", "sql_fold", dialect), "expected an SQL expression with exactly one {} for the column")
     try:
         zone = ZoneInfo(doc.system.timezone)
     except (ZoneInfoNotFoundError, ValueError):
@@ -174,7 +177,7 @@ def load_mapping(path: str | Path) -> Mapping:
             fail(base + ("resource", "resourceType"), f"expected resourceType {kind!r}")
         _check_binds(fail, base + ("select",), actor.select, set())
         for name, cond in actor.filters.items():
-            allowed = {"keys"} if name == "key" else {"name_prefix"}
+            allowed = {"keys"} if name == "key" else {"name_prefix", "name_fold_prefix"}
             _check_binds(fail, base + ("filters", name), cond, allowed)
         for system, cond in actor.identifier_filters.items():
             _check_binds(fail, base + ("identifier_filters", system), cond, {"values"})

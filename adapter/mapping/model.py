@@ -25,6 +25,11 @@ class SystemSpec(_Strict):
     timezone: str = Field(description="IANA zone of the legacy wall-clock times, e.g. America/New_York")
     identifier_base: str = Field(description="URI prefix for identifier systems minted by the adapter")
     organization: OrganizationSpec | None = None
+    sql_fold: dict[Literal["sqlite", "postgresql", "mariadb", "odbc"], str] = Field(
+        default_factory=dict,
+        description="per dialect, the SQL that folds a column for name search: FOLD(col) in a name filter "
+        "becomes this template with {} replaced by col (defaults: see mappings/README.md)",
+    )
 
 
 class CodeTableSpec(_Strict):

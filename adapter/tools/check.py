@@ -36,6 +36,7 @@ from typing import Any
 
 import yaml
 
+from adapter.backends.sql.backend import apply_fold
 from adapter.backends.sql.db import Database, bind
 from adapter.mapping.codes import UnknownCode
 from adapter.mapping.expressions import Expression, ExpressionError, attach_zone
@@ -54,6 +55,7 @@ _FILTER_BINDS: dict[str, Any] = {
     "visit_type_keys": [],
     "specialty_keys": [],
     "name_prefix": "A%",
+    "name_fold_prefix": "a%",
 }
 _UNREACHABLE: Loc = ("backend", "database_url")
 _ENGINE_INPUTS = {"occurrence", "window_start", "window_end"}
@@ -248,7 +250,8 @@ class LiveChecker:
             cols = self._columns(base + ("select",), self._empty(spec.select), {})
             self._need(base + ("select",), cols, needed, "the select")
             for name, cond in spec.filters.items():
-                self._columns(base + ("filters", name), self._empty(spec.select, cond), dict(_FILTER_BINDS))
+                folded = apply_fold(cond, self.doc.system.sql_fold, self.db.dialect, self.db.kind)
+                self._columns(base + ("filters", name), self._empty(spec.select, folded), dict(_FILTER_BINDS))
             for system, cond in spec.identifier_filters.items():
                 self._columns(base + ("identifier_filters", system), self._empty(spec.select, cond), {"values": []})
             samples[kind] = self._sample_key(spec.select, spec.key)

@@ -286,6 +286,23 @@ def test_issue9_1_reschedule_then_cancel(oe: OpenEmr) -> None:
     assert local(last["start"]).strftime("%H:%M") in hhmm(oe.find(day, "5"))
 
 
+def test_issue9_5_name_search_ignores_accents_and_case_in_sql(oe: OpenEmr) -> None:
+    def names(kind: str, name: str) -> list[str]:
+        resp = oe.http.get(f"{oe.base}/{kind}", params={"name": name})
+        assert resp.status_code == 200, resp.text
+        return sorted(
+            e["resource"]["id"] for e in resp.json().get("entry", []) if e["resource"]["resourceType"] == kind
+        )
+
+    assert names("Practitioner", "muller") == ["5"]  # Müller
+    assert names("Practitioner", "MÜL") == ["5"]
+    assert names("Practitioner", "diaz") == ["7"]  # Díaz
+    assert names("Patient", "angstrom") == ["1"]  # Ångström
+    assert names("Patient", "zoe") == ["1"]  # Zoë
+    assert names("Patient", "%") == []  # a LIKE wildcard in the input is no wildcard
+    assert names("Location", "river") == ["2"]
+
+
 # --------------------------------------------------------------------------------------------------
 # Race: 20 clients, one slot, two worker processes
 # --------------------------------------------------------------------------------------------------

@@ -40,10 +40,11 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import re
 import sqlite3
 import time
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping as ReadOnlyMap, Sequence
 from typing import Any
 
 from adapter.backends.protocol import (
@@ -74,6 +75,32 @@ from adapter.mapping.ids import InvalidKey, to_fhir_id, to_legacy_key
 from adapter.mapping.loader import Mapping
 
 _CACHE_SECONDS = 60.0
+
+
+def _latin_accents() -> tuple[str, str]:
+    """Lower-case Latin letters with diacritics (U+00C0..U+024F) and their base letters, for translate()."""
+    accented, plain = [], []
+    for code in range(0xC0, 0x250):
+        ch = chr(code)
+        base = "".join(c for c in unicodedata.normalize("NFKD", ch) if not unicodedata.combining(c))
+        if ch.islower() and len(base) == 1 and base.isascii() and base != ch:
+            accented.append(ch)
+            plain.append(base)
+    return "".join(accented), "".join(plain)
+
+
+# FOLD(col) in a name filter, per dialect, unless the mapping declares system.sql_fold. The bind
+# :name_fold_prefix is folded the same way (lower case, diacritics removed), so both sides must be.
+# SQLite (stdlib driver): a Python function registered on every connection, exact. PostgreSQL:
+# lower() + translate() of the Latin letters with diacritics (no extension needed; declare
+# "lower(unaccent({}))" where the unaccent extension is installed). MariaDB/MySQL and others:
+# LOWER(); MariaDB's *_general_ci / *_unicode_ci collations compare accented letters as equal
+# (SQL Server: declare e.g. "LOWER({}) COLLATE Latin1_General_CI_AI").
+_DEFAULT_FOLD = {
+    "sqlite3": "SCHED_FOLD({})",
+    "postgresql": "translate(lower({{}}), '{}', '{}')".format(*_latin_accents()),
+}
+_FOLD_CALL = re.compile(r"\bFOLD\(\s*([^()]*?)\s*\)", re.IGNORECASE)
 _FINAL_STATUSES = ("cancelled", "noshow", "fulfilled", "entered-in-error")
 
 
@@ -176,11 +203,13 @@ class SqlBackend:
         if q.name:
             if "name" not in spec.filters:
                 return []
-            conditions.append(spec.filters["name"])
-            # SQL narrows by the ASCII part of the prefix (SQLite's UPPER() folds ASCII only);
-            # Python then applies FHIR string semantics (case- and accent-insensitive starts-with).
+            conditions.append(self._fold_sql(spec.filters["name"]))
+            # SQL narrows by the ASCII part of the prefix (SQLite's UPPER() folds ASCII only), or by the
+            # folded prefix through FOLD(); Python then applies FHIR string semantics (case- and
+            # accent-insensitive starts-with), so a LIKE wildcard in the input can only widen the SQL.
             ascii_prefix = "".join(itertools.takewhile(lambda ch: ch.isascii(), q.name))
             values["name_prefix"] = ascii_prefix.upper() + "%"
+            values["name_fold_prefix"] = _fold(q.name) + "%"
         sql = f"SELECT * FROM ({spec.select}) q" + (" WHERE " + " AND ".join(conditions) if conditions else "")
 
         def load(conn: Any) -> list[Actor]:
@@ -190,6 +219,9 @@ class SqlBackend:
             return actors[: q.limit]
 
         return await self.db.run(load)
+
+    def _fold_sql(self, condition: str) -> str:
+        return apply_fold(condition, self.doc.system.sql_fold, self.db.dialect, self.db.kind)
 
     # -- visit types -------------------------------------------------------------------------
     async def visit_types(self) -> list[VisitType]:
@@ -618,6 +650,14 @@ class SqlBackend:
 
     async def close(self) -> None:
         await self.db.close()
+
+
+def apply_fold(condition: str, declared: ReadOnlyMap[str, str], dialect: str, kind: str) -> str:
+    """``FOLD(col)`` in a filter -> the folding SQL: ``system.sql_fold[dialect]``, else the default."""
+    if "FOLD(" not in condition.upper():
+        return condition
+    template = declared.get(dialect) or _DEFAULT_FOLD.get(kind) or _DEFAULT_FOLD.get(dialect) or "LOWER({})"
+    return _FOLD_CALL.sub(lambda m: template.replace("{}", m.group(1)), condition)
 
 
 def _whole_days(row: dict[str, Any], zone: Any) -> Interval:
