@@ -20,6 +20,20 @@ from adapter.mapping.codes import CodeTable, CodeTables, conceptmap_entries
 from adapter.mapping.expressions import EvalContext, Expression, ExpressionError, compile_template
 from adapter.mapping.model import APPOINTMENT_FILTERS, MappingDocument
 
+_APPOINTMENT_STATUSES = frozenset(
+    {
+        "proposed",
+        "pending",
+        "booked",
+        "arrived",
+        "fulfilled",
+        "cancelled",
+        "noshow",
+        "entered-in-error",
+        "checked-in",
+        "waitlist",
+    }
+)
 _BIND_NAME = re.compile(r"(?<![:\w]):([A-Za-z_][A-Za-z0-9_]*)")
 
 
@@ -267,6 +281,14 @@ def load_mapping(path: str | Path) -> Mapping:
         for name in ("lock", "book", "reschedule", "cancel"):
             stmt = getattr(w, name)
             compile_mapping(("writes", name, "binds"), stmt.binds)
+            if stmt.allowed_statuses is not None and name not in ("reschedule", "cancel"):
+                fail(("writes", name, "allowed_statuses"), "only reschedule and cancel have allowed_statuses")
+            for status in stmt.allowed_statuses or ():
+                if status not in _APPOINTMENT_STATUSES:
+                    fail(
+                        ("writes", name, "allowed_statuses"),
+                        f"{status!r} is not a FHIR AppointmentStatus; expected some of {sorted(_APPOINTMENT_STATUSES)}",
+                    )
         if w.id_allocation.strategy == "counter" and not (w.id_allocation.next_sql and w.id_allocation.bump_sql):
             fail(("writes", "id_allocation"), "strategy 'counter' needs next_sql and bump_sql")
         if w.id_allocation.strategy == "sequence" and not w.id_allocation.next_sql:

@@ -212,6 +212,11 @@ class IdAllocationSpec(_Strict):
 class StatementSpec(_Strict):
     sql: str
     binds: dict[str, str] = Field(default_factory=dict)
+    allowed_statuses: list[str] | None = Field(
+        None,
+        description="reschedule/cancel only: the FHIR statuses an appointment may have for this change; "
+        "any other is refused with 409 naming it (default: every status the engine allows)",
+    )
 
 
 class PatientCreateSpec(_Strict):

@@ -286,6 +286,39 @@ def test_issue9_1_reschedule_then_cancel(oe: OpenEmr) -> None:
     assert local(last["start"]).strftime("%H:%M") in hhmm(oe.find(day, "5"))
 
 
+def test_issue9_5_refused_state_is_409_naming_it(oe: OpenEmr) -> None:
+    resp = oe.http.get(f"{oe.base}/Appointment", params={"practitioner": "5", "date": oe.days["w1"].isoformat()})
+    arrived = next(
+        e["resource"] for e in resp.json()["entry"] if e["resource"].get("status") == "arrived"
+    )  # pc_apptstatus '@'
+    body = {
+        "resourceType": "Parameters",
+        "parameter": [
+            {
+                "name": "appointment-resource",
+                "resource": {
+                    "resourceType": "Appointment",
+                    "id": arrived["id"],
+                    "status": "cancelled",
+                    "participant": arrived["participant"],
+                },
+            }
+        ],
+    }
+    refused = oe.post("/Appointment/$book", body, "c-state")
+    assert refused.status_code == 409, refused.text
+    assert "is arrived; this system lets only booked, pending appointments be cancelled" in refused.text
+    assert oe.event(arrived["id"])["pc_apptstatus"] == "@"
+    later = dt.datetime.combine(oe.days["w1"] + dt.timedelta(days=7), dt.time(15, 30), tzinfo=ZONE)
+    body["parameter"][0]["resource"].update(
+        status="booked", start=later.isoformat(), end=(later + dt.timedelta(minutes=15)).isoformat()
+    )
+    refused = oe.post("/Appointment/$book", body, "c-state")
+    assert refused.status_code == 409, refused.text
+    assert "is arrived; this system lets only booked, pending appointments be rescheduled" in refused.text
+    assert str(oe.event(arrived["id"])["pc_startTime"])[:5] == "10:30"
+
+
 def test_issue9_5_name_search_ignores_accents_and_case_in_sql(oe: OpenEmr) -> None:
     def names(kind: str, name: str) -> list[str]:
         resp = oe.http.get(f"{oe.base}/{kind}", params={"name": name})

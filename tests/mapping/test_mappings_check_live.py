@@ -238,3 +238,19 @@ def test_issue9_2_broken_mapping_never_lets_the_server_start(tmp_path: Path) -> 
         f"{path}:{line_of(path, '  Location:', 'select:')}: actors.Location.select: the database refused the query"
         in proc.stderr
     )
+
+
+def test_issue9_5_allowed_statuses_are_fhir_statuses_on_reschedule_and_cancel_only(tmp_path: Path) -> None:
+    path = broken_copy(
+        tmp_path,
+        OPENEMR,
+        "    allowed_statuses: [booked, pending]   # not once the patient arrived or was checked out\n",
+        "    allowed_statuses: [booked, checked-out]\n",
+    )
+    with pytest.raises(MappingError) as exc:
+        load_mapping(path)
+    assert any(
+        p.startswith(f"{path}:")
+        and "writes.reschedule.allowed_statuses: 'checked-out' is not a FHIR AppointmentStatus" in p
+        for p in exc.value.problems
+    ), exc.value.problems

@@ -559,6 +559,7 @@ class SqlBackend:
                 now_row = self._read_appointment(cur, key)
                 if now_row is None:
                     raise NotFound(f"Appointment/{appointment_id} is not known")
+                _refuse_status(appointment_id, now_row.status, writes.reschedule.allowed_statuses, "rescheduled")
                 if now_row.status in _FINAL_STATUSES:
                     raise BusinessRuleViolation(
                         f"Appointment/{appointment_id} is {now_row.status} and cannot be modified"
@@ -594,6 +595,10 @@ class SqlBackend:
         def work(conn: Any) -> None:
             # No booking lock: a cancellation only frees time, it cannot create a conflict.
             with self.db.write(conn, None, []) as cur:
+                if writes.cancel.allowed_statuses is not None:
+                    current = self._read_appointment(cur, key)
+                    if current is not None and current.status != "cancelled":
+                        _refuse_status(appointment_id, current.status, writes.cancel.allowed_statuses, "cancelled")
                 if execute(cur, writes.cancel.sql, self._statement_values("cancel", env)) == 0:
                     raise NotFound(f"Appointment/{appointment_id} is not known")
 
@@ -650,6 +655,15 @@ class SqlBackend:
 
     async def close(self) -> None:
         await self.db.close()
+
+
+def _refuse_status(appointment_id: str, status: str, allowed: list[str] | None, change: str) -> None:
+    """``writes.<change>.allowed_statuses``: a state the legacy system does not allow is a conflict (409)."""
+    if allowed is not None and status not in allowed:
+        raise SlotConflict(
+            f"Appointment/{appointment_id} is {status}; this system lets only {', '.join(allowed)} "
+            f"appointments be {change}"
+        )
 
 
 def apply_fold(condition: str, declared: ReadOnlyMap[str, str], dialect: str, kind: str) -> str:
