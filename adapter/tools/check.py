@@ -261,7 +261,9 @@ class LiveChecker:
         """One real legacy key (for the sample values of write statements), or NULL."""
         cur = self._cursor()
         try:
-            cur.execute(f"SELECT * FROM ({select}) q")
+            # One row only: psqlODBC would otherwise fetch a whole patient table into memory at server start.
+            limit = " LIMIT 1" if self.db.dialect in ("sqlite", "postgresql", "mariadb") else ""
+            cur.execute(f"SELECT * FROM ({select}) q{limit}")
             names = [str(d[0]).lower() for d in cur.description or ()]
             row = cur.fetchone()
             return row[names.index(key.lower())] if row is not None and key.lower() in names else None
