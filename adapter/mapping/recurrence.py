@@ -165,9 +165,9 @@ def openemr_dates(
             year, month = event_date.year + total // 12, total % 12 + 1
             if dt.date(year, month, 1) > stop:
                 break
-            day = _nth_weekday(year, month, weekday, nth)
-            if day is not None:
-                keep(day)
+            nth_day = _nth_weekday(year, month, weekday, nth)
+            if nth_day is not None:
+                keep(nth_day)
             index += 1
     elif recurrtype == 3:
         raw = str(spec.get("event_repeat_freq") or "")

@@ -98,7 +98,7 @@ class _Lines:
 
 def _first_line(exc: BaseException) -> str:
     """The driver's message, one line: pyodbc's (state, message) loses its tuple and its [driver] prefixes."""
-    args = getattr(exc, "args", ())
+    args: tuple[Any, ...] = tuple(getattr(exc, "args", ()))
     text = args[1] if len(args) == 2 and isinstance(args[1], str) else str(exc)
     text = re.sub(r"^(\s*\[[^\]]*\])+\s*", "", text.strip())
     return text.splitlines()[0].strip().rstrip(";")[:400] if text else type(exc).__name__

@@ -108,11 +108,11 @@ class Preview:
         seen: set[str] = set()
         existing: list[dict[str, Any]] = []
         for params in searches:
-            status, found = http.get("/Appointment", params)
+            status, result = http.get("/Appointment", params)
             if status != 200:
-                existing.append({"resource": found, "problems": [f"search {params} answered {status}"]})
+                existing.append({"resource": result, "problems": [f"search {params} answered {status}"]})
                 continue
-            for a in _entries(found, "Appointment"):
+            for a in _entries(result, "Appointment"):
                 if a["id"] not in seen:
                     seen.add(a["id"])
                     existing.append({"resource": a, "problems": self.problems(a)})

@@ -666,7 +666,7 @@ def _refuse_status(appointment_id: str, status: str, allowed: list[str] | None, 
         )
 
 
-def apply_fold(condition: str, declared: ReadOnlyMap[str, str], dialect: str, kind: str) -> str:
+def apply_fold(condition: str, declared: ReadOnlyMap[Any, str], dialect: str, kind: str) -> str:
     """``FOLD(col)`` in a filter -> the folding SQL: ``system.sql_fold[dialect]``, else the default."""
     if "FOLD(" not in condition.upper():
         return condition
