@@ -121,3 +121,18 @@ def test_issue9_3_verify_fails_clearly_when_busy_ignores_booked_rows(
     )
     assert table["race: 20 clients, one slot"] == "FAIL"  # and the race double-books
     assert out.rstrip().endswith("check(s) failed")
+
+
+def test_issue9_3_verify_of_a_read_only_mapping_skips_the_writes(
+    tmp_path: Path, fresh_db: Callable[..., str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = DEMO.read_text(encoding="utf-8")
+    read_only = tmp_path / "demo-read-only.yaml"
+    read_only.write_text(text[: text.index("\nwrites:")] + "\n", encoding="utf-8")
+    url = demo_url("sqlite", tmp_path, fresh_db)
+    code = main(["mappings", "verify", "--config", str(config_for(tmp_path, read_only, url))])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    table = rows_of(out)
+    assert table["book/read/search/reschedule/cancel"] == "SKIP" and table["race: 20 clients, one slot"] == "SKIP"
+    assert table["find: working time, busy time"] == "PASS"
