@@ -1,4 +1,4 @@
-"""``sched-adapter``: serve, demo, check-mapping, client, conformance."""
+"""``sched-adapter``: serve, demo, mappings (check, preview, verify), check-mapping, client, conformance."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 
 from adapter.mapping.loader import MappingError, load_mapping
 from adapter.settings import CONFIG_FILE_VARIABLE, SettingsError, load_settings
+from adapter.tools.commands import add_mappings_parser, check_command, run_mappings
 
 DEMO_PACKAGE = "adapter.demo"  # package data: config.toml, mapping.yaml (= mappings/demo.yaml), schema.sql
 DEFAULT_DEMO_DIR = Path("var") / "demo"
@@ -95,8 +96,10 @@ def main(argv: list[str] | None = None) -> int:
         default=DEFAULT_DEMO_DIR,
         help="where the demo database, the state store and the signing secret live (default: ./var/demo)",
     )
-    check = sub.add_parser("check-mapping", help="validate a mapping file and exit")
+    check = sub.add_parser("check-mapping", help="validate a mapping file and exit (alias of `mappings check`)")
     check.add_argument("mapping", type=Path)
+    check.add_argument("--config", type=Path, help="settings file: check against the live database too")
+    add_mappings_parser(sub)
     from adapter.client.cli import register as register_client
     from adapter.conformance.cli import register as register_conformance
 
@@ -107,13 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.handler(args))
 
     if args.command == "check-mapping":
-        try:
-            m = load_mapping(args.mapping)
-        except MappingError as exc:
-            print("\n".join(exc.problems), file=sys.stderr)
-            return 1
-        print(f"{args.mapping}: OK ({m.doc.system.name}, zone {m.doc.system.timezone})")
-        return 0
+        return check_command(args.mapping, args.config)
+    if args.command == "mappings":
+        return run_mappings(args)
     if args.command == "serve":
         return _serve(args.config, {})
     demo_data = resources.files(DEMO_PACKAGE)

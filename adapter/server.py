@@ -18,11 +18,12 @@ from adapter.backends.sql.db import Database
 from adapter.fhir.app import create_app
 from adapter.fhir.context import FhirContext, utc_now
 from adapter.fhir.search import search_endpoint
-from adapter.mapping.loader import load_mapping
+from adapter.mapping.loader import Mapping, MappingError, load_mapping
 from adapter.scheduling.proposals import ProposalCodec
 from adapter.scheduling.service import SchedulingService
 from adapter.scheduling.state import SqliteStateStore
 from adapter.settings import Settings
+from adapter.tools.check import live_check
 
 log = logging.getLogger("adapter")
 
@@ -62,9 +63,26 @@ def ensure_demo_data(settings: Settings) -> None:
             log.info("created the demo practice database at %s", url)
 
 
+def check_live_mapping(mapping: Mapping, settings: Settings) -> None:
+    """Refuse to start with a mapping that does not fit the database (adapter.tools.check): a column typo
+    must stop the server here, not answer 500 to the first request. Data warnings are logged only; a
+    database that cannot be reached yet is not a mapping error (requests answer 503 until it is back)."""
+    result = live_check(mapping, settings.backend.database_url, timeout_s=settings.backend.timeout_seconds)
+    if result.unreachable:
+        log.warning("mapping not checked against the legacy database: %s", "; ".join(result.errors))
+        return
+    for line in result.warnings:
+        log.warning("%s", line)
+    if result.errors:
+        for line in result.errors:
+            log.error("%s", line)
+        raise MappingError(result.errors)
+
+
 def build_app(settings: Settings) -> Starlette:
     ensure_demo_data(settings)
     mapping = load_mapping(settings.backend.mapping)
+    check_live_mapping(mapping, settings)
     database = Database(
         settings.backend.database_url, pool_size=settings.backend.pool_size, timeout_s=settings.backend.timeout_seconds
     )

@@ -20,6 +20,20 @@ from adapter.mapping.codes import CodeTable, CodeTables, conceptmap_entries
 from adapter.mapping.expressions import EvalContext, Expression, ExpressionError, compile_template
 from adapter.mapping.model import APPOINTMENT_FILTERS, MappingDocument
 
+_APPOINTMENT_STATUSES = frozenset(
+    {
+        "proposed",
+        "pending",
+        "booked",
+        "arrived",
+        "fulfilled",
+        "cancelled",
+        "noshow",
+        "entered-in-error",
+        "checked-in",
+        "waitlist",
+    }
+)
 _BIND_NAME = re.compile(r"(?<![:\w]):([A-Za-z_][A-Za-z0-9_]*)")
 
 
@@ -113,6 +127,9 @@ def load_mapping(path: str | Path) -> Mapping:
     def fail(loc: tuple, msg: str) -> None:
         problems.append(f"{display}:{_line_for(lines, loc)}: {_dotted(loc)}: {msg}")
 
+    for dialect, template in doc.system.sql_fold.items():
+        if template.count("{}") != 1:
+            fail(("system", "sql_fold", dialect), "expected an SQL expression with exactly one {} for the column")
     try:
         zone = ZoneInfo(doc.system.timezone)
     except (ZoneInfoNotFoundError, ValueError):
@@ -179,7 +196,7 @@ def load_mapping(path: str | Path) -> Mapping:
             fail(base + ("resource", "resourceType"), f"expected resourceType {kind!r}")
         _check_binds(fail, base + ("select",), actor.select, set())
         for name, cond in actor.filters.items():
-            allowed = {"keys"} if name == "key" else {"name_prefix"}
+            allowed = {"keys"} if name == "key" else {"name_prefix", "name_fold_prefix"}
             _check_binds(fail, base + ("filters", name), cond, allowed)
         for system, cond in actor.identifier_filters.items():
             _check_binds(fail, base + ("identifier_filters", system), cond, {"values"})
@@ -198,11 +215,14 @@ def load_mapping(path: str | Path) -> Mapping:
         base = ("availability", section)
         compile_mapping(base + ("fields",), spec.fields)
         compile_mapping(base + ("binds",), spec.binds)
+        if spec.repeat is not None:
+            compile_at(base + ("repeat",), spec.repeat)
         _check_binds(fail, base + ("sql",), spec.sql, set(spec.binds) | {"practitioner_keys", "location_keys"})
         _check_expr_inputs(fail, base + ("binds",), compiled, spec.binds, window_vars)
     required = {
         "weekly": {"practitioner", "location", "weekday", "start_time", "end_time"},
         "free_slots": {"practitioner", "location", "start", "end"},
+        "markers": {"practitioner", "location", "marker", "start"},
     }[av.working_time.kind]
     missing = required - set(av.working_time.fields)
     if missing:
@@ -213,7 +233,10 @@ def load_mapping(path: str | Path) -> Mapping:
     for section in ("absences", "busy"):
         spec = getattr(av, section)
         if spec is not None:
-            need = {"practitioner", "start"} | ({"end"} if "minutes" not in spec.fields else set())
+            if section == "absences" and "date" in spec.fields:
+                need = {"practitioner"}  # a date-only absence: the whole local day
+            else:
+                need = {"practitioner", "start"} | ({"end"} if "minutes" not in spec.fields else set())
             missing = need - set(spec.fields)
             if missing:
                 fail(
@@ -263,6 +286,14 @@ def load_mapping(path: str | Path) -> Mapping:
         for name in ("lock", "book", "reschedule", "cancel"):
             stmt = getattr(w, name)
             compile_mapping(("writes", name, "binds"), stmt.binds)
+            if stmt.allowed_statuses is not None and name not in ("reschedule", "cancel"):
+                fail(("writes", name, "allowed_statuses"), "only reschedule and cancel have allowed_statuses")
+            for status in stmt.allowed_statuses or ():
+                if status not in _APPOINTMENT_STATUSES:
+                    fail(
+                        ("writes", name, "allowed_statuses"),
+                        f"{status!r} is not a FHIR AppointmentStatus; expected some of {sorted(_APPOINTMENT_STATUSES)}",
+                    )
         if w.patient_lock is not None:
             compile_mapping(("writes", "patient_lock", "binds"), w.patient_lock.binds)
             if set(sql_bind_names(w.patient_lock.sql)) != {"patient_key"}:

@@ -25,6 +25,11 @@ class SystemSpec(_Strict):
     timezone: str = Field(description="IANA zone of the legacy wall-clock times, e.g. America/New_York")
     identifier_base: str = Field(description="URI prefix for identifier systems minted by the adapter")
     organization: OrganizationSpec | None = None
+    sql_fold: dict[Literal["sqlite", "postgresql", "mariadb", "odbc"], str] = Field(
+        default_factory=dict,
+        description="per dialect, the SQL that folds a column for name search: FOLD(col) in a name filter "
+        "becomes this template with {} replaced by col (defaults: see mappings/README.md)",
+    )
 
 
 class CodeTableSpec(_Strict):
@@ -49,6 +54,11 @@ class QuerySpec(_Strict):
     sql: str
     binds: dict[str, str] = Field(default_factory=dict)
     fields: dict[str, str] = Field(default_factory=dict)
+    repeat: str | None = Field(
+        None,
+        description="availability sections: expression giving the local dates a row occurs on (recurring "
+        "events); inputs: the row's columns plus window_start/window_end; fields then see 'occurrence'",
+    )
 
 
 class ActorSpec(_Strict):
@@ -91,7 +101,7 @@ class VisitTypesSpec(_Strict):
 
 
 class WorkingTimeSpec(QuerySpec):
-    kind: Literal["weekly", "free_slots"]
+    kind: Literal["weekly", "free_slots", "markers"]
 
 
 class AvailabilitySpec(_Strict):
@@ -205,6 +215,11 @@ class IdAllocationSpec(_Strict):
 class StatementSpec(_Strict):
     sql: str
     binds: dict[str, str] = Field(default_factory=dict)
+    allowed_statuses: list[str] | None = Field(
+        None,
+        description="reschedule/cancel only: the FHIR statuses an appointment may have for this change; "
+        "any other is refused with 409 naming it (default: every status the engine allows)",
+    )
 
 
 class PatientCreateSpec(_Strict):

@@ -41,10 +41,11 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import logging
+import re
 import sqlite3
 import time
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping as ReadOnlyMap, Sequence
 from typing import Any
 
 from adapter.backends.protocol import (
@@ -78,6 +79,32 @@ from adapter.mapping.loader import Mapping
 log = logging.getLogger("adapter.backends.sql")
 
 _CACHE_SECONDS = 60.0
+
+
+def _latin_accents() -> tuple[str, str]:
+    """Lower-case Latin letters with diacritics (U+00C0..U+024F) and their base letters, for translate()."""
+    accented, plain = [], []
+    for code in range(0xC0, 0x250):
+        ch = chr(code)
+        base = "".join(c for c in unicodedata.normalize("NFKD", ch) if not unicodedata.combining(c))
+        if ch.islower() and len(base) == 1 and base.isascii() and base != ch:
+            accented.append(ch)
+            plain.append(base)
+    return "".join(accented), "".join(plain)
+
+
+# FOLD(col) in a name filter, per dialect, unless the mapping declares system.sql_fold. The bind
+# :name_fold_prefix is folded the same way (lower case, diacritics removed), so both sides must be.
+# SQLite (stdlib driver): a Python function registered on every connection, exact. PostgreSQL:
+# lower() + translate() of the Latin letters with diacritics (no extension needed; declare
+# "lower(unaccent({}))" where the unaccent extension is installed). MariaDB/MySQL and others:
+# LOWER(); MariaDB's *_general_ci / *_unicode_ci collations compare accented letters as equal
+# (SQL Server: declare e.g. "LOWER({}) COLLATE Latin1_General_CI_AI").
+_DEFAULT_FOLD = {
+    "sqlite3": "SCHED_FOLD({})",
+    "postgresql": "translate(lower({{}}), '{}', '{}')".format(*_latin_accents()),
+}
+_FOLD_CALL = re.compile(r"\bFOLD\(\s*([^()]*?)\s*\)", re.IGNORECASE)
 _FINAL_STATUSES = ("cancelled", "noshow", "fulfilled", "entered-in-error")
 # A patient's appointments in these statuses take the patient's time (as in $find, REQ-115-14).
 _PATIENT_BLOCKING = ("booked", "arrived", "checked-in", "pending")
@@ -189,11 +216,13 @@ class SqlBackend:
         if q.name:
             if "name" not in spec.filters:
                 return []
-            conditions.append(spec.filters["name"])
-            # SQL narrows by the ASCII part of the prefix (SQLite's UPPER() folds ASCII only);
-            # Python then applies FHIR string semantics (case- and accent-insensitive starts-with).
+            conditions.append(self._fold_sql(spec.filters["name"]))
+            # SQL narrows by the ASCII part of the prefix (SQLite's UPPER() folds ASCII only), or by the
+            # folded prefix through FOLD(); Python then applies FHIR string semantics (case- and
+            # accent-insensitive starts-with), so a LIKE wildcard in the input can only widen the SQL.
             ascii_prefix = "".join(itertools.takewhile(lambda ch: ch.isascii(), q.name))
             values["name_prefix"] = ascii_prefix.upper() + "%"
+            values["name_fold_prefix"] = _fold(q.name) + "%"
         sql = f"SELECT * FROM ({spec.select}) q" + (" WHERE " + " AND ".join(conditions) if conditions else "")
 
         def load(conn: Any) -> list[Actor]:
@@ -203,6 +232,9 @@ class SqlBackend:
             return actors[: q.limit]
 
         return await self.db.run(load)
+
+    def _fold_sql(self, condition: str) -> str:
+        return apply_fold(condition, self.doc.system.sql_fold, self.db.dialect, self.db.kind)
 
     # -- visit types -------------------------------------------------------------------------
     async def visit_types(self) -> list[VisitType]:
@@ -248,7 +280,17 @@ class SqlBackend:
         rows = query(conn, spec.sql, values)
         base = f"availability.{section}.fields"
         fields = [(name, m.expr(f"{base}.{name}").evaluate) for name in spec.fields]
-        return [{name: evaluate(row, ctx) for name, evaluate in fields} for row in rows]
+        if spec.repeat is None:
+            return [{name: evaluate(row, ctx) for name, evaluate in fields} for row in rows]
+        # A recurring legacy row stands for one occurrence per date the mapping's `repeat` expression
+        # yields inside the window; each occurrence is evaluated with its date as input `occurrence`.
+        repeat = m.expr(f"availability.{section}.repeat")
+        out: list[dict[str, Any]] = []
+        for row in rows:
+            for day in repeat.evaluate({**row, "window_start": window.start, "window_end": window.end}, ctx) or ():
+                occurrence = {**row, "occurrence": day}
+                out.append({name: evaluate(occurrence, ctx) for name, evaluate in fields})
+        return out
 
     def _availability(
         self, conn: Any, window: Interval, prac_keys: list[Any], location_ids: set[str]
@@ -282,6 +324,14 @@ class SqlBackend:
                             free.setdefault((str(r["practitioner"]), loc), []).append(Interval(start, end))
                             anchors.setdefault((str(r["practitioner"]), loc), []).append(period)
                     day += dt.timedelta(days=1)
+        elif av.working_time.kind == "markers":
+            for key, iv in _marker_periods(rows, zone):
+                if location_ids and key[1] not in location_ids:
+                    continue
+                start, end = max(iv.start, window.start), min(iv.end, window.end)
+                if start < end:
+                    free.setdefault(key, []).append(Interval(start, end))
+                    anchors.setdefault(key, []).append(iv.start)  # the grid starts where the office opens
         else:  # free_slots: the legacy system lists bookable slots itself
             for r in rows:
                 loc = str(r["location"])
@@ -295,7 +345,11 @@ class SqlBackend:
         absences: dict[str, list[Interval]] = {}
         if av.absences is not None:
             for r in self._run_section(conn, "absences", window, prac_keys):
-                absences.setdefault(str(r["practitioner"]), []).append(Interval(r["start"], r["end"]))
+                if r.get("start") is None and r.get("date") is not None:
+                    absences.setdefault(str(r["practitioner"]), []).append(_whole_days(r, zone))
+                elif r.get("start") is not None:
+                    end = r.get("end") or r["start"] + dt.timedelta(minutes=int(r["minutes"]))
+                    absences.setdefault(str(r["practitioner"]), []).append(Interval(r["start"], end))
         busy = self._busy(conn, window, prac_keys)
 
         result = []
@@ -602,6 +656,7 @@ class SqlBackend:
                 now_row = self._read_appointment(cur, key)
                 if now_row is None:
                     raise NotFound(f"Appointment/{appointment_id} is not known")
+                _refuse_status(appointment_id, now_row.status, writes.reschedule.allowed_statuses, "rescheduled")
                 if now_row.status in _FINAL_STATUSES:
                     raise BusinessRuleViolation(
                         f"Appointment/{appointment_id} is {now_row.status} and cannot be modified"
@@ -637,6 +692,10 @@ class SqlBackend:
         def work(conn: Any) -> None:
             # No booking lock: a cancellation only frees time, it cannot create a conflict.
             with self.db.write(conn, None, []) as cur:
+                if writes.cancel.allowed_statuses is not None:
+                    current = self._read_appointment(cur, key)
+                    if current is not None and current.status != "cancelled":
+                        _refuse_status(appointment_id, current.status, writes.cancel.allowed_statuses, "cancelled")
                 if execute(cur, writes.cancel.sql, self._statement_values("cancel", env)) == 0:
                     raise NotFound(f"Appointment/{appointment_id} is not known")
 
@@ -714,6 +773,61 @@ class SqlBackend:
 
     async def close(self) -> None:
         await self.db.close()
+
+
+def _refuse_status(appointment_id: str, status: str, allowed: list[str] | None, change: str) -> None:
+    """``writes.<change>.allowed_statuses``: a state the legacy system does not allow is a conflict (409)."""
+    if allowed is not None and status not in allowed:
+        raise SlotConflict(
+            f"Appointment/{appointment_id} is {status}; this system lets only {', '.join(allowed)} "
+            f"appointments be {change}"
+        )
+
+
+def apply_fold(condition: str, declared: ReadOnlyMap[Any, str], dialect: str, kind: str) -> str:
+    """``FOLD(col)`` in a filter -> the folding SQL: ``system.sql_fold[dialect]``, else the default."""
+    if "FOLD(" not in condition.upper():
+        return condition
+    template = declared.get(dialect) or _DEFAULT_FOLD.get(kind) or _DEFAULT_FOLD.get(dialect) or "LOWER({})"
+    return _FOLD_CALL.sub(lambda m: template.replace("{}", m.group(1)), condition)
+
+
+def _whole_days(row: dict[str, Any], zone: Any) -> Interval:
+    """A date-only absence: from local midnight of ``date`` to local midnight after ``end_date`` (or ``date``)."""
+    first: dt.date = row["date"]
+    last: dt.date = row.get("end_date") or first
+    start = attach_zone(dt.datetime.combine(first, dt.time()), zone).astimezone(dt.UTC)
+    end = attach_zone(dt.datetime.combine(last + dt.timedelta(days=1), dt.time()), zone).astimezone(dt.UTC)
+    return Interval(start, end)
+
+
+def _marker_periods(rows: list[dict[str, Any]], zone: Any) -> list[tuple[tuple[str, str], Interval]]:
+    """Working time from "in"/"out" marker events (working-time kind ``markers``).
+
+    Per practitioner and local day, in time order: an ``in`` marker opens a period at its location
+    (unless one is open), the next ``out`` marker closes it; a period still open at the end of the
+    day closes at local midnight. Markers with another value are ignored.
+    """
+    by_day: dict[tuple[str, dt.date], list[dict[str, Any]]] = {}
+    for r in rows:
+        if r.get("start") is None or r.get("marker") not in ("in", "out"):
+            continue
+        by_day.setdefault((str(r["practitioner"]), r["start"].astimezone(zone).date()), []).append(r)
+    out: list[tuple[tuple[str, str], Interval]] = []
+    for (prac, day), markers in by_day.items():
+        markers.sort(key=lambda r: (r["start"], r["marker"] == "in"))
+        open_at: tuple[dt.datetime, str] | None = None
+        for r in markers:
+            if r["marker"] == "in" and open_at is None:
+                open_at = (r["start"], str(r["location"]))
+            elif r["marker"] == "out" and open_at is not None:
+                if open_at[0] < r["start"]:
+                    out.append(((prac, open_at[1]), Interval(open_at[0], r["start"])))
+                open_at = None
+        if open_at is not None:
+            midnight = attach_zone(dt.datetime.combine(day + dt.timedelta(days=1), dt.time()), zone)
+            out.append(((prac, open_at[1]), Interval(open_at[0], midnight.astimezone(dt.UTC))))
+    return out
 
 
 def _fold(text: str) -> str:

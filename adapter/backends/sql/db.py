@@ -32,6 +32,7 @@ import re
 import sqlite3
 import tempfile
 import threading
+import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -144,6 +145,8 @@ class Database:
                 conn = sqlite3.connect(
                     self._sqlite_path, timeout=self.timeout_s, isolation_level=None, check_same_thread=True
                 )
+                # FOLD() in a mapping's name filter: case- and accent-insensitive, as FHIR string search is.
+                conn.create_function("SCHED_FOLD", 1, sql_fold_function, deterministic=True)
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=NORMAL")
             else:
@@ -159,6 +162,10 @@ class Database:
                     cur.execute(f"SET lock_timeout = '{int(self.timeout_s)}s'")
                     conn.commit()
                 if self.dialect == "mariadb":
+                    # Bind text as UTF-8: with pyodbc's default (UTF-16) MariaDB Connector/ODBC garbles
+                    # every text parameter longer than 127 characters (a note, an OpenEMR pc_recurrspec).
+                    conn.setencoding(encoding="utf-8")
+                    conn.setdecoding(pyodbc.SQL_CHAR, encoding="utf-8")
                     # Read committed: a fresh snapshot per statement, as a booking re-check needs.
                     cur = conn.cursor()
                     cur.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
@@ -350,6 +357,14 @@ class Database:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+
+def sql_fold_function(value: Any) -> str | None:
+    """SQLite's ``SCHED_FOLD(x)``: NFKD without combining marks, case-folded (NULL stays NULL)."""
+    if value is None:
+        return None
+    text = unicodedata.normalize("NFKD", str(value))
+    return "".join(c for c in text if not unicodedata.combining(c)).casefold()
 
 
 def _odbc_database(dsn: str) -> str | None:
