@@ -12,6 +12,7 @@ Decisions where the IG is open (DESIGN 4-10):
 from __future__ import annotations
 
 import datetime as dt
+import re
 from typing import Any
 from urllib.parse import urlencode
 
@@ -123,8 +124,8 @@ def _find_request(
         )
         count = ctx.find.max_count
     offset_text = request.query_params.get("_offset", "0")
-    if not offset_text.isdigit():
-        raise bad("_offset must be a non-negative integer", "_offset")
+    if not re.fullmatch(r"[0-9]{1,9}", offset_text):
+        raise bad("_offset must be a non-negative integer (ASCII digits, at most 9)", "_offset")
 
     base = ctx.base_url
     req = FindRequest(window=Interval(start, end), offset=int(offset_text), count=count)

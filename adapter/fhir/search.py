@@ -51,8 +51,9 @@ from adapter.backends.protocol import ActorQuery, AppointmentQuery, Identifier, 
 from adapter.fhir.appointments import render_appointments
 from adapter.fhir.context import FhirContext, read_body
 from adapter.fhir.formats import FORM, format_named, render, response_format
+from adapter.fhir.limits import check_params
 from adapter.fhir.outcome import FhirError, issue, operation_outcome
-from adapter.fhir.parameters import FHIR_ID, parse_count
+from adapter.fhir.parameters import FHIR_ID, parse_count, parse_date_value, period_end
 from adapter.fhir.render import searchset
 from adapter.mapping.expressions import attach_zone
 
@@ -85,12 +86,6 @@ ACTOR_TYPES = (
 OUR_ACTOR_KINDS = ("Patient", "Practitioner", "Location")
 CONTROL_ONCE = ("_count", "_sort", "_total", "_format", "_cursor")
 CURSOR_PARAM = "_cursor"
-
-_DATE = re.compile(
-    r"^(?P<y>\d{4})(?:-(?P<m>\d{2})(?:-(?P<d>\d{2})(?:T(?P<H>\d{2}):(?P<M>\d{2})(?::(?P<S>\d{2})(?:\.(?P<f>\d+))?)?"
-    r"(?P<tz>Z|[+-]\d{2}:\d{2})?)?)?)?$"
-)
-
 
 # --- small parsers --------------------------------------------------------------------------------
 
@@ -139,52 +134,12 @@ def _split_or(value: str) -> list[str]:
 
 def parse_date_range(text: str, zone: dt.tzinfo, name: str = "date") -> tuple[dt.datetime, dt.datetime]:
     """A FHIR search date/dateTime -> the range ``[lo, hi)`` its precision implies."""
-    m = _DATE.match(text)
-    if not m:
-        raise FhirError(
-            400,
-            "invalid",
-            f"{name} value {text!r} is not a FHIR date or dateTime "
-            "(YYYY, YYYY-MM, YYYY-MM-DD or YYYY-MM-DDThh:mm[:ss[.fff]][Z|±hh:mm]), optionally after "
-            f"a prefix ({', '.join(PREFIXES)})",
-            expression=name,
-        )
-    try:
-        y = int(m["y"])
-        if m["H"] is None:
-            mo, d = int(m["m"] or 1), int(m["d"] or 1)
-            first = dt.date(y, mo, d)
-            if m["d"]:
-                after = first + dt.timedelta(days=1)
-            elif m["m"]:
-                after = dt.date(y + (mo == 12), mo % 12 + 1, 1)
-            else:
-                after = dt.date(y + 1, 1, 1)
-            lo = attach_zone(dt.datetime.combine(first, dt.time()), zone)  # type: ignore[arg-type]
-            hi = attach_zone(dt.datetime.combine(after, dt.time()), zone)  # type: ignore[arg-type]
-            return lo, hi
-        frac = m["f"] or ""
-        micro = int((frac + "000000")[:6]) if frac else 0
-        naive = dt.datetime(y, int(m["m"]), int(m["d"]), int(m["H"]), int(m["M"]), int(m["S"] or 0), micro)
-        if m["tz"] is None:
-            lo = attach_zone(naive, zone)  # type: ignore[arg-type]
-        else:
-            tz = m["tz"]
-            offset = (
-                dt.timedelta(0)
-                if tz == "Z"
-                else (1 if tz[0] == "+" else -1) * dt.timedelta(hours=int(tz[1:3]), minutes=int(tz[4:6]))
-            )
-            lo = naive.replace(tzinfo=dt.timezone(offset))
-        if m["S"] is None:
-            width = dt.timedelta(minutes=1)
-        elif not frac:
-            width = dt.timedelta(seconds=1)
-        else:
-            width = dt.timedelta(microseconds=max(1, 10 ** (6 - min(len(frac), 6))))
-        return lo, lo + width
-    except ValueError as exc:
-        raise FhirError(400, "invalid", f"{name} value {text!r} is not a valid date: {exc}", expression=name) from None
+    value = parse_date_value(text, name)
+    end = period_end(value)
+    if value.offset is None:
+        return attach_zone(value.naive, zone), attach_zone(end, zone)  # type: ignore[arg-type]
+    tz = dt.timezone(value.offset)
+    return value.naive.replace(tzinfo=tz), end.replace(tzinfo=tz)
 
 
 def date_constraints(
@@ -645,9 +600,11 @@ async def _request_params(request: Request) -> list[tuple[str, str]]:
                     f"POST Appointment/_search takes a {FORM} body, not {media or 'an untyped body'}",
                 )
             try:
-                params += parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
+                form = parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
             except UnicodeDecodeError:
                 raise FhirError(400, "structure", "the form body is not valid UTF-8") from None
+            check_params(form)
+            params += form
     return params
 
 

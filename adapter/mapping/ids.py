@@ -17,6 +17,9 @@ from typing import Any
 from adapter.mapping.model import IdRule
 
 FHIR_ID = re.compile(r"^[A-Za-z0-9\-\.]{1,64}$")
+_CANONICAL_INT = re.compile(r"^(0|-?[1-9][0-9]{0,18})$")
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
 
 
 class InvalidKey(ValueError):
@@ -51,7 +54,12 @@ def to_legacy_key(rule: IdRule, fhir_id: str) -> Any:
             raise InvalidKey(f"{fhir_id!r} is longer than the legacy key width {rule.pad_right}")
         text = text.ljust(rule.pad_right)
     if rule.key_type == "int":
-        if not text.strip().lstrip("-").isdigit():
-            raise InvalidKey(f"{fhir_id!r} is not a numeric legacy key")
-        return int(text)
+        # Only the canonical decimal form names a key (Patient/007 is not Patient/7), and only
+        # values a 64-bit SQL integer can hold reach the database (drivers overflow otherwise).
+        if not _CANONICAL_INT.match(text):
+            raise InvalidKey(f"{fhir_id!r} is not a numeric legacy key in canonical form")
+        value = int(text)
+        if not INT64_MIN <= value <= INT64_MAX:
+            raise InvalidKey(f"{fhir_id!r} is out of the range of a legacy integer key")
+        return value
     return text
