@@ -7,13 +7,15 @@ for a client to resolve every participant reference the server emits.
 from __future__ import annotations
 
 import datetime as dt
+import inspect
 import re
 from urllib.parse import urlencode
 
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
-from adapter.backends.protocol import Actor, ActorQuery, Identifier
+from adapter.backends.protocol import ActorQuery, Identifier
 from adapter.fhir.appointments import render_appointments, render_hold, render_proposal
 from adapter.fhir.context import FhirContext
 from adapter.fhir.formats import render, response_format
@@ -43,6 +45,9 @@ async def read_appointment(request: Request) -> Response:
         found = None  # only the canonical form of an id names the appointment
     if found is None:
         proposal = _proposal(ctx, appt_id, now)
+        booked = await _booked_from(ctx, appt_id) if proposal is not None else None
+        if booked is not None:
+            raise FhirError(404, "not-found", f"proposed Appointment/{appt_id} is no longer proposed: {booked}")
         if proposal is not None:
             # The fullUrl of a $find entry resolves while the proposal is valid (issue 7, item 8).
             return render(await render_proposal(ctx, appt_id, proposal), fmt)
@@ -66,6 +71,17 @@ def _proposal(ctx: FhirContext, token: str, now: dt.datetime) -> Proposal | None
         return None
 
 
+async def _booked_from(ctx: FhirContext, token: str) -> str | None:
+    """Why a proposed id is no longer a proposal (booked, or being booked), or None."""
+    result = await run_in_threadpool(ctx.service.state.journal_get, token)
+    entry = await result if inspect.isawaitable(result) else result  # a sync or an async state store
+    if entry is None:
+        return None
+    if entry.appointment_id:
+        return f"it was booked as Appointment/{entry.appointment_id}"
+    return "it is being booked"
+
+
 async def read_actor(request: Request) -> Response:
     ctx: FhirContext = request.app.state.fhir
     fmt = response_format(request)
@@ -79,13 +95,9 @@ async def read_actor(request: Request) -> Response:
     return render(found[0].resource, fmt)
 
 
-def _actor_order(actor: Actor) -> tuple[int, int, str]:
-    return (0, int(actor.id), "") if actor.id.isascii() and actor.id.isdigit() else (1, 0, actor.id)
-
-
 async def search_actor(request: Request) -> Response:
     """Patient/Practitioner/Location search: ``_id``, ``identifier``, ``name``, ``_count``, ``_offset``,
-    ``_summary=count``. Matches are ordered by id and paged with ``_offset`` links; ``total`` counts
+    ``_summary=count``. Matches keep the legacy system's order and are paged with ``_offset`` links; ``total`` counts
     all of them (a search matching more than ``MAX_ACTOR_MATCHES`` must be narrowed: 400 too-costly)."""
     ctx: FhirContext = request.app.state.fhir
     fmt = response_format(request)
@@ -131,7 +143,6 @@ async def search_actor(request: Request) -> Response:
             "too-costly",
             f"more than {MAX_ACTOR_MATCHES} {kind} resources match; narrow the search (_id, identifier, name)",
         )
-    found.sort(key=_actor_order)
     issues = [
         issue("warning", "not-supported", f"parameter {k!r} is not supported and was ignored", expression=k)
         for k in ignored

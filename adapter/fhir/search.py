@@ -84,7 +84,10 @@ ACTOR_TYPES = (
     "Location",
 )
 OUR_ACTOR_KINDS = ("Patient", "Practitioner", "Location")
-CONTROL_ONCE = ("_count", "_sort", "_total", "_format", "_cursor")
+CONTROL_ONCE = ("_count", "_sort", "_total", "_format", "_cursor", "_summary", "_elements")
+SUBSETTED = {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "SUBSETTED"}
+# Appointment elements with cardinality 1..* in R4: kept whatever _elements asks for.
+MANDATORY_ELEMENTS = ("resourceType", "id", "meta", "status", "participant")
 CURSOR_PARAM = "_cursor"
 
 # --- small parsers --------------------------------------------------------------------------------
@@ -263,6 +266,7 @@ class SearchRequest:
     notes: list[dict[str, Any]] = field(default_factory=list)
     nothing: list[str] = field(default_factory=list)  # reasons why nothing can match
     used: list[tuple[str, str]] = field(default_factory=list)  # for the page links
+    elements: set[str] | None = None  # _elements
 
 
 def _prefer_strict(request: Request) -> bool:
@@ -311,6 +315,66 @@ def _reference_id(value: str, kind: str, name: str, base: str) -> str | None:
     return rid
 
 
+def _actor_kind(name: str, modifier: str, chain: str | None, value: str, ctx: FhirContext) -> str | None:
+    """The one actor type an ``actor`` parameter is about (its ``:Type`` modifier, the ``Type/`` of its
+    references, or the identifier system); None for a type no appointment here has as an actor."""
+    if modifier:
+        if modifier not in ACTOR_TYPES:
+            raise FhirError(400, "invalid", f"{name}: {modifier!r} is not an Appointment actor type", expression=name)
+        return modifier if modifier in OUR_ACTOR_KINDS else None
+    kinds: set[str] = set()
+    for v in _split_or(value):
+        if chain == "identifier":
+            system, _ = _split_token(v)
+            backend = ctx.service.backend
+            known = {k for k in OUR_ACTOR_KINDS if system and system in _identifier_systems(backend, k)}
+            if len(known) != 1:
+                raise FhirError(
+                    400,
+                    "invalid",
+                    f"{name} {v!r}: say which actor type the identifier is of (e.g. actor:Patient.identifier=...)",
+                    expression=name,
+                )
+            kinds |= known
+            continue
+        text = _unescape(v).strip()
+        prefix = ctx.base_url.rstrip("/") + "/"
+        if text.startswith(prefix):
+            text = text[len(prefix) :]
+        elif "://" in text:
+            kinds.add("Patient")  # another server's reference: the Patient criterion reports it as such
+            continue
+        kind = text.split("/", 1)[0] if "/" in text else None
+        if kind is None:
+            raise FhirError(
+                400,
+                "invalid",
+                f"{name} {v!r} needs a type: {name}=Patient/<id> or {name}:Patient=<id>",
+                expression=name,
+            )
+        if kind not in ACTOR_TYPES:
+            raise FhirError(400, "invalid", f"{name} {v!r}: {kind!r} is not an Appointment actor type", expression=name)
+        kinds.add(kind)
+    if len(kinds) > 1:
+        raise FhirError(
+            400,
+            "not-supported",
+            f"{name} {value!r} mixes actor types; repeat the parameter per type instead",
+            expression=name,
+        )
+    kind = kinds.pop() if kinds else None
+    return kind if kind in OUR_ACTOR_KINDS else None
+
+
+def subset(resource: dict[str, Any], elements: set[str]) -> dict[str, Any]:
+    """``_elements``: the asked-for elements plus the mandatory ones, tagged SUBSETTED (FHIR R4 search 3.1.1.5.9)."""
+    out = {k: v for k, v in resource.items() if k in elements or k in MANDATORY_ELEMENTS}
+    meta = {k: v for k, v in (out.get("meta") or {}).items() if k != "profile"}  # a subset conforms to no profile
+    meta["tag"] = [*meta.get("tag", []), SUBSETTED]
+    out["meta"] = meta
+    return {"resourceType": out.pop("resourceType"), "id": out.pop("id"), **out}
+
+
 def _include_kinds(value: str) -> set[str] | None:
     parts = value.split(":")
     if value in ("*", "Appointment:*"):
@@ -345,6 +409,16 @@ def parse_search(ctx: FhirContext, params: list[tuple[str, str]], now: dt.dateti
         if "." in name:
             head, _, chain = name.partition(".")
             base_name, _, modifier = head.partition(":")
+        if base_name == "actor":
+            kind = _actor_kind(name, modifier, chain, value, ctx)
+            if kind is None:
+                req.criteria += 1
+                req.nothing.append(
+                    f"{name} {value!r}: appointments here have only Patient, Practitioner and Location actors"
+                )
+                req.used.append((name, raw))
+                continue
+            base_name, modifier = kind.lower(), ""
         used = True
         if name == "_id":
             req.criteria += 1
@@ -427,6 +501,14 @@ def parse_search(ctx: FhirContext, params: list[tuple[str, str]], now: dt.dateti
                 )
                 count = ctx.find.max_count
             req.count = count
+        elif name == "_summary":
+            if value == "count":
+                req.count = 0
+            else:
+                req.ignored.append((name, f"value {value!r} is not supported (only count)"))
+                used = False
+        elif name == "_elements":
+            req.elements = {e.strip() for e in value.split(",") if e.strip()}
         elif name == "_sort":
             if value in ("date", "-date"):
                 req.descending = value == "-date"
@@ -727,6 +809,8 @@ async def search_endpoint(request: Request) -> Response:
                     seen.add(key)
                     includes.append(actors[key].resource)
 
+    if req.elements is not None:
+        rendered = [subset(r, req.elements) for r in rendered]
     bundle = searchset(
         ctx.base_url,
         total=total if total is not None else 0,
@@ -734,7 +818,7 @@ async def search_endpoint(request: Request) -> Response:
         outcome=operation_outcome(issues) if issues else None,
         includes=includes,
         links=links,
-        profile=total is not None,
+        profile=total is not None and req.elements is None,
     )
     if total is None:
         del bundle["total"]

@@ -192,12 +192,15 @@ def _c_default(v: Any, a: tuple, ctx: EvalContext) -> Any:
 
 
 _ASCII_INT = re.compile(r"[+-]?[0-9]{1,19}")
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 def _c_int(v: Any, a: tuple, ctx: EvalContext) -> int:
-    """A whole number a 64-bit SQL integer can hold, written in ASCII digits (Python's int() also
-    reads other scripts' digits and unbounded lengths, which then overflow the database driver)."""
+    """A whole number in ASCII digits that a SQL integer can hold: ``int`` 64-bit, ``int:32`` 32-bit
+    (Python's int() also reads other scripts' digits and unbounded lengths, which then overflow the
+    database driver or the column's type)."""
+    bits = int(a[0]) if a else 64
+    if bits not in (32, 64):
+        raise ExpressionError(f"int: the width must be 32 or 64, got {a[0]!r}")
     if isinstance(v, int) and not isinstance(v, bool):
         value = v
     else:
@@ -205,8 +208,8 @@ def _c_int(v: Any, a: tuple, ctx: EvalContext) -> int:
         if not _ASCII_INT.fullmatch(text):
             raise ExpressionError(f"int: {str(v)[:40]!r} is not a whole number")
         value = int(text)
-    if not INT64_MIN <= value <= INT64_MAX:
-        raise ExpressionError(f"int: {str(v)[:40]!r} is out of the 64-bit integer range")
+    if not -(2 ** (bits - 1)) <= value < 2 ** (bits - 1):
+        raise ExpressionError(f"int: {str(v)[:40]!r} is out of the {bits}-bit integer range")
     return value
 
 
