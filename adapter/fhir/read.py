@@ -22,6 +22,7 @@ from adapter.fhir.formats import render, response_format
 from adapter.fhir.outcome import FhirError, issue, operation_outcome
 from adapter.fhir.parameters import FHIR_ID, parse_count
 from adapter.fhir.render import searchset
+from adapter.fhir.search import prefer_strict
 from adapter.scheduling.proposals import Proposal, ProposalError
 from adapter.scheduling.state import Hold
 
@@ -126,6 +127,13 @@ async def search_actor(request: Request) -> Response:
     offset = int(offset_text)
     known = ("_id", "identifier", "name", "_count", "_format", "_offset", "_summary")
     ignored = sorted({k for k in q.keys() if k not in known})
+    if ignored and prefer_strict(request):
+        raise FhirError(
+            400,
+            "invalid",
+            f"parameter {ignored[0]!r} is not supported by {kind} search (Prefer: handling=strict)",
+            expression=ignored[0],
+        )
     found = await ctx.service.backend.find_actors(
         ActorQuery(
             kind,  # type: ignore[arg-type]

@@ -269,7 +269,7 @@ class SearchRequest:
     elements: set[str] | None = None  # _elements
 
 
-def _prefer_strict(request: Request) -> bool:
+def prefer_strict(request: Request) -> bool:
     for header in request.headers.getlist("prefer"):
         for part in re.split(r"[,;]", header):
             key, _, value = part.strip().partition("=")
@@ -708,7 +708,7 @@ async def search_endpoint(request: Request) -> Response:
     fmt = _response_format(request, params)
     now = ctx.now()
     req = parse_search(ctx, params, now)
-    if req.ignored and _prefer_strict(request):
+    if req.ignored and prefer_strict(request):
         name, why = req.ignored[0]
         raise FhirError(
             400,

@@ -562,6 +562,8 @@ def test_issue7_8_actor_searches_report_the_total_and_page(sq: Server) -> None:
         assert "next" in _links(first)
     named = sq.http.get("/Patient", params={"name": "a", "_count": "1"}).json()
     assert named["total"] > 1 and "next" in _links(named)
+    strict = sq.http.get("/Patient", params={"birthdate": "2000"}, headers={"Prefer": "handling=strict"})
+    assert_refused(strict, 400, "birthdate")
 
 
 def test_issue7_8_full_urls_resolve(sq: Server) -> None:
