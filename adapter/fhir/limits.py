@@ -26,7 +26,6 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from adapter.fhir.formats import JSON, render, response_format
 from adapter.fhir.outcome import FhirError, error_body
 
-MAX_ID = 64
 MAX_STRING = 1024
 MAX_NAME = 64
 MAX_PARAMS = 100
@@ -89,8 +88,9 @@ def check_params(params: Iterable[tuple[str, str]]) -> None:
 def check_resource_strings(value: Any, name: str, *, as_bundle: bool = False, _key: str = "") -> None:
     """Every string inside a JSON value (a Parameters entry, an embedded resource)."""
     if isinstance(value, str):
-        # base64Binary (attachment ``data``) is the one string that may legitimately be long.
-        check_text(value, name, limit=len(value) if _key == "data" else MAX_STRING, as_bundle=as_bundle)
+        # Attachment ``data`` (base64Binary) and a narrative ``div`` may legitimately be long; the body
+        # size limit bounds them, and neither reaches the legacy system.
+        check_text(value, name, limit=len(value) if _key in ("data", "div") else MAX_STRING, as_bundle=as_bundle)
     elif isinstance(value, dict):
         for k, v in value.items():
             check_text(k, name, limit=MAX_NAME, as_bundle=as_bundle)
