@@ -76,6 +76,7 @@ def _serve(config: Path, overrides: dict[str, str]) -> int:
         lifespan="on",
         proxy_headers=False,
         access_log=False,
+        http="adapter.fhir.http_protocol:PROTOCOL",  # unparseable requests get an OperationOutcome too
     )
     return 0
 

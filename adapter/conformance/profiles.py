@@ -336,10 +336,15 @@ _EXPECTED_MODE = {"Appointment": "match", "OperationOutcome": "outcome"}
 
 
 def _check_full_url(where: str, entry: dict[str, Any], resource: dict[str, Any], problems: list[str]) -> None:
-    """REQ-BNDL-08: absolute fullUrl ending in /<resourceType>/<id>."""
+    """REQ-BNDL-08: absolute fullUrl ending in /<resourceType>/<id>; an OperationOutcome, which no server
+    keeps, may instead have a ``urn:uuid:`` (every other fullUrl must resolve)."""
     full_url = entry.get("fullUrl")
     if not isinstance(full_url, str):
         problems.append(f"REQ-BNDL-08: {where}.fullUrl is missing")
+        return
+    if resource.get("resourceType") == "OperationOutcome" and full_url.startswith("urn:"):
+        if not re.fullmatch(r"urn:uuid:[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", full_url):
+            problems.append(f"REQ-BNDL-08: {where}.fullUrl {full_url!r} is not a valid urn:uuid")
         return
     parts = urlsplit(full_url)
     if parts.scheme not in ("http", "https") or not parts.netloc:

@@ -14,6 +14,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Mount, Route
@@ -23,6 +24,7 @@ from adapter.fhir.capability import capability_statement
 from adapter.fhir.context import FhirContext
 from adapter.fhir.find import find_endpoint
 from adapter.fhir.formats import JSON, render, response_format
+from adapter.fhir.limits import RequestGuard
 from adapter.fhir.operations import book_endpoint, hold_endpoint
 from adapter.fhir.outcome import FhirError, error_body
 from adapter.fhir.read import ACTOR_KINDS, read_actor, read_appointment, search_actor
@@ -70,8 +72,16 @@ async def _on_backend_unavailable(request: Request, exc: Exception) -> Response:
 async def _on_unexpected(request: Request, exc: Exception) -> Response:
     incident = uuid.uuid4().hex[:12]
     log.exception("incident %s: unexpected error on %s %s", incident, request.method, request.url.path)
+    # Starlette re-raises after this answer and uvicorn then drops the connection: say so, or the
+    # client's next request on this keep-alive connection is reset (issue 7, item 7).
     return _error_response(
-        request, FhirError(500, "exception", f"internal error (incident {incident}); the details are in the server log")
+        request,
+        FhirError(
+            500,
+            "exception",
+            f"internal error (incident {incident}); the details are in the server log",
+            headers={"Connection": "close"},
+        ),
     )
 
 
@@ -143,6 +153,7 @@ def create_app(
             Exception: _on_unexpected,
         },
         lifespan=lifespan,
+        middleware=[Middleware(RequestGuard)],
     )
     app.state.fhir = ctx
     return app

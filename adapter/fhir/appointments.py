@@ -9,7 +9,7 @@ from typing import Any
 from adapter.backends.protocol import Actor, ActorQuery, Appointment
 from adapter.fhir.context import FhirContext
 from adapter.fhir.render import HOLD_EXPIRATION_URL, appointment, from_booked, local_instant
-from adapter.scheduling.proposals import proposal_from_dict
+from adapter.scheduling.proposals import Proposal, proposal_from_dict
 from adapter.scheduling.state import Hold
 
 
@@ -41,7 +41,26 @@ async def render_appointments(
 
 
 async def render_hold(ctx: FhirContext, hold: Hold) -> dict[str, Any]:
-    p = proposal_from_dict(hold.payload)
+    return await render_proposal(
+        ctx,
+        hold.id,
+        proposal_from_dict(hold.payload),
+        status="pending",
+        participant_status="tentative",
+        extensions=[{"url": HOLD_EXPIRATION_URL, "valueDateTime": local_instant(hold.expires_at, ctx.zone)}],
+    )
+
+
+async def render_proposal(
+    ctx: FhirContext,
+    appt_id: str,
+    p: Proposal,
+    *,
+    status: str = "proposed",
+    participant_status: str = "needs-action",
+    extensions: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """A proposed (or, for a hold, pending) appointment as $find and $hold write it."""
     actors = await actors_for(
         ctx,
         [("Practitioner", p.practitioner_id), ("Location", p.location_id)]
@@ -50,21 +69,22 @@ async def render_hold(ctx: FhirContext, hold: Hold) -> dict[str, Any]:
     types = {vt.key: vt for vt in await ctx.service.backend.visit_types()}
     prac = actors.get(f"Practitioner/{p.practitioner_id}")
     loc = actors.get(f"Location/{p.location_id}")
+    patients: list[tuple[str | None, str | None]] = []
+    for pid in p.patient_ids:
+        patient = actors.get(f"Patient/{pid}")
+        patients.append((pid, patient.display if patient else None))
     return appointment(
-        appt_id=hold.id,
-        status="pending",
+        appt_id=appt_id,
+        status=status,
         start=p.start,
         end=p.end,
         zone=ctx.zone,
         practitioner=(p.practitioner_id, prac.display if prac else None),
         location=(p.location_id, loc.display if loc else None),
-        patients=[
-            (pid, (actors.get(f"Patient/{pid}").display if actors.get(f"Patient/{pid}") else None))  # type: ignore[union-attr]
-            for pid in p.patient_ids
-        ],
+        patients=patients,
         visit_type=types.get(p.visit_type_key),
         specialties=prac.specialties if prac else (),
         requested=(p.window_start, p.window_end),
-        participant_status="tentative",
-        extensions=[{"url": HOLD_EXPIRATION_URL, "valueDateTime": local_instant(hold.expires_at, ctx.zone)}],
+        participant_status=participant_status,
+        extensions=extensions or [],
     )

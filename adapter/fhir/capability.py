@@ -18,6 +18,7 @@ SEARCH_PARAMS = [
     ("location", "reference", "http://hl7.org/fhir/SearchParameter/Appointment-location"),
     ("status", "token", "http://hl7.org/fhir/SearchParameter/Appointment-status"),
     ("service-type", "token", "http://hl7.org/fhir/SearchParameter/Appointment-service-type"),
+    ("actor", "reference", "http://hl7.org/fhir/SearchParameter/Appointment-actor"),
 ]
 SEARCH_INCLUDES = ["Appointment:actor", "Appointment:patient", "Appointment:practitioner", "Appointment:location"]
 
@@ -64,6 +65,14 @@ def capability_statement(
         appointment["searchParam"] = [{"name": n, "definition": d, "type": t} for n, t, d in SEARCH_PARAMS] + [
             {"name": "_count", "type": "number", "documentation": "page size, default 50, maximum 500"},
             {"name": "_sort", "type": "string", "documentation": "date or -date"},
+            {"name": "_summary", "type": "token", "documentation": "count only (the total, no entries)"},
+            {
+                "name": "_elements",
+                "type": "string",
+                "documentation": "Appointment elements to return; status and participant are always kept "
+                "and the result is tagged SUBSETTED",
+            },
+            {"name": "_total", "type": "token", "documentation": "none skips the count; accurate (default)"},
         ]
     actor_resources = [
         {
@@ -73,6 +82,8 @@ def capability_statement(
                 {"name": "_id", "type": "token"},
                 {"name": "identifier", "type": "token"},
                 {"name": "name", "type": "string"},
+                {"name": "_count", "type": "number", "documentation": "page size; next links page with _offset"},
+                {"name": "_summary", "type": "token", "documentation": "count only"},
             ],
         }
         for kind in ("Location", "Patient", "Practitioner")

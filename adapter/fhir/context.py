@@ -43,7 +43,9 @@ async def read_body(request: Request) -> bytes:
         if size > limit:
             raise FhirError(413, "too-costly", f"the request body is larger than the limit of {limit} bytes")
         chunks.append(chunk)
-    return b"".join(chunks)
+    body = b"".join(chunks)
+    request.scope["sched.body"] = body  # idempotency scopes anonymous keys by the request itself
+    return body
 
 
 def client_id(request: Request) -> str | None:

@@ -12,6 +12,7 @@ Decisions where the IG is open (DESIGN 4-10):
 from __future__ import annotations
 
 import datetime as dt
+import re
 from typing import Any
 from urllib.parse import urlencode
 
@@ -73,7 +74,8 @@ async def find_endpoint(request: Request) -> Response:
     notices: list[dict[str, Any]] = []
     req = _find_request(ctx, params, request, now, notices)
     result = await ctx.service.find(req, now)
-    bundle = _bundle(ctx, req, result, notices, request)
+    link_criteria = await _link_criteria(ctx, req, result)
+    bundle = _bundle(ctx, req, result, notices, request, link_criteria)
     return render(bundle, fmt)
 
 
@@ -123,8 +125,8 @@ def _find_request(
         )
         count = ctx.find.max_count
     offset_text = request.query_params.get("_offset", "0")
-    if not offset_text.isdigit():
-        raise bad("_offset must be a non-negative integer", "_offset")
+    if not re.fullmatch(r"[0-9]{1,9}", offset_text):
+        raise bad("_offset must be a non-negative integer (ASCII digits, at most 9)", "_offset")
 
     base = ctx.base_url
     req = FindRequest(window=Interval(start, end), offset=int(offset_text), count=count)
@@ -189,7 +191,12 @@ def _string(value: Any, name: str) -> str:
 
 
 def _bundle(
-    ctx: FhirContext, req: FindRequest, result: FindResult, notices: list[dict[str, Any]], request: Request
+    ctx: FhirContext,
+    req: FindRequest,
+    result: FindResult,
+    notices: list[dict[str, Any]],
+    request: Request,
+    criteria: list[tuple[str, str]],
 ) -> dict[str, Any]:
     zone = ctx.zone
     matches = []
@@ -239,9 +246,13 @@ def _bundle(
                 f"{req.window.end.isoformat()} match the criteria",
             ),
         )
-    links = []
-    if req.offset + len(matches) < result.total:
-        links.append({"relation": "next", "url": _page_url(ctx, req, req.offset + req.count)})
+    fmt = request.query_params.get("_format")
+    extra = [("_format", fmt)] if fmt else []
+    links = [{"relation": "self", "url": _page_url(ctx, req, criteria + extra, req.offset)}]
+    if req.count > 0 and req.offset + len(matches) < result.total:
+        links.append({"relation": "next", "url": _page_url(ctx, req, criteria + extra, req.offset + req.count)})
+    if req.count == 0:
+        issues.append(issue("information", "informational", "_count=0: only the total is returned"))
     return searchset(
         ctx.base_url,
         total=result.total,
@@ -251,14 +262,32 @@ def _bundle(
     )
 
 
-def _page_url(ctx: FhirContext, req: FindRequest, offset: int) -> str:
+async def _link_criteria(ctx: FhirContext, req: FindRequest, result: FindResult) -> list[tuple[str, str]]:
+    """Every criterion of the request as GET ``$find`` parameters, so that the ``self`` and ``next``
+    links answer the same question as this page. Actors given by identifier (and a
+    ``patient-resource``) are written as references to what they resolved to: the GET form has no
+    other way to carry them, and the resolution does not change between pages."""
     q: list[tuple[str, str]] = [("start", req.window.start.isoformat()), ("end", req.window.end.isoformat())]
-    q += [("practitioner", f"Practitioner/{r.id}") for r in req.practitioners if r.id]
-    q += [("location-reference", f"Location/{r.id}") for r in req.locations if r.id]
-    q += [("patient-reference", f"Patient/{r.id}") for r in req.patients if r.id]
+    for name, kind, refs in (
+        ("practitioner", "Practitioner", req.practitioners),
+        ("location-reference", "Location", req.locations),
+    ):
+        for ref in refs:
+            actor_id = ref.id
+            if actor_id is None:
+                actor = await ctx.service.resolve(ref)
+                if actor is None:
+                    continue  # matched nothing on this page either
+                actor_id = actor.id
+            q.append((name, f"{kind}/{actor_id}"))
+    q += [("patient-reference", f"Patient/{p.id}") for p in result.patients]
     q += [("organization", f"Organization/{r.id}") for r in req.organizations if r.id]
     q += [("location-string", s) for s in req.location_strings]
     q += [("specialty", str(t)) for t in req.specialties]
     q += [("visit-type", str(t)) for t in req.visit_types]
-    q += [("_count", str(req.count)), ("_offset", str(offset))]
+    return q
+
+
+def _page_url(ctx: FhirContext, req: FindRequest, criteria: list[tuple[str, str]], offset: int) -> str:
+    q = criteria + [("_count", str(req.count)), ("_offset", str(offset))]
     return f"{ctx.base_url}/Appointment/$find?{urlencode(q)}"

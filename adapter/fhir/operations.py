@@ -72,12 +72,32 @@ def _operation_error(exc: Exception, *, hold: bool) -> FhirError:
     raise exc
 
 
+MAX_IDEMPOTENCY_KEY = 255
+
+
 def _request_key(request: Request) -> tuple[str, str] | None:
-    """(client scope, key) of the ``Idempotency-Key`` header, or None."""
+    """(client scope, key) of the ``Idempotency-Key`` header, or None.
+
+    A key is never shortened (two long keys sharing a prefix would collide): a longer one is 400.
+    Callers without an identity (no ``X-Client-Id``, no token) share no scope: their key is scoped to
+    the exact request (operation and body), so only a retry of that same request is ever answered
+    from it, never another anonymous client's different request.
+    """
     key = request.headers.get("idempotency-key", "").strip()
     if not key:
         return None
-    return client_id(request) or "anonymous", key[:200]
+    if len(key) > MAX_IDEMPOTENCY_KEY:
+        raise FhirError(
+            400,
+            "too-long",
+            f"Idempotency-Key is {len(key)} characters long; the limit is {MAX_IDEMPOTENCY_KEY}",
+            expression="Idempotency-Key",
+        )
+    who = client_id(request)
+    if who is None:
+        body = request.scope.get("sched.body", b"")
+        who = "anonymous:" + hashlib.sha256(request.url.path.encode() + b"\n" + body).hexdigest()[:32]
+    return who, key
 
 
 async def _with_idempotency(

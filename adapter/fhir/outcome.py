@@ -13,6 +13,7 @@ offending parameter.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterable
 from http import HTTPStatus
 from typing import Any
@@ -84,5 +85,11 @@ def error_body(err: FhirError, base: str) -> dict[str, Any]:
         "meta": {"profile": ["https://profiles.ihe.net/ITI/Scheduling/StructureDefinition/ihe-sched-avail-bundle"]},
         "type": "searchset",
         "total": 0,
-        "entry": [{"fullUrl": f"{base}/OperationOutcome/outcome", "resource": oo, "search": {"mode": "outcome"}}],
+        "entry": [
+            {
+                "fullUrl": f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, repr(oo))}",
+                "resource": oo,
+                "search": {"mode": "outcome"},
+            }
+        ],
     }

@@ -17,14 +17,21 @@ from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
 from adapter.backends.protocol import Identifier
+from adapter.fhir.limits import MAX_NAME, check_resource_strings, check_text
 from adapter.fhir.outcome import FhirError
 from adapter.scheduling.service import ActorRef, Token
 
-_DATETIME = re.compile(
-    r"^(?P<y>\d{4})(-(?P<m>\d{2})(-(?P<d>\d{2})(T(?P<H>\d{2}):(?P<M>\d{2})(:(?P<S>\d{2})(\.\d+)?)?"
-    r"(?P<tz>Z|[+-]\d{2}:\d{2}))?)?)?$"
+# ASCII digits only: ``\d`` would accept other scripts' digits, which int() then silently reads.
+DATE_VALUE = re.compile(
+    r"^(?P<y>[0-9]{4})(?:-(?P<m>[0-9]{2})(?:-(?P<d>[0-9]{2})(?:T(?P<H>[0-9]{2}):(?P<M>[0-9]{2})"
+    r"(?::(?P<S>[0-9]{2})(?:\.(?P<f>[0-9]{1,9}))?)?(?P<tz>Z|[+-][0-9]{2}:[0-9]{2})?)?)?)?$"
 )
 FHIR_ID = re.compile(r"^[A-Za-z0-9\-\.]{1,64}$")
+# Instants outside these years are refused (400) rather than computed with: the calendar arithmetic,
+# the zone rules and the legacy columns all overflow or lose meaning near year 1 and year 9999.
+MIN_YEAR = 1900
+MAX_YEAR = 2999
+MAX_OFFSET = dt.timedelta(hours=14)
 
 
 def bad(
@@ -33,38 +40,97 @@ def bad(
     return FhirError(400, code, diagnostics, expression=expression, as_bundle=as_bundle)
 
 
-def parse_datetime(text: Any, name: str, zone: ZoneInfo, *, is_end: bool = False) -> dt.datetime:
+@dataclass(frozen=True, slots=True)
+class DateValue:
+    """A checked FHIR date/dateTime: its first instant (``naive`` + ``offset``; no offset = local)
+    and the unit its precision implies."""
+
+    naive: dt.datetime
+    offset: dt.timedelta | None
+    has_time: bool
+    width: dt.timedelta | None  # None for year/month/day precision (calendar widths)
+    unit: str  # year, month, day, minute, second, fraction
+
+
+def parse_date_value(text: str, name: str, *, as_bundle: bool = False) -> DateValue:
+    """Check a FHIR date/dateTime by hand so every refusal names the parameter and the rule, without
+    Python's own messages, and no value outside ``MIN_YEAR..MAX_YEAR`` reaches any arithmetic."""
+
+    def refuse(why: str) -> FhirError:
+        return bad(f"{name} {text[:80]!r} {why}", name, as_bundle=as_bundle)
+
+    m = DATE_VALUE.match(text)
+    if not m:
+        raise refuse(
+            "is not a FHIR date or dateTime (YYYY, YYYY-MM, YYYY-MM-DD or "
+            "YYYY-MM-DDThh:mm[:ss[.fff]][Z|+hh:mm|-hh:mm], ASCII digits)"
+        )
+    y = int(m["y"])
+    if not MIN_YEAR <= y <= MAX_YEAR:
+        raise refuse(f"is outside the supported years {MIN_YEAR}..{MAX_YEAR}")
+    mo = int(m["m"] or 1)
+    if not 1 <= mo <= 12:
+        raise refuse("has no valid month (01..12)")
+    d = int(m["d"] or 1)
+    last_day = (dt.date(y + (mo == 12), mo % 12 + 1, 1) - dt.timedelta(days=1)).day
+    if not 1 <= d <= last_day:
+        raise refuse(f"has no valid day (01..{last_day:02d} in that month)")
+    if m["H"] is None:
+        unit = "day" if m["d"] else "month" if m["m"] else "year"
+        return DateValue(dt.datetime(y, mo, d), None, False, None, unit)
+    hh, mi, ss = int(m["H"]), int(m["M"]), int(m["S"] or 0)
+    if hh > 23 or mi > 59 or ss > 59:
+        raise refuse("has no valid time of day (00:00:00..23:59:59)")
+    offset: dt.timedelta | None = None
+    tz = m["tz"]
+    if tz == "Z":
+        offset = dt.timedelta(0)
+    elif tz is not None:
+        oh, om = int(tz[1:3]), int(tz[4:6])
+        offset = dt.timedelta(hours=oh, minutes=om) * (1 if tz[0] == "+" else -1)
+        if om > 59 or abs(offset) > MAX_OFFSET:
+            raise refuse(f"has an invalid timezone offset {tz} (valid: -14:00 to +14:00)")
+    frac = m["f"] or ""
+    micro = int((frac + "000000")[:6])
+    if m["S"] is None:
+        width, unit = dt.timedelta(minutes=1), "minute"
+    elif not frac:
+        width, unit = dt.timedelta(seconds=1), "second"
+    else:
+        width, unit = dt.timedelta(microseconds=max(1, 10 ** (6 - min(len(frac), 6)))), "fraction"
+    return DateValue(dt.datetime(y, mo, d, hh, mi, ss, micro), offset, True, width, unit)
+
+
+def period_end(value: DateValue) -> dt.datetime:
+    """The first naive instant after the period the value stands for."""
+    n = value.naive
+    if value.unit == "day":
+        return n + dt.timedelta(days=1)
+    if value.unit == "month":
+        return dt.datetime(n.year + (n.month == 12), n.month % 12 + 1, 1)
+    if value.unit == "year":
+        return dt.datetime(n.year + 1, 1, 1)
+    assert value.width is not None
+    return n + value.width
+
+
+def parse_datetime(
+    text: Any, name: str, zone: ZoneInfo, *, is_end: bool = False, as_bundle: bool = False
+) -> dt.datetime:
     """A FHIR dateTime -> aware datetime. Partial dates mean the start (or, for ``end``, the end)
     of that period in the server's zone; a time without an offset is invalid FHIR."""
     if not isinstance(text, str):
-        raise bad(f"{name} must be a dateTime string, got {type(text).__name__}", name)
-    m = _DATETIME.match(text.strip())
-    if not m:
-        raise bad(
-            f"{name} {text!r} is not a valid FHIR dateTime (e.g. 2026-12-01T09:00:00-05:00); "
-            "a time needs a timezone offset",
-            name,
-        )
-    try:
-        if m.group("H") is not None:
-            if m.group("tz") is None:
-                raise bad(f"{name} {text!r} has a time but no timezone offset", name)
-            # UTC from here on: comparing datetimes that share one tzinfo object is several times
-            # cheaper than comparing across offsets, and the slot maths compares a lot.
-            return dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00")).astimezone(dt.UTC)
-        y, mo, d = int(m.group("y")), int(m.group("m") or 1), int(m.group("d") or 1)
-        start = dt.date(y, mo, d)
-        if is_end:
-            if m.group("d"):
-                start = start + dt.timedelta(days=1)
-            elif m.group("m"):
-                start = dt.date(y + (mo == 12), mo % 12 + 1, 1)
-            else:
-                start = dt.date(y + 1, 1, 1)
-        # Local midnight as an instant: computing on ZoneInfo datetimes would be wall-clock maths.
-        return dt.datetime.combine(start, dt.time(), tzinfo=zone).astimezone(dt.UTC)
-    except ValueError as exc:
-        raise bad(f"{name} {text!r} is not a valid date: {exc}", name) from None
+        raise bad(f"{name} must be a dateTime string, got {type(text).__name__}", name, as_bundle=as_bundle)
+    value = parse_date_value(text.strip(), name, as_bundle=as_bundle)
+    if value.has_time:
+        if value.offset is None:
+            raise bad(f"{name} {text[:80]!r} has a time but no timezone offset", name, as_bundle=as_bundle)
+        # UTC from here on: comparing datetimes that share one tzinfo object is several times
+        # cheaper than comparing across offsets, and the slot maths compares a lot.
+        return value.naive.replace(tzinfo=dt.timezone(value.offset)).astimezone(dt.UTC)
+    local = period_end(value) if is_end else value.naive
+    # Local midnight as an instant: computing on ZoneInfo datetimes would be wall-clock maths.
+    return local.replace(tzinfo=zone).astimezone(dt.UTC)
 
 
 def parse_token(value: Any, name: str) -> Token:
@@ -114,6 +180,8 @@ class ParamList:
                     expression=f"Parameters.parameter[{i}]",
                     as_bundle=as_bundle,
                 )
+            check_text(p["name"], f"Parameters.parameter[{i}].name", limit=MAX_NAME, as_bundle=as_bundle)
+            check_resource_strings({k: v for k, v in p.items() if k != "name"}, p["name"], as_bundle=as_bundle)
             entries.setdefault(p["name"], []).append(p)
         return cls(entries, as_bundle)
 
@@ -208,7 +276,7 @@ def parse_count(value: Any, name: str = "_count") -> int:
         raise bad(f"{name} must be a positive integer", name)
     if isinstance(value, int):
         n = value
-    elif isinstance(value, str) and value.strip().isdigit():
+    elif isinstance(value, str) and re.fullmatch(r"[0-9]{1,18}", value.strip()):
         n = int(value.strip())
     else:
         raise bad(f"{name} must be a positive integer, got {value!r}", name)

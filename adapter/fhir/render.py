@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import uuid
 from collections.abc import Iterable
 from typing import Any
+
+import orjson
 
 from adapter.backends.protocol import Actor, Appointment, Coding, VisitType
 
@@ -176,9 +179,17 @@ def from_booked(
     )
 
 
+def outcome_urn(outcome: dict[str, Any]) -> str:
+    """A ``urn:uuid:`` derived from the content, so equal answers stay byte-for-byte equal."""
+    return f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, orjson.dumps(outcome, default=str).decode())}"
+
+
 def entry(base: str, resource: dict[str, Any], mode: str) -> dict[str, Any]:
+    kind = resource["resourceType"]
+    # Every fullUrl resolves: outcomes are not kept on the server, so theirs is a URN.
+    full_url = outcome_urn(resource) if kind == "OperationOutcome" else f"{base}/{kind}/{resource['id']}"
     return {
-        "fullUrl": f"{base}/{resource['resourceType']}/{resource['id']}",
+        "fullUrl": full_url,
         "resource": resource,
         "search": {"mode": mode},
     }

@@ -51,8 +51,9 @@ from adapter.backends.protocol import ActorQuery, AppointmentQuery, Identifier, 
 from adapter.fhir.appointments import render_appointments
 from adapter.fhir.context import FhirContext, read_body
 from adapter.fhir.formats import FORM, format_named, render, response_format
+from adapter.fhir.limits import check_params
 from adapter.fhir.outcome import FhirError, issue, operation_outcome
-from adapter.fhir.parameters import FHIR_ID, parse_count
+from adapter.fhir.parameters import FHIR_ID, parse_count, parse_date_value, period_end
 from adapter.fhir.render import searchset
 from adapter.mapping.expressions import attach_zone
 
@@ -83,14 +84,11 @@ ACTOR_TYPES = (
     "Location",
 )
 OUR_ACTOR_KINDS = ("Patient", "Practitioner", "Location")
-CONTROL_ONCE = ("_count", "_sort", "_total", "_format", "_cursor")
+CONTROL_ONCE = ("_count", "_sort", "_total", "_format", "_cursor", "_summary", "_elements")
+SUBSETTED = {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "SUBSETTED"}
+# Appointment elements with cardinality 1..* in R4: kept whatever _elements asks for.
+MANDATORY_ELEMENTS = ("resourceType", "id", "meta", "status", "participant")
 CURSOR_PARAM = "_cursor"
-
-_DATE = re.compile(
-    r"^(?P<y>\d{4})(?:-(?P<m>\d{2})(?:-(?P<d>\d{2})(?:T(?P<H>\d{2}):(?P<M>\d{2})(?::(?P<S>\d{2})(?:\.(?P<f>\d+))?)?"
-    r"(?P<tz>Z|[+-]\d{2}:\d{2})?)?)?)?$"
-)
-
 
 # --- small parsers --------------------------------------------------------------------------------
 
@@ -139,52 +137,12 @@ def _split_or(value: str) -> list[str]:
 
 def parse_date_range(text: str, zone: dt.tzinfo, name: str = "date") -> tuple[dt.datetime, dt.datetime]:
     """A FHIR search date/dateTime -> the range ``[lo, hi)`` its precision implies."""
-    m = _DATE.match(text)
-    if not m:
-        raise FhirError(
-            400,
-            "invalid",
-            f"{name} value {text!r} is not a FHIR date or dateTime "
-            "(YYYY, YYYY-MM, YYYY-MM-DD or YYYY-MM-DDThh:mm[:ss[.fff]][Z|±hh:mm]), optionally after "
-            f"a prefix ({', '.join(PREFIXES)})",
-            expression=name,
-        )
-    try:
-        y = int(m["y"])
-        if m["H"] is None:
-            mo, d = int(m["m"] or 1), int(m["d"] or 1)
-            first = dt.date(y, mo, d)
-            if m["d"]:
-                after = first + dt.timedelta(days=1)
-            elif m["m"]:
-                after = dt.date(y + (mo == 12), mo % 12 + 1, 1)
-            else:
-                after = dt.date(y + 1, 1, 1)
-            lo = attach_zone(dt.datetime.combine(first, dt.time()), zone)  # type: ignore[arg-type]
-            hi = attach_zone(dt.datetime.combine(after, dt.time()), zone)  # type: ignore[arg-type]
-            return lo, hi
-        frac = m["f"] or ""
-        micro = int((frac + "000000")[:6]) if frac else 0
-        naive = dt.datetime(y, int(m["m"]), int(m["d"]), int(m["H"]), int(m["M"]), int(m["S"] or 0), micro)
-        if m["tz"] is None:
-            lo = attach_zone(naive, zone)  # type: ignore[arg-type]
-        else:
-            tz = m["tz"]
-            offset = (
-                dt.timedelta(0)
-                if tz == "Z"
-                else (1 if tz[0] == "+" else -1) * dt.timedelta(hours=int(tz[1:3]), minutes=int(tz[4:6]))
-            )
-            lo = naive.replace(tzinfo=dt.timezone(offset))
-        if m["S"] is None:
-            width = dt.timedelta(minutes=1)
-        elif not frac:
-            width = dt.timedelta(seconds=1)
-        else:
-            width = dt.timedelta(microseconds=max(1, 10 ** (6 - min(len(frac), 6))))
-        return lo, lo + width
-    except ValueError as exc:
-        raise FhirError(400, "invalid", f"{name} value {text!r} is not a valid date: {exc}", expression=name) from None
+    value = parse_date_value(text, name)
+    end = period_end(value)
+    if value.offset is None:
+        return attach_zone(value.naive, zone), attach_zone(end, zone)  # type: ignore[arg-type]
+    tz = dt.timezone(value.offset)
+    return value.naive.replace(tzinfo=tz), end.replace(tzinfo=tz)
 
 
 def date_constraints(
@@ -308,9 +266,10 @@ class SearchRequest:
     notes: list[dict[str, Any]] = field(default_factory=list)
     nothing: list[str] = field(default_factory=list)  # reasons why nothing can match
     used: list[tuple[str, str]] = field(default_factory=list)  # for the page links
+    elements: set[str] | None = None  # _elements
 
 
-def _prefer_strict(request: Request) -> bool:
+def prefer_strict(request: Request) -> bool:
     for header in request.headers.getlist("prefer"):
         for part in re.split(r"[,;]", header):
             key, _, value = part.strip().partition("=")
@@ -356,6 +315,66 @@ def _reference_id(value: str, kind: str, name: str, base: str) -> str | None:
     return rid
 
 
+def _actor_kind(name: str, modifier: str, chain: str | None, value: str, ctx: FhirContext) -> str | None:
+    """The one actor type an ``actor`` parameter is about (its ``:Type`` modifier, the ``Type/`` of its
+    references, or the identifier system); None for a type no appointment here has as an actor."""
+    if modifier:
+        if modifier not in ACTOR_TYPES:
+            raise FhirError(400, "invalid", f"{name}: {modifier!r} is not an Appointment actor type", expression=name)
+        return modifier if modifier in OUR_ACTOR_KINDS else None
+    kinds: set[str] = set()
+    for v in _split_or(value):
+        if chain == "identifier":
+            system, _ = _split_token(v)
+            backend = ctx.service.backend
+            known = {k for k in OUR_ACTOR_KINDS if system and system in _identifier_systems(backend, k)}
+            if len(known) != 1:
+                raise FhirError(
+                    400,
+                    "invalid",
+                    f"{name} {v!r}: say which actor type the identifier is of (e.g. actor:Patient.identifier=...)",
+                    expression=name,
+                )
+            kinds |= known
+            continue
+        text = _unescape(v).strip()
+        prefix = ctx.base_url.rstrip("/") + "/"
+        if text.startswith(prefix):
+            text = text[len(prefix) :]
+        elif "://" in text:
+            kinds.add("Patient")  # another server's reference: the Patient criterion reports it as such
+            continue
+        kind = text.split("/", 1)[0] if "/" in text else None
+        if kind is None:
+            raise FhirError(
+                400,
+                "invalid",
+                f"{name} {v!r} needs a type: {name}=Patient/<id> or {name}:Patient=<id>",
+                expression=name,
+            )
+        if kind not in ACTOR_TYPES:
+            raise FhirError(400, "invalid", f"{name} {v!r}: {kind!r} is not an Appointment actor type", expression=name)
+        kinds.add(kind)
+    if len(kinds) > 1:
+        raise FhirError(
+            400,
+            "not-supported",
+            f"{name} {value!r} mixes actor types; repeat the parameter per type instead",
+            expression=name,
+        )
+    kind = kinds.pop() if kinds else None
+    return kind if kind in OUR_ACTOR_KINDS else None
+
+
+def subset(resource: dict[str, Any], elements: set[str]) -> dict[str, Any]:
+    """``_elements``: the asked-for elements plus the mandatory ones, tagged SUBSETTED (FHIR R4 search 3.1.1.5.9)."""
+    out = {k: v for k, v in resource.items() if k in elements or k in MANDATORY_ELEMENTS}
+    meta = {k: v for k, v in (out.get("meta") or {}).items() if k != "profile"}  # a subset conforms to no profile
+    meta["tag"] = [*meta.get("tag", []), SUBSETTED]
+    out["meta"] = meta
+    return {"resourceType": out.pop("resourceType"), "id": out.pop("id"), **out}
+
+
 def _include_kinds(value: str) -> set[str] | None:
     parts = value.split(":")
     if value in ("*", "Appointment:*"):
@@ -390,6 +409,16 @@ def parse_search(ctx: FhirContext, params: list[tuple[str, str]], now: dt.dateti
         if "." in name:
             head, _, chain = name.partition(".")
             base_name, _, modifier = head.partition(":")
+        if base_name == "actor":
+            kind = _actor_kind(name, modifier, chain, value, ctx)
+            if kind is None:
+                req.criteria += 1
+                req.nothing.append(
+                    f"{name} {value!r}: appointments here have only Patient, Practitioner and Location actors"
+                )
+                req.used.append((name, raw))
+                continue
+            base_name, modifier = kind.lower(), ""
         used = True
         if name == "_id":
             req.criteria += 1
@@ -472,6 +501,14 @@ def parse_search(ctx: FhirContext, params: list[tuple[str, str]], now: dt.dateti
                 )
                 count = ctx.find.max_count
             req.count = count
+        elif name == "_summary":
+            if value == "count":
+                req.count = 0
+            else:
+                req.ignored.append((name, f"value {value!r} is not supported (only count)"))
+                used = False
+        elif name == "_elements":
+            req.elements = {e.strip() for e in value.split(",") if e.strip()}
         elif name == "_sort":
             if value in ("date", "-date"):
                 req.descending = value == "-date"
@@ -645,9 +682,11 @@ async def _request_params(request: Request) -> list[tuple[str, str]]:
                     f"POST Appointment/_search takes a {FORM} body, not {media or 'an untyped body'}",
                 )
             try:
-                params += parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
+                form = parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
             except UnicodeDecodeError:
                 raise FhirError(400, "structure", "the form body is not valid UTF-8") from None
+            check_params(form)
+            params += form
     return params
 
 
@@ -669,7 +708,7 @@ async def search_endpoint(request: Request) -> Response:
     fmt = _response_format(request, params)
     now = ctx.now()
     req = parse_search(ctx, params, now)
-    if req.ignored and _prefer_strict(request):
+    if req.ignored and prefer_strict(request):
         name, why = req.ignored[0]
         raise FhirError(
             400,
@@ -773,6 +812,8 @@ async def search_endpoint(request: Request) -> Response:
                     seen.add(key)
                     includes.append(actors[key].resource)
 
+    if req.elements is not None:
+        rendered = [subset(r, req.elements) for r in rendered]
     bundle = searchset(
         ctx.base_url,
         total=total if total is not None else 0,
@@ -780,7 +821,7 @@ async def search_endpoint(request: Request) -> Response:
         outcome=operation_outcome(issues) if issues else None,
         includes=includes,
         links=links,
-        profile=total is not None,
+        profile=total is not None and req.elements is None,
     )
     if total is None:
         del bundle["total"]

@@ -303,9 +303,9 @@ _DECIMAL_RE = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?")
 def _escape_attr(value: str) -> str:
     if _ATTR_SPECIAL.search(value) is None:
         return value
-    if _INVALID_XML_CHARS.search(value):
-        raise FhirXmlError(f"string contains a character XML cannot carry: {value[:40]!r}")
-    return value.translate(_ATTR_ESCAPES)
+    # A character XML 1.0 cannot carry (a control character stored in a legacy comment, U+FFFE)
+    # is written as U+FFFD: refusing it would make that row unreadable as XML for every client.
+    return _INVALID_XML_CHARS.sub("\ufffd", value).translate(_ATTR_ESCAPES)
 
 
 def _json_type(value: object) -> str:

@@ -191,11 +191,30 @@ def _c_default(v: Any, a: tuple, ctx: EvalContext) -> Any:
     return v if v not in (None, "") else ",".join(a)
 
 
+_ASCII_INT = re.compile(r"[+-]?[0-9]{1,19}")
+
+
 def _c_int(v: Any, a: tuple, ctx: EvalContext) -> int:
-    try:
-        return int(str(v).strip()) if not isinstance(v, int) else v
-    except ValueError as exc:
-        raise ExpressionError(f"int: {v!r} is not a whole number") from exc
+    """A whole number in ASCII digits that a SQL integer can hold: ``int`` 64-bit, ``int:32`` 32-bit
+    (Python's int() also reads other scripts' digits and unbounded lengths, which then overflow the
+    database driver or the column's type)."""
+    bits = int(a[0]) if a else 64
+    if bits not in (32, 64):
+        raise ExpressionError(f"int: the width must be 32 or 64, got {a[0]!r}")
+    if isinstance(v, int) and not isinstance(v, bool):
+        value = v
+    else:
+        text = str(v).strip()
+        if not _ASCII_INT.fullmatch(text):
+            raise ExpressionError(f"int: {str(v)[:40]!r} is not a whole number")
+        value = int(text)
+    if not -(2 ** (bits - 1)) <= value < 2 ** (bits - 1):
+        raise ExpressionError(f"int: {str(v)[:40]!r} is out of the {bits}-bit integer range")
+    return value
+
+
+def _ascii_digits(text: str, n: int) -> bool:
+    return len(text) == n and text.isascii() and text.isdigit()
 
 
 def _as_date(v: Any) -> dt.date:
@@ -204,7 +223,7 @@ def _as_date(v: Any) -> dt.date:
     if isinstance(v, dt.date):
         return v
     text = str(v).strip()
-    if len(text) == 8 and text.isdigit():
+    if _ascii_digits(text, 8):
         return dt.date(int(text[:4]), int(text[4:6]), int(text[6:]))
     return dt.date.fromisoformat(text[:10])
 
@@ -213,7 +232,7 @@ def _c_yyyymmdd(v: Any, a: tuple, ctx: EvalContext) -> dt.date | None:
     text = str(v).strip()
     if text in ("", "0", "00000000"):
         return None
-    if not (len(text) == 8 and text.isdigit()):
+    if not _ascii_digits(text, 8):
         raise ExpressionError(f"yyyymmdd: {v!r} is not a YYYYMMDD date")
     return dt.date(int(text[:4]), int(text[4:6]), int(text[6:]))
 
@@ -221,7 +240,7 @@ def _c_yyyymmdd(v: Any, a: tuple, ctx: EvalContext) -> dt.date | None:
 def _c_hhmm(v: Any, a: tuple, ctx: EvalContext) -> dt.timedelta:
     """HHMM integer or string -> offset from midnight (a timedelta, so 2400 = end of day)."""
     text = str(v).strip().zfill(4)
-    if not (len(text) == 4 and text.isdigit()) or int(text[2:]) > 59 or int(text[:2]) > 24:
+    if not _ascii_digits(text, 4) or int(text[2:]) > 59 or int(text[:2]) > 24:
         raise ExpressionError(f"hhmm: {v!r} is not an HHMM time")
     return dt.timedelta(hours=int(text[:2]), minutes=int(text[2:]))
 

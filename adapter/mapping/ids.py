@@ -17,6 +17,9 @@ from typing import Any
 from adapter.mapping.model import IdRule
 
 FHIR_ID = re.compile(r"^[A-Za-z0-9\-\.]{1,64}$")
+_CANONICAL_INT = re.compile(r"^(0|-?[1-9][0-9]{0,18})$")
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
 
 class InvalidKey(ValueError):
@@ -50,8 +53,15 @@ def to_legacy_key(rule: IdRule, fhir_id: str) -> Any:
         if len(text) > rule.pad_right:
             raise InvalidKey(f"{fhir_id!r} is longer than the legacy key width {rule.pad_right}")
         text = text.ljust(rule.pad_right)
-    if rule.key_type == "int":
-        if not text.strip().lstrip("-").isdigit():
-            raise InvalidKey(f"{fhir_id!r} is not a numeric legacy key")
-        return int(text)
+    if rule.key_type in ("int", "bigint"):
+        # Only the canonical decimal form names a key (Patient/007 is not Patient/7), and only values
+        # the key column can hold reach the database: a larger one is an error there, not "no row"
+        # (PostgreSQL compares an INTEGER column with an out-of-range literal by failing the query).
+        if not _CANONICAL_INT.match(text):
+            raise InvalidKey(f"{fhir_id!r} is not a numeric legacy key in canonical form")
+        value = int(text)
+        low, high = (INT64_MIN, INT64_MAX) if rule.key_type == "bigint" else (INT32_MIN, INT32_MAX)
+        if not low <= value <= high:
+            raise InvalidKey(f"{fhir_id!r} is out of the range of a legacy integer key")
+        return value
     return text

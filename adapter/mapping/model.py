@@ -47,7 +47,9 @@ class IdRule(_Strict):
     trim: bool = False
     pad_right: int | None = Field(None, ge=1, description="re-pad the trimmed id with spaces to this width")
     encode: Literal["none", "hex"] = "none"
-    key_type: Literal["str", "int"] = Field("str", description="Python type of the legacy key when bound to SQL")
+    key_type: Literal["str", "int", "bigint"] = Field(
+        "str", description="type of the legacy key when bound to SQL: str, int (SQL INTEGER, 32-bit), bigint (64-bit)"
+    )
 
 
 class QuerySpec(_Strict):

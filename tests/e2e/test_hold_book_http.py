@@ -517,7 +517,9 @@ def test_req_116_07_expired_hold_frees_slot(short_ttl: Api) -> None:
     assert_failure(short_ttl.hold(proposed["id"], "client-b"), 409, "conflict")
     sleep_past_expiry(held)  # the sweep job (every 30 s) has not run: expiry is checked on read
     assert short_ttl.offered(proposed, client="client-b")
-    assert short_ttl.read(proposed["id"]).status_code == 404
+    # The hold is gone; the proposal itself is still valid, so its fullUrl reads as proposed (issue 7).
+    after = short_ttl.read(proposed["id"])
+    assert after.status_code == 200 and after.json()["status"] == "proposed"
     assert_success(short_ttl.hold(proposed["id"], "client-b"), "pending")
     assert_failure(short_ttl.book(proposed["id"], "client-a"), 409, "conflict")  # now b's
     booked = assert_success(short_ttl.book(proposed["id"], "client-b"), "booked")
