@@ -5,14 +5,28 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import ssl
 import sys
 from pathlib import Path
+from typing import Any
 
 from adapter.mapping.loader import MappingError, load_mapping
-from adapter.settings import CONFIG_FILE_VARIABLE, SettingsError, load_settings
+from adapter.settings import CONFIG_FILE_VARIABLE, Settings, SettingsError, load_settings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO_ROOT / "samples" / "demo" / "demo.toml"
+
+
+def tls_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's HTTPS options from ``server.tls_*``; a client CA makes client certificates mandatory."""
+    server = settings.server
+    if not server.tls_cert:
+        return {}
+    options: dict[str, Any] = {"ssl_certfile": str(server.tls_cert), "ssl_keyfile": str(server.tls_key)}
+    if server.tls_client_ca:
+        options["ssl_ca_certs"] = str(server.tls_client_ca)
+        options["ssl_cert_reqs"] = ssl.CERT_REQUIRED
+    return options
 
 
 def _serve(config: Path, overrides: dict[str, str]) -> int:
@@ -34,13 +48,12 @@ def _serve(config: Path, overrides: dict[str, str]) -> int:
     except MappingError as exc:
         print(f"sched-adapter: {exc}", file=sys.stderr)
         return 2
-    if settings.security.auth != "off":
+    if settings.security.auth == "off":
         print(
-            "sched-adapter: security.auth = 'smart' is not implemented in this release; set security.auth = \"off\" "
-            "explicitly (SCHED_SECURITY__AUTH=off) and put the adapter behind an authorizing gateway.",
+            "sched-adapter: WARNING: authorization is OFF (security.auth = off): anyone who can reach the server "
+            "can read and change every appointment. For demonstrations only.",
             file=sys.stderr,
         )
-        return 2
     # Workers re-read the same settings through these variables (uvicorn's factory takes no arguments).
     os.environ[CONFIG_FILE_VARIABLE] = str(config.resolve())
     for key, value in overrides.items():
@@ -56,6 +69,7 @@ def _serve(config: Path, overrides: dict[str, str]) -> int:
         lifespan="on",
         proxy_headers=False,
         access_log=False,
+        **tls_options(settings),
     )
     return 0
 

@@ -22,6 +22,7 @@ from adapter.mapping.loader import load_mapping
 from adapter.scheduling.proposals import ProposalCodec
 from adapter.scheduling.service import SchedulingService
 from adapter.scheduling.state import SqliteStateStore
+from adapter.security.setup import build_security
 from adapter.settings import Settings
 
 log = logging.getLogger("adapter")
@@ -113,4 +114,14 @@ def build_app(settings: Settings) -> Starlette:
         await backend.close()
         state.close()
 
-    return create_app(ctx, search_endpoint=search_endpoint, on_startup=[start], on_shutdown=[stop])
+    security = build_security(settings)
+    app = create_app(
+        ctx,
+        search_endpoint=search_endpoint,
+        on_startup=[*security.on_startup, start],
+        on_shutdown=[stop, *security.on_shutdown],
+        middleware=security.middleware,
+        describe=[security.describe],
+    )
+    app.state.audit = security.trail
+    return app

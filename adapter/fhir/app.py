@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Mount, Route
@@ -82,6 +83,8 @@ def create_app(
     on_startup: list[Callable[[], Any]] | None = None,
     on_shutdown: list[Callable[[], Any]] | None = None,
     version: str = "0.1.0",
+    middleware: Sequence[Middleware] = (),
+    describe: Sequence[Callable[[dict[str, Any]], None]] = (),
 ) -> Starlette:
     metadata = capability_statement(
         base_url=ctx.base_url,
@@ -90,6 +93,8 @@ def create_app(
         auth_enabled=ctx.auth_enabled,
         search_enabled=search_endpoint is not None,
     )
+    for hook in describe:  # security and audit describe themselves (adapter.security.smart)
+        hook(metadata)
 
     async def metadata_endpoint(request: Request) -> Response:
         return render(metadata, response_format(request))
@@ -135,6 +140,7 @@ def create_app(
             Exception: _on_unexpected,
         },
         lifespan=lifespan,
+        middleware=list(middleware),
     )
     app.state.fhir = ctx
     return app
