@@ -44,7 +44,8 @@ class ServerSettings(_Section):
         return self
 
     def public_base(self) -> str:
-        return (self.base_url or f"http://{self.host}:{self.port}/fhir").rstrip("/")
+        scheme = "https" if self.tls_cert else "http"
+        return (self.base_url or f"{scheme}://{self.host}:{self.port}/fhir").rstrip("/")
 
 
 class BackendSettings(_Section):
