@@ -132,18 +132,16 @@ class _Exchange:
     async def run(self) -> None:
         cfg = self.mw.config
         try:
+            refused: FhirError | None = None
             if cfg.validator is not None:
-                self.principal = await self._authenticate(cfg.validator)
+                try:
+                    self.principal = await self._authenticate(cfg.validator)
+                except FhirError as err:
+                    refused = err  # still counted against the address below: failed attempts are limited too
             if cfg.rate_limiter is not None:
-                key = self.principal.client_id if self.principal and self.principal.client_id else self.address()
-                wait = cfg.rate_limiter.take(f"client:{key}" if self.principal else f"address:{key}")
-                if wait:
-                    raise FhirError(
-                        429,
-                        "throttled",
-                        f"too many requests from this client; try again in {wait} s",
-                        headers={"Retry-After": str(wait)},
-                    )
+                self._throttle(cfg.rate_limiter)
+            if refused is not None:
+                raise refused
             await self._read_body()
             if self.principal is not None:
                 await self._authorize(self.principal)
@@ -157,6 +155,18 @@ class _Exchange:
             await self.mw.app(self.scope, self._replay(), self._capture)
         finally:
             self._audit()
+
+    def _throttle(self, limiter: RateLimiter) -> None:
+        p = self.principal
+        key = f"client:{p.client_id}" if p is not None and p.client_id else f"address:{self.address()}"
+        wait = limiter.take(key)
+        if wait:
+            raise FhirError(
+                429,
+                "throttled",
+                f"too many requests from this client; try again in {wait} s",
+                headers={"Retry-After": str(wait)},
+            )
 
     async def _authenticate(self, validator: TokenValidator) -> Principal:
         header = self.request.headers.get("authorization", "")
@@ -266,7 +276,7 @@ class _Exchange:
                 self.response_chunks.append(chunk)
             else:
                 self.response_chunks = []
-        await self.send(message)  # type: ignore[arg-type]  # Send takes the same mapping
+        await self.send(message)
 
     async def _refuse(self, err: FhirError) -> None:
         try:

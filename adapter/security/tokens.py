@@ -81,7 +81,7 @@ class JwksSource:
         self._loaded_at: float | None = None
         self.fetches = 0
 
-    def _read(self) -> dict[str, Any]:
+    def _read(self) -> Any:
         if self.file is not None:
             return json.loads(Path(self.file).read_text(encoding="utf-8"))
         assert self.url is not None

@@ -114,6 +114,10 @@ def test_issue11_4_rate_limit_per_token_client(tmp_path: Path, db: Path, jwks: t
             # The same user through another client, and the same address, are not held back.
             assert http.get(f"{app.base}/Patient/5", headers=headers(calm)).status_code == 200
             assert http.get(f"{app.base}/metadata").status_code == 200  # discovery is never limited
+            # Requests with bad tokens are counted against the address: guessing is limited too.
+            for _ in range(3):
+                assert http.get(f"{app.base}/Patient/5", headers=headers("bad-token")).status_code == 401
+            assert_throttled(http.get(f"{app.base}/Patient/5", headers=headers("bad-token")))
 
 
 def test_issue11_4_rate_limit_by_address_without_authorization(tmp_path: Path, db: Path) -> None:
