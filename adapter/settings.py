@@ -84,6 +84,12 @@ class SecuritySettings(_Section):
     audience: str | None = Field(None, description="the tokens' aud; usually this server's FHIR base URL")
     jwks_url: str | None = Field(None, description="the authorization server's JWKS (public signing keys)")
     jwks_file: Path | None = Field(None, description="a local JWKS file instead of jwks_url")
+    introspection_url: str | None = Field(None, description="RFC 7662 endpoint for opaque (non-JWT) tokens")
+    introspection_client_id: str | None = Field(
+        None, description="this server's client id at the introspection endpoint"
+    )
+    introspection_client_secret: str | None = Field(None, description="its secret (HTTP Basic)")
+    introspection_cache_seconds: float = Field(60, ge=0, description="how long an active answer is reused")
     jwks_refresh_seconds: float = Field(60, ge=0, description="least time between JWKS fetches on unknown kid")
     leeway_seconds: int = Field(60, ge=0, le=600, description="clock skew allowed for exp/nbf/iat")
     authorization_endpoint: str | None = Field(None, description="published in .well-known/smart-configuration")
@@ -94,8 +100,8 @@ class SecuritySettings(_Section):
     def _smart_needs(self) -> SecuritySettings:
         if self.auth == "smart":
             missing = [n for n in ("issuer", "audience") if not getattr(self, n)]
-            if not self.jwks_url and not self.jwks_file:
-                missing.append("jwks_url or jwks_file")
+            if not self.jwks_url and not self.jwks_file and not self.introspection_url:
+                missing.append("jwks_url or jwks_file (or introspection_url)")
             if missing:
                 raise ValueError(
                     "security.auth = 'smart' needs security."

@@ -17,7 +17,7 @@ from adapter.audit.trail import AuditTrail
 from adapter.security.middleware import SecurityConfig, SecurityMiddleware
 from adapter.security.ratelimit import RateLimiter
 from adapter.security.smart import describe_security, smart_configuration
-from adapter.security.tokens import JwksSource, TokenValidator
+from adapter.security.tokens import Introspector, JwksSource, TokenValidator
 from adapter.settings import Settings
 
 log = logging.getLogger("adapter.security")
@@ -62,13 +62,30 @@ def build_security(settings: Settings) -> Security:
     smart = None
     if sec.auth == "smart":
         assert sec.issuer and sec.audience
-        keys = JwksSource(url=sec.jwks_url, file=sec.jwks_file, refresh_seconds=sec.jwks_refresh_seconds)
-        validator = TokenValidator(keys, issuer=sec.issuer, audience=sec.audience, leeway_seconds=sec.leeway_seconds)
+        keys = None
+        if sec.jwks_url or sec.jwks_file:
+            keys = JwksSource(url=sec.jwks_url, file=sec.jwks_file, refresh_seconds=sec.jwks_refresh_seconds)
+        introspector = None
+        if sec.introspection_url:
+            introspector = Introspector(
+                sec.introspection_url,
+                client_id=sec.introspection_client_id,
+                client_secret=sec.introspection_client_secret,
+                cache_seconds=sec.introspection_cache_seconds,
+            )
+        validator = TokenValidator(
+            keys,
+            issuer=sec.issuer,
+            audience=sec.audience,
+            leeway_seconds=sec.leeway_seconds,
+            introspector=introspector,
+        )
         smart = smart_configuration(
             issuer=sec.issuer,
             jwks_uri=sec.jwks_url,
             authorization_endpoint=sec.authorization_endpoint,
             token_endpoint=sec.token_endpoint,
+            introspection_endpoint=sec.introspection_url,
         )
     trail = None
     sinks = build_sinks(settings)

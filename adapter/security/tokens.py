@@ -11,10 +11,13 @@ turn the server into a load generator against the authorization server.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
 import logging
 import threading
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -128,27 +131,122 @@ class JwksSource:
         return self._keys.get(kid)
 
 
+class Introspector:
+    """RFC 7662 token introspection for opaque access tokens, with a short cache of active answers.
+
+    The cache key is a hash of the token (the token itself is not kept); an active answer is reused
+    for at most ``cache_seconds`` and never beyond the token's ``exp``. Inactive answers are not
+    cached, so a token that becomes active (clock skew at the authorization server) is not refused
+    for longer than one request.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        client_id: str | None = None,
+        client_secret: str | None = None,
+        timeout_seconds: float = 5.0,
+        cache_seconds: float = 60.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.url = url
+        self.timeout_seconds = timeout_seconds
+        self.cache_seconds = cache_seconds
+        self._clock = clock
+        self._auth: str | None = None
+        if client_id:
+            pair = f"{urllib.parse.quote(client_id, safe='')}:{urllib.parse.quote(client_secret or '', safe='')}"
+            self._auth = "Basic " + base64.b64encode(pair.encode("utf-8")).decode("ascii")
+        self._cache: dict[str, tuple[float, dict[str, Any]]] = {}
+        self._lock = threading.Lock()
+        self.calls = 0
+
+    def introspect(self, token: str) -> dict[str, Any]:
+        digest = hashlib.sha256(token.encode("utf-8")).hexdigest()
+        now = self._clock()
+        with self._lock:
+            hit = self._cache.get(digest)
+            if hit is not None and hit[0] > now:
+                return hit[1]
+        answer = self._ask(token)
+        if answer.get("active") is True:
+            until = now + self.cache_seconds
+            exp = answer.get("exp")
+            if isinstance(exp, int | float) and not isinstance(exp, bool):
+                until = min(until, float(exp))
+            with self._lock:
+                if len(self._cache) > 10_000:
+                    self._cache = {k: v for k, v in self._cache.items() if v[0] > now}
+                self._cache[digest] = (until, answer)
+        return answer
+
+    def _ask(self, token: str) -> dict[str, Any]:
+        self.calls += 1
+        data = urllib.parse.urlencode({"token": token, "token_type_hint": "access_token"}).encode("ascii")
+        headers = {"Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"}
+        if self._auth:
+            headers["Authorization"] = self._auth
+        req = urllib.request.Request(self.url, data=data, method="POST", headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout_seconds) as resp:
+                answer = json.loads(resp.read())
+        except (OSError, ValueError) as exc:
+            log.warning("token introspection at %s failed: %s", self.url, exc)
+            raise TokenError("the token cannot be checked right now (introspection failed)") from None
+        if not isinstance(answer, dict):
+            raise TokenError("the introspection answer is not a JSON object")
+        return answer
+
+
 class TokenValidator:
     def __init__(
         self,
-        keys: JwksSource,
+        keys: JwksSource | None,
         *,
         issuer: str,
         audience: str,
         leeway_seconds: int = 60,
+        introspector: Introspector | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        if keys is None and introspector is None:
+            raise ValueError("a token validator needs a JWKS or an introspection endpoint")
         self.keys = keys
         self.issuer = issuer
         self.audience = audience
         self.leeway = leeway_seconds
+        self.introspector = introspector
         self._clock = clock
 
     async def validate(self, token: str) -> Principal:
-        """Validate off the event loop (the key lookup may fetch the JWKS)."""
+        """Validate off the event loop (the key lookup may fetch the JWKS; introspection is a call)."""
         return await asyncio.to_thread(self.validate_blocking, token)
 
     def validate_blocking(self, token: str) -> Principal:
+        if self.keys is None or (self.introspector is not None and token.count(".") != 2):
+            return self._introspected(token)
+        return self._jwt(token)
+
+    def _introspected(self, token: str) -> Principal:
+        assert self.introspector is not None
+        claims = self.introspector.introspect(token)
+        if claims.get("active") is not True:
+            raise TokenError("the token is not active (revoked, expired or unknown)")
+        # RFC 7662 makes iss, aud and exp optional in the answer: checked when given.
+        if claims.get("iss") is not None and claims.get("iss") != self.issuer:
+            raise TokenError("the token was issued by another authorization server")
+        if claims.get("aud") is not None:
+            aud = claims["aud"]
+            if self.audience not in (aud if isinstance(aud, list) else [aud]):
+                raise TokenError("the token is meant for another audience")
+        exp = claims.get("exp")
+        if isinstance(exp, int | float) and not isinstance(exp, bool) and self._clock() > exp + self.leeway:
+            raise TokenError("the token has expired")
+        return _principal(claims)
+
+    def _jwt(self, token: str) -> Principal:
+        assert self.keys is not None
         try:
             header = jws.extract_compact(token.encode("ascii")).headers()
         except (JoseError, ValueError, UnicodeError) as exc:

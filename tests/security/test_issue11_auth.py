@@ -627,3 +627,97 @@ def test_issue11_1_idempotency_keys_are_scoped_to_the_token_principal(
     )
     assert r1.status_code == 200 and r2.status_code == 200, (r1.text, r2.text)
     assert "idempotent-replayed" not in r2.headers
+
+
+# --------------------------------------------------------------------------------------------------
+# Opaque tokens: RFC 7662 introspection
+# --------------------------------------------------------------------------------------------------
+class IntrospectionServer:
+    """The authorization server's introspection endpoint over real HTTP (HTTP Basic client auth)."""
+
+    def __init__(self) -> None:
+        from serverutil import ThreadServer
+        from starlette.applications import Starlette
+        from starlette.requests import Request
+        from starlette.responses import JSONResponse
+        from starlette.routing import Route
+
+        self.tokens: dict[str, dict[str, Any]] = {}
+        self.calls = 0
+        self.auth: list[str | None] = []
+
+        async def introspect(request: Request) -> JSONResponse:
+            self.calls += 1
+            self.auth.append(request.headers.get("authorization"))
+            form = await request.form()
+            answer = self.tokens.get(str(form.get("token")))
+            return JSONResponse({"active": True, **answer} if answer else {"active": False})
+
+        self.server = ThreadServer(
+            Starlette(routes=[Route("/introspect", introspect, methods=["POST"])]), factory=False
+        )
+        self.url = self.server.start() + "/introspect"
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+@pytest.fixture
+def opaque(tmp_path: Path, db: Path, jwks: JwksServer) -> Iterator[tuple[RunningApp, IntrospectionServer]]:
+    introspection = IntrospectionServer()
+    security = {
+        "introspection_url": introspection.url,
+        "introspection_client_id": "sched-adapter",
+        "introspection_client_secret": "s3cret:with/odd chars",
+    }
+    try:
+        with running_app(tmp_path, f"sqlite:///{db}", jwks.url, security=security) as app:
+            yield app, introspection
+    finally:
+        introspection.stop()
+
+
+def test_issue11_1_opaque_tokens_are_introspected(
+    http: httpx.Client, opaque: tuple[RunningApp, IntrospectionServer], keys: dict[str, Any]
+) -> None:
+    import base64
+    import time
+
+    app, introspection = opaque
+    exp = int(time.time()) + 300
+    introspection.tokens["opaque-system"] = {
+        "scope": ALL,
+        "client_id": "backend",
+        "iss": ISSUER,
+        "aud": app.base,
+        "exp": exp,
+    }
+    introspection.tokens["opaque-patient"] = {
+        "scope": MINE,
+        "client_id": "portal",
+        "sub": "p5",
+        "patient": ME,
+        "exp": exp,
+    }
+    introspection.tokens["opaque-elsewhere"] = {"scope": ALL, "client_id": "x", "aud": "https://other/fhir", "exp": exp}
+    introspection.tokens["opaque-expired"] = {"scope": ALL, "client_id": "x", "exp": int(time.time()) - 600}
+
+    ok = http.get(f"{app.base}/Appointment", params={"patient": OTHER}, headers=headers("opaque-system"))
+    assert ok.status_code == 200 and ok.json()["total"] > 0
+    assert introspection.auth[0] == "Basic " + base64.b64encode(b"sched-adapter:s3cret%3Awith%2Fodd%20chars").decode()
+    calls = introspection.calls
+    assert http.get(f"{app.base}/Patient/5", headers=headers("opaque-system")).status_code == 200
+    assert introspection.calls == calls  # an active answer is reused for a while
+
+    mine_resp = http.get(f"{app.base}/Appointment", params={"patient": ME}, headers=headers("opaque-patient"))
+    assert mine_resp.status_code == 200
+    theirs = http.get(f"{app.base}/Appointment", params={"patient": OTHER}, headers=headers("opaque-patient"))
+    assert_refused(theirs, 403, "forbidden")
+
+    for token in ("unknown-token", "opaque-elsewhere", "opaque-expired"):
+        assert_refused(http.get(f"{app.base}/Patient/5", headers=headers(token)), 401, "login", "invalid_token")
+    # JWTs are still checked locally against the JWKS.
+    jwt_ok = http.get(f"{app.base}/Patient/5", headers=headers(Minter(keys["rsa"], audience=app.base).token(ALL)))
+    assert jwt_ok.status_code == 200
+    smart = http.get(f"{app.base}/.well-known/smart-configuration").json()
+    assert smart["introspection_endpoint"] == introspection.url
