@@ -186,8 +186,9 @@ def _event(
         }
     )
     event: dict[str, Any] = {"resourceType": "AuditEvent", "id": uuid.uuid4().hex}
-    profile = PROFILES.get("read" if tx == "read" else tx)
-    complete = bool(patients) and (tx not in ("hold", "book", "read") or bool(data_ids))
+    patient_read = tx == "read-actor" and record.kind == "Patient"
+    profile = PROFILES.get("read" if tx == "read" or patient_read else tx)
+    complete = bool(patients) and (tx not in ("hold", "book", "read", "read-actor") or bool(data_ids))
     if ok and profile and complete:
         event["meta"] = {"profile": [profile]}
     event.update(
@@ -319,7 +320,7 @@ def _data_ids(record: AuditRecord, appointments: list[dict[str, Any]]) -> list[t
         if not ids and record.transaction == "read" and record.resource_id:
             ids = [("Appointment", record.resource_id)]
         return ids
-    if record.transaction == "read-actor" and record.resource_id and record.kind != "Patient":
+    if record.transaction == "read-actor" and record.resource_id and record.status < 400:
         return [(record.kind, record.resource_id)]
     return []
 

@@ -664,3 +664,37 @@ def test_issue11_2_syslog_sink_refuses_an_untrusted_collector(tmp_path: Path) ->
         assert listener.frames == []
     finally:
         listener.close()
+
+
+def test_issue11_2_xml_answers_and_patient_reads_are_audited_in_full(
+    http: httpx.Client, srv: RunningApp, mint: Minter, audit_log: Log
+) -> None:
+    search = http.get(f"{srv.base}/Appointment", params={"patient": PATIENT}, headers=headers(mint.token(ALL)))
+    appt = next(e["resource"] for e in search.json()["entry"] if e["resource"]["resourceType"] == "Appointment")
+    r = rid("read-xml")
+    resp = http.get(
+        f"{srv.base}/Appointment/{appt['id']}",
+        headers={**headers(mint.token(ALL)), "Accept": "application/fhir+xml", "X-Request-Id": r},
+    )
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("application/fhir+xml")
+    event = audit_log.one(r)
+    check_common(event, r, ok=True, srv=srv)
+    assert patient_entity(event) == f"Patient/{PATIENT}"  # read from the XML answer
+    assert event["meta"]["profile"] == [f"{BALP}/IHE.BasicAudit.PatientRead"]
+
+    r_patient = rid("read-patient-profile")
+    http.get(f"{srv.base}/Patient/{PATIENT}", headers=headers(mint.token(ALL), **{"X-Request-Id": r_patient}))
+    event = audit_log.one(r_patient)
+    assert event["meta"]["profile"] == [f"{BALP}/IHE.BasicAudit.PatientRead"]
+    assert data_entity(event)["what"] == {"reference": f"Patient/{PATIENT}"}
+
+
+def test_issue11_2_find_without_patient_is_audited_without_claiming_the_profile(
+    http: httpx.Client, srv: RunningApp, mint: Minter, audit_log: Log
+) -> None:
+    r = rid("find-anon")
+    assert post(http, f"{srv.base}/Appointment/$find", find_body(None), mint.token(ALL), r).status_code == 200
+    event = audit_log.one(r)
+    check_common(event, r, ok=True, srv=srv)
+    assert "meta" not in event  # the ITI-115 profile needs a patient entity (REQ-AUD-01: optional here)
+    assert entities(event, "1", "1") == []
