@@ -101,8 +101,8 @@ def build_events(record: AuditRecord, server: ServerIdentity) -> list[dict[str, 
         patients = _patients_in_request(record, request, response)
     ok = record.status < 400
     if record.transaction == "search" and ok and len(patients) > 1:
-        return [_event(record, server, [p], appointments, response, ok) for p in patients]
-    return [_event(record, server, patients, appointments, response, ok)]
+        return [_event(record, server, [p], appointments, response, request, ok) for p in patients]
+    return [_event(record, server, patients, appointments, response, request, ok)]
 
 
 def _event(
@@ -111,6 +111,7 @@ def _event(
     patients: list[str],
     appointments: list[dict[str, Any]],
     response: dict[str, Any] | None,
+    request: dict[str, Any] | None,
     ok: bool,
 ) -> dict[str, Any]:
     tx = record.transaction
@@ -151,7 +152,7 @@ def _event(
                 "role": {"system": OBJECT_ROLE, "code": "1", "display": "Patient"},
             }
         )
-    data_ids = _data_ids(record, appointments)
+    data_ids = _data_ids(record, appointments, request)
     for kind, rid in data_ids:
         entities.append(
             {
@@ -314,15 +315,36 @@ def _patients_in_request(
     return out
 
 
-def _data_ids(record: AuditRecord, appointments: list[dict[str, Any]]) -> list[tuple[str, str]]:
+def _data_ids(
+    record: AuditRecord, appointments: list[dict[str, Any]], request: dict[str, Any] | None
+) -> list[tuple[str, str]]:
     if record.transaction in ("hold", "book", "read"):
         ids = [("Appointment", str(a["id"])) for a in appointments if a.get("id")]
         if not ids and record.transaction == "read" and record.resource_id:
             ids = [("Appointment", record.resource_id)]
+        if not ids and request is not None:
+            ids = [("Appointment", rid) for rid in _requested_appointments(request)]
         return ids
     if record.transaction == "read-actor" and record.resource_id and record.status < 400:
         return [(record.kind, record.resource_id)]
     return []
+
+
+def _requested_appointments(request: dict[str, Any]) -> list[str]:
+    """The Appointment a failed $hold/$book was about, as the request named it."""
+    out: list[str] = []
+    for p in request.get("parameter") or [] if request.get("resourceType") == "Parameters" else []:
+        if not isinstance(p, dict):
+            continue
+        if p.get("name") == "appointment-reference":
+            rid = _ref_id(str((p.get("valueReference") or {}).get("reference") or ""), "Appointment")
+        elif p.get("name") == "appointment-resource" and isinstance(p.get("resource"), dict):
+            rid = p["resource"].get("id")
+        else:
+            continue
+        if rid and isinstance(rid, str) and rid not in out:
+            out.append(rid)
+    return out
 
 
 def _raw_query(record: AuditRecord) -> bytes:

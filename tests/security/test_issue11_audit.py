@@ -294,6 +294,7 @@ def test_issue11_2_failed_hold_and_book_are_audited_with_outcome_4(
         check_common(event, r, ok=False, srv=srv)
         assert {c["code"] for c in event["subtype"]} >= {"create", iti}
         assert event["outcome"] == "4" and "HTTP 404" in event["outcomeDesc"]
+        assert data_entity(event)["what"] == {"reference": "Appointment/nope"}  # what the request was about
 
 
 def test_issue11_2_refused_requests_are_audited(
@@ -650,6 +651,25 @@ def test_issue11_2_syslog_sink_sends_rfc5424_over_tls_with_octet_counting(tmp_pa
             assert f"syslog-{i}" in json.dumps(event)
     finally:
         listener.close()
+
+
+def test_issue11_2_the_spool_is_bounded_and_says_when_it_grows(tmp_path: Path, caplog: Any) -> None:
+    from adapter.audit.trail import Spool
+
+    spool = Spool(tmp_path / "spool.sqlite", max_events=100)
+    try:
+        with caplog.at_level("WARNING", logger="adapter.audit"):
+            for i in range(150):
+                spool.add("fhir", json.dumps({"n": i}).encode())
+        assert spool.count("fhir") == 100
+        kept = [json.loads(blob)["n"] for _, blob in spool.claim("fhir", "me")]
+        assert kept == list(range(50, 150))  # the oldest were dropped, the newest kept, in order
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert any("holds 10 undelivered" in w for w in warnings)
+        assert any("holds 100 undelivered" in w for w in warnings)
+        assert any("spool is full" in r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+    finally:
+        spool.close()
 
 
 def test_issue11_2_syslog_sink_refuses_an_untrusted_collector(tmp_path: Path) -> None:
