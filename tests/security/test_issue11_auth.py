@@ -721,3 +721,30 @@ def test_issue11_1_opaque_tokens_are_introspected(
     assert jwt_ok.status_code == 200
     smart = http.get(f"{app.base}/.well-known/smart-configuration").json()
     assert smart["introspection_endpoint"] == introspection.url
+
+
+def test_issue11_1_patient_token_by_identifier(http: httpx.Client, srv: RunningApp, db: Path, mint: Minter) -> None:
+    """Patients named by identifier (MRN) are resolved before the patient-context check."""
+    system = "urn:sched-adapter:clinicware:mrn"
+    mrn = {
+        str(pid): str(m).strip()
+        for pid, m in legacy_rows("sqlite", str(db), "SELECT PAT_ID, MRN FROM PATIENT WHERE PAT_ID IN (5, 7)")
+    }
+    token = mine(mint)
+
+    def find_for(pid: str) -> httpx.Response:
+        body = find_body(None)
+        patient = {"resourceType": "Patient", "identifier": [{"system": system, "value": mrn[pid]}]}
+        body["parameter"].append({"name": "patient-resource", "resource": patient})
+        return post(http, f"{srv.base}/Appointment/$find", body, token)
+
+    assert find_for(ME).status_code == 200
+    assert_refused(find_for(OTHER), 403, "forbidden")
+    own = http.get(
+        f"{srv.base}/Appointment", params={"patient.identifier": f"{system}|{mrn[ME]}"}, headers=headers(token)
+    )
+    assert own.status_code == 200 and own.json()["total"] > 0
+    theirs = http.get(
+        f"{srv.base}/Appointment", params={"patient.identifier": f"{system}|{mrn[OTHER]}"}, headers=headers(token)
+    )
+    assert_refused(theirs, 403, "forbidden")
