@@ -6,13 +6,15 @@ import argparse
 import contextlib
 import logging
 import os
+import ssl
 import sys
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from adapter.mapping.loader import MappingError, load_mapping
-from adapter.settings import CONFIG_FILE_VARIABLE, SettingsError, load_settings
+from adapter.settings import CONFIG_FILE_VARIABLE, Settings, SettingsError, load_settings
 from adapter.tools.commands import add_mappings_parser, check_command, run_mappings
 
 DEMO_PACKAGE = "adapter.demo"  # package data: config.toml, mapping.yaml (= mappings/demo.yaml), schema.sql
@@ -35,6 +37,18 @@ def demo_paths(data_dir: Path, mapping: Path, env: Mapping[str, str]) -> dict[st
     return {name: value for name, value in paths.items() if name not in env}
 
 
+def tls_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's HTTPS options from ``server.tls_*``; a client CA makes client certificates mandatory."""
+    server = settings.server
+    if not server.tls_cert:
+        return {}
+    options: dict[str, Any] = {"ssl_certfile": str(server.tls_cert), "ssl_keyfile": str(server.tls_key)}
+    if server.tls_client_ca:
+        options["ssl_ca_certs"] = str(server.tls_client_ca)
+        options["ssl_cert_reqs"] = ssl.CERT_REQUIRED
+    return options
+
+
 def _serve(config: Path, overrides: dict[str, str]) -> int:
     import uvicorn
 
@@ -54,13 +68,12 @@ def _serve(config: Path, overrides: dict[str, str]) -> int:
     except MappingError as exc:
         print(f"sched-adapter: {exc}", file=sys.stderr)
         return 2
-    if settings.security.auth != "off":
+    if settings.security.auth == "off":
         print(
-            "sched-adapter: security.auth = 'smart' is not implemented in this release; set security.auth = \"off\" "
-            "explicitly (SCHED_SECURITY__AUTH=off) and put the adapter behind an authorizing gateway.",
+            "sched-adapter: WARNING: authorization is OFF (security.auth = off): anyone who can reach the server "
+            "can read and change every appointment. For demonstrations only.",
             file=sys.stderr,
         )
-        return 2
     # Workers re-read the same settings through these variables (uvicorn's factory takes no arguments).
     os.environ[CONFIG_FILE_VARIABLE] = str(config.resolve())
     for key, value in overrides.items():
@@ -77,6 +90,7 @@ def _serve(config: Path, overrides: dict[str, str]) -> int:
         proxy_headers=False,
         access_log=False,
         http="adapter.fhir.http_protocol:PROTOCOL",  # unparseable requests get an OperationOutcome too
+        **tls_options(settings),
     )
     return 0
 

@@ -22,6 +22,7 @@ from adapter.mapping.loader import Mapping, MappingError, load_mapping
 from adapter.scheduling.proposals import ProposalCodec
 from adapter.scheduling.service import SchedulingService
 from adapter.scheduling.state import SqliteStateStore
+from adapter.security.setup import build_security
 from adapter.settings import Settings
 from adapter.tools.check import live_check
 
@@ -132,5 +133,16 @@ def build_app(settings: Settings) -> Starlette:
         await backend.close()
         state.close()
 
+    security = build_security(settings)
     demo_page = settings.demo if settings.demo_page is None else settings.demo_page
-    return create_app(ctx, search_endpoint=search_endpoint, on_startup=[start], on_shutdown=[stop], demo_page=demo_page)
+    app = create_app(
+        ctx,
+        search_endpoint=search_endpoint,
+        on_startup=[*security.on_startup, start],
+        on_shutdown=[stop, *security.on_shutdown],
+        middleware=security.middleware,
+        describe=[security.describe],
+        demo_page=demo_page,
+    )
+    app.state.audit = security.trail
+    return app

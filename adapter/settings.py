@@ -36,9 +36,21 @@ class ServerSettings(_Section):
     base_url: str | None = Field(None, description="public FHIR base URL; default http://host:port/fhir")
     max_body_bytes: int = Field(1_048_576, ge=1024, description="larger request bodies get 413")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    tls_cert: Path | None = Field(None, description="PEM certificate (chain) to serve HTTPS; with tls_key")
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert")
+    tls_client_ca: Path | None = Field(None, description="PEM CA bundle: clients must present a certificate it signed")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ServerSettings:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("server.tls_cert and server.tls_key go together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("server.tls_client_ca needs server.tls_cert and server.tls_key")
+        return self
 
     def public_base(self) -> str:
-        return (self.base_url or f"http://{self.host}:{self.port}/fhir").rstrip("/")
+        scheme = "https" if self.tls_cert else "http"
+        return (self.base_url or f"{scheme}://{self.host}:{self.port}/fhir").rstrip("/")
 
 
 class BackendSettings(_Section):
@@ -74,6 +86,60 @@ class SecuritySettings(_Section):
         None, min_length=16, description="HMAC secret for proposed ids; shared by replicas"
     )
     signing_secret_file: Path | None = Field(None, description="file holding the secret (created if missing)")
+    issuer: str | None = Field(None, description="the authorization server's issuer (the tokens' iss)")
+    audience: str | None = Field(None, description="the tokens' aud; usually this server's FHIR base URL")
+    jwks_url: str | None = Field(None, description="the authorization server's JWKS (public signing keys)")
+    jwks_file: Path | None = Field(None, description="a local JWKS file instead of jwks_url")
+    introspection_url: str | None = Field(None, description="RFC 7662 endpoint for opaque (non-JWT) tokens")
+    introspection_client_id: str | None = Field(
+        None, description="this server's client id at the introspection endpoint"
+    )
+    introspection_client_secret: str | None = Field(None, description="its secret (HTTP Basic)")
+    introspection_cache_seconds: float = Field(60, ge=0, description="how long an active answer is reused")
+    jwks_refresh_seconds: float = Field(60, ge=0, description="least time between JWKS fetches on unknown kid")
+    leeway_seconds: int = Field(60, ge=0, le=600, description="clock skew allowed for exp/nbf/iat")
+    authorization_endpoint: str | None = Field(None, description="published in .well-known/smart-configuration")
+    token_endpoint: str | None = Field(None, description="published in .well-known/smart-configuration")
+    rate_limit_per_minute: int = Field(0, ge=0, description="requests per minute per client; 0 = no limit")
+
+    @model_validator(mode="after")
+    def _smart_needs(self) -> SecuritySettings:
+        if self.auth == "smart":
+            missing = [n for n in ("issuer", "audience") if not getattr(self, n)]
+            if not self.jwks_url and not self.jwks_file and not self.introspection_url:
+                missing.append("jwks_url or jwks_file (or introspection_url)")
+            if missing:
+                raise ValueError(
+                    "security.auth = 'smart' needs security."
+                    + ", security.".join(missing)
+                    + " (or security.auth = 'off', for demonstrations only)"
+                )
+        return self
+
+
+class AuditSettings(_Section):
+    sinks: list[Literal["file", "fhir", "syslog"]] = Field(["file"], description="where AuditEvents go; [] = off")
+    file: Path | None = Field(None, description="JSON-lines file; default audit.jsonl beside state.path")
+    spool: Path | None = Field(None, description="SQLite spool of undelivered events; default beside state.path")
+    spool_max_events: int = Field(100_000, ge=100, description="spool bound; beyond it the oldest are dropped")
+    retry_seconds: float = Field(30, gt=0, description="how often spooled events are retried")
+    site: str | None = Field(None, description="AuditEvent.source.site; default the public base URL")
+    fhir_url: str | None = Field(None, description="FHIR base of the Audit Record Repository (sink 'fhir')")
+    fhir_ca_file: Path | None = Field(None, description="CA bundle to verify the repository's HTTPS certificate")
+    timeout_seconds: float = Field(5, gt=0, description="per delivery to the repository or syslog")
+    syslog_host: str | None = Field(None, description="syslog-over-TLS collector (sink 'syslog', RFC 5425)")
+    syslog_port: int = Field(6514, ge=1, le=65535)
+    syslog_ca_file: Path | None = Field(None, description="CA bundle to verify the collector's certificate")
+    syslog_client_cert: Path | None = Field(None, description="PEM client certificate for mutual TLS")
+    syslog_client_key: Path | None = Field(None, description="PEM key of syslog_client_cert")
+
+    @model_validator(mode="after")
+    def _sink_needs(self) -> AuditSettings:
+        if "fhir" in self.sinks and not self.fhir_url:
+            raise ValueError("audit sink 'fhir' needs audit.fhir_url")
+        if "syslog" in self.sinks and not self.syslog_host:
+            raise ValueError("audit sink 'syslog' needs audit.syslog_host")
+        return self
 
 
 # The environment the current load_settings() call reads. Outside it (Settings(...), Settings.model_validate in
@@ -100,7 +166,8 @@ class Settings(BaseSettings):
     state: StateSettings = StateSettings()
     find: FindSettings = FindSettings()
     hold: HoldSettings = HoldSettings()
-    security: SecuritySettings = SecuritySettings()
+    security: SecuritySettings = SecuritySettings.model_construct()
+    audit: AuditSettings = AuditSettings()
     demo: bool = Field(False, description="create and seed the demo database on first start")
     demo_page: bool | None = Field(None, description="serve the demo booking page at /demo; default: same as demo")
 
@@ -129,7 +196,21 @@ class SettingsError(ValueError):
 
 
 def _resolve_file_paths(data: dict[str, Any], folder: Path) -> None:
-    for section, key in (("backend", "mapping"), ("state", "path"), ("security", "signing_secret_file")):
+    for section, key in (
+        ("backend", "mapping"),
+        ("state", "path"),
+        ("security", "signing_secret_file"),
+        ("security", "jwks_file"),
+        ("server", "tls_cert"),
+        ("server", "tls_key"),
+        ("server", "tls_client_ca"),
+        ("audit", "file"),
+        ("audit", "spool"),
+        ("audit", "fhir_ca_file"),
+        ("audit", "syslog_ca_file"),
+        ("audit", "syslog_client_cert"),
+        ("audit", "syslog_client_key"),
+    ):
         value = data.get(section, {}).get(key)
         if isinstance(value, str) and value and not Path(value).is_absolute():
             data[section][key] = str((folder / value).resolve())

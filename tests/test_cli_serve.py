@@ -41,7 +41,8 @@ def test_check_mapping_reports_file_line_key(tmp_path: Path) -> None:
     assert f"{bad}:" in out.stderr and "system.timezone: expected an IANA time zone" in out.stderr
 
 
-def test_serve_refuses_to_start_with_auth_on(tmp_path: Path) -> None:
+def test_issue11_1_serve_refuses_smart_auth_without_an_authorization_server(tmp_path: Path) -> None:
+    """auth defaults to 'smart'; without issuer, audience and keys the server must not start open."""
     config = tmp_path / "c.toml"
     config.write_text(
         f'[backend]\nmapping = "{DEMO_MAPPING}"\ndatabase_url = "sqlite:///x.sqlite"\n'
@@ -49,6 +50,7 @@ def test_serve_refuses_to_start_with_auth_on(tmp_path: Path) -> None:
     )
     out = subprocess.run([str(SCRIPT), "serve", "--config", str(config)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "security.auth" in out.stderr
+    assert "security.issuer" in out.stderr and "jwks_url or jwks_file" in out.stderr
 
 
 def test_workers_starting_together_share_one_signing_secret(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from starlette.applications import Starlette
@@ -93,6 +93,8 @@ def create_app(
     on_shutdown: list[Callable[[], Any]] | None = None,
     version: str = "0.1.0",
     demo_page: bool = False,
+    middleware: Sequence[Middleware] = (),
+    describe: Sequence[Callable[[dict[str, Any]], None]] = (),
 ) -> Starlette:
     metadata = capability_statement(
         base_url=ctx.base_url,
@@ -101,6 +103,8 @@ def create_app(
         auth_enabled=ctx.auth_enabled,
         search_enabled=search_endpoint is not None,
     )
+    for hook in describe:  # security and audit describe themselves (adapter.security.smart)
+        hook(metadata)
 
     async def metadata_endpoint(request: Request) -> Response:
         return render(metadata, response_format(request))
@@ -153,7 +157,7 @@ def create_app(
             Exception: _on_unexpected,
         },
         lifespan=lifespan,
-        middleware=[Middleware(RequestGuard)],
+        middleware=[Middleware(RequestGuard), *middleware],
     )
     app.state.fhir = ctx
     return app
