@@ -13,6 +13,10 @@ REQUIRED_ENV = {
     "SCHED_BACKEND__MAPPING": "/m.yaml",
     "SCHED_BACKEND__DATABASE_URL": "sqlite:////x.sqlite",
     "SCHED_SECURITY__SIGNING_SECRET": "0123456789abcdef0123",
+    # security.auth = "smart" (the default) needs an authorization server
+    "SCHED_SECURITY__ISSUER": "https://auth.example.org/realms/clinic",
+    "SCHED_SECURITY__AUDIENCE": "http://127.0.0.1:8080/fhir",
+    "SCHED_SECURITY__JWKS_URL": "https://auth.example.org/realms/clinic/protocol/openid-connect/certs",
 }
 
 
@@ -44,7 +48,7 @@ def test_issue13_5_environment_wins_over_file_and_file_paths_are_relative_to_it(
     config = _config(
         tmp_path,
         '[server]\nport = 9000\nworkers = 2\n[backend]\nmapping = "maps/m.yaml"\ndatabase_url = "sqlite:///db.sqlite"\n'
-        '[state]\npath = "state.sqlite"\n[hold]\nttl_seconds = 60\n[security]\nsigning_secret_file = "secret"\n',
+        '[state]\npath = "state.sqlite"\n[hold]\nttl_seconds = 60\n[security]\nauth = "off"\nsigning_secret_file = "secret"\n',
     )
     s = load_settings(config, {"SCHED_HOLD__TTL_SECONDS": "90", "sched_server__workers": "3"})
     folder = config.parent.resolve()
@@ -95,7 +99,10 @@ def test_issue13_5_model_validate_reads_no_environment(monkeypatch: pytest.Monke
     """Tests build Settings from dicts; the environment of the test run must not leak in."""
     monkeypatch.setenv("SCHED_HOLD__TTL_SECONDS", "7")
     s = Settings.model_validate(
-        {"backend": {"mapping": "m.yaml", "database_url": "sqlite:///x"}, "security": {"signing_secret": "x" * 20}}
+        {
+            "backend": {"mapping": "m.yaml", "database_url": "sqlite:///x"},
+            "security": {"auth": "off", "signing_secret": "x" * 20},
+        }
     )
     assert s.hold.ttl_seconds == 300
 

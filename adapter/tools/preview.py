@@ -4,7 +4,7 @@ Starts the application in-process (read-only use: it only reads) and prints, exa
 receive them: a practitioner, the locations of its proposals and a patient (``GET /Practitioner/{id}``
 ...), one day of proposed slots (``$find``), and existing appointments (``GET /Appointment`` of the
 patient, and of the practitioner on that day). Each resource is checked against the FHIR R4 schema
-and the IHE Scheduling profiles (where the checkers are installed, see ``verify.load_conformance``)
+and the IHE Scheduling profiles (``adapter.conformance.profiles``, the checkers the conformance kit uses)
 and every problem is flagged under the resource. Tables by default, one JSON document with
 ``--json``. Exit 0 when everything is valid, 1 when a resource is flagged, 2 for unusable settings.
 """
@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from adapter.conformance import profiles
 from adapter.mapping.loader import MappingError, load_mapping
 from adapter.settings import Settings, SettingsError, load_settings
-from adapter.tools.verify import Http, InProcessServer, load_conformance, server_settings
+from adapter.tools.verify import Http, InProcessServer, server_settings
 
 SEARCH_DAYS = 14
 
@@ -53,19 +54,16 @@ class Preview:
         self.mapping_path = mapping_path
         self.args = args
         self.zone = ZoneInfo(load_mapping(mapping_path).doc.system.timezone)
-        self.conformance = load_conformance()
 
     def problems(self, resource: dict[str, Any], *, bundle: bool = False, search: bool = False) -> list[str]:
-        if self.conformance is None:
-            return []
         if bundle:
-            return list(self.conformance.avail_bundle_problems(resource, search=search))
+            return list(profiles.avail_bundle_problems(resource, search=search))
         if resource.get("resourceType") == "Appointment":
-            return list(self.conformance.appointment_problems(resource))
-        return list(self.conformance.r4_problems(resource))
+            return list(profiles.appointment_problems(resource))
+        return list(profiles.r4_problems(resource))
 
     def collect(self, http: Http) -> dict[str, Any]:
-        out: dict[str, Any] = {"mapping": str(self.mapping_path), "validated": self.conformance is not None}
+        out: dict[str, Any] = {"mapping": str(self.mapping_path), "validated": True}
         prac_id = self.args.practitioner
         if prac_id is None:
             status, bundle = http.get("/Practitioner", [("_count", "1")])
@@ -160,7 +158,7 @@ def flagged(doc: dict[str, Any]) -> int:
 
 
 def render_table(doc: dict[str, Any]) -> str:
-    lines = [f"mapping {doc['mapping']}" + ("" if doc["validated"] else "  (not validated: checkers not installed)")]
+    lines = [f"mapping {doc['mapping']}"]
     for item in doc["actors"]:
         r = item["resource"]
         verdict = "OK" if not item["problems"] else f"{len(item['problems'])} PROBLEM(S)"
