@@ -21,7 +21,7 @@ from adapter.fhir.search import search_endpoint
 from adapter.mapping.loader import load_mapping
 from adapter.scheduling.proposals import ProposalCodec
 from adapter.scheduling.service import SchedulingService
-from adapter.scheduling.state import SqliteStateStore
+from adapter.scheduling.state import SqliteStateStore, ThreadedStateStore
 from adapter.settings import Settings
 
 log = logging.getLogger("adapter")
@@ -69,7 +69,8 @@ def build_app(settings: Settings) -> Starlette:
         settings.backend.database_url, pool_size=settings.backend.pool_size, timeout_s=settings.backend.timeout_seconds
     )
     backend = SqlBackend(mapping, database)
-    state = SqliteStateStore(settings.state.path)
+    state_timeout = settings.state.timeout_seconds or settings.backend.timeout_seconds
+    state = ThreadedStateStore(SqliteStateStore(settings.state.path, timeout_s=state_timeout), timeout_s=state_timeout)
     codec = ProposalCodec(signing_secret(settings), state, dt.timedelta(seconds=settings.find.proposal_ttl_seconds))
     vt = mapping.doc.visit_types
     service = SchedulingService(
@@ -111,6 +112,6 @@ def build_app(settings: Settings) -> Starlette:
     async def stop() -> None:
         scheduler.shutdown(wait=False)
         await backend.close()
-        state.close()
+        await state.close()
 
     return create_app(ctx, search_endpoint=search_endpoint, on_startup=[start], on_shutdown=[stop])

@@ -26,6 +26,7 @@ from adapter.scheduling.state import (
     IdempotencyMismatch,
     SqliteStateStore,
     StoredResponse,
+    ThreadedStateStore,
     owner_alive,
 )
 
@@ -267,8 +268,9 @@ def test_migrates_a_first_release_state_file(tmp_path: Path) -> None:
 # Reconciliation through a backend without ``find_booked`` (the protocol's search is used)
 # --------------------------------------------------------------------------------------------------
 def _service(store: SqliteStateStore, backend: Any) -> SchedulingService:
-    codec = ProposalCodec(b"0123456789abcdef0123", store, dt.timedelta(hours=1))
-    return SchedulingService(backend, store, codec, hold_ttl=dt.timedelta(minutes=5))
+    threaded = ThreadedStateStore(store)  # the domain's async view of the same store
+    codec = ProposalCodec(b"0123456789abcdef0123", threaded, dt.timedelta(hours=1))
+    return SchedulingService(backend, threaded, codec, hold_ttl=dt.timedelta(minutes=5))
 
 
 def _real_backend(url: str):

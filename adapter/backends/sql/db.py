@@ -240,12 +240,17 @@ class Database:
         # so an outage costs one failed request, not one per pooled connection.
         if getattr(self._local, "generation", self._generation) != self._generation:
             self._discard()
+        generation = self._generation
         try:
             conn = self.connection()
-            self._local.generation = self._generation
-        except BackendUnavailable:
-            raise
+            self._local.generation = generation
         except Exception as exc:  # any failure to open a connection means "not available now" (503)
+            # A server that refuses new connections has most likely dropped the pooled ones too (the
+            # first thing to fail may be a pool that had not connected yet): replace them all.
+            if not _is_refusal(exc.__cause__ if isinstance(exc, BackendUnavailable) else exc):
+                self._generation = generation + 1
+            if isinstance(exc, BackendUnavailable):
+                raise
             raise BackendUnavailable(f"cannot connect to the legacy database: {_first_line(exc)}") from exc
         try:
             result = fn(conn)
