@@ -215,7 +215,7 @@ class Database:
         of its waits is bounded by what is left.
         """
         deadline = Deadline.after(self.timeout_s)
-        future = (self._writers if write else self._readers).submit(self._call, fn, deadline)
+        future = (self._writers if write else self._readers).submit(self._call, fn, deadline, not write)
         waiting = asyncio.wrap_future(future)
         try:
             return await asyncio.wait_for(asyncio.shield(waiting), deadline.remaining())
@@ -226,12 +226,23 @@ class Database:
                 ) from None
             return await waiting
 
-    def _call(self, fn: Callable[[Any], T], deadline: Deadline) -> T:
+    def _call(self, fn: Callable[[Any], T], deadline: Deadline, retry: bool) -> T:
         if deadline.expired():
             raise BackendUnavailable(
                 f"the legacy database is busy: no database thread became free within {self.timeout_s:g} s"
             )
         with bounded(deadline):
+            reused = getattr(self._local, "conn", None) is not None
+            try:
+                return self._call_now(fn)
+            except BackendUnavailable as exc:
+                # A read on a pooled connection that turned out dead (the server restarted, or an
+                # operator ended the sessions) is tried once more on a new one: reads have no side
+                # effects, and the client should not pay for a connection it never saw. Writes are
+                # never repeated here (their conflict gate already ran).
+                cause = exc.__cause__
+                if not (retry and reused and cause is not None and _is_lost(cause)) or deadline.expired():
+                    raise
             return self._call_now(fn)
 
     def _call_now(self, fn: Callable[[Any], T]) -> T:
@@ -396,11 +407,7 @@ class Database:
         database's path, so nothing is created next to the legacy database)."""
         if self._host is None:
             path = self._sqlite_path if self.kind == "sqlite3" else _odbc_database(self._odbc)
-            name = None
-            if path and fcntl is not None:
-                digest = hashlib.sha1(os.path.realpath(path).encode()).hexdigest()[:20]
-                name = os.path.join(tempfile.gettempdir(), f"sched-adapter-{digest}.lock")
-            self._host = _HostLock(name)
+            self._host = _HostLock(host_lock_path(path) if path and fcntl is not None else None)
         return self._host
 
     async def close(self) -> None:
@@ -482,6 +489,13 @@ class _HostLock:
             self._fd = None
 
 
+def host_lock_path(database_path: str | os.PathLike[str]) -> str:
+    """The per-host writer lock file of a SQLite database: in the temp folder, named after the
+    database's real path, so every process on this host that writes the file finds the same one."""
+    digest = hashlib.sha1(os.path.realpath(database_path).encode()).hexdigest()[:20]
+    return os.path.join(tempfile.gettempdir(), f"sched-adapter-{digest}.lock")
+
+
 def _millis(seconds: float) -> int:
     """A lock timeout in ms for SQL: at least 1 (0 would mean "wait forever" on PostgreSQL)."""
     return max(1, int(seconds * 1000))
@@ -527,6 +541,10 @@ _LOST_CONNECTION_TEXTS = (
 )
 
 
+def _is_driver_error(exc: BaseException) -> bool:
+    return isinstance(exc, sqlite3.Error) or type(exc).__module__ == "pyodbc"
+
+
 def _sqlstate(exc: BaseException) -> str:
     state = exc.args[0] if getattr(exc, "args", None) else ""
     return state if isinstance(state, str) else ""
@@ -553,7 +571,7 @@ def _is_refusal(exc: BaseException | None) -> bool:
     Not a business rule (422): nothing is wrong with the request, and it succeeds unchanged once
     an operator makes the database writable again.
     """
-    if exc is None:
+    if exc is None or not _is_driver_error(exc):
         return False
     if isinstance(exc, sqlite3.Error):
         return any(t in str(exc).lower() for t in _SQLITE_REFUSALS)
@@ -568,8 +586,15 @@ def _is_refusal(exc: BaseException | None) -> bool:
     return "readonly database" in lower or "read-only transaction" in lower or "database or disk is full" in lower
 
 
+def _is_lost(exc: BaseException) -> bool:
+    """The connection itself failed (not a lock or statement timeout, not a refusal)."""
+    return _is_connection_error(exc) and not _is_lock_error(exc) and not _is_refusal(exc)
+
+
 def _is_connection_error(exc: BaseException) -> bool:
     """Errors that mean "the legacy system is not there / too busy now": retryable (503)."""
+    if not _is_driver_error(exc):
+        return False  # e.g. the state store's StateUnavailable raised by the gate: not about this database
     if isinstance(exc, sqlite3.OperationalError):
         msg = str(exc).lower()
         return "locked" in msg or "unable to open" in msg or "disk i/o" in msg or _is_refusal(exc)
