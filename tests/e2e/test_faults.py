@@ -41,6 +41,7 @@ from adapter.backends.sql.db import host_lock_path
 
 TIMEOUT = 2  # backend.timeout_seconds of these servers
 FAST = 0.1  # what a request that needs no lock may take while another one waits (issue 7, item 6)
+STAGGER = 0.5  # seconds between the starts of requests that wait for one lock
 
 
 # --------------------------------------------------------------------------------------------------
@@ -137,10 +138,20 @@ def warm_up(api: Api, appt_id: str) -> None:
 def run_bounded(
     calls: list[Callable[[], httpx.Response]], check: Callable[[Api, str, list[Any]], None], api: Api, appt_id: str
 ) -> list[tuple[httpx.Response, float]]:
-    """Start the lock-needing ``calls`` at once; while they wait, run ``check``; return their answers and times."""
+    """Start the lock-needing ``calls`` STAGGER seconds apart; while they wait, run ``check``; return
+    their answers and how long each took from its own start.
+
+    Staggered, because waits that add up show only then: a call that arrives while another holds the
+    process writer lock first waits for that one, then for the file; each wait alone was bounded.
+    """
+
+    def later(i: int, call: Callable[[], httpx.Response]) -> tuple[httpx.Response, float]:
+        time.sleep(i * STAGGER)
+        return timed(call)
+
     with ThreadPoolExecutor(len(calls)) as pool:
-        futures = [pool.submit(timed, c) for c in calls]
-        time.sleep(0.3)  # the calls are now queued on the lock
+        futures = [pool.submit(later, i, c) for i, c in enumerate(calls)]
+        time.sleep(0.3 + (len(calls) - 1) * STAGGER)  # every call is now waiting for the lock
         check(api, appt_id, futures)
         return [f.result() for f in futures]
 
