@@ -356,9 +356,11 @@ class Database:
                 cur.execute("BEGIN IMMEDIATE")
             elif self.dialect == "postgresql":
                 # Inside this transaction only: lock waits and statements end with the unit.
-                ms = _millis(deadline.remaining())
-                cur.execute(f"SET LOCAL lock_timeout = {ms}")
-                cur.execute(f"SET LOCAL statement_timeout = {ms}")
+                ms = str(_millis(deadline.remaining()))
+                cur.execute(
+                    "SELECT set_config('lock_timeout', ?, true), set_config('statement_timeout', ?, true)", ms, ms
+                )
+                cur.fetchall()
             elif self.dialect == "mariadb":
                 # Whole seconds only (at least 1): the unit may overrun its deadline by < 1 s here.
                 cur.execute(f"SET SESSION innodb_lock_wait_timeout = {max(1, math.ceil(deadline.remaining()))}")
