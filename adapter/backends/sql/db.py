@@ -466,7 +466,14 @@ class _HostLock:
                 self._wanted = False
 
     def _wait(self, fd: int) -> None:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            # Not expected on a regular file; never leave the next writers waiting for a helper that is gone.
+            with self._cond:
+                self._pending = False
+                self._cond.notify_all()
+            raise
         with self._cond:
             self._pending = False
             if self._closed:
