@@ -331,6 +331,7 @@ class SqliteStateStore:
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._guard = threading.Lock()
+        self._writing = threading.Lock()  # one write transaction per process at a time (see _Tx)
         self.owner = f"{_HOST}:{os.getpid()}:{secrets.token_hex(6)}"
         with _LIVE_GUARD:
             _LIVE_INSTANCES.add(self.owner)
@@ -364,7 +365,7 @@ class SqliteStateStore:
         return conn
 
     def _tx(self) -> _Tx:
-        return _Tx(self._conn())
+        return _Tx(self._conn(), self._writing, self.timeout_s)
 
     def _stale(self, owner: str | None, updated_s: float, now: dt.datetime) -> bool:
         return owner is None or not owner_alive(owner) or updated_s <= _ts(now) - self.lease_seconds
@@ -651,25 +652,41 @@ class SqliteStateStore:
 
 
 class _Tx:
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    """One write transaction. Threads of this process queue on ``writing`` first, so SQLite's busy
+    handler (which sleeps and polls) only arbitrates between processes: with the state store's own
+    threads and the backends' gate calls all polling the file, one of them was starved for seconds."""
+
+    def __init__(self, conn: sqlite3.Connection, writing: threading.Lock, timeout_s: float) -> None:
         self.conn = conn
+        self.writing = writing
+        self.timeout_s = timeout_s
 
     def __enter__(self) -> sqlite3.Connection:
-        self.conn.execute("BEGIN IMMEDIATE")
+        if not self.writing.acquire(timeout=remaining(self.timeout_s)):
+            raise sqlite3.OperationalError("database is locked (other writers of this process took the time)")
+        try:
+            self.conn.execute(f"PRAGMA busy_timeout = {max(1, int(remaining(self.timeout_s) * 1000))}")
+            self.conn.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self.writing.release()
+            raise
         return self.conn
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
-        if exc_type is not None:
-            self.conn.execute("ROLLBACK")
-            return
         try:
-            self.conn.execute("COMMIT")
-        except sqlite3.Error:
-            # A failed COMMIT (disk full, I/O) leaves the transaction open: close it, or every later
-            # call on this connection would fail with "cannot start a transaction within a transaction".
-            if self.conn.in_transaction:
+            if exc_type is not None:
                 self.conn.execute("ROLLBACK")
-            raise
+                return
+            try:
+                self.conn.execute("COMMIT")
+            except sqlite3.Error:
+                # A failed COMMIT (disk full, I/O) leaves the transaction open: close it, or every later
+                # call on this connection would fail with "cannot start a transaction within a transaction".
+                if self.conn.in_transaction:
+                    self.conn.execute("ROLLBACK")
+                raise
+        finally:
+            self.writing.release()
 
 
 class ThreadedStateStore:

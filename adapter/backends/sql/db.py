@@ -152,6 +152,7 @@ class Database:
         self._generation = 0  # bumped when a connection is found dead (see _call)
         self._writer = threading.Lock()  # SQLite: one write unit per process at a time (see write)
         self._host: _HostLock | None = None  # SQLite: the per-host writer lock file, opened on first write
+        self._queues: dict[str, threading.Lock] = {}  # server databases: one per booking lock key (see write)
 
     # -- connections -------------------------------------------------------------------------
     def _connect(self) -> Any:
@@ -345,6 +346,20 @@ class Database:
             except BaseException:
                 self._writer.release()
                 raise
+        held: list[threading.Lock] = []
+        if lock_sql and not manual:
+            # Threads of this process that want the same booking lock queue here, on a Python lock,
+            # so at most one of them per process waits inside the driver. A waiting pyodbc call was
+            # seen to keep the GIL now and then; with several waiters of one process in the driver
+            # the holder of the row lock (same process) could not run, and everything stalled until
+            # the statement timeout.
+            for key in sorted({repr(sorted(values.items())) for values in lock_binds}):
+                queue = self._queue_for(key)
+                if not queue.acquire(timeout=deadline.remaining()):
+                    for other in reversed(held):
+                        other.release()
+                    raise LegacyBusy(f"the legacy database is busy: no booking lock within {self.timeout_s:g} s")
+                held.append(queue)
         if self.kind == "pyodbc" and manual:
             conn.rollback()
             conn.autocommit = True
@@ -403,6 +418,15 @@ class Database:
             if queued:
                 self._host_lock().release()
                 self._writer.release()
+            for queue in reversed(held):
+                queue.release()
+
+    def _queue_for(self, key: str) -> threading.Lock:
+        with self._lock:
+            queue = self._queues.get(key)
+            if queue is None:
+                queue = self._queues[key] = threading.Lock()
+            return queue
 
     def _host_lock(self) -> _HostLock:
         """The per-host writer lock of a SQLite file (a lock file in the temp folder named after the
