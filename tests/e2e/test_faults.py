@@ -31,6 +31,7 @@ from test_hold_book_http import (
     SPEARS,
     Api,
     assert_success,
+    overlaps,
     parameters,
     ref_param,
     running_api,
@@ -355,23 +356,19 @@ def _distinct_slots(api: Api, n: int) -> list[dict[str, Any]]:
     """``n`` offered slots, no two of them overlapping (any practitioner)."""
     chosen: list[dict[str, Any]] = []
     for a in api.find(practitioner=None, count=500, days=(1, 15)):
-        if all(not _overlap(a, b) for b in chosen):
+        if all(not overlaps(a, b) for b in chosen):
             chosen.append(a)
         if len(chosen) == n:
             return chosen
     raise AssertionError(f"fewer than {n} separate free slots offered")
 
 
-def _overlap(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    from test_hold_book_http import overlaps
-
-    return overlaps(a, b)
-
-
 POOL = 2  # backend.pool_size of the read-only tests: more writes than pooled connections
 
 
 def test_issue7_5_read_only_sqlite_is_503_and_writes_resume_on_every_connection(tmp_path: Path) -> None:
+    """While the legacy file cannot be written, bookings are 503 transient (the write threads open
+    read-only connections meanwhile); once it can, more bookings than pooled connections all succeed."""
     target = Path(seeded("sqlite", tmp_path))
     with running_api(tmp_path, "sqlite", str(target), backend={"timeout_seconds": TIMEOUT, "pool_size": POOL}) as api:
         slots = _distinct_slots(api, 4 * POOL)
