@@ -21,7 +21,7 @@ from adapter.fhir.search import search_endpoint
 from adapter.mapping.loader import Mapping, MappingError, load_mapping
 from adapter.scheduling.proposals import ProposalCodec
 from adapter.scheduling.service import SchedulingService
-from adapter.scheduling.state import SqliteStateStore
+from adapter.scheduling.state import SqliteStateStore, ThreadedStateStore
 from adapter.security.setup import build_security
 from adapter.settings import Settings
 from adapter.tools.check import live_check
@@ -88,7 +88,8 @@ def build_app(settings: Settings) -> Starlette:
         settings.backend.database_url, pool_size=settings.backend.pool_size, timeout_s=settings.backend.timeout_seconds
     )
     backend = SqlBackend(mapping, database)
-    state = SqliteStateStore(settings.state.path)
+    state_timeout = settings.state.timeout_seconds or settings.backend.timeout_seconds
+    state = ThreadedStateStore(SqliteStateStore(settings.state.path, timeout_s=state_timeout), timeout_s=state_timeout)
     codec = ProposalCodec(signing_secret(settings), state, dt.timedelta(seconds=settings.find.proposal_ttl_seconds))
     vt = mapping.doc.visit_types
     service = SchedulingService(
@@ -131,7 +132,7 @@ def build_app(settings: Settings) -> Starlette:
     async def stop() -> None:
         scheduler.shutdown(wait=False)
         await backend.close()
-        state.close()
+        await state.close()
 
     security = build_security(settings)
     demo_page = settings.demo if settings.demo_page is None else settings.demo_page

@@ -63,6 +63,11 @@ class BackendSettings(_Section):
 
 class StateSettings(_Section):
     path: Path = Field(Path("var/adapter-state.sqlite"), description="SQLite file for holds and idempotency")
+    timeout_seconds: float | None = Field(
+        None,
+        gt=0,
+        description="how long a state-store call may wait for the file's lock; default backend.timeout_seconds",
+    )
 
 
 class FindSettings(_Section):

@@ -1,7 +1,8 @@
 """The Starlette application: routes under ``/fhir`` and the error handling every answer goes through.
 
 No handler returns a stack trace: ``FhirError`` becomes its OperationOutcome; the legacy system
-being unreachable becomes 503 ``transient`` with ``Retry-After``; anything unexpected is logged
+being unreachable (or busy beyond ``backend.timeout_seconds``) and the adapter's state store being
+locked or unwritable become 503 ``transient`` with ``Retry-After``; anything unexpected is logged
 with an incident id and answered with a 500 OperationOutcome that names only that id.
 """
 
@@ -28,6 +29,7 @@ from adapter.fhir.limits import RequestGuard
 from adapter.fhir.operations import book_endpoint, hold_endpoint
 from adapter.fhir.outcome import FhirError, error_body
 from adapter.fhir.read import ACTOR_KINDS, read_actor, read_appointment, search_actor
+from adapter.scheduling.state import StateUnavailable
 
 log = logging.getLogger("adapter.fhir")
 
@@ -66,6 +68,14 @@ async def _on_backend_unavailable(request: Request, exc: Exception) -> Response:
         FhirError(
             503, "transient", f"the legacy scheduling system is not available: {exc}", headers={"Retry-After": "5"}
         ),
+    )
+
+
+async def _on_state_unavailable(request: Request, exc: Exception) -> Response:
+    log.warning("state store unavailable: %s", exc)
+    return _error_response(
+        request,
+        FhirError(503, "transient", f"the server cannot record this now: {exc}", headers={"Retry-After": "5"}),
     )
 
 
@@ -154,6 +164,7 @@ def create_app(
             FhirError: _on_fhir_error,
             HTTPException: _on_http_error,
             BackendUnavailable: _on_backend_unavailable,
+            StateUnavailable: _on_state_unavailable,
             Exception: _on_unexpected,
         },
         lifespan=lifespan,

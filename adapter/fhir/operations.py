@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -51,9 +52,10 @@ from adapter.fhir.parameters import ParamList, parse_datetime, parse_reference, 
 from adapter.fhir.render import STATUS_REASON_URL, local_instant, searchset
 from adapter.scheduling.proposals import ProposalError
 from adapter.scheduling.service import ActorRef, HeldCancellation
-from adapter.scheduling.state import IdempotencyInProgress, IdempotencyMismatch, StoredResponse
+from adapter.scheduling.state import IdempotencyInProgress, IdempotencyMismatch, StateUnavailable, StoredResponse
 
 _REF = "valueReference"
+log = logging.getLogger("adapter.fhir")
 
 
 def _operation_error(exc: Exception, *, hold: bool) -> FhirError:
@@ -118,7 +120,7 @@ async def _with_idempotency(
     who, key = scoped
     digest = hashlib.sha256(f"{operation}\n{response_format(request)}\n".encode() + body).hexdigest()
     try:
-        stored = state.idempotency_begin(who, key, operation, digest, ctx.now())
+        stored = await state.idempotency_begin(who, key, operation, digest, ctx.now())
     except IdempotencyMismatch as exc:
         raise FhirError(422, "business-rule", str(exc), expression="Idempotency-Key", as_bundle=True) from None
     except IdempotencyInProgress as exc:
@@ -134,15 +136,20 @@ async def _with_idempotency(
         response = await _as_operation_failure(produce)
     except FhirError as err:
         if err.status >= 500 or not err.as_bundle:
-            state.idempotency_finish(who, key, None)  # transient: let the client retry
+            await state.idempotency_finish(who, key, None)  # transient: let the client retry
             raise
         response = render(error_body(err, ctx.base_url), response_format(request), err.status, err.headers)
     except BaseException:
-        state.idempotency_finish(who, key, None)
+        await state.idempotency_finish(who, key, None)
         raise
-    state.idempotency_finish(
-        who, key, StoredResponse(response.status_code, response.media_type or "", bytes(response.body))
-    )
+    try:
+        await state.idempotency_finish(
+            who, key, StoredResponse(response.status_code, response.media_type or "", bytes(response.body))
+        )
+    except StateUnavailable as exc:
+        # The operation is done (a booking may be committed): answer it. A retry with this key is
+        # told "in progress" until the record's lease ends, then settled from the booking journal.
+        log.warning("Idempotency-Key %r: the answer could not be stored (%s)", key, exc)
     return response
 
 

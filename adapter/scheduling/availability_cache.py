@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from adapter.backends.protocol import AvailabilityQuery, Interval, SchedulingBackend
@@ -44,7 +44,7 @@ class AvailabilityCache:
     def __init__(
         self,
         backend: SchedulingBackend,
-        version: Callable[[], int],
+        version: Callable[[], Awaitable[int]],
         ttl_seconds: float,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -62,7 +62,7 @@ class AvailabilityCache:
         """Bookable time (working time minus absences minus bookings; holds are the caller's)."""
         if self.ttl <= 0 or not q.practitioner_ids:
             return [free_time(ra) for ra in await self.backend.availability(q)]
-        version = self._version()
+        version = await self._version()
         if version != self._seen_version or len(self._days) > _MAX_ENTRIES:
             self._days.clear()
             self._seen_version = version

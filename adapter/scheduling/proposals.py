@@ -26,7 +26,6 @@ import functools
 import hmac
 import json
 import secrets
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
@@ -59,9 +58,9 @@ class Proposal:
 
 
 class ProposalStore(Protocol):
-    def put_proposal(self, proposal_id: str, payload: str, expires_at: dt.datetime) -> None: ...
+    async def put_proposal(self, proposal_id: str, payload: str, expires_at: dt.datetime) -> None: ...
 
-    def get_proposal(self, proposal_id: str, now: dt.datetime) -> str | None: ...
+    async def get_proposal(self, proposal_id: str, now: dt.datetime) -> str | None: ...
 
 
 @functools.lru_cache(maxsize=65536)
@@ -108,45 +107,24 @@ class ProposalCodec:
 
     def issuer(
         self, patient_ids: tuple[str, ...], issued: dt.datetime, window_start: dt.datetime, window_end: dt.datetime
-    ) -> Callable[[str, str, dt.datetime, int, str], str]:
+    ) -> Issuer:
         """``encode`` for many slots of one $find answer: the shared parts are computed once.
 
         Returns ``issue(practitioner_id, location_id, start, minutes, visit_type_key) -> id``; the ids
-        are identical to ``encode``'s for the same Proposal.
+        are identical to ``encode``'s for the same Proposal. Ids that must be stored are kept until
+        ``await issue.save()``, which stores them all in one call (before the answer is sent).
         """
-        patients = "-".join(patient_ids)
-        issued_b36 = _b36(int(issued.timestamp()))
-        ws, we = int(window_start.timestamp()) // 60, int(window_end.timestamp()) // 60
-        compact_patients = "." not in patients and all("-" not in p for p in patient_ids)
+        return Issuer(self, patient_ids, issued, window_start, window_end)
 
-        def issue(practitioner_id: str, location_id: str, start: dt.datetime, minutes: int, visit_type_key: str) -> str:
-            text = practitioner_id + location_id + visit_type_key
-            whole_minute = not (start.second or start.microsecond)
-            if compact_patients and whole_minute and "." not in text and "-" not in text:
-                start_m = int(start.timestamp()) // 60
-                body = (
-                    f"p{_VERSION}.{practitioner_id}.{location_id}.{_b36(start_m)}.{_b36(minutes)}."
-                    f"{visit_type_key}.{patients}.{issued_b36}.{_b36(max(0, start_m - ws))}.{_b36(max(0, we - start_m))}"
-                )
-                if len(body) + 1 + _MAC_LEN <= 64:
-                    return f"{body}.{self._mac(body)}"
-            return self.encode(
-                Proposal(
-                    practitioner_id,
-                    location_id,
-                    start,
-                    minutes,
-                    visit_type_key,
-                    patient_ids,
-                    issued,
-                    window_start,
-                    window_end,
-                )
-            )
+    async def encode(self, p: Proposal) -> str:
+        token = self._compact(p)
+        if token is not None:
+            return token
+        token, payload = self._stored(p)
+        await self._store.put_proposal(token, payload, p.issued + self.ttl)
+        return token
 
-        return issue
-
-    def encode(self, p: Proposal) -> str:
+    def _compact(self, p: Proposal) -> str | None:
         # Runs 50 times per $find page, so written for speed rather than elegance.
         patients = "-".join(p.patient_ids)
         text = p.practitioner_id + p.location_id + p.visit_type_key + "".join(p.patient_ids)
@@ -161,13 +139,16 @@ class ProposalCodec:
             token = f"{body}.{self._mac(body)}"  # the MAC is always the last _MAC_LEN characters
             if len(token) <= 64:
                 return token
-        token = "r" + "".join(secrets.choice(_ALPHABET) for _ in range(20))
-        self._store.put_proposal(token, json.dumps(proposal_to_dict(p)), p.issued + self.ttl)
-        return token
+        return None
 
-    def decode(self, token: str, now: dt.datetime) -> Proposal:
+    def _stored(self, p: Proposal) -> tuple[str, str]:
+        """A random id for a proposal kept in the shared store, and what to store under it."""
+        token = "r" + "".join(secrets.choice(_ALPHABET) for _ in range(20))
+        return token, json.dumps(proposal_to_dict(p))
+
+    async def decode(self, token: str, now: dt.datetime) -> Proposal:
         if token.startswith("r") and len(token) == 21:
-            payload = self._store.get_proposal(token, now)
+            payload = await self._store.get_proposal(token, now)
             if payload is None:
                 raise ProposalError(f"proposed appointment {token!r} is unknown or has expired")
             p = proposal_from_dict(json.loads(payload))
@@ -200,6 +181,58 @@ class ProposalCodec:
                 f"valid for {int(self.ttl.total_seconds())} s); run $find again"
             )
         return p
+
+
+class Issuer:
+    """Issues the proposed ids of one $find answer (see ``ProposalCodec.issuer``)."""
+
+    def __init__(
+        self,
+        codec: ProposalCodec,
+        patient_ids: tuple[str, ...],
+        issued: dt.datetime,
+        window_start: dt.datetime,
+        window_end: dt.datetime,
+    ) -> None:
+        self._codec = codec
+        self._patient_ids = patient_ids
+        self._issued = issued
+        self._window = (window_start, window_end)
+        self._patients = "-".join(patient_ids)
+        self._issued_b36 = _b36(int(issued.timestamp()))
+        self._ws, self._we = int(window_start.timestamp()) // 60, int(window_end.timestamp()) // 60
+        self._compact_patients = "." not in self._patients and all("-" not in p for p in patient_ids)
+        self._unsaved: list[tuple[str, str]] = []
+
+    def __call__(
+        self, practitioner_id: str, location_id: str, start: dt.datetime, minutes: int, visit_type_key: str
+    ) -> str:
+        text = practitioner_id + location_id + visit_type_key
+        whole_minute = not (start.second or start.microsecond)
+        if self._compact_patients and whole_minute and "." not in text and "-" not in text:
+            start_m = int(start.timestamp()) // 60
+            body = (
+                f"p{_VERSION}.{practitioner_id}.{location_id}.{_b36(start_m)}.{_b36(minutes)}."
+                f"{visit_type_key}.{self._patients}.{self._issued_b36}.{_b36(max(0, start_m - self._ws))}."
+                f"{_b36(max(0, self._we - start_m))}"
+            )
+            if len(body) + 1 + _MAC_LEN <= 64:
+                return f"{body}.{self._codec._mac(body)}"
+        p = Proposal(
+            practitioner_id, location_id, start, minutes, visit_type_key, self._patient_ids, self._issued, *self._window
+        )
+        token = self._codec._compact(p)
+        if token is None:
+            token, payload = self._codec._stored(p)
+            self._unsaved.append((token, payload))
+        return token
+
+    async def save(self) -> None:
+        """Store the proposals that did not fit a compact id (nothing to do in the usual case)."""
+        unsaved, self._unsaved = self._unsaved, []
+        expires = self._issued + self._codec.ttl
+        for token, payload in unsaved:
+            await self._codec._store.put_proposal(token, payload, expires)
 
 
 def proposal_to_dict(p: Proposal) -> dict:

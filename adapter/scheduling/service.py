@@ -64,7 +64,7 @@ from adapter.backends.protocol import (
 from adapter.scheduling.availability_cache import AvailabilityCache
 from adapter.scheduling.candidates import Candidate, ResourcePlan, anchor_of, find_candidates, on_grid
 from adapter.scheduling.proposals import Proposal, ProposalCodec, ProposalError, proposal_from_dict, proposal_to_dict
-from adapter.scheduling.state import Hold, HoldConflict, JournalEntry, StateStore
+from adapter.scheduling.state import Hold, HoldConflict, JournalEntry, StateStore, StateUnavailable
 
 log = logging.getLogger("adapter.scheduling")
 
@@ -336,13 +336,13 @@ class SchedulingService:
         availability = await self.availability.free_time(
             AvailabilityQuery(window, prac_ids, tuple(loc_rank) if loc_rank else ())
         )
-        held = self.state.holds_by_practitioner(prac_ids, window, now)
+        held = await self.state.holds_by_practitioner(prac_ids, window, now)
         if patients:
             # REQ-115-14: a time the patient is already booked (or held) for is no option for them,
             # whoever the practitioner; treat it like a hold on every practitioner for this request.
             own_ids = tuple(p.id for p in patients)
             own = await self._patient_busy(own_ids, window)
-            own += self.state.holds_by_patient(own_ids, window, now)
+            own += await self.state.holds_by_patient(own_ids, window, now)
             if own:
                 held = {pid: held.get(pid, []) + own for pid in prac_ids}
         prac_by_id = {p.id: p for p in candidates_prac}
@@ -376,6 +376,7 @@ class SchedulingService:
             (issue(c.practitioner_id, c.location_id, c.interval.start, c.visit_type.minutes, c.visit_type.key), c)
             for c in page
         ]
+        await issue.save()
         actors = {f"Practitioner/{p.id}": p for p in candidates_prac}
         actors.update({f"Location/{lid}": loc for lid, loc in locations.items()})
         return FindResult(total, proposed, patients, notices, req.window, actors)
@@ -404,8 +405,8 @@ class SchedulingService:
         the same (known) client returns the existing hold unchanged; anonymous callers are all
         distinct, so for them an existing hold is a conflict.
         """
-        proposal = self.proposals.decode(token, now)
-        existing = self.state.get_hold(token, now)
+        proposal = await self.proposals.decode(token, now)
+        existing = await self.state.get_hold(token, now)
         if existing is not None:
             if client is not None and existing.client == client:
                 return HoldResult(existing, proposal, created=False)
@@ -431,7 +432,7 @@ class SchedulingService:
 
         def gate(slots: Sequence[SlotRequest]) -> None:
             try:
-                placed.append(self.state.place_hold(new_hold, now))
+                placed.append(self.state.gate.place_hold(new_hold, now))
             except HoldConflict as exc:
                 raise SlotConflict(exc.describe(self.zone)) from None
 
@@ -465,7 +466,7 @@ class SchedulingService:
         when the same client (or the same Idempotency-Key) asks again it gets that appointment back
         instead of a conflict with its own booking.
         """
-        proposal = self.proposals.decode(token, now)
+        proposal = await self.proposals.decode(token, now)
         if expect is not None and (expect.start != proposal.start or expect.end != proposal.end):
             raise InvalidRequest(
                 "appointment-resource start/end differ from the referenced proposed appointment "
@@ -481,7 +482,7 @@ class SchedulingService:
             previous = await self.backend.get_appointment(entry.appointment_id)
             if previous is not None and previous.status not in _FREEING_STATUSES:
                 return BookResult(previous, replayed=True)
-        own = self.state.get_hold(token, now)
+        own = await self.state.get_hold(token, now)
         if own is not None and own.client is not None and own.client != client:
             raise SlotConflict(f"Appointment/{token} is held by another client")
         if patient is not None and proposal.patient_ids and patient.id not in proposal.patient_ids:
@@ -510,29 +511,29 @@ class SchedulingService:
         def gate(slots: Sequence[SlotRequest]) -> None:
             # Inside the legacy lock (practitioner and patient), after the legacy calendar said "free".
             self._check_holds(slots, now, own_hold=token, client=client)
-            self.state.journal_intent(token, client=client, request_key=request_key, payload=payload, now=now)
+            self.state.gate.journal_intent(token, client=client, request_key=request_key, payload=payload, now=now)
             recorded.append(True)
 
         try:
             appt = await self.backend.book(NewBooking(slot, patient_id, comment, client or "sched-adapter"), gate)
-            self.state.bump_calendar_version()
+            await self._calendar_changed()
         except BackendError as exc:
             if recorded:
                 if isinstance(exc, BackendUnavailable):
                     # The connection broke after the intent: the legacy write may have been
                     # committed. Give the intent up so that the next attempt (a retry, or the
                     # housekeeping job) settles it from the legacy system first.
-                    self.state.journal_abandon(token, now)
+                    await self.state.journal_abandon(token, now)
                 else:
-                    self.state.journal_drop(token)  # refused before commit: nothing was written
+                    await self.state.journal_drop(token)  # refused before commit: nothing was written
             raise
         except Exception:
             if recorded:
-                self.state.journal_abandon(token, now)
+                await self.state.journal_abandon(token, now)
             raise
         # The booking replaces the hold (REQ-117-06), in the same step that records the outcome.
         try:
-            self.state.journal_done(token, appt.id, now, release_hold=True)
+            await self.state.journal_done(token, appt.id, now, release_hold=True)
         except Exception:  # the booking stands; the intent is settled later from the legacy system
             log.exception("booking journal: cannot record Appointment/%s for %s; it will be reconciled", appt.id, token)
         return BookResult(appt, replayed=False)
@@ -543,8 +544,8 @@ class SchedulingService:
         """In a gate: no foreign hold on the practitioner, no other hold for the patient."""
         try:
             for s in slots:
-                self.state.check_free(s.practitioner_id, s.interval, now, own_hold=own_hold, client=client)
-                self.state.check_patient_free(s.patient_ids, s.interval, now, own_hold)
+                self.state.gate.check_free(s.practitioner_id, s.interval, now, own_hold=own_hold, client=client)
+                self.state.gate.check_patient_free(s.patient_ids, s.interval, now, own_hold)
         except HoldConflict as exc:
             raise SlotConflict(exc.describe(self.zone)) from None
 
@@ -601,7 +602,7 @@ class SchedulingService:
                 f"Practitioner/{practitioner_id} does not offer the visit type {visit_type.display!r}"
             )
         await self._check_time(practitioner_id, location_id, interval, visit_type.minutes, now)
-        return self.proposals.encode(
+        return await self.proposals.encode(
             Proposal(
                 practitioner_id,
                 location_id,
@@ -617,13 +618,13 @@ class SchedulingService:
 
     async def _settle(self, token: str, now: dt.datetime) -> JournalEntry | None:
         """Settle a stale booking intent of ``token`` (if any); return the journal entry as it now is."""
-        entry = self.state.journal_get(token)  # a plain read: the common case writes nothing
+        entry = await self.state.journal_get(token)  # a plain read: the common case writes nothing
         if entry is None or entry.state != "intent":
             return entry
-        claimed = self.state.journal_claim(token, now)  # None: its request is still running
+        claimed = await self.state.journal_claim(token, now)  # None: its request is still running
         if claimed is not None:
             await self._reconcile_entry(claimed, now)
-        return self.state.journal_get(token)
+        return await self.state.journal_get(token)
 
     async def _reconcile_entry(self, entry: JournalEntry, now: dt.datetime) -> str:
         """Look a booking of unknown outcome up in the legacy system and record what happened."""
@@ -634,10 +635,10 @@ class SchedulingService:
             appt = await self.backend.find_booked(slot, patient_id)
         except BackendError as exc:
             log.warning("booking journal: cannot settle Appointment/%s yet (%s); will retry", entry.token, exc)
-            self.state.journal_abandon(entry.token, now)
+            await self.state.journal_abandon(entry.token, now)
             return "unknown"
         if appt is not None:
-            self.state.journal_done(entry.token, appt.id, now, release_hold=True)
+            await self.state.journal_done(entry.token, appt.id, now, release_hold=True)
             log.warning(
                 "booking journal: the booking of %s by %s was committed in the legacy system as "
                 "Appointment/%s but not recorded here (crash or lost connection); recorded now",
@@ -646,7 +647,7 @@ class SchedulingService:
                 appt.id,
             )
             return "booked"
-        self.state.journal_drop(entry.token)
+        await self.state.journal_drop(entry.token)
         log.warning(
             "booking journal: the booking of %s by %s never reached the legacy system; intent dropped",
             entry.token,
@@ -656,7 +657,7 @@ class SchedulingService:
 
     async def reconcile(self, now: dt.datetime) -> int:
         """Settle every stale booking intent (startup and the housekeeping job); returns how many."""
-        entries = self.state.journal_claim_stale(now)
+        entries = await self.state.journal_claim_stale(now)
         for entry in entries:
             await self._reconcile_entry(entry, now)
         return len(entries)
@@ -720,7 +721,7 @@ class SchedulingService:
             self._check_holds(slots, now, own_hold=None, client=client)
 
         appt = await self.backend.reschedule(appointment_id, slot, gate, comment)
-        self.state.bump_calendar_version()
+        await self._calendar_changed()
         return appt
 
     async def cancel(
@@ -737,7 +738,7 @@ class SchedulingService:
         A hold placed by a known client can only be released by that client. ``patient_id``, when
         the request names one, must be the appointment's (or the hold's) patient (409).
         """
-        held = self.state.get_hold(appointment_id, now)
+        held = await self.state.get_hold(appointment_id, now)
         if held is not None:
             if held.client is not None and held.client != client:
                 raise SlotConflict(f"Appointment/{appointment_id} is held by another client")
@@ -758,7 +759,7 @@ class SchedulingService:
                 f"Appointment/{appointment_id} is {current.status} and can no longer be cancelled; nothing was changed"
             )
         appt = await self.backend.cancel(appointment_id, reason, reason_text)
-        self.state.bump_calendar_version()
+        await self._calendar_changed()
         return appt
 
     @staticmethod
@@ -769,10 +770,10 @@ class SchedulingService:
             )
 
     async def release_hold(self, hold: Hold) -> None:
-        self.state.release(hold.id)
+        await self.state.release(hold.id)
 
     async def get(self, appointment_id: str, now: dt.datetime) -> Appointment | Hold | None:
-        hold = self.state.get_hold(appointment_id, now)
+        hold = await self.state.get_hold(appointment_id, now)
         if hold is not None:
             return hold
         return await self.backend.get_appointment(appointment_id)
@@ -780,15 +781,31 @@ class SchedulingService:
     async def search(self, query: AppointmentQuery) -> AppointmentPage:
         return await self.backend.search_appointments(query)
 
-    def sweep(self, now: dt.datetime) -> int:
-        n = self.state.sweep(now)
+    async def _calendar_changed(self) -> None:
+        """Tell every worker's availability cache that the adapter changed the legacy calendar.
+
+        Called after the legacy commit: a state store that cannot be reached now must not turn a
+        committed change into an error. The caches then catch up within ``find.cache_seconds``, as
+        for a change made directly in the legacy system ($hold/$book re-check under the lock anyway).
+        """
+        try:
+            await self.state.bump_calendar_version()
+        except StateUnavailable as exc:
+            log.warning("availability caches: cannot announce a calendar change (%s)", exc)
+
+    async def sweep(self, now: dt.datetime) -> int:
+        n = await self.state.sweep(now)
         if n:
             log.info("released %d expired holds/proposals", n)
         return n
 
     async def housekeeping(self, now: dt.datetime) -> None:
         """The timed job (and the first thing after startup): expire holds, settle stale bookings."""
-        self.sweep(now)
+        try:
+            await self.sweep(now)
+        except StateUnavailable as exc:  # a locked state file: the next run tries again
+            log.warning("hold expiry: %s", exc)
+            return
         try:
             settled = await self.reconcile(now)
         except Exception:  # never let the job die; the next run tries again

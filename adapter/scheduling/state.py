@@ -1,8 +1,16 @@
 """The adapter's own durable state: holds, stored proposals, idempotency records and the booking journal.
 
-``StateStore`` is the small interface the domain uses; ``SqliteStateStore`` is the default
-implementation: one SQLite file (WAL mode, so several uvicorn workers on one host share it),
-next to the demo database unless configured elsewhere. A restart loses no hold.
+``StateStore`` is the small ASYNC interface the domain uses: nothing it does blocks the event loop.
+Its ``gate`` is a synchronous view (``StateGate``: place a hold, check for foreign holds, journal a
+booking intent) for the one place that must block: the backend's conflict gate, which runs in the
+backend's DB thread inside the legacy booking lock. ``SqliteStateStore`` is the default, blocking
+implementation: one SQLite file (WAL mode, so several uvicorn workers on one host share it), next
+to the demo database unless configured elsewhere; ``ThreadedStateStore`` runs its calls in a small
+thread pool of their own. A restart loses no hold.
+
+Faults: a call that cannot get the file's lock within its time (``timeout_s``, or what is left of
+the backend's write unit when called through the gate), or finds the file read-only or full, raises
+``StateUnavailable`` (HTTP 503 with ``Retry-After``), never a bare SQLite error.
 
 Why a separate store instead of tables in the legacy database: the legacy schema is not ours to
 change (a hospital DBA will not let an adapter add tables), and holds must work identically for a
@@ -31,19 +39,26 @@ can be retried at once instead of answering "still in progress" forever.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import functools
 import json
 import os
 import secrets
 import socket
 import sqlite3
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 from adapter.backends.protocol import Interval, SlotConflict
+from adapter.deadline import Deadline, bounded, remaining
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS holds (
@@ -172,7 +187,80 @@ class IdempotencyInProgress(Exception):
     """A request with this Idempotency-Key is still being processed (HTTP 409)."""
 
 
+class StateUnavailable(Exception):
+    """The adapter's state store cannot be used now: its file is locked by another process beyond
+    the timeout, read-only, full, or unreachable (HTTP 503 ``transient`` with ``Retry-After``)."""
+
+
+class StateGate(Protocol):
+    """The calls a backend makes INSIDE its booking lock, through the domain's conflict gate.
+
+    Synchronous on purpose: the gate runs in the backend's DB thread, in the middle of the legacy
+    transaction (after the legacy calendar check, before the legacy write), so these calls must
+    finish there, in that thread, before the lock is let go. Hopping back to the event loop from
+    inside a DB thread would need the loop to be free while that thread waits for it, and would
+    hold the legacy lock across an event-loop round trip. Their waits draw on the write unit's
+    deadline (``adapter.deadline``). A shared store (Redis, PostgreSQL) implements them with its
+    synchronous client.
+    """
+
+    def place_hold(self, hold: Hold, now: dt.datetime) -> Hold: ...
+    def check_free(
+        self,
+        practitioner_id: str,
+        interval: Interval,
+        now: dt.datetime,
+        own_hold: str | None,
+        client: str | None = None,
+    ) -> None: ...
+    def check_patient_free(
+        self, patient_ids: Iterable[str], interval: Interval, now: dt.datetime, own_hold: str | None
+    ) -> None: ...
+    def journal_intent(
+        self, token: str, *, client: str | None, request_key: str | None, payload: dict, now: dt.datetime
+    ) -> None: ...
+
+
 class StateStore(Protocol):
+    """What the scheduling domain uses: every call is awaited, none blocks the event loop.
+
+    ``gate`` is the synchronous view for the conflict gate (see ``StateGate``). Signatures speak in
+    domain terms only (no SQLite types), so a Redis or PostgreSQL store fits behind the same seam.
+    Every method may raise ``StateUnavailable``.
+    """
+
+    @property
+    def gate(self) -> StateGate: ...
+
+    async def holds_by_practitioner(
+        self, practitioner_ids: Iterable[str], window: Interval, now: dt.datetime
+    ) -> dict[str, list[Interval]]: ...
+    async def get_hold(self, hold_id: str, now: dt.datetime) -> Hold | None: ...
+    async def holds_by_patient(
+        self, patient_ids: Iterable[str], window: Interval, now: dt.datetime
+    ) -> list[Interval]: ...
+    async def release(self, hold_id: str) -> None: ...
+    async def sweep(self, now: dt.datetime) -> int: ...
+    async def put_proposal(self, proposal_id: str, payload: str, expires_at: dt.datetime) -> None: ...
+    async def get_proposal(self, proposal_id: str, now: dt.datetime) -> str | None: ...
+    async def idempotency_begin(
+        self, client: str, key: str, operation: str, body_hash: str, now: dt.datetime
+    ) -> StoredResponse | None: ...
+    async def idempotency_finish(self, client: str, key: str, response: StoredResponse | None) -> None: ...
+    async def journal_get(self, token: str) -> JournalEntry | None: ...
+    async def calendar_version(self) -> int: ...
+    async def bump_calendar_version(self) -> None: ...
+    async def journal_done(self, token: str, appointment_id: str, now: dt.datetime, *, release_hold: bool) -> None: ...
+    async def journal_abandon(self, token: str, now: dt.datetime) -> None: ...
+    async def journal_drop(self, token: str) -> None: ...
+    async def journal_claim(self, token: str, now: dt.datetime) -> JournalEntry | None: ...
+    async def journal_claim_stale(self, now: dt.datetime, limit: int = 100) -> list[JournalEntry]: ...
+    async def close(self) -> None: ...
+
+
+class SyncStateStore(StateGate, Protocol):
+    """A store whose calls block (the SQLite file); ``ThreadedStateStore`` makes it a ``StateStore``."""
+
     def holds_by_practitioner(
         self, practitioner_ids: Iterable[str], window: Interval, now: dt.datetime
     ) -> dict[str, list[Interval]]: ...
@@ -244,14 +332,41 @@ def owner_alive(owner: str | None) -> bool:
     return True
 
 
+def _unavailable_on_error(method: Callable[P, T]) -> Callable[P, T]:
+    """SQLite's "cannot now" errors (locked beyond the timeout, read-only, full, I/O) -> StateUnavailable."""
+
+    @functools.wraps(method)
+    def guarded(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return method(*args, **kwargs)
+        except sqlite3.OperationalError as exc:
+            raise StateUnavailable(f"the adapter's state store is not available: {exc}") from exc
+
+    return guarded
+
+
+DEFAULT_TIMEOUT_SECONDS = 10.0
+
+
 class SqliteStateStore:
-    def __init__(self, path: str | Path, *, lease_seconds: float = DEFAULT_LEASE_SECONDS) -> None:
+    """The state in one SQLite file. Blocking: use it through ``ThreadedStateStore`` (and its
+    ``gate`` from inside a backend's write unit), never on the event loop."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
+        timeout_s: float = DEFAULT_TIMEOUT_SECONDS,
+    ) -> None:
         self.path = str(path)
         self.lease_seconds = lease_seconds
+        self.timeout_s = timeout_s
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._guard = threading.Lock()
+        self._writing = threading.Lock()  # one write transaction per process at a time (see _Tx)
         self.owner = f"{_HOST}:{os.getpid()}:{secrets.token_hex(6)}"
         with _LIVE_GUARD:
             _LIVE_INSTANCES.add(self.owner)
@@ -271,21 +386,27 @@ class SqliteStateStore:
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(self.path, timeout=15.0, isolation_level=None, check_same_thread=False)
+            conn = sqlite3.connect(
+                self.path, timeout=remaining(self.timeout_s), isolation_level=None, check_same_thread=False
+            )
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             self._local.conn = conn
             with self._guard:
                 self._all.append(conn)
+        # A wait for another process's lock ends with the caller's unit of work (the backend's
+        # write unit when called through the gate), or after timeout_s.
+        conn.execute(f"PRAGMA busy_timeout = {max(1, int(remaining(self.timeout_s) * 1000))}")
         return conn
 
     def _tx(self) -> _Tx:
-        return _Tx(self._conn())
+        return _Tx(self._conn(), self._writing, self.timeout_s)
 
     def _stale(self, owner: str | None, updated_s: float, now: dt.datetime) -> bool:
         return owner is None or not owner_alive(owner) or updated_s <= _ts(now) - self.lease_seconds
 
     # -- holds -------------------------------------------------------------------------------
+    @_unavailable_on_error
     def holds_by_practitioner(
         self, practitioner_ids: Iterable[str], window: Interval, now: dt.datetime
     ) -> dict[str, list[Interval]]:
@@ -311,6 +432,7 @@ class SqliteStateStore:
         hid, prac, loc, s, e, x, client, payload = row[:8]
         return Hold(hid, prac, loc, Interval(_dt(s), _dt(e)), _dt(x), client, json.loads(payload))
 
+    @_unavailable_on_error
     def get_hold(self, hold_id: str, now: dt.datetime) -> Hold | None:
         row = self._conn().execute("SELECT * FROM holds WHERE id = ? AND expires_s > ?", (hold_id, _ts(now))).fetchone()
         return self._row_to_hold(row) if row else None
@@ -336,6 +458,7 @@ class SqliteStateStore:
         ).fetchall()
         return [r for r in rows if not (r[0] == own_hold and (r[3] is None or r[3] == client))]
 
+    @_unavailable_on_error
     def check_free(
         self,
         practitioner_id: str,
@@ -366,6 +489,7 @@ class SqliteStateStore:
                 return HoldConflict(row[0], Interval(_dt(row[1]), _dt(row[2])), patient_id=pid)
         return None
 
+    @_unavailable_on_error
     def check_patient_free(
         self, patient_ids: Iterable[str], interval: Interval, now: dt.datetime, own_hold: str | None
     ) -> None:
@@ -376,6 +500,7 @@ class SqliteStateStore:
         if found is not None:
             raise found
 
+    @_unavailable_on_error
     def holds_by_patient(self, patient_ids: Iterable[str], window: Interval, now: dt.datetime) -> list[Interval]:
         out: list[Interval] = []
         for pid in patient_ids:
@@ -391,6 +516,7 @@ class SqliteStateStore:
             out.extend(Interval(_dt(s), _dt(e)) for s, e in rows)
         return out
 
+    @_unavailable_on_error
     def place_hold(self, hold: Hold, now: dt.datetime) -> Hold:
         """Insert ``hold``; an active hold with the same id is returned unchanged (no extension)."""
         with self._tx() as conn:
@@ -428,10 +554,12 @@ class SqliteStateStore:
             )
         return hold
 
+    @_unavailable_on_error
     def release(self, hold_id: str) -> None:
         with self._tx() as conn:
             conn.execute("DELETE FROM holds WHERE id = ?", (hold_id,))
 
+    @_unavailable_on_error
     def sweep(self, now: dt.datetime) -> int:
         day_ago = _ts(now) - 86400
         with self._tx() as conn:
@@ -445,10 +573,12 @@ class SqliteStateStore:
         return n
 
     # -- stored proposals ----------------------------------------------------------------------
+    @_unavailable_on_error
     def put_proposal(self, proposal_id: str, payload: str, expires_at: dt.datetime) -> None:
         with self._tx() as conn:
             conn.execute("INSERT OR REPLACE INTO proposals VALUES (?, ?, ?)", (proposal_id, payload, _ts(expires_at)))
 
+    @_unavailable_on_error
     def get_proposal(self, proposal_id: str, now: dt.datetime) -> str | None:
         row = (
             self._conn()
@@ -458,6 +588,7 @@ class SqliteStateStore:
         return row[0] if row else None
 
     # -- idempotency -------------------------------------------------------------------------
+    @_unavailable_on_error
     def idempotency_begin(
         self, client: str, key: str, operation: str, body_hash: str, now: dt.datetime
     ) -> StoredResponse | None:
@@ -492,6 +623,7 @@ class SqliteStateStore:
             )
             return None
 
+    @_unavailable_on_error
     def idempotency_finish(self, client: str, key: str, response: StoredResponse | None) -> None:
         with self._tx() as conn:
             if response is None:  # the request failed before any outcome worth replaying
@@ -507,10 +639,12 @@ class SqliteStateStore:
 
     # -- booking journal -----------------------------------------------------------------------
     # -- calendar version ----------------------------------------------------------------------
+    @_unavailable_on_error
     def calendar_version(self) -> int:
         row = self._conn().execute("SELECT version FROM calendar WHERE id = 1").fetchone()
         return row[0] if row else 0
 
+    @_unavailable_on_error
     def bump_calendar_version(self) -> None:
         with self._tx() as conn:
             conn.execute(
@@ -523,10 +657,12 @@ class SqliteStateStore:
             token, client, request_key, json.loads(payload), state, appt_id, owner, _dt(created_s), _dt(updated_s)
         )
 
+    @_unavailable_on_error
     def journal_get(self, token: str) -> JournalEntry | None:
         row = self._conn().execute("SELECT * FROM journal WHERE token = ?", (token,)).fetchone()
         return self._row_to_entry(row) if row else None
 
+    @_unavailable_on_error
     def journal_intent(
         self, token: str, *, client: str | None, request_key: str | None, payload: dict, now: dt.datetime
     ) -> None:
@@ -538,6 +674,7 @@ class SqliteStateStore:
                 (token, client, request_key, json.dumps(payload), self.owner, _ts(now), _ts(now)),
             )
 
+    @_unavailable_on_error
     def journal_done(self, token: str, appointment_id: str, now: dt.datetime, *, release_hold: bool) -> None:
         """The legacy booking of ``token`` is committed as ``appointment_id``; its hold goes, atomically."""
         with self._tx() as conn:
@@ -549,6 +686,7 @@ class SqliteStateStore:
             if release_hold:
                 conn.execute("DELETE FROM holds WHERE id = ?", (token,))
 
+    @_unavailable_on_error
     def journal_abandon(self, token: str, now: dt.datetime) -> None:
         """Outcome unknown and this request gives up: the next claimant reconciles it at once."""
         with self._tx() as conn:
@@ -556,11 +694,13 @@ class SqliteStateStore:
                 "UPDATE journal SET owner = NULL, updated_s = ? WHERE token = ? AND state = 'intent'", (_ts(now), token)
             )
 
+    @_unavailable_on_error
     def journal_drop(self, token: str) -> None:
         """The legacy write certainly did not happen: forget the intent."""
         with self._tx() as conn:
             conn.execute("DELETE FROM journal WHERE token = ? AND state = 'intent'", (token,))
 
+    @_unavailable_on_error
     def journal_claim(self, token: str, now: dt.datetime) -> JournalEntry | None:
         """Take over the stale intent of ``token`` for reconciliation; None when there is none to take."""
         with self._tx() as conn:
@@ -570,6 +710,7 @@ class SqliteStateStore:
             conn.execute("UPDATE journal SET owner = ?, updated_s = ? WHERE token = ?", (self.owner, _ts(now), token))
         return self._row_to_entry(row)
 
+    @_unavailable_on_error
     def journal_claim_stale(self, now: dt.datetime, limit: int = 100) -> list[JournalEntry]:
         """Every stale intent (up to ``limit``), each claimed by this process for reconciliation."""
         with self._tx() as conn:
@@ -591,12 +732,139 @@ class SqliteStateStore:
 
 
 class _Tx:
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    """One write transaction. Threads of this process queue on ``writing`` first, so SQLite's busy
+    handler (which sleeps and polls) only arbitrates between processes: with the state store's own
+    threads and the backends' gate calls all polling the file, one of them was starved for seconds."""
+
+    def __init__(self, conn: sqlite3.Connection, writing: threading.Lock, timeout_s: float) -> None:
         self.conn = conn
+        self.writing = writing
+        self.timeout_s = timeout_s
 
     def __enter__(self) -> sqlite3.Connection:
-        self.conn.execute("BEGIN IMMEDIATE")
+        if not self.writing.acquire(timeout=remaining(self.timeout_s)):
+            raise sqlite3.OperationalError("database is locked (other writers of this process took the time)")
+        try:
+            self.conn.execute(f"PRAGMA busy_timeout = {max(1, int(remaining(self.timeout_s) * 1000))}")
+            self.conn.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self.writing.release()
+            raise
         return self.conn
 
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self.conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        try:
+            if exc_type is not None:
+                self.conn.execute("ROLLBACK")
+                return
+            try:
+                self.conn.execute("COMMIT")
+            except sqlite3.Error:
+                # A failed COMMIT (disk full, I/O) leaves the transaction open: close it, or every later
+                # call on this connection would fail with "cannot start a transaction within a transaction".
+                if self.conn.in_transaction:
+                    self.conn.execute("ROLLBACK")
+                raise
+        finally:
+            self.writing.release()
+
+
+class ThreadedStateStore:
+    """A ``StateStore`` over a blocking store: each call runs in a small pool of its own threads.
+
+    The pool is separate from the legacy database's, so a state file locked by another process
+    delays only the requests that need it, never the event loop nor the legacy reads. Each call gets
+    one deadline of ``timeout_s``: the wait for a thread and the wait for the file's lock draw on
+    it, and a call still queued when it expires is dropped. Either way: ``StateUnavailable`` (503).
+
+    ``gate`` is the blocking store itself, for the backend's conflict gate (see ``StateGate``).
+    """
+
+    def __init__(self, store: SyncStateStore, *, threads: int = 4, timeout_s: float = DEFAULT_TIMEOUT_SECONDS) -> None:
+        self._store = store
+        self.timeout_s = timeout_s
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="adapter-state")
+
+    @property
+    def gate(self) -> SyncStateStore:
+        return self._store
+
+    async def _run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        deadline = Deadline.after(self.timeout_s)
+
+        def call() -> T:
+            if deadline.expired():
+                raise StateUnavailable(f"the adapter's state store is busy: no thread free within {self.timeout_s:g} s")
+            with bounded(deadline):
+                return fn(*args, **kwargs)
+
+        future = self._pool.submit(call)
+        waiting = asyncio.wrap_future(future)
+        try:
+            return await asyncio.wait_for(asyncio.shield(waiting), deadline.remaining())
+        except TimeoutError:
+            if future.cancel():
+                raise StateUnavailable(
+                    f"the adapter's state store is busy: no thread free within {self.timeout_s:g} s"
+                ) from None
+            return await waiting  # started: its lock wait ends at the same deadline
+
+    async def holds_by_practitioner(
+        self, practitioner_ids: Iterable[str], window: Interval, now: dt.datetime
+    ) -> dict[str, list[Interval]]:
+        return await self._run(self._store.holds_by_practitioner, tuple(practitioner_ids), window, now)
+
+    async def get_hold(self, hold_id: str, now: dt.datetime) -> Hold | None:
+        return await self._run(self._store.get_hold, hold_id, now)
+
+    async def holds_by_patient(self, patient_ids: Iterable[str], window: Interval, now: dt.datetime) -> list[Interval]:
+        return await self._run(self._store.holds_by_patient, tuple(patient_ids), window, now)
+
+    async def release(self, hold_id: str) -> None:
+        await self._run(self._store.release, hold_id)
+
+    async def sweep(self, now: dt.datetime) -> int:
+        return await self._run(self._store.sweep, now)
+
+    async def put_proposal(self, proposal_id: str, payload: str, expires_at: dt.datetime) -> None:
+        await self._run(self._store.put_proposal, proposal_id, payload, expires_at)
+
+    async def get_proposal(self, proposal_id: str, now: dt.datetime) -> str | None:
+        return await self._run(self._store.get_proposal, proposal_id, now)
+
+    async def idempotency_begin(
+        self, client: str, key: str, operation: str, body_hash: str, now: dt.datetime
+    ) -> StoredResponse | None:
+        return await self._run(self._store.idempotency_begin, client, key, operation, body_hash, now)
+
+    async def idempotency_finish(self, client: str, key: str, response: StoredResponse | None) -> None:
+        await self._run(self._store.idempotency_finish, client, key, response)
+
+    async def journal_get(self, token: str) -> JournalEntry | None:
+        return await self._run(self._store.journal_get, token)
+
+    async def calendar_version(self) -> int:
+        return await self._run(self._store.calendar_version)
+
+    async def bump_calendar_version(self) -> None:
+        await self._run(self._store.bump_calendar_version)
+
+    async def journal_done(self, token: str, appointment_id: str, now: dt.datetime, *, release_hold: bool) -> None:
+        await self._run(self._store.journal_done, token, appointment_id, now, release_hold=release_hold)
+
+    async def journal_abandon(self, token: str, now: dt.datetime) -> None:
+        await self._run(self._store.journal_abandon, token, now)
+
+    async def journal_drop(self, token: str) -> None:
+        await self._run(self._store.journal_drop, token)
+
+    async def journal_claim(self, token: str, now: dt.datetime) -> JournalEntry | None:
+        return await self._run(self._store.journal_claim, token, now)
+
+    async def journal_claim_stale(self, now: dt.datetime, limit: int = 100) -> list[JournalEntry]:
+        return await self._run(self._store.journal_claim_stale, now, limit)
+
+    async def close(self) -> None:
+        # Let running calls finish (off the loop) before their connections are closed.
+        await asyncio.get_running_loop().run_in_executor(None, functools.partial(self._pool.shutdown, wait=True))
+        self._store.close()

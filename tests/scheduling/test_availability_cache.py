@@ -18,7 +18,7 @@ from adapter.demo.seed import ensure_demo_database
 from adapter.mapping.loader import load_mapping
 from adapter.scheduling.availability_cache import AvailabilityCache
 from adapter.scheduling.candidates import FreeTime, free_time
-from adapter.scheduling.state import SqliteStateStore
+from adapter.scheduling.state import SqliteStateStore, ThreadedStateStore
 
 UTC = dt.UTC
 PRACS = ("SPEARSB", "OKAFORC", "GOLDBERM")
@@ -29,6 +29,11 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("cache") / "demo.sqlite"
     ensure_demo_database(path, today=dt.date.today())
     return path
+
+
+async def _unchanged() -> int:
+    """A calendar version nobody bumps."""
+    return 0
 
 
 def _backend(path: Path) -> SqlBackend:
@@ -59,7 +64,7 @@ def test_cached_availability_equals_the_legacy_answer(
     demo: Path, tmp_path: Path, offset_h: float, hours: float, locations: tuple[str, ...]
 ) -> None:
     backend = _backend(demo)
-    cache = AvailabilityCache(backend, lambda: 0, ttl_seconds=60)
+    cache = AvailabilityCache(backend, _unchanged, ttl_seconds=60)
     base = dt.datetime.combine(dt.date.today() + dt.timedelta(days=1), dt.time(), tzinfo=UTC)
     window = Interval(base + dt.timedelta(hours=offset_h), base + dt.timedelta(hours=offset_h + hours))
     q = AvailabilityQuery(window, PRACS, locations)
@@ -76,7 +81,7 @@ def test_cached_availability_equals_the_legacy_answer(
 
 
 def test_an_adapter_write_in_another_worker_is_seen_at_once(demo: Path, tmp_path: Path) -> None:
-    state = SqliteStateStore(tmp_path / "state.sqlite")
+    state = ThreadedStateStore(SqliteStateStore(tmp_path / "state.sqlite"))
     worker_a = AvailabilityCache(_backend(demo), state.calendar_version, ttl_seconds=3600)
     base = dt.datetime.combine(dt.date.today() + dt.timedelta(days=1), dt.time(), tzinfo=UTC)
     q = AvailabilityQuery(Interval(base, base + dt.timedelta(days=7)), ("SPEARSB",), ())
@@ -91,7 +96,7 @@ def test_an_adapter_write_in_another_worker_is_seen_at_once(demo: Path, tmp_path
     asyncio.run(worker_a.free_time(q))
     asyncio.run(worker_a.free_time(q))
     assert len(loads) == 1  # second call served from the cache
-    state.bump_calendar_version()  # what another worker does after booking
+    state.gate.bump_calendar_version()  # what another worker does after booking
     asyncio.run(worker_a.free_time(q))
     assert len(loads) == 2
 
@@ -100,7 +105,7 @@ def test_a_change_made_directly_in_the_legacy_system_shows_after_the_ttl(tmp_pat
     path = tmp_path / "demo.sqlite"
     ensure_demo_database(path, today=dt.date.today())
     clock = [1000.0]
-    cache = AvailabilityCache(_backend(path), lambda: 0, ttl_seconds=2, clock=lambda: clock[0])
+    cache = AvailabilityCache(_backend(path), _unchanged, ttl_seconds=2, clock=lambda: clock[0])
     base = dt.datetime.combine(dt.date.today() + dt.timedelta(days=1), dt.time(), tzinfo=UTC)
     q = AvailabilityQuery(Interval(base, base + dt.timedelta(days=7)), ("SPEARSB",), ())
     before = _bookable(asyncio.run(cache.free_time(q)))
@@ -123,7 +128,7 @@ def test_a_change_made_directly_in_the_legacy_system_shows_after_the_ttl(tmp_pat
 
 def test_cache_seconds_zero_reads_the_legacy_system_every_time(demo: Path) -> None:
     backend = _backend(demo)
-    cache = AvailabilityCache(backend, lambda: 0, ttl_seconds=0)
+    cache = AvailabilityCache(backend, _unchanged, ttl_seconds=0)
     calls = []
     original = backend.availability
 

@@ -12,6 +12,8 @@ import multiprocessing
 import os
 import sqlite3
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,9 @@ from adapter.scheduling.state import (
     IdempotencyInProgress,
     IdempotencyMismatch,
     SqliteStateStore,
+    StateUnavailable,
     StoredResponse,
+    ThreadedStateStore,
     owner_alive,
 )
 
@@ -267,8 +271,9 @@ def test_migrates_a_first_release_state_file(tmp_path: Path) -> None:
 # Reconciliation through a backend without ``find_booked`` (the protocol's search is used)
 # --------------------------------------------------------------------------------------------------
 def _service(store: SqliteStateStore, backend: Any) -> SchedulingService:
-    codec = ProposalCodec(b"0123456789abcdef0123", store, dt.timedelta(hours=1))
-    return SchedulingService(backend, store, codec, hold_ttl=dt.timedelta(minutes=5))
+    threaded = ThreadedStateStore(store)  # the domain's async view of the same store
+    codec = ProposalCodec(b"0123456789abcdef0123", threaded, dt.timedelta(hours=1))
+    return SchedulingService(backend, threaded, codec, hold_ttl=dt.timedelta(minutes=5))
 
 
 def _real_backend(url: str):
@@ -345,3 +350,65 @@ def test_reconcile_keeps_the_intent_while_the_legacy_system_is_down(
     asyncio.run(_service(store, _real_backend(unreachable)).housekeeping(NOW))
     entry = store.journal_get("t1")
     assert entry is not None and entry.state == "intent" and entry.owner is None  # next run retries
+
+
+# --------------------------------------------------------------------------------------------------
+# Faults (issue 7, item 5): a state file locked by another process is StateUnavailable, in bounded time
+# --------------------------------------------------------------------------------------------------
+_LOCK_HOLDER = """
+import sqlite3, sys, time
+conn = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=30)
+conn.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+time.sleep(30)
+"""
+
+
+@contextmanager
+def locked_by_another_process(path: Path) -> Iterator[None]:
+    """``path`` (a state file) held under BEGIN EXCLUSIVE by another process while the block runs."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", _LOCK_HOLDER, str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+        yield
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def test_issue7_5_locked_state_file_is_unavailable_within_the_timeout(tmp_path: Path) -> None:
+    import time
+
+    store = ThreadedStateStore(SqliteStateStore(tmp_path / "state.sqlite", timeout_s=0.5), timeout_s=0.5)
+
+    async def attempt() -> float:
+        started = time.monotonic()
+        with pytest.raises(StateUnavailable):
+            await store.bump_calendar_version()
+        took = time.monotonic() - started
+        assert await store.get_hold("nothing", NOW) is None  # reads do not wait for the writer (WAL)
+        return took
+
+    with locked_by_another_process(tmp_path / "state.sqlite"):
+        took = asyncio.run(attempt())
+    assert 0.4 < took < 1.5, took
+    asyncio.run(store.close())
+
+
+def test_issue7_5_the_gate_waits_no_longer_than_the_write_unit_has_left(tmp_path: Path) -> None:
+    """Called through the gate (inside a backend write unit), the state store's wait ends with the
+    unit's deadline, not after its own (longer) timeout."""
+    import time
+
+    from adapter.deadline import Deadline, bounded
+
+    store = SqliteStateStore(tmp_path / "state.sqlite", timeout_s=20)
+    with locked_by_another_process(tmp_path / "state.sqlite"):
+        started = time.monotonic()
+        with bounded(Deadline.after(0.3)), pytest.raises(StateUnavailable):
+            store.journal_intent("t", client=None, request_key=None, payload={}, now=NOW)
+        assert time.monotonic() - started < 1.0
+    store.close()

@@ -487,7 +487,7 @@ class SqlBackend:
     async def _write(self, work: Any) -> Any:
         """Run one write unit in a DB thread; driver refusals become BusinessRuleViolation (422)."""
         try:
-            return await self.db.run(work, inline=False)
+            return await self.db.run(work, write=True)
         except (BackendError, InvalidKey):
             raise
         except LockNotTaken as exc:

@@ -9,24 +9,33 @@ Why it looks like this:
   ``compile_sql`` rewrites names to markers once and expands list values to ``?, ?, ?`` at run time.
   Values are never spliced into SQL text.
 * DB-API connections must not be shared between threads (pyodbc), so each worker thread owns its
-  connection (``threading.local``). ODBC calls release the GIL, so a small thread pool gives real
-  parallelism. SQLite reads are fast enough (~0.1 ms) to run inline on the event loop thread; the
-  thread hop would cost more than the query.
+  connection (``threading.local``). Every call runs in a DB thread, never on the event loop (a
+  locked SQLite file once froze every request of a worker for 28 s). Reads and write units have
+  separate pools, so reads never queue behind writers that wait for a lock. ODBC calls and most of
+  sqlite3 release the GIL, so the pools give real parallelism.
+* Time limits (``adapter.deadline``): each unit of work has ONE deadline, ``timeout_s`` after it
+  was submitted. The wait for a thread, the process writer lock, the host lock file, SQLite's
+  busy handler (``PRAGMA busy_timeout``), PostgreSQL's ``lock_timeout``/``statement_timeout`` and
+  MariaDB's ``innodb_lock_wait_timeout`` are each set to what is left of it, and so is the
+  state store's wait when the conflict gate runs inside the unit.
 * Locking (see ``Database.write``): SQLite has one writer at a time, so a write unit starts with
   ``BEGIN IMMEDIATE`` (the whole file is the lock), after queueing on a process lock and a per-host
   ``flock`` so that waiting writers are woken in turn instead of polling. Server databases run the
   mapping's lock statement with ``FOR UPDATE`` appended, inside the same transaction as the
   re-check and the write.
 * Errors: connection failures (refused, lost mid-query, server shutting down), lock timeouts and
-  deadlocks become ``BackendUnavailable`` (HTTP 503, retry); after one connection is seen dead,
-  every pooled connection is replaced before its next use. A COMMIT that loses its connection
-  raises ``CommitOutcomeUnknown``: the write may have happened.
+  deadlocks, and a database that refuses writes (read-only, disk full) become ``BackendUnavailable``
+  (HTTP 503, retry); after one connection is seen dead, every pooled connection is replaced before
+  its next use, and a connection that saw a refusal is closed at once (a PostgreSQL session keeps
+  the read-only default it started with; a SQLite file opened while read-only stays read-only).
+  A COMMIT that loses its connection raises ``CommitOutcomeUnknown``: the write may have happened.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import os
 import re
 import sqlite3
@@ -41,6 +50,7 @@ from functools import lru_cache
 from typing import Any, TypeVar
 
 from adapter.backends.protocol import BackendUnavailable
+from adapter.deadline import Deadline, bounded, current as current_deadline
 
 try:
     import fcntl
@@ -52,6 +62,10 @@ T = TypeVar("T")
 
 class LockNotTaken(Exception):
     """The mapping's ``writes.lock`` statement locked no row (misdeclared lock or unknown resource)."""
+
+
+class LegacyBusy(BackendUnavailable):
+    """A lock wait of a write unit ran out of time (503); the connection itself is fine."""
 
 
 class CommitOutcomeUnknown(BackendUnavailable):
@@ -130,13 +144,16 @@ class Database:
             raise ValueError(f"database url must start with sqlite:/// or odbc:, got {url!r}")
         self.kind = "sqlite3" if url.startswith("sqlite:///") else "pyodbc"
         self._local = threading.local()
-        self._executor = ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix="legacy-db")
-        self.inline_reads = self.kind == "sqlite3"
+        # Reads and write units have their own threads (and so their own connections): a write unit
+        # may wait for a lock up to the timeout, and reads must not queue behind waiting writers.
+        self._readers = ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix="legacy-read")
+        self._writers = ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix="legacy-write")
         self._all: list[Any] = []
         self._lock = threading.Lock()
         self._generation = 0  # bumped when a connection is found dead (see _call)
         self._writer = threading.Lock()  # SQLite: one write unit per process at a time (see write)
-        self._lock_fd: int | None = None  # SQLite: the per-host writer lock file, opened on first write
+        self._host: _HostLock | None = None  # SQLite: the per-host writer lock file, opened on first write
+        self._queues: dict[str, threading.Lock] = {}  # server databases: one per booking lock key (see write)
 
     # -- connections -------------------------------------------------------------------------
     def _connect(self) -> Any:
@@ -159,7 +176,8 @@ class Database:
                     pass  # psqlODBC refuses SQL_ATTR_QUERY_TIMEOUT; lock waits are bounded server-side
                 if self.dialect == "postgresql":
                     cur = conn.cursor()
-                    cur.execute(f"SET lock_timeout = '{int(self.timeout_s)}s'")
+                    cur.execute(f"SET lock_timeout = {_millis(self.timeout_s)}")
+                    cur.execute(f"SET statement_timeout = {_millis(self.timeout_s)}")
                     conn.commit()
                 if self.dialect == "mariadb":
                     # Bind text as UTF-8: with pyodbc's default (UTF-16) MariaDB Connector/ODBC garbles
@@ -196,25 +214,62 @@ class Database:
                 pass
 
     # -- running work ------------------------------------------------------------------------
-    async def run(self, fn: Callable[[Any], T], *, inline: bool | None = None) -> T:
-        """Run ``fn(connection)`` in a DB thread (or inline for SQLite reads)."""
-        if self.inline_reads if inline is None else inline:
-            return self._call(fn)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._call, fn)
+    async def run(self, fn: Callable[[Any], T], *, write: bool = False) -> T:
+        """Run ``fn(connection)`` in a DB thread (never on the event loop), within ``timeout_s``.
 
-    def _call(self, fn: Callable[[Any], T]) -> T:
+        The unit gets one deadline: the wait for a free thread, every lock wait inside ``fn``
+        (``write``) and the state-store calls of the conflict gate all draw on it. A unit still
+        queued when it expires is dropped (503); one already running ends by itself, because each
+        of its waits is bounded by what is left.
+        """
+        deadline = Deadline.after(self.timeout_s)
+        future = (self._writers if write else self._readers).submit(self._call, fn, deadline, not write)
+        waiting = asyncio.wrap_future(future)
+        try:
+            return await asyncio.wait_for(asyncio.shield(waiting), deadline.remaining())
+        except TimeoutError:
+            if future.cancel():
+                raise BackendUnavailable(
+                    f"the legacy database is busy: no database thread became free within {self.timeout_s:g} s"
+                ) from None
+            return await waiting
+
+    def _call(self, fn: Callable[[Any], T], deadline: Deadline, retry: bool) -> T:
+        if deadline.expired():
+            raise BackendUnavailable(
+                f"the legacy database is busy: no database thread became free within {self.timeout_s:g} s"
+            )
+        with bounded(deadline):
+            reused = getattr(self._local, "conn", None) is not None
+            try:
+                return self._call_now(fn)
+            except BackendUnavailable as exc:
+                # A read on a pooled connection that turned out dead (the server restarted, or an
+                # operator ended the sessions) is tried once more on a new one: reads have no side
+                # effects, and the client should not pay for a connection it never saw. Writes are
+                # never repeated here (their conflict gate already ran).
+                cause = exc.__cause__
+                if not (retry and reused and cause is not None and _is_lost(cause)) or deadline.expired():
+                    raise
+            return self._call_now(fn)
+
+    def _call_now(self, fn: Callable[[Any], T]) -> T:
         # After one thread saw the connection drop, every pooled connection is suspect (a restarted
         # or unplugged server kills them all): each thread replaces its own before the next use,
         # so an outage costs one failed request, not one per pooled connection.
         if getattr(self._local, "generation", self._generation) != self._generation:
             self._discard()
+        generation = self._generation
         try:
             conn = self.connection()
-            self._local.generation = self._generation
-        except BackendUnavailable:
-            raise
+            self._local.generation = generation
         except Exception as exc:  # any failure to open a connection means "not available now" (503)
+            # A server that refuses new connections has most likely dropped the pooled ones too (the
+            # first thing to fail may be a pool that had not connected yet): replace them all.
+            if not _is_refusal(exc.__cause__ if isinstance(exc, BackendUnavailable) else exc):
+                self._generation = generation + 1
+            if isinstance(exc, BackendUnavailable):
+                raise
             raise BackendUnavailable(f"cannot connect to the legacy database: {_first_line(exc)}") from exc
         try:
             result = fn(conn)
@@ -230,9 +285,16 @@ class Database:
             except Exception:
                 self._discard()
             if isinstance(exc, BackendUnavailable):
-                self._discard()
-                self._generation += 1
+                if not isinstance(exc, LegacyBusy):  # waiting for our own lock says nothing about the link
+                    self._discard()
+                    self._generation += 1
                 raise
+            if _is_refusal(exc):
+                # Read-only or full: this connection may keep its read-only session (a PostgreSQL
+                # session keeps the default_transaction_read_only it started with; SQLite keeps a
+                # file it could only open read-only), so it goes; the others are fine.
+                self._discard()
+                raise BackendUnavailable(f"the legacy database refuses writes now: {_first_line(exc)}") from exc
             if _is_connection_error(exc):
                 if not _is_lock_error(exc):
                     self._discard()  # a lock timeout leaves a healthy connection; anything else may not
@@ -272,26 +334,58 @@ class Database:
         """
         cur = conn.cursor()
         manual = self.kind == "sqlite3" or self.dialect == "sqlite"
+        deadline = current_deadline() or Deadline.after(self.timeout_s)
         queued = False
         if manual:
             # Writers queue here before BEGIN IMMEDIATE: threads of this process on a lock, processes
             # on this host on an flock()ed file, both of which wake the next waiter at once. Left to
             # itself, SQLite's busy handler polls with growing sleeps (up to 100 ms): under load one
-            # process kept the file lock while the other's writers slept for seconds.
-            if not self._writer.acquire(timeout=self.timeout_s):
-                raise BackendUnavailable(f"the legacy database is busy: no write slot within {self.timeout_s:g} s")
+            # process kept the file lock while the other's writers slept for seconds. Every wait
+            # takes what is left of the unit's deadline, so together they end within the timeout.
+            if not self._writer.acquire(timeout=deadline.remaining()):
+                raise LegacyBusy(f"the legacy database is busy: no write slot within {self.timeout_s:g} s")
             queued = True
             try:
-                self._host_lock(True)
+                if not self._host_lock().acquire(deadline.remaining()):
+                    raise LegacyBusy(
+                        f"the legacy database is busy: another process kept it locked for {self.timeout_s:g} s"
+                    )
             except BaseException:
                 self._writer.release()
                 raise
+        held: list[threading.Lock] = []
+        if lock_sql and not manual:
+            # Threads of this process that want the same booking lock queue here, on a Python lock,
+            # so at most one of them per process waits inside the driver. A waiting pyodbc call was
+            # seen to keep the GIL now and then; with several waiters of one process in the driver
+            # the holder of the row lock (same process) could not run, and everything stalled until
+            # the statement timeout.
+            for key in sorted({repr(sorted(values.items())) for values in lock_binds}):
+                queue = self._queue_for(key)
+                if not queue.acquire(timeout=deadline.remaining()):
+                    for other in reversed(held):
+                        other.release()
+                    raise LegacyBusy(f"the legacy database is busy: no booking lock within {self.timeout_s:g} s")
+                held.append(queue)
         if self.kind == "pyodbc" and manual:
             conn.rollback()
             conn.autocommit = True
         try:
             if manual:
+                # The busy handler of SQLite waits for a lock held by a process outside this host's
+                # queue (another program, or a reader checkpointing): no longer than the unit has left.
+                cur.execute(f"PRAGMA busy_timeout = {_millis(deadline.remaining())}")
                 cur.execute("BEGIN IMMEDIATE")
+            elif self.dialect == "postgresql":
+                # Inside this transaction only: lock waits and statements end with the unit.
+                ms = str(_millis(deadline.remaining()))
+                cur.execute(
+                    "SELECT set_config('lock_timeout', ?, true), set_config('statement_timeout', ?, true)", ms, ms
+                )
+                cur.fetchall()
+            elif self.dialect == "mariadb":
+                # Whole seconds only (at least 1): the unit may overrun its deadline by < 1 s here.
+                cur.execute(f"SET SESSION innodb_lock_wait_timeout = {max(1, math.ceil(deadline.remaining()))}")
             try:
                 if lock_sql and not manual:
                     locking = self.lockable(lock_sql)
@@ -317,7 +411,7 @@ class Database:
             try:
                 cur.execute("COMMIT") if manual else conn.commit()
             except Exception as exc:
-                if _is_connection_error(exc) and not _is_lock_error(exc):
+                if _is_connection_error(exc) and not _is_lock_error(exc) and not _is_refusal(exc):
                     raise CommitOutcomeUnknown(
                         f"the legacy database connection failed while committing: {_first_line(exc)}"
                     ) from exc
@@ -329,21 +423,25 @@ class Database:
                 except Exception:  # a broken connection: _call discards it before its next use
                     pass
             if queued:
-                self._host_lock(False)
+                self._host_lock().release()
                 self._writer.release()
+            for queue in reversed(held):
+                queue.release()
 
-    def _host_lock(self, take: bool) -> None:
-        """Take/release the per-host writer lock of a SQLite file (a lock file in the temp folder
-        named after the database's path, so nothing is created next to the legacy database)."""
-        if self._lock_fd is None:
+    def _queue_for(self, key: str) -> threading.Lock:
+        with self._lock:
+            queue = self._queues.get(key)
+            if queue is None:
+                queue = self._queues[key] = threading.Lock()
+            return queue
+
+    def _host_lock(self) -> _HostLock:
+        """The per-host writer lock of a SQLite file (a lock file in the temp folder named after the
+        database's path, so nothing is created next to the legacy database)."""
+        if self._host is None:
             path = self._sqlite_path if self.kind == "sqlite3" else _odbc_database(self._odbc)
-            if not path or fcntl is None:
-                return
-            digest = hashlib.sha1(os.path.realpath(path).encode()).hexdigest()[:20]
-            self._lock_fd = os.open(
-                os.path.join(tempfile.gettempdir(), f"sched-adapter-{digest}.lock"), os.O_RDWR | os.O_CREAT, 0o600
-            )
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX if take else fcntl.LOCK_UN)
+            self._host = _HostLock(host_lock_path(path) if path and fcntl is not None else None)
+        return self._host
 
     async def close(self) -> None:
         with self._lock:
@@ -353,10 +451,94 @@ class Database:
                 conn.close()
             except Exception:  # closing at shutdown; connection may belong to a dead thread
                 pass
-        self._executor.shutdown(wait=False, cancel_futures=True)
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        self._readers.shutdown(wait=False, cancel_futures=True)
+        self._writers.shutdown(wait=False, cancel_futures=True)
+        if self._host is not None:
+            self._host.close()
+            self._host = None
+
+
+class _HostLock:
+    """An ``flock`` on a file, taken with a time limit.
+
+    A blocking ``flock`` is woken by the kernel the moment the holder lets go, which polling
+    (``LOCK_NB`` and sleep) is not; but it cannot time out. So the blocking call runs in a helper
+    thread and the writer waits for it with a timeout. A writer that gives up leaves the helper
+    waiting: the next writer of this process (callers hold the process writer lock, so there is
+    one at a time) inherits it instead of starting another, and if nobody wants the lock by the
+    time the helper gets it, the helper lets it go at once. At most one helper per file and process.
+    """
+
+    def __init__(self, path: str | None) -> None:
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600) if path else None
+        self._cond = threading.Condition()
+        self._held = False
+        self._pending = False  # a helper thread is blocked in flock()
+        self._wanted = False  # a writer is waiting for the helper
+        self._closed = False
+
+    def acquire(self, timeout: float) -> bool:
+        fd = self._fd
+        if fd is None:  # not POSIX, or no file to name the lock after: SQLite's busy handler queues alone
+            return True
+        with self._cond:
+            if not self._pending:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    self._held = True
+                    return True
+                except BlockingIOError:
+                    self._pending = True
+                    threading.Thread(target=self._wait, args=(fd,), name="legacy-flock", daemon=True).start()
+            self._wanted = True
+            try:
+                return self._cond.wait_for(lambda: self._held, timeout)
+            finally:
+                self._wanted = False
+
+    def _wait(self, fd: int) -> None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            # Not expected on a regular file; never leave the next writers waiting for a helper that is gone.
+            with self._cond:
+                self._pending = False
+                self._cond.notify_all()
+            raise
+        with self._cond:
+            self._pending = False
+            if self._closed:
+                os.close(fd)  # closing the file releases the lock
+            elif self._wanted:
+                self._held = True
+                self._cond.notify_all()
+            else:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def release(self) -> None:
+        with self._cond:
+            if self._held and self._fd is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+            self._held = False
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            if self._fd is not None and not self._pending:
+                os.close(self._fd)  # a pending helper closes it when its flock() returns
+            self._fd = None
+
+
+def host_lock_path(database_path: str | os.PathLike[str]) -> str:
+    """The per-host writer lock file of a SQLite database: in the temp folder, named after the
+    database's real path, so every process on this host that writes the file finds the same one."""
+    digest = hashlib.sha1(os.path.realpath(database_path).encode()).hexdigest()[:20]
+    return os.path.join(tempfile.gettempdir(), f"sched-adapter-{digest}.lock")
+
+
+def _millis(seconds: float) -> int:
+    """A lock timeout in ms for SQL: at least 1 (0 would mean "wait forever" on PostgreSQL)."""
+    return max(1, int(seconds * 1000))
 
 
 def sql_fold_function(value: Any) -> str | None:
@@ -407,27 +589,75 @@ _LOST_CONNECTION_TEXTS = (
 )
 
 
+def _is_driver_error(exc: BaseException) -> bool:
+    return isinstance(exc, sqlite3.Error) or type(exc).__module__ == "pyodbc"
+
+
+def _sqlstate(exc: BaseException) -> str:
+    state = exc.args[0] if getattr(exc, "args", None) else ""
+    return state if isinstance(state, str) else ""
+
+
 def _is_lock_error(exc: BaseException) -> bool:
+    """A lock or statement wait that ran out of time: retryable, and the connection is healthy."""
+    if _sqlstate(exc) in ("55P03", "57014"):  # PostgreSQL lock_timeout, statement_timeout
+        return True
     msg = str(exc).lower()
     return "lock wait timeout" in msg or "deadlock" in msg or "database is locked" in msg
 
 
+# SQLite's texts for "cannot write now" (SQLITE_READONLY*, SQLITE_FULL, SQLITE_IOERR).
+_SQLITE_REFUSALS = ("readonly database", "read-only database", "database or disk is full", "disk i/o error")
+# MariaDB: 1290 --read-only, 1792 read-only transaction, 1036 read-only table, 1021 disk full,
+# 1114 table full; pyodbc appends the native error number in parentheses.
+_MARIADB_REFUSAL_CODES = ("(1290)", "(1792)", "(1036)", "(1021)", "(1114)")
+
+
+def _is_refusal(exc: BaseException | None) -> bool:
+    """The database is up but refuses writes for now (read-only, disk full): retryable (503).
+
+    Not a business rule (422): nothing is wrong with the request, and it succeeds unchanged once
+    an operator makes the database writable again.
+    """
+    if exc is None or not _is_driver_error(exc):
+        return False
+    if isinstance(exc, sqlite3.Error):
+        return any(t in str(exc).lower() for t in _SQLITE_REFUSALS)
+    state = _sqlstate(exc)
+    text = str(exc)
+    # 25006 read_only_sql_transaction (PostgreSQL, MariaDB), 53100 disk_full, 53xxx out of resources.
+    if state == "25006" or state.startswith("53"):
+        return True
+    if any(code in text for code in _MARIADB_REFUSAL_CODES):
+        return True
+    lower = text.lower()
+    return "readonly database" in lower or "read-only transaction" in lower or "database or disk is full" in lower
+
+
+def _is_lost(exc: BaseException) -> bool:
+    """The connection itself failed (not a lock or statement timeout, not a refusal)."""
+    return _is_connection_error(exc) and not _is_lock_error(exc) and not _is_refusal(exc)
+
+
 def _is_connection_error(exc: BaseException) -> bool:
     """Errors that mean "the legacy system is not there / too busy now": retryable (503)."""
+    if not _is_driver_error(exc):
+        return False  # e.g. the state store's StateUnavailable raised by the gate: not about this database
     if isinstance(exc, sqlite3.OperationalError):
         msg = str(exc).lower()
-        return "locked" in msg or "unable to open" in msg or "disk i/o" in msg
+        return "locked" in msg or "unable to open" in msg or "disk i/o" in msg or _is_refusal(exc)
     name = type(exc).__name__
     if name in ("OperationalError", "InterfaceError"):
         return True
-    state = exc.args[0] if getattr(exc, "args", None) else ""
+    state = _sqlstate(exc)
     text = str(exc)
     # 08xxx connection exceptions, HYT00/HYT01 timeouts, 40001 serialization, 40P01 deadlock,
-    # 57P0x PostgreSQL shutting down; MariaDB reports lock wait timeouts and lost or refused
-    # connections as a generic HY000 with its own error number.
-    return isinstance(state, str) and (
+    # 55P03 lock timeout, 57014 statement timeout, 57P0x PostgreSQL shutting down; MariaDB reports
+    # lock wait timeouts and lost or refused connections as a generic HY000 with its own error number.
+    return (
         state.startswith("08")
-        or state in ("HYT00", "HYT01", "40001", "40P01", "57P01", "57P02", "57P03")
+        or state in ("HYT00", "HYT01", "40001", "40P01", "55P03", "57014", "57P01", "57P02", "57P03")
+        or _is_refusal(exc)
         or (
             state == "HY000"
             and (
