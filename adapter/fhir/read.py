@@ -7,11 +7,9 @@ for a client to resolve every participant reference the server emits.
 from __future__ import annotations
 
 import datetime as dt
-import inspect
 import re
 from urllib.parse import urlencode
 
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -45,7 +43,7 @@ async def read_appointment(request: Request) -> Response:
     if found is not None and not isinstance(found, Hold) and found.id != appt_id:
         found = None  # only the canonical form of an id names the appointment
     if found is None:
-        proposal = _proposal(ctx, appt_id, now)
+        proposal = await _proposal(ctx, appt_id, now)
         booked = await _booked_from(ctx, appt_id) if proposal is not None else None
         if booked is not None:
             raise FhirError(404, "not-found", f"proposed Appointment/{appt_id} is no longer proposed: {booked}")
@@ -63,19 +61,18 @@ async def read_appointment(request: Request) -> Response:
     return render(rendered[0], fmt)
 
 
-def _proposal(ctx: FhirContext, token: str, now: dt.datetime) -> Proposal | None:
+async def _proposal(ctx: FhirContext, token: str, now: dt.datetime) -> Proposal | None:
     if not token.startswith(("p", "r")):
         return None
     try:
-        return ctx.service.proposals.decode(token, now)
+        return await ctx.service.proposals.decode(token, now)
     except (ProposalError, ValueError):
         return None
 
 
 async def _booked_from(ctx: FhirContext, token: str) -> str | None:
     """Why a proposed id is no longer a proposal (booked, or being booked), or None."""
-    result = await run_in_threadpool(ctx.service.state.journal_get, token)
-    entry = await result if inspect.isawaitable(result) else result  # a sync or an async state store
+    entry = await ctx.service.state.journal_get(token)
     if entry is None:
         return None
     if entry.appointment_id:

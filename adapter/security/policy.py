@@ -108,7 +108,7 @@ async def check_patient_context(
             params = _parameters(body, content_type)
             if params is not None:
                 for value in _values(params, "appointment-reference"):
-                    _proposal_is_for(ctx, _appointment_ref_id(value), patient, now)
+                    await _proposal_is_for(ctx, _appointment_ref_id(value), patient, now)
         elif tx.name == "book":
             params = _parameters(body, content_type)
             if params is not None:
@@ -204,9 +204,9 @@ async def _find(ctx: FhirContext, params: dict[str, Any], patient: str) -> None:
                 raise _Deny
 
 
-def _proposal_is_for(ctx: FhirContext, token: str, patient: str, now: dt.datetime) -> None:
+async def _proposal_is_for(ctx: FhirContext, token: str, patient: str, now: dt.datetime) -> None:
     try:
-        proposal = ctx.service.proposals.decode(token, now)
+        proposal = await ctx.service.proposals.decode(token, now)
     except (ProposalError, ValueError):
         raise _Deny from None
     if any(p != patient for p in proposal.patient_ids):
@@ -249,7 +249,7 @@ async def _book(ctx: FhirContext, params: dict[str, Any], patient: str, party: s
             return  # the handler refuses it (400): nothing to protect
         await _existing_is_for(ctx, str(appt_id), patient, party, now, writing=True)
     elif appt_id:
-        _proposal_is_for(ctx, str(appt_id), patient, now)
+        await _proposal_is_for(ctx, str(appt_id), patient, now)
 
 
 async def _search(ctx: FhirContext, params: list[tuple[str, str]], patient: str) -> None:

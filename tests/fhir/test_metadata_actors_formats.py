@@ -155,4 +155,11 @@ def test_settings_from_file_and_environment(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match=r"hold\.ttl_seconds \(SCHED_HOLD__TTL_SECONDS\)"):
         load_settings(cfg, {"SCHED_HOLD__TTL_SECONDS": "soon"})
     with pytest.raises(SettingsError, match="signing_secret"):
-        load_settings(None, {"SCHED_BACKEND__MAPPING": "x", "SCHED_BACKEND__DATABASE_URL": "sqlite:///x"})
+        load_settings(
+            None,
+            {
+                "SCHED_BACKEND__MAPPING": "x",
+                "SCHED_BACKEND__DATABASE_URL": "sqlite:///x",
+                "SCHED_SECURITY__AUTH": "off",
+            },
+        )
