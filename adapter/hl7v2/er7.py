@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone, tzinfo
 
-from adapter.hl7v2.escaping import DEFAULT, Delimiters, unescape
+from adapter.hl7v2.escaping import Delimiters, unescape
 
 
 def normalise(raw: bytes | str) -> str:

@@ -242,5 +242,3 @@ def parse_sqr(raw: bytes | str, mapping: Hl7v2Mapping) -> SqrResult:
             continue
         slots.append(SqrSlot(data.start, data.end, data.practitioner_ids, data.location_ids, data.service))
     return SqrResult(code, acked, text, tuple(slots), _errors(msg))
-
-

@@ -106,8 +106,14 @@ def _validated(segments: list[str], structure_alias: tuple[str, str] | None = No
 
 
 def _resources(
-    a: InterfaceSpec, service: str, service_text: str, start: str, duration: int, pract: Sequence[str],
-    locs: Sequence[str], personnel_first: bool,
+    a: InterfaceSpec,
+    service: str,
+    service_text: str,
+    start: str,
+    duration: int,
+    pract: Sequence[str],
+    locs: Sequence[str],
+    personnel_first: bool,
 ) -> list[str]:
     unit = escape(a.duration_unit)
     out = ["RGS|1|A", f"AIS|1|A|{escape(service)}^{escape(service_text)}|{start}|||{duration}|{unit}"]
