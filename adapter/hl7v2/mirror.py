@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -258,6 +259,9 @@ class InboxApplier:
         self._mirror: AppointmentMirror | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # One SQLite connection, used from worker threads: a cancelled ``to_thread`` keeps running, so closing
+        # must wait for the batch in flight.
+        self._lock = threading.Lock()
 
     @property
     def mirror(self) -> AppointmentMirror:
@@ -297,8 +301,9 @@ class InboxApplier:
 
     def drain(self) -> int:
         total = 0
-        while n := self.apply_batch():
-            total += n
+        with self._lock:
+            while n := self.apply_batch():
+                total += n
         return total
 
     def wake(self) -> None:
@@ -324,6 +329,10 @@ class InboxApplier:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        if self._mirror is not None:
-            mirror, self._mirror = self._mirror, None
-            await asyncio.to_thread(mirror.close)
+        await asyncio.to_thread(self._close)
+
+    def _close(self) -> None:
+        with self._lock:
+            if self._mirror is not None:
+                mirror, self._mirror = self._mirror, None
+                mirror.close()

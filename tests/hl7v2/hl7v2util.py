@@ -95,7 +95,7 @@ def siu(
 ) -> bytes:
     segs = [
         f"MSH|^~\\&|LEGACY|FAC|ADAPTER|FAC|{msg_time}||SIU^{trigger}^SIU_S12|{control_id}|P|{version}",
-        f"SCH|{placer}|{filler}|||||^Check-up|||||||||||||||||{status}",
+        f"SCH|{placer}|{filler}|||||^Check-up||||||||||||||||||{status}",
         f"TQ1|||||||{start}|{end}",
         f"PID|1||{patient}||{family}^Jo",
         "RGS|1|A",
