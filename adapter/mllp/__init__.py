@@ -14,7 +14,7 @@ The package knows nothing about scheduling; ``adapter.hl7v2`` builds on it.
 
 from adapter.mllp.ack import AckInfo, MshInfo, build_ack, read_msa, read_msh
 from adapter.mllp.client import MLLPClient, Reply
-from adapter.mllp.errors import AckTimeout, ConnectionLost, FrameError, MLLPError
+from adapter.mllp.errors import AckTimeout, CloseConnection, ConnectionLost, FrameError, MLLPError
 from adapter.mllp.framing import END_BLOCK, START_BLOCK, FrameDecoder, encode_frame
 from adapter.mllp.server import MLLPServer, Peer
 
@@ -23,6 +23,7 @@ __all__ = [
     "START_BLOCK",
     "AckInfo",
     "AckTimeout",
+    "CloseConnection",
     "ConnectionLost",
     "FrameDecoder",
     "FrameError",

@@ -258,6 +258,10 @@ class MLLPClient:
                 last_error = exc
                 conn.waiters.pop(control_id, None)
                 self._drop(conn, ConnectionLost("connection lost"))
+            except asyncio.CancelledError:
+                conn.waiters.pop(control_id, None)
+                waiter.final.cancel()
+                raise
         if written == 0:
             raise ConnectionLost(
                 f"message {control_id!r} could not be delivered to {self.host}:{self.port}", delivered=False

@@ -40,3 +40,7 @@ class AckTimeout(MLLPError):
         self.control_id = control_id
         self.attempts = attempts
         super().__init__(f"no response for MSH-10 {control_id!r} after {attempts} attempt(s)")
+
+
+class CloseConnection(MLLPError):
+    """Raised by a server handler to close the connection without a response and without logging a failure."""

@@ -16,7 +16,7 @@ import ssl as ssl_module
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-from adapter.mllp.errors import FrameError
+from adapter.mllp.errors import CloseConnection, FrameError
 from adapter.mllp.framing import DEFAULT_MAX_MESSAGE_SIZE, FrameDecoder, encode_frame
 
 log = logging.getLogger("adapter.mllp.server")
@@ -124,6 +124,8 @@ class MLLPServer:
                     self.stats.messages += 1
                     try:
                         response = await self._handler(item, peer)
+                    except CloseConnection:
+                        return
                     except Exception:
                         self.stats.handler_failures += 1
                         log.exception("MLLP handler failed; closing the connection without a response")
@@ -136,6 +138,9 @@ class MLLPServer:
                         writer.writelines([encode_frame(r) for r in response])
                     await writer.drain()
         except (ConnectionError, TimeoutError, asyncio.IncompleteReadError, ssl_module.SSLError):
+            return
+        except asyncio.CancelledError:
+            # Only stop() cancels these tasks; ending quietly keeps asyncio's stream callback from logging it.
             return
         finally:
             self._connections.discard(task)
