@@ -32,12 +32,12 @@ class World:
     client: MLLPClient
     mapping: Hl7v2Mapping
 
-    async def srm(self, trigger: SrmTrigger, placer: str, start: datetime, **kw: object) -> bytes:
+    async def srm(self, trigger: SrmTrigger, placer: str, start: datetime, timeout: float | None = None) -> bytes:
         req = BookingRequest(
             placer, start, 20, "CHECKUP", "", ("DOC1",), ("ROOM1",), PatientRef("PAT1", "O'Brien|^~\\&", "Pat")
         )
         raw = build_srm(self.mapping.interface, trigger, req, control_id=f"M{next(_ids)}")
-        return (await self.client.send(raw, **kw)).message  # type: ignore[arg-type]  # send's keyword options
+        return (await self.client.send(raw, timeout=timeout)).message
 
     async def settled(self) -> None:
         await self.sim.siu_idle()
