@@ -9,7 +9,10 @@ with its HTTP traffic), one connection, each message waiting for its ACK:
 2. echo:    ``MLLPServer`` returning each frame unchanged (the transport floor).
 3. ack:     ``SiuListener`` (read MSH, ``INSERT OR IGNORE`` + commit with ``synchronous=FULL`` in WAL, ACK); the
             applier is not running.
-4. sustained: the same ACK load with the ``InboxApplier`` running concurrently for ``--seconds``; reports ACK/s,
+4. floor:   bare SQLite ``INSERT OR IGNORE`` + commit of the same bytes with the same settings, no network: the
+            fsync-bound ceiling of any store-before-ACK design on this disk at this moment.
+5. apply:   ``InboxApplier.drain`` over ``--apply-messages`` stored messages (parse + versioned upsert, batches).
+6. sustained: the same ACK load with the ``InboxApplier`` running concurrently for ``--seconds``; reports ACK/s,
             applied/s and the backlog left (a growing backlog means the applier does not keep up).
 
 Every message gets a unique MSH-10 and filler id (SCH-2). Targets (one worker): >= 2,000 SIU/s acknowledged,
@@ -75,6 +78,40 @@ def parser_costs(raw: bytes) -> dict[str, float]:
     return out
 
 
+def commit_floor(path: Path, seconds: float, nxt: Callable[[], bytes]) -> float:
+    from adapter.hl7v2.inbox import SCHEMA, connect
+
+    conn = connect(path)
+    conn.executescript(SCHEMA)
+    n = 0
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        raw = nxt()
+        conn.execute(
+            "INSERT OR IGNORE INTO hl7_inbox (sender, control_id, message_type, received_at, raw) VALUES (?,?,?,?,?)",
+            ("S|F", str(n), "SIU", "now", raw),
+        )
+        n += 1
+    rate = n / (time.perf_counter() - t0)
+    conn.close()
+    return rate
+
+
+def prefill(inbox: SiuInbox, count: int, nxt: Callable[[], bytes]) -> None:
+    """Store ``count`` messages in one transaction (setup for the apply phase, not measured)."""
+    from adapter.hl7v2.inbox import connect
+
+    conn = connect(inbox.path)
+    conn.execute("BEGIN")
+    for i in range(count):
+        conn.execute(
+            "INSERT INTO hl7_inbox (sender, control_id, message_type, received_at, raw) VALUES (?,?,?,?,?)",
+            ("PREFILL|F", str(i), "SIU", "now", nxt()),
+        )
+    conn.execute("COMMIT")
+    conn.close()
+
+
 async def load(port: int, seconds: float, next_message: Callable[[], bytes]) -> int:
     """One connection, send a frame, wait for the response frame, repeat; returns the count done."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -128,7 +165,16 @@ async def main_async(args: argparse.Namespace) -> None:
         ack_rate = await measure(listener.handle, args.phase_seconds, nxt)
         print(f"SIU acknowledged (store+dedup) {ack_rate:10,.0f} msg/s   ({ack_rate / echo_rate:.2f} of echo)")
 
+        floor = await asyncio.to_thread(commit_floor, Path(tmp) / "floor.sqlite", args.phase_seconds, nxt)
+        print(f"durable commit floor (no net)  {floor:10,.0f} commits/s")
+
         applier = InboxApplier(db, mapping)
+        await asyncio.to_thread(prefill, inbox, args.apply_messages, nxt)
+        t0 = time.perf_counter()
+        applied_n = await asyncio.to_thread(applier.drain)
+        print(
+            f"SIU applied (inbox -> mirror)  {applied_n / (time.perf_counter() - t0):10,.0f} msg/s   ({applied_n} msgs)"
+        )
         backlog_start = await inbox.count(0)
         listener.on_stored = applier.wake
         applier.start(poll_seconds=0.2)
@@ -152,6 +198,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=30.0, help="duration of the sustained ACK+apply phase")
     parser.add_argument("--phase-seconds", type=float, default=5.0, help="duration of the echo and ACK phases")
+    parser.add_argument("--apply-messages", type=int, default=20000, help="messages drained in the apply phase")
     asyncio.run(main_async(parser.parse_args()))
 
 

@@ -169,7 +169,7 @@ def load_hl7v2_mapping(path: str | Path) -> Hl7v2Mapping:
     try:
         doc = Hl7v2MappingDocument.model_validate(data)
     except ValidationError as exc:
-        problems = []
+        invalid: list[str] = []
         for err in exc.errors():
             loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-", "literal["))))
             msg = err["msg"]
@@ -177,8 +177,8 @@ def load_hl7v2_mapping(path: str | Path) -> Hl7v2Mapping:
                 msg = "unknown key (not part of the mapping format; check the spelling)"
             elif err["type"] == "missing":
                 msg = "required key is missing"
-            problems.append(f"{display}:{_line_for(lines, loc)}: {_dotted(loc)}: {msg}")
-        raise MappingError(problems) from None
+            invalid.append(f"{display}:{_line_for(lines, loc)}: {_dotted(loc)}: {msg}")
+        raise MappingError(invalid) from None
 
     problems: list[str] = []
 
@@ -214,7 +214,7 @@ def load_hl7v2_mapping(path: str | Path) -> Hl7v2Mapping:
     def statuses(key: str, table: dict[str, StatusEntry | str]) -> dict[str, StatusEntry]:
         out: dict[str, StatusEntry] = {}
         for code, entry in table.items():
-            e = StatusEntry(status=entry) if isinstance(entry, str) else entry
+            e = StatusEntry(status=entry, reason=None) if isinstance(entry, str) else entry
             if e.status not in FHIR_APPOINTMENT_STATUSES:
                 fail(
                     (key, code) + (("status",) if not isinstance(entry, str) else ()),

@@ -110,7 +110,7 @@ class MLLPClient:
         """Delay before the next connect after ``failures`` consecutive failed connects (exponential, capped)."""
         if failures <= 0:
             return 0.0
-        return min(self._backoff_max, self._backoff_initial * 2 ** (failures - 1))
+        return float(min(self._backoff_max, self._backoff_initial * 2 ** (failures - 1)))
 
     async def connect(self) -> None:
         await self._connection()
