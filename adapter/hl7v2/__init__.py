@@ -6,4 +6,6 @@
 * ``er7``      - the tolerant split-based reader, field paths, HL7 timestamps; ``escaping`` - ``\\F\\ \\S\\ ...``.
 * ``inbox``    - ``SiuInbox`` (durable, de-duplicated raw store) and ``SiuListener`` (the MLLP handler: store, ACK).
 * ``mirror``   - ``AppointmentMirror`` (queries) and ``InboxApplier`` (parse and apply after the ACK, versioned).
+* ``feed``     - ``SiuFeed``: inbox + listener + applier with start()/stop(); ``placer`` - ``Placer``: SQM/SRM with
+  Confirmed / Refused / Unknown outcomes.
 """
