@@ -199,3 +199,30 @@ def test_issue8_6_fault_out_of_order_siu(tmp_path: Path) -> None:
             assert w.stack.applier.stats.stale == 1
 
     run(main())
+
+
+@pytest.mark.parametrize("version", ["2.3", "2.4", "2.5.1"])
+def test_issue8_3_book_and_mirror_per_agreed_version(tmp_path: Path, version: str) -> None:
+    """Before v2.5 there is no TQ1: times travel in SCH-11 and AIS-4; the chain works the same."""
+
+    async def main() -> None:
+        mapping = demo_mapping()
+        agreement = mapping.interface.model_copy(update={"version": version})
+        async with siu_stack(tmp_path / "adapter.sqlite", mapping) as stack:
+            sim = LegacySchedulerSimulator(
+                demo_templates(), version=version, siu_target=("127.0.0.1", stack.server.port)
+            )
+            async with sim, MLLPClient("127.0.0.1", sim.port, timeout=5) as client:
+                req = BookingRequest("PL-V", MONDAY.replace(hour=11), 20, "CHECKUP", "", ("DOC2",), ("ROOM2",))
+                reply = await client.send(build_srm(agreement, "S01", req, control_id="V-1"))
+                srr = parse_srr(reply.message, mapping)
+                assert srr.accepted and srr.appointment is not None
+                assert srr.appointment.start == MONDAY.replace(hour=11)
+                await sim.siu_idle()
+                await stack.drain()
+                m = stack.applier.mirror.by_placer_id("PL-V")
+                assert [(a.start, a.end, a.practitioner_ids) for a in m] == [
+                    (MONDAY.replace(hour=11), MONDAY.replace(hour=11, minute=20), ("DOC2",))
+                ]
+
+    run(main())
