@@ -1,0 +1,236 @@
+"""The declarative HL7v2 mapping (``mappings/hl7v2-*.yaml``): interface agreement plus field locations.
+
+Loaded with the same YAML-with-line-numbers machinery and ``file:line: dotted.key: problem`` errors as the SQL
+mapping (``adapter.mapping.loader``), so both mapping kinds read and fail the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from adapter.hl7v2.er7 import FieldPath
+from adapter.mapping.loader import MappingError, _construct, _dotted, _line_for
+
+FHIR_APPOINTMENT_STATUSES = frozenset(
+    {
+        "proposed",
+        "pending",
+        "booked",
+        "arrived",
+        "fulfilled",
+        "cancelled",
+        "noshow",
+        "entered-in-error",
+        "checked-in",
+        "waitlist",
+    }
+)
+OUTBOUND_VERSIONS = ("2.3", "2.3.1", "2.4", "2.5", "2.5.1")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+Paths = str | list[str]
+
+
+class InterfaceSpec(_Strict):
+    """The interface agreement with one legacy scheduler."""
+
+    version: Literal["2.3", "2.3.1", "2.4", "2.5", "2.5.1"] = "2.5.1"
+    sending_application: str
+    sending_facility: str = ""
+    receiving_application: str
+    receiving_facility: str = ""
+    ack_mode: Literal["original", "enhanced"] = "original"
+    encoding: str = Field("UNICODE UTF-8", description="MSH-18 character set written on outbound messages")
+    processing_id: Literal["P", "T", "D"] = "P"
+    timezone: str = Field(description="IANA zone for timestamps that arrive without a UTC offset")
+    timeout_seconds: float = Field(10.0, gt=0)
+    retries: int = Field(2, ge=0)
+    location_type: str = Field("C", description="AIL-4 (HL7 table 0305) written on outbound AIL segments")
+    resource_role: str = Field("D", description="AIP-4 role written on outbound AIP segments")
+    duration_unit: str = Field("min", description="unit code written in ARQ-10/AIS-8")
+
+
+class FieldsSpec(_Strict):
+    placer_id: Paths = "SCH-1.1"
+    filler_id: Paths = "SCH-2.1"
+    practitioner: Paths = "AIP-3.1"
+    location: Paths = "AIL-3.1"
+    patient_id: Paths = "PID-3.1"
+    patient_family: Paths = "PID-5.1"
+    patient_given: Paths = "PID-5.2"
+    service: Paths = "AIS-3.1"
+    reason: Paths = "SCH-7.2"
+    status: Paths = "SCH-25.1"
+    duration: Paths = "SCH-9"
+    duration_unit: Paths = "SCH-10.1"
+
+
+class TimesRule(_Strict):
+    since: str | None = Field(None, description="first message version the rule applies to, e.g. '2.5'")
+    start: Paths
+    end: Paths = Field(default_factory=list)
+
+
+class StatusEntry(_Strict):
+    status: str
+    reason: str | None = Field(None, description="status reason code carried to FHIR (e.g. cancelation reason)")
+
+
+class Hl7v2MappingDocument(_Strict):
+    interface: InterfaceSpec
+    fields: FieldsSpec = Field(default_factory=FieldsSpec)
+    times: list[TimesRule] = Field(min_length=1)
+    status: dict[str, StatusEntry | str]
+    status_by_trigger: dict[str, StatusEntry | str] = Field(default_factory=dict)
+    duration_units: dict[str, int] = Field(default_factory=lambda: {"min": 60, "s": 1, "h": 3600})
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledTimes:
+    since: tuple[int, ...]
+    start: tuple[FieldPath, ...]
+    end: tuple[FieldPath, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Hl7v2Mapping:
+    path: Path
+    interface: InterfaceSpec
+    zone: ZoneInfo
+    fields: dict[str, tuple[FieldPath, ...]]
+    times: tuple[CompiledTimes, ...]  # most specific (highest ``since``) first
+    status: dict[str, StatusEntry]  # table 0278 code, lower-cased -> FHIR
+    status_by_trigger: dict[str, StatusEntry]
+    duration_units: dict[str, int]  # unit code, lower-cased -> seconds
+    status_codes: dict[str, str]  # lower-cased table 0278 code -> the spelling the mapping (and the peer) uses
+
+    def times_for(self, version: str) -> CompiledTimes:
+        v = version_tuple(version)
+        for rule in self.times:
+            if v >= rule.since:
+                return rule
+        return self.times[-1]
+
+    def fhir_status(self, code: str, trigger: str) -> StatusEntry | None:
+        if code:
+            found = self.status.get(code.lower())
+            if found is not None:
+                return found
+        return self.status_by_trigger.get(trigger)
+
+    def legacy_status(self, fhir_status: str) -> str | None:
+        """Table 0278 code for a FHIR status: the first entry of the mapping that maps to it."""
+        for code, entry in self.status.items():
+            if entry.status == fhir_status:
+                return self.status_codes.get(code, code)
+        return None
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    out: list[int] = []
+    for part in version.strip().split("."):
+        if not part.isdigit():
+            break
+        out.append(int(part))
+    return tuple(out) or (0,)
+
+
+def _as_list(value: Paths) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
+
+
+def load_hl7v2_mapping(path: str | Path) -> Hl7v2Mapping:
+    path = Path(path)
+    display = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise MappingError([f"{display}: cannot read mapping file: {exc.strerror}"]) from exc
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark else 1
+        raise MappingError([f"{display}:{line}: (YAML syntax): {getattr(exc, 'problem', exc)}"]) from exc
+    if root is None:
+        raise MappingError([f"{display}:1: (top level): expected a mapping document, the file is empty"])
+    lines: dict[tuple[Any, ...], int] = {}
+    data = _construct(root, (), lines)
+    try:
+        doc = Hl7v2MappingDocument.model_validate(data)
+    except ValidationError as exc:
+        invalid: list[str] = []
+        for err in exc.errors():
+            loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-", "literal["))))
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key (not part of the mapping format; check the spelling)"
+            elif err["type"] == "missing":
+                msg = "required key is missing"
+            invalid.append(f"{display}:{_line_for(lines, loc)}: {_dotted(loc)}: {msg}")
+        raise MappingError(invalid) from None
+
+    problems: list[str] = []
+
+    def fail(loc: tuple[Any, ...], msg: str) -> None:
+        problems.append(f"{display}:{_line_for(lines, loc)}: {_dotted(loc)}: {msg}")
+
+    try:
+        zone = ZoneInfo(doc.interface.timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        fail(("interface", "timezone"), f"expected an IANA time zone name, got {doc.interface.timezone!r}")
+        zone = ZoneInfo("UTC")
+
+    def paths(loc: tuple[Any, ...], value: Paths) -> tuple[FieldPath, ...]:
+        out = []
+        for i, p in enumerate(_as_list(value)):
+            try:
+                out.append(FieldPath.parse(p))
+            except ValueError as exc:
+                fail(loc + ((i,) if not isinstance(value, str) else ()), str(exc))
+        return tuple(out)
+
+    fields = {name: paths(("fields", name), value) for name, value in doc.fields.model_dump().items()}
+    times = []
+    for i, rule in enumerate(doc.times):
+        since = version_tuple(rule.since) if rule.since else (0,)
+        if rule.since and since == (0,):
+            fail(("times", i, "since"), f"expected an HL7 version such as 2.5, got {rule.since!r}")
+        times.append(
+            CompiledTimes(since, paths(("times", i, "start"), rule.start), paths(("times", i, "end"), rule.end))
+        )
+    times.sort(key=lambda r: r.since, reverse=True)
+
+    def statuses(key: str, table: dict[str, StatusEntry | str]) -> dict[str, StatusEntry]:
+        out: dict[str, StatusEntry] = {}
+        for code, entry in table.items():
+            e = StatusEntry(status=entry, reason=None) if isinstance(entry, str) else entry
+            if e.status not in FHIR_APPOINTMENT_STATUSES:
+                fail(
+                    (key, code) + (("status",) if not isinstance(entry, str) else ()),
+                    f"expected a FHIR Appointment.status ({', '.join(sorted(FHIR_APPOINTMENT_STATUSES))}), "
+                    f"got {e.status!r}",
+                )
+            out[code.lower() if key == "status" else code] = e
+        return out
+
+    status = statuses("status", doc.status)
+    by_trigger = statuses("status_by_trigger", doc.status_by_trigger)
+    units = {k.lower(): v for k, v in doc.duration_units.items()}
+    for unit, seconds in doc.duration_units.items():
+        if seconds <= 0:
+            fail(("duration_units", unit), "expected a positive number of seconds")
+    if problems:
+        raise MappingError(problems)
+    codes = {k.lower(): k for k in doc.status}
+    return Hl7v2Mapping(path, doc.interface, zone, fields, tuple(times), status, by_trigger, units, codes)
