@@ -1,6 +1,6 @@
 """ITI-115 ``Appointment/$find``: POST with Parameters (the contract) or GET with a query string.
 
-Decisions where the IG is open (DESIGN 4-10):
+Decisions where the IG is open (docs/conformance.md#d4 to #d10):
 * a missing ``start``/``end`` is filled (now, start + ``find.default_window_days``) with a warning;
 * ``_count`` from the URL or a Parameters entry, default 50, capped at ``find.max_count``;
 * ``total`` counts all options; a ``next`` link (GET, with ``_offset``) pages through them;

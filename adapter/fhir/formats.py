@@ -1,6 +1,6 @@
 """Wire formats: which media type to answer in, how to read a body, how to write a resource.
 
-Rules (DESIGN 1, REQ-GEN-04..06): ``_format`` wins over ``Accept``; JSON is the default. The body
+Rules (docs/conformance.md#d1, REQ-GEN-04..06): ``_format`` wins over ``Accept``; JSON is the default. The body
 is read by its ``Content-Type``; plain ``application/json`` and ``application/xml`` are accepted
 because real clients (fhirpy, the JS fhirclient) send them. Anything else is 415.
 """

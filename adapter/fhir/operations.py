@@ -1,12 +1,12 @@
 """ITI-116 ``$hold`` and ITI-117 ``$book`` (new, modify/reschedule, cancel).
 
-Answers (DESIGN 11, 14, 18): success is a searchset Bundle with ``total`` 1 and the Appointment
+Answers (docs/conformance.md#d11, docs/conformance.md#d14, docs/conformance.md#d18): success is a searchset Bundle with ``total`` 1 and the Appointment
 (``pending`` for a hold, ``booked`` or ``cancelled`` for $book) plus an information
 OperationOutcome. Operation failures are a searchset Bundle with ``total`` 0 and only a fatal
 OperationOutcome: 409 conflict, 404 not-found, 400 invalid, 422 business-rule. A failed $hold
 also carries a ``not-found`` issue, as ITI-116 requires.
 
-``Idempotency-Key`` (DESIGN 17): the first answer for (client, key) is stored with a hash of the
+``Idempotency-Key`` (docs/conformance.md#d17): the first answer for (client, key) is stored with a hash of the
 operation, the answer format and the body; a retry with the same request gets that answer byte for
 byte (header ``Idempotent-Replayed: true``), a different request gets 422, a concurrent duplicate
 409. Transient answers (503) are not stored, so the retry is carried out; a key whose request died
@@ -105,7 +105,7 @@ def _request_key(request: Request) -> tuple[str, str] | None:
 async def _with_idempotency(
     request: Request, operation: str, body: bytes, produce: Callable[[], Awaitable[Response]]
 ) -> Response:
-    """Run ``produce`` at most once per (client, Idempotency-Key) and replay its answer (DESIGN 17).
+    """Run ``produce`` at most once per (client, Idempotency-Key) and replay its answer (docs/conformance.md#d17).
 
     The request is identified by the operation, the body and the answer format, so a retry that
     asks for XML instead of JSON is a different request (422) rather than a JSON replay. Answers
@@ -154,7 +154,7 @@ async def _with_idempotency(
 
 
 async def _as_operation_failure(produce: Callable[[], Awaitable[Response]]) -> Response:
-    """Input errors found while carrying out $hold/$book are operation failures: Bundle-shaped (DESIGN 18)."""
+    """Input errors found while carrying out $hold/$book are operation failures: Bundle-shaped (docs/conformance.md#d18)."""
     try:
         return await produce()
     except FhirError as err:

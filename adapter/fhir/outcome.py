@@ -1,6 +1,6 @@
 """OperationOutcome building and the one exception type the HTTP layer turns into an error answer.
 
-Two shapes (DESIGN 18, 19):
+Two shapes (docs/conformance.md#d18, docs/conformance.md#d19):
 
 * request-level failures (bad body, media type, auth, size, backend down) -> a bare OperationOutcome;
 * ``$hold``/``$book`` operation failures -> a searchset Bundle, ``total`` 0, holding only the

@@ -1,6 +1,6 @@
 """ITI-118 Find Existing Appointments: ``GET [base]/Appointment?…`` and ``POST [base]/Appointment/_search``.
 
-Decisions (DESIGN 20; repeated in the README's conformance notes):
+Decisions (20; repeated in the README's conformance notes):
 
 * POST takes an ``application/x-www-form-urlencoded`` body; its parameters are added to those of the URL
   and the answer is the same as the equivalent GET. Page links are always GET URLs.

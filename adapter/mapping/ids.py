@@ -1,4 +1,4 @@
-"""Legacy keys <-> FHIR ids, reversibly (DESIGN 9a).
+"""Legacy keys <-> FHIR ids, reversibly (docs/conformance.md#d9a).
 
 FHIR ids are ``[A-Za-z0-9\\-\\.]{1,64}``. Legacy keys are often not: space-padded CHAR columns,
 spaces or slashes inside, longer than 64. The mapping declares the rule per entity:

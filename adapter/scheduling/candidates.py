@@ -1,6 +1,6 @@
 """Candidate slots: free time minus busy time minus holds, cut into visits, ranked (pure functions).
 
-Ranking (DESIGN 8): by the preference rank of the client's repeated parameters (practitioner,
+Ranking (docs/conformance.md#d8): by the preference rank of the client's repeated parameters (practitioner,
 location, visit type, specialty: lower is better, compared in that order), then by start time,
 then by practitioner and location id so the order is stable across calls and replicas (paging
 relies on it). ``total`` counts every option without building them: each free span yields

@@ -1,4 +1,4 @@
-"""Proposed appointment ids: everything needed to hold or book a slot, signed (DESIGN 9).
+"""Proposed appointment ids: everything needed to hold or book a slot, signed (docs/conformance.md#d9).
 
 Compact form (the usual case), readable on purpose so support staff can decode one by eye::
 

@@ -4,7 +4,7 @@ Backend-agnostic: talks to a ``SchedulingBackend`` and the adapter's ``StateStor
 nothing of HTTP or FHIR JSON. Results carry ``Notice``s (information/warnings) that the FHIR layer
 turns into OperationOutcome entries.
 
-Conflict rules (DESIGN 9, 13): a practitioner is an exclusive resource: no two active holds or
+Conflict rules (docs/conformance.md#d9, docs/conformance.md#d13): a practitioner is an exclusive resource: no two active holds or
 bookings of one practitioner overlap. A hold blocks the slot for everybody except a booking that
 names the hold's own id. Holds are checked inside the backend's booking lock (the ConflictGate),
 so "check legacy calendar, check holds, write" is one atomic step.
@@ -398,7 +398,7 @@ class SchedulingService:
         return SlotRequest(p.practitioner_id, p.location_id, Interval(p.start, p.end), p.visit_type_key, p.patient_ids)
 
     async def hold(self, token: str, client: str | None, now: dt.datetime) -> HoldResult:
-        """Reserve a proposed appointment for ``hold_ttl`` (DESIGN 11-13).
+        """Reserve a proposed appointment for ``hold_ttl`` (docs/conformance.md#d11 to #d13).
 
         The legacy calendar is re-checked and the hold recorded under the backend's booking lock,
         so a hold and a booking of overlapping time can never both succeed. Holding again from

@@ -90,7 +90,7 @@ def check(bundle: dict[str, Any]) -> dict[str, Any]:
         if res["resourceType"] == "Appointment":
             assert e["search"]["mode"] == "match"
             assert_ihe_appointment(res)
-            assert res["requestedPeriod"] == [{"start": res["start"], "end": res["end"]}]  # DESIGN 3
+            assert res["requestedPeriod"] == [{"start": res["start"], "end": res["end"]}]  # docs/conformance.md#d3
         elif res["resourceType"] == "OperationOutcome":
             assert e["search"]["mode"] == "outcome"
         else:
