@@ -121,6 +121,7 @@ class Hl7v2Backend:
             availability_per_visit_type=mode == "query",
         )
         self.placer = Placer(mapping, peer_host, peer_port)
+        self._peer = (peer_host, peer_port)
         self.feed = SiuFeed(inbox_path, mapping, host=listen_host, port=listen_port, poll_seconds=0.5)
         self._mirror: AppointmentMirror | None = None
         self._mirror_lock = threading.Lock()
@@ -132,7 +133,7 @@ class Hl7v2Backend:
         self._publish = publish
         self.feed.applier.on_applied = self._on_applied
         await self.feed.start()
-        log.info("HL7v2 backend: SIU listener on port %d, filler at %s", self.feed.port, self.placer.client)
+        log.info("HL7v2 backend: SIU listener on port %d, filler at %s:%d", self.feed.port, self._peer[0], self._peer[1])
 
     async def stop(self) -> None:
         await self.placer.close()
