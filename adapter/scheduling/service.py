@@ -618,9 +618,19 @@ class SchedulingService:
             outcome = await self.backend.book(booking, gate)
             if isinstance(outcome, Pending):
                 # Sent, unanswered: the intent stays (busy time for others) and is settled from the legacy
-                # system; given up here so that the settlement may claim it at once.
+                # system; given up here so that the settlement may claim it at once. The legacy system may
+                # already have told us (an SIU that overtook the lost SRR): then this is the answer.
                 await self.state.journal_abandon(token, now)
                 log.warning("booking of %s: outcome unknown (%s); being confirmed", token, outcome.detail)
+                try:
+                    settled = await self._settle(token, now)
+                except (BackendError, StateUnavailable) as exc:
+                    log.warning("booking of %s: cannot settle yet (%s)", token, exc)
+                    settled = None
+                if settled is not None and settled.state == "done" and settled.appointment_id:
+                    found = await self.backend.get_appointment(settled.appointment_id)
+                    if found is not None:
+                        return BookResult(found, replayed=False)
                 raise BookingPending(_pending_text(token))
             appt = _confirmed(outcome)
             await self._calendar_changed()
