@@ -147,7 +147,7 @@ class Hl7v2MappingDocument(_Strict):
     status: dict[str, StatusEntry | str]
     status_by_trigger: dict[str, StatusEntry | str] = Field(default_factory=dict)
     duration_units: dict[str, int] = Field(default_factory=lambda: {"min": 60, "s": 1, "h": 3600})
-    directory: DirectorySpec = Field(default_factory=DirectorySpec)
+    directory: DirectorySpec = Field(default_factory=lambda: DirectorySpec.model_validate({}))
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +168,7 @@ class Hl7v2Mapping:
     status_by_trigger: dict[str, StatusEntry]
     duration_units: dict[str, int]  # unit code, lower-cased -> seconds
     status_codes: dict[str, str]  # lower-cased table 0278 code -> the spelling the mapping (and the peer) uses
-    directory: DirectorySpec = field(default_factory=DirectorySpec)
+    directory: DirectorySpec = field(default_factory=lambda: DirectorySpec.model_validate({}))
 
     def times_for(self, version: str) -> CompiledTimes:
         v = version_tuple(version)

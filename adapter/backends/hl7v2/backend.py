@@ -133,7 +133,9 @@ class Hl7v2Backend:
         self._publish = publish
         self.feed.applier.on_applied = self._on_applied
         await self.feed.start()
-        log.info("HL7v2 backend: SIU listener on port %d, filler at %s:%d", self.feed.port, self._peer[0], self._peer[1])
+        log.info(
+            "HL7v2 backend: SIU listener on port %d, filler at %s:%d", self.feed.port, self._peer[0], self._peer[1]
+        )
 
     async def stop(self) -> None:
         await self.placer.close()
@@ -243,11 +245,11 @@ class Hl7v2Backend:
     # -- actors and visit types -------------------------------------------------------------------
     def identifier_systems(self, kind: ActorKind) -> set[str]:
         d = self.directory
-        entries: Sequence[DirectoryActor | DirectoryPatient] = {
-            "Practitioner": d.practitioners,
-            "Location": d.locations,
-            "Patient": d.patients,
-        }[kind]
+        entries: Sequence[DirectoryActor | DirectoryPatient]
+        if kind == "Patient":
+            entries = d.patients
+        else:
+            entries = d.practitioners if kind == "Practitioner" else d.locations
         return {system for e in entries for system in e.identifiers}
 
     def _actor(self, kind: ActorKind, e: DirectoryActor | DirectoryPatient, names: dict[str, tuple[str, str]]) -> Actor:
