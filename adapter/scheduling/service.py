@@ -509,6 +509,14 @@ class SchedulingService:
         placed: list[Hold] = []
 
         def gate(slots: Sequence[SlotRequest]) -> None:
+            if not self.capabilities.can_lock:
+                # A booking still waiting for its legacy answer is busy time for holds too (issue 8.1).
+                for prac_id, span, _ in self.state.gate.intents_overlapping(slot.interval):
+                    if prac_id == slot.practitioner_id:
+                        raise SlotConflict(
+                            f"Practitioner/{prac_id} is being booked from {self._local(span.start)} to "
+                            f"{self._local(span.end)}; the legacy system has not confirmed it yet"
+                        )
             try:
                 placed.append(self.state.gate.place_hold(new_hold, now))
             except HoldConflict as exc:

@@ -231,6 +231,7 @@ class StateGate(Protocol):
         patient_ids: Iterable[str],
         interval: Interval,
     ) -> None: ...
+    def intents_overlapping(self, window: Interval) -> list[tuple[str, Interval, tuple[str, ...]]]: ...
 
 
 class StateStore(Protocol):

@@ -56,6 +56,7 @@ def test_issue8_6_drop_beyond_the_budget_is_504_then_settled_from_siu(env: Hl7En
     assert env.journal_intents() == 1
     assert slot(first) not in {slot(a) for a in env.find(day=1, patient="PAT2")}, "an unsettled booking is busy"
     failure(env.book(first["id"], "client-other"), 409, "conflict")
+    failure(env.hold(first["id"], "client-other"), 409, "conflict", "not confirmed it yet")
     # Another change at the filler releases the held S12: the feed settles the booking without any client.
     env.sim.call(env.sim.sim.front_desk_book("DOC2", next_weekday(2).replace(hour=9), 20))
     env.settle_siu()
