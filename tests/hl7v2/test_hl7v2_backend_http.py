@@ -167,3 +167,38 @@ def test_issue8_4_obrien_round_trips_through_srm_and_siu(env: Hl7Env) -> None:
         appt
     )
     assert bundle["resourceType"] == "Bundle"
+
+
+def test_issue8_4_race_twenty_holds_one_slot(env: Hl7Env) -> None:
+    first = env.find(day=1)[0]
+
+    def hold(i: int) -> httpx.Response:
+        with httpx.Client(base_url=env.base, timeout=60) as http:
+            return http.post(
+                "/Appointment/$hold",
+                json=parameters(ref(first["id"])),
+                headers={"Content-Type": "application/fhir+json", "X-Client-Id": f"holder-{i}"},
+            )
+
+    with concurrent.futures.ThreadPoolExecutor(20) as pool:
+        responses = list(pool.map(hold, range(20)))
+    assert sorted(r.status_code for r in responses) == [200] + [409] * 19
+    assert env.sim.booked() == []  # a hold never reaches the legacy scheduler
+
+
+def test_issue8_2_reschedule_into_a_taken_time_is_409_and_keeps_the_original(env: Hl7Env) -> None:
+    first, second = env.find(day=1)[:2]
+    booked = success(env.book(first["id"], "client-r"), "booked")
+    taken = success(env.book(second["id"], "client-s"), "booked")
+    resource = {
+        "resourceType": "Appointment",
+        "id": booked["id"],
+        "status": "booked",
+        "start": taken["start"],
+        "end": taken["end"],
+        "participant": participants(),
+    }
+    failure(env.book(resource=resource, client="client-r"), 409, "conflict", "is booked")
+    read = env.read(booked["id"]).json()
+    assert (read["start"], read["end"]) == (first["start"], first["end"])
+    env.assert_agreement()
