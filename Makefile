@@ -4,6 +4,7 @@
 #   make lock         regenerate requirements.lock + requirements-test.lock from pyproject.toml (pip-tools);
 #                     keeps existing pins that still fit, `make lock LOCK_ARGS=--upgrade` takes the newest
 #   make demo         run the demo server (PORT=8080; data in var/demo)
+#   make demo-hl7v2   the demo over a simulated HL7v2 scheduler (PORT=8080, MLLP_PORT=2575; data in var/demo-hl7v2)
 #   make system-deps  install unixODBC + ODBC drivers and chromium (root, Debian)
 #   make services     make sure PostgreSQL and MariaDB answer
 #   make test         all of the above, then pytest (slow tests excluded)
@@ -24,7 +25,7 @@ STAMP := $(VENV)/.installed
 
 # Steps must run in order (system packages before pip, services before tests).
 .NOTPARALLEL:
-.PHONY: venv lock demo system-deps services test test-slow bench bench-book bench-search clean
+.PHONY: venv lock demo demo-hl7v2 system-deps services test test-slow bench bench-book bench-search clean
 
 venv: $(STAMP)
 
@@ -48,6 +49,10 @@ lock: | $(BIN)/python
 
 demo: venv
 	$(BIN)/sched-adapter demo --port $(PORT)
+
+MLLP_PORT ?= 2575
+demo-hl7v2: venv
+	$(BIN)/sched-adapter demo --backend hl7v2 --port $(PORT) --mllp-port $(MLLP_PORT)
 
 system-deps:
 	bash scripts/install-system-deps.sh

@@ -95,6 +95,30 @@ def _serve(config: Path, overrides: dict[str, str]) -> int:
     return 0
 
 
+def _demo_hl7v2(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from adapter.testing.hl7_demo import run_demo
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    print(
+        "sched-adapter: WARNING: authorization is OFF (demo): anyone who can reach the server can read and change "
+        "every appointment.",
+        file=sys.stderr,
+    )
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(
+            run_demo(
+                port=args.port if args.port is not None else 8080,
+                mllp_port=args.mllp_port,
+                data_dir=args.data_dir if args.data_dir != DEFAULT_DEMO_DIR else Path("var") / "demo-hl7v2",
+                host=args.host or "127.0.0.1",
+            )
+        )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="sched-adapter", description="IHE ITI Scheduling Server over a legacy scheduler"
@@ -105,6 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="run the embedded demo practice database (created on first start)")
     demo.add_argument("--port", type=int)
     demo.add_argument("--host")
+    demo.add_argument(
+        "--backend",
+        choices=("sql", "hl7v2"),
+        default="sql",
+        help="sql: the demo practice database; hl7v2: a simulated HL7v2 scheduler behind MLLP",
+    )
+    demo.add_argument("--mllp-port", type=int, default=2575, help="hl7v2: the adapter's SIU listener port")
     demo.add_argument(
         "--data-dir",
         type=Path,
@@ -130,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_mappings(args)
     if args.command == "serve":
         return _serve(args.config, {})
+    if args.backend == "hl7v2":
+        return _demo_hl7v2(args)
     demo_data = resources.files(DEMO_PACKAGE)
     with contextlib.ExitStack() as files:
         # Real paths for the whole run (uvicorn workers re-read both); as_file copies only out of a zipped package.

@@ -13,6 +13,7 @@ from zoneinfo import ZoneInfo
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from starlette.applications import Starlette
 
+from adapter.backends.protocol import SchedulingBackend
 from adapter.backends.sql.backend import SqlBackend
 from adapter.backends.sql.db import Database
 from adapter.fhir.app import create_app
@@ -80,33 +81,61 @@ def check_live_mapping(mapping: Mapping, settings: Settings) -> None:
         raise MappingError(result.errors)
 
 
-def build_app(settings: Settings) -> Starlette:
+def _backend(settings: Settings) -> tuple[SchedulingBackend, str | None, int | None, str | None, str]:
+    """The configured backend with what the domain needs from its mapping: (backend, default visit type, slot
+    step, organization id, IANA zone)."""
+    if settings.backend.kind == "hl7v2":
+        from adapter.backends.hl7v2.backend import Hl7v2Backend
+        from adapter.hl7v2.mapping import load_hl7v2_mapping
+
+        h = settings.hl7v2
+        hmap = load_hl7v2_mapping(settings.backend.mapping)
+        inbox = h.inbox or settings.state.path.with_name("hl7v2-inbox.sqlite")
+        inbox.parent.mkdir(parents=True, exist_ok=True)
+        hl7 = Hl7v2Backend(
+            hmap,
+            peer_host=h.peer_host,
+            peer_port=h.peer_port,
+            inbox_path=inbox,
+            listen_host=h.listen_host,
+            listen_port=h.listen_port,
+            mode=h.mode,
+            timeout_seconds=h.timeout_seconds,
+            retries=h.retries,
+        )
+        d = hmap.directory
+        return hl7, d.default_visit_type, d.slot_step_minutes, None, hmap.interface.timezone
     ensure_demo_data(settings)
     mapping = load_mapping(settings.backend.mapping)
     check_live_mapping(mapping, settings)
     database = Database(
         settings.backend.database_url, pool_size=settings.backend.pool_size, timeout_s=settings.backend.timeout_seconds
     )
-    backend = SqlBackend(mapping, database)
+    vt = mapping.doc.visit_types
+    org = mapping.doc.system.organization.id if mapping.doc.system.organization else None
+    return SqlBackend(mapping, database), vt.default, vt.slot_step_minutes, org, mapping.doc.system.timezone
+
+
+def build_app(settings: Settings) -> Starlette:
+    backend, default_visit_type, slot_step, organization_id, zone_name = _backend(settings)
     state_timeout = settings.state.timeout_seconds or settings.backend.timeout_seconds
     state = ThreadedStateStore(SqliteStateStore(settings.state.path, timeout_s=state_timeout), timeout_s=state_timeout)
     codec = ProposalCodec(signing_secret(settings), state, dt.timedelta(seconds=settings.find.proposal_ttl_seconds))
-    vt = mapping.doc.visit_types
     service = SchedulingService(
         backend,
         state,
         codec,
         hold_ttl=dt.timedelta(seconds=settings.hold.ttl_seconds),
-        default_visit_type=vt.default,
-        slot_step_minutes=vt.slot_step_minutes,
-        organization_id=mapping.doc.system.organization.id if mapping.doc.system.organization else None,
+        default_visit_type=default_visit_type,
+        slot_step_minutes=slot_step,
+        organization_id=organization_id,
         availability_cache_seconds=settings.find.cache_seconds,
         max_days_ahead=settings.find.max_days_ahead,
     )
     ctx = FhirContext(
         service=service,
         base_url=settings.server.public_base(),
-        zone=ZoneInfo(mapping.doc.system.timezone),
+        zone=ZoneInfo(zone_name),
         find=settings.find,
         max_body_bytes=settings.server.max_body_bytes,
         auth_enabled=settings.security.auth != "off",
@@ -117,7 +146,8 @@ def build_app(settings: Settings) -> Starlette:
         # Expire holds and settle bookings whose outcome a crash left unknown (scheduling.state).
         await service.housekeeping(utc_now())
 
-    def start() -> None:
+    async def start() -> None:
+        await service.start()  # the backend's listeners and connections (an HL7v2 SIU feed)
         scheduler.add_job(
             sweep,
             "interval",
@@ -131,7 +161,7 @@ def build_app(settings: Settings) -> Starlette:
 
     async def stop() -> None:
         scheduler.shutdown(wait=False)
-        await backend.close()
+        await service.stop()
         await state.close()
 
     security = build_security(settings)

@@ -54,11 +54,33 @@ class ServerSettings(_Section):
 
 
 class BackendSettings(_Section):
-    kind: Literal["sql"] = "sql"
-    mapping: Path = Field(description="the mapping YAML file")
-    database_url: str = Field(description="sqlite:///path or odbc:DRIVER={...};SERVER=...")
+    kind: Literal["sql", "hl7v2"] = "sql"
+    mapping: Path = Field(description="the mapping YAML file (an HL7v2 mapping for kind 'hl7v2')")
+    database_url: str = Field(description="sqlite:///path or odbc:DRIVER={...};SERVER=... (kind 'sql' only)")
     pool_size: int = Field(4, ge=1, le=64)
     timeout_seconds: float = Field(10.0, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_database_for_hl7v2(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("kind") == "hl7v2" and "database_url" not in data:
+            return {**data, "database_url": ""}
+        return data
+
+
+class Hl7v2Settings(_Section):
+    """``backend.kind = "hl7v2"``: the legacy scheduler's MLLP peer and the adapter's SIU listener."""
+
+    peer_host: str = Field("127.0.0.1", description="the scheduler's MLLP host (SQM/SRM go there)")
+    peer_port: int = Field(2576, ge=1, le=65535, description="the scheduler's MLLP port")
+    listen_host: str = Field("127.0.0.1", description="where the adapter's SIU listener binds")
+    listen_port: int = Field(2575, ge=0, le=65535, description="the adapter's SIU listener port (MLLP)")
+    mode: Literal["query", "templates"] = Field(
+        "query", description="availability: SQM^S25 queries, or the mapping's session templates minus the mirror"
+    )
+    timeout_seconds: float | None = Field(None, gt=0, description="wait per SRM/SQM answer; default the mapping's")
+    retries: int | None = Field(None, ge=0, description="resends (same MSH-10) before unknown; default the mapping's")
+    inbox: Path | None = Field(None, description="SQLite file of the SIU inbox and mirror; default beside state.path")
 
 
 class StateSettings(_Section):
@@ -168,6 +190,7 @@ class Settings(BaseSettings):
 
     server: ServerSettings = ServerSettings()
     backend: BackendSettings
+    hl7v2: Hl7v2Settings = Hl7v2Settings()
     state: StateSettings = StateSettings()
     find: FindSettings = FindSettings()
     hold: HoldSettings = HoldSettings()
@@ -203,6 +226,7 @@ class SettingsError(ValueError):
 def _resolve_file_paths(data: dict[str, Any], folder: Path) -> None:
     for section, key in (
         ("backend", "mapping"),
+        ("hl7v2", "inbox"),
         ("state", "path"),
         ("security", "signing_secret_file"),
         ("security", "jwks_file"),

@@ -15,10 +15,14 @@ with its HTTP traffic), one connection, each message waiting for its ACK:
 6. sustained: the same ACK load with the ``InboxApplier`` running concurrently for ``--seconds``; reports ACK/s,
             applied/s and the backlog left (a growing backlog means the applier does not keep up).
 
+7. book:    ``$book`` round trips through MLLP: the HL7v2 backend's ``book`` (SRM^S01 built and validated with
+            hl7apy, sent to the legacy scheduler simulator, SRR parsed, mirror written), one at a time, for
+            ``--book-seconds``; the echo rate above is the transport floor for the same loop.
+
 Every message gets a unique MSH-10 and filler id (SCH-2). Targets (one worker): >= 2,000 SIU/s acknowledged,
 >= 1,200 SIU/s applied sustained. Exit 0 once measured.
 
-Usage: ``.venv/bin/python bench/hl7v2.py [--seconds 30] [--phase-seconds 5]``
+Usage: ``.venv/bin/python bench/hl7v2.py [--seconds 30] [--phase-seconds 5] [--book-seconds 5] [--only echo,book]``
 """
 
 from __future__ import annotations
@@ -144,14 +148,79 @@ async def measure(
         return n / (time.perf_counter() - t0)
 
 
+async def book_rate(seconds: float, tmp: Path) -> tuple[float, int]:
+    """``$book`` round trips per second through the HL7v2 backend and MLLP against the simulator."""
+    from datetime import UTC, datetime, time as wall, timedelta
+
+    from adapter.backends.hl7v2.backend import Hl7v2Backend
+    from adapter.backends.protocol import Confirmed, Interval, NewBooking, SlotRequest
+    from adapter.testing.hl7_simulator import LegacySchedulerSimulator, SessionTemplate
+
+    resources = 50
+    every_day = frozenset(range(7))
+    templates = [
+        SessionTemplate(f"B{i}", f"R{i}", "CHECKUP", every_day, wall(0), wall(23, 55), 5) for i in range(resources)
+    ]
+    simulator = LegacySchedulerSimulator(templates, zone="UTC")
+    await simulator.start()
+    backend = Hl7v2Backend(
+        load_hl7v2_mapping(MAPPING),
+        peer_host="127.0.0.1",
+        peer_port=simulator.port,
+        inbox_path=tmp / "book.sqlite",
+        listen_port=0,
+    )
+
+    async def publish(changes: object) -> None:
+        del changes
+
+    await backend.start(publish)
+    day = datetime.combine(datetime.now(UTC).date() + timedelta(days=1), wall(0), UTC)
+    done = 0
+
+    def no_gate(slots: object) -> None:
+        del slots
+
+    async def one(n: int) -> None:
+        start = day + timedelta(minutes=5 * (n // resources))
+        who = n % resources
+        slot = SlotRequest(f"B{who}", f"R{who}", Interval(start, start + timedelta(minutes=5)), "CHECKUP", (f"P{n}",))
+        outcome = await backend.book(NewBooking(slot, f"P{n}", placer_id=f"BENCH{n}"), no_gate)
+        if not isinstance(outcome, Confirmed):
+            raise RuntimeError(f"booking {n} not confirmed: {outcome}")
+
+    try:
+        await one(0)  # warm-up (connect, hl7apy's first validation)
+        t0 = time.perf_counter()
+        deadline = t0 + seconds
+        while time.perf_counter() < deadline:
+            done += 1
+            await one(done)
+        rate = done / (time.perf_counter() - t0)
+    finally:
+        await backend.stop()
+        await simulator.stop()
+    return rate, done
+
+
 async def main_async(args: argparse.Namespace) -> None:
     nxt = messages()
-    print("parser cost per 27-segment SIU (ms):")
-    for name, ms in parser_costs(SAMPLE.read_bytes()).items():
-        print(f"  {name:28s} {ms:8.3f}")
+    only = set(args.only.split(",")) if args.only else set()
 
     async def echo(message: bytes, peer: Peer) -> bytes:
         return message
+
+    if only:
+        echo_rate = await measure(echo, args.phase_seconds, nxt)
+        print(f"raw MLLP echo                  {echo_rate:10,.0f} msg/s")
+        if "book" in only:
+            with tempfile.TemporaryDirectory() as tmp:
+                rate, n = await book_rate(args.book_seconds, Path(tmp))
+            print(f"$book round trips via MLLP     {rate:10,.1f} /s   ({n} bookings, SRM built+validated, SRR, mirror)")
+        return
+    print("parser cost per 27-segment SIU (ms):")
+    for name, ms in parser_costs(SAMPLE.read_bytes()).items():
+        print(f"  {name:28s} {ms:8.3f}")
 
     echo_rate = await measure(echo, args.phase_seconds, nxt)
     print(f"raw MLLP echo                  {echo_rate:10,.0f} msg/s")
@@ -191,6 +260,9 @@ async def main_async(args: argparse.Namespace) -> None:
             f"sustained {args.seconds:.0f} s: acknowledged {acked / elapsed:,.0f} msg/s, "
             f"applied {applied / elapsed:,.0f} msg/s (backlog {backlog_start} at start, {backlog} at end)"
         )
+    with tempfile.TemporaryDirectory() as tmp:
+        rate, n = await book_rate(args.book_seconds, Path(tmp))
+    print(f"$book round trips via MLLP     {rate:10,.1f} /s   ({n} bookings, SRM built+validated, SRR, mirror)")
     print("targets: >= 2,000 SIU/s acknowledged, >= 1,200 SIU/s applied (one worker)")
 
 
@@ -199,6 +271,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30.0, help="duration of the sustained ACK+apply phase")
     parser.add_argument("--phase-seconds", type=float, default=5.0, help="duration of the echo and ACK phases")
     parser.add_argument("--apply-messages", type=int, default=20000, help="messages drained in the apply phase")
+    parser.add_argument("--book-seconds", type=float, default=5.0, help="duration of the $book round-trip phase")
+    parser.add_argument("--only", default="", help="comma list of phases to run alone: echo,book")
     asyncio.run(main_async(parser.parse_args()))
 
 

@@ -20,7 +20,7 @@ async def actors_for(ctx: FhirContext, refs: Iterable[tuple[str, str | None]]) -
             wanted.setdefault(kind, set()).add(actor_id)
     out: dict[str, Actor] = {}
     for kind, ids in wanted.items():
-        for actor in await ctx.service.backend.find_actors(ActorQuery(kind, ids=tuple(sorted(ids)), limit=len(ids))):  # type: ignore[arg-type]
+        for actor in await ctx.service.find_actors(ActorQuery(kind, ids=tuple(sorted(ids)), limit=len(ids))):  # type: ignore[arg-type]
             out[f"{kind}/{actor.id}"] = actor
     return out
 
@@ -36,7 +36,7 @@ async def render_appointments(
             for k, i in (("Practitioner", a.practitioner_id), ("Location", a.location_id), ("Patient", a.patient_id))
         ],
     )
-    types = {vt.key: vt for vt in await ctx.service.backend.visit_types()}
+    types = {vt.key: vt for vt in await ctx.service.visit_types()}
     return [from_booked(a, zone=ctx.zone, visit_types=types, actors=actors) for a in appts], actors
 
 
@@ -66,7 +66,7 @@ async def render_proposal(
         [("Practitioner", p.practitioner_id), ("Location", p.location_id)]
         + [("Patient", pid) for pid in p.patient_ids],
     )
-    types = {vt.key: vt for vt in await ctx.service.backend.visit_types()}
+    types = {vt.key: vt for vt in await ctx.service.visit_types()}
     prac = actors.get(f"Practitioner/{p.practitioner_id}")
     loc = actors.get(f"Location/{p.location_id}")
     patients: list[tuple[str | None, str | None]] = []

@@ -37,6 +37,7 @@ from starlette.responses import Response
 
 from adapter.backends.protocol import (
     BackendUnavailable,
+    BookingPending,
     BusinessRuleViolation,
     Coding,
     Interval,
@@ -65,6 +66,8 @@ def _operation_error(exc: Exception, *, hold: bool) -> FhirError:
         extra = [issue("fatal", "not-found", "the appointment can no longer be held")]
     if isinstance(exc, SlotConflict):
         return FhirError(409, "conflict", str(exc), as_bundle=True, extra_issues=extra)
+    if isinstance(exc, BookingPending):  # sent to the legacy system, answer lost: being confirmed (issue 8)
+        return FhirError(504, "timeout", str(exc), as_bundle=True, headers={"Retry-After": "5"})
     if isinstance(exc, (ProposalError, NotFound)):
         return FhirError(404, "not-found", str(exc), expression="appointment-reference", as_bundle=True)
     if isinstance(exc, InvalidRequest):
@@ -463,7 +466,7 @@ async def _proposal_from_resource(ctx: FhirContext, resource: dict[str, Any], no
         )
     await _require_actors(ctx, prac, loc)
     minutes = (end - start) / dt.timedelta(minutes=1)
-    types = await ctx.service.backend.visit_types()
+    types = await ctx.service.visit_types()
     wanted = [c for c in ((resource.get("appointmentType") or {}).get("coding") or [])]
     vt = next(
         (

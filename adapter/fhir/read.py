@@ -86,7 +86,7 @@ async def read_actor(request: Request) -> Response:
     kind = request.path_params["kind"]
     actor_id = request.path_params["id"]
     _check_id(actor_id, kind)
-    found = await ctx.service.backend.find_actors(ActorQuery(kind, ids=(actor_id,), limit=1))  # type: ignore[arg-type]
+    found = await ctx.service.find_actors(ActorQuery(kind, ids=(actor_id,), limit=1))  # type: ignore[arg-type]
     found = [a for a in found if a.id == actor_id]  # e.g. a case-insensitive collation: canonical ids only
     if not found:
         raise FhirError(404, "not-found", f"{kind}/{actor_id} is not known")
@@ -131,7 +131,7 @@ async def search_actor(request: Request) -> Response:
             f"parameter {ignored[0]!r} is not supported by {kind} search (Prefer: handling=strict)",
             expression=ignored[0],
         )
-    found = await ctx.service.backend.find_actors(
+    found = await ctx.service.find_actors(
         ActorQuery(
             kind,  # type: ignore[arg-type]
             ids=ids,

@@ -326,7 +326,7 @@ def _actor_kind(name: str, modifier: str, chain: str | None, value: str, ctx: Fh
     for v in _split_or(value):
         if chain == "identifier":
             system, _ = _split_token(v)
-            backend = ctx.service.backend
+            backend = ctx.service  # the scheduling layer answers for the backend
             known = {k for k in OUR_ACTOR_KINDS if system and system in _identifier_systems(backend, k)}
             if len(known) != 1:
                 raise FhirError(
@@ -571,7 +571,7 @@ def _identifier_systems(backend: Any, kind: str) -> set[str] | None:
 async def _resolve_ref(ctx: FhirContext, crit: _RefCriterion, req: SearchRequest) -> set[str] | None:
     ids = crit.ids
     param = crit.kind.lower()
-    backend = ctx.service.backend
+    backend = ctx.service  # the scheduling layer answers for the backend
     for group in crit.identifier_groups:
         known = _identifier_systems(backend, crit.kind)
         idents: list[Identifier] = []
@@ -627,7 +627,7 @@ async def build_query(ctx: FhirContext, req: SearchRequest) -> AppointmentQuery 
         return None
     visit_keys: set[str] | None = None
     if req.type_groups:
-        types = await ctx.service.backend.visit_types()
+        types = await ctx.service.visit_types()
         for name, tokens in req.type_groups:
             keys = {
                 vt.key

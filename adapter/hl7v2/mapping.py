@@ -6,7 +6,7 @@ mapping (``adapter.mapping.loader``), so both mapping kinds read and fail the sa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -86,6 +86,60 @@ class StatusEntry(_Strict):
     reason: str | None = Field(None, description="status reason code carried to FHIR (e.g. cancelation reason)")
 
 
+class DirectoryActor(_Strict):
+    """A practitioner or location the legacy scheduler books (an HL7v2 scheduler has no actor query)."""
+
+    id: str = Field(description="the legacy code (AIP-3 / AIL-3) and the FHIR id")
+    name: str
+    identifiers: dict[str, str] = Field(default_factory=dict, description="identifier system -> value")
+    specialties: list[str] = Field(default_factory=list, description="service codes this practitioner offers")
+    locations: list[str] = Field(default_factory=list, description="for practitioners: where they work")
+
+
+class DirectoryPatient(_Strict):
+    id: str = Field(description="PID-3 and the FHIR id")
+    family: str
+    given: str = ""
+    identifiers: dict[str, str] = Field(default_factory=dict, description="identifier system -> value")
+
+
+class DirectoryVisitType(_Strict):
+    key: str = Field(description="the service code (AIS-3)")
+    display: str
+    minutes: int = Field(gt=0)
+    system: str = "urn:sched-adapter:hl7v2:service"
+
+
+class SessionSpec(_Strict):
+    """A recurring session for ``mode = templates``: availability = sessions minus the mirrored appointments."""
+
+    practitioner: str
+    location: str
+    service: str
+    weekdays: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4], description="0 = Monday")
+    start: str = Field(description="local wall-clock time, HH:MM")
+    end: str
+    slot_minutes: int = Field(gt=0)
+
+
+class DirectorySpec(_Strict):
+    """What the HL7v2 backend serves for actors and visit types (FHIR reads, $find parameters)."""
+
+    practitioners: list[DirectoryActor] = Field(default_factory=list)
+    locations: list[DirectoryActor] = Field(default_factory=list)
+    patients: list[DirectoryPatient] = Field(default_factory=list)
+    visit_types: list[DirectoryVisitType] = Field(default_factory=list)
+    default_visit_type: str | None = None
+    slot_step_minutes: int | None = Field(None, gt=0)
+    sessions: list[SessionSpec] = Field(default_factory=list)
+    appointment_identifier_system: str = Field(
+        "urn:sched-adapter:hl7v2:filler-id", description="Appointment.identifier system of the filler id (SCH-2)"
+    )
+    placer_identifier_system: str = Field(
+        "urn:sched-adapter:hl7v2:placer-id", description="Appointment.identifier system of the placer id (SCH-1)"
+    )
+
+
 class Hl7v2MappingDocument(_Strict):
     interface: InterfaceSpec
     fields: FieldsSpec = Field(default_factory=FieldsSpec)
@@ -93,6 +147,7 @@ class Hl7v2MappingDocument(_Strict):
     status: dict[str, StatusEntry | str]
     status_by_trigger: dict[str, StatusEntry | str] = Field(default_factory=dict)
     duration_units: dict[str, int] = Field(default_factory=lambda: {"min": 60, "s": 1, "h": 3600})
+    directory: DirectorySpec = Field(default_factory=lambda: DirectorySpec.model_validate({}))
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +168,7 @@ class Hl7v2Mapping:
     status_by_trigger: dict[str, StatusEntry]
     duration_units: dict[str, int]  # unit code, lower-cased -> seconds
     status_codes: dict[str, str]  # lower-cased table 0278 code -> the spelling the mapping (and the peer) uses
+    directory: DirectorySpec = field(default_factory=lambda: DirectorySpec.model_validate({}))
 
     def times_for(self, version: str) -> CompiledTimes:
         v = version_tuple(version)
@@ -233,4 +289,6 @@ def load_hl7v2_mapping(path: str | Path) -> Hl7v2Mapping:
     if problems:
         raise MappingError(problems)
     codes = {k.lower(): k for k in doc.status}
-    return Hl7v2Mapping(path, doc.interface, zone, fields, tuple(times), status, by_trigger, units, codes)
+    return Hl7v2Mapping(
+        path, doc.interface, zone, fields, tuple(times), status, by_trigger, units, codes, doc.directory
+    )

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -260,6 +261,10 @@ class InboxApplier:
         self.batch_size = batch_size
         self.stats = ApplyStats()
         self._mirror: AppointmentMirror | None = None
+        # Events applied (not stale) since the last hand-over to ``on_applied``: a backend publishes them as
+        # legacy-side changes (cache invalidation, settling bookings whose answer was lost).
+        self.on_applied: Callable[[list[SiuEvent]], Awaitable[None]] | None = None
+        self._applied: list[SiuEvent] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         # One SQLite connection, used from worker threads: a cancelled ``to_thread`` keeps running, so closing
@@ -298,6 +303,8 @@ class InboxApplier:
                     continue
                 result = self.mirror.apply(event, inbox_id)
                 setattr(self.stats, result, getattr(self.stats, result) + 1)
+                if result == "applied" and self.on_applied is not None:
+                    self._applied.append(event)
                 done.append((APPLIED, inbox_id, None))
             conn.executemany("UPDATE hl7_inbox SET state = ?, error = ? WHERE id = ?", [(s, e, i) for s, i, e in done])
             conn.execute("COMMIT")
@@ -313,6 +320,16 @@ class InboxApplier:
                 total += n
         return total
 
+    async def _hand_over(self) -> None:
+        if self.on_applied is None or not self._applied:
+            return
+        with self._lock:
+            events, self._applied = self._applied, []
+        try:
+            await self.on_applied(events)
+        except Exception:  # a failing subscriber must not stop the feed; the mirror is already up to date
+            log.exception("SIU feed: handing %d applied event(s) over failed", len(events))
+
     def wake(self) -> None:
         """Nudge the applier; call it on the event loop thread (``SiuListener(on_stored=applier.wake)``)."""
         self._wake.set()
@@ -322,6 +339,7 @@ class InboxApplier:
             # Clear before draining: a message stored during the drain sets it again and is not left waiting.
             self._wake.clear()
             await asyncio.to_thread(self.drain)
+            await self._hand_over()
             # Let a burst accumulate so one transaction applies many messages instead of one each.
             await asyncio.sleep(self.coalesce_seconds)
             try:

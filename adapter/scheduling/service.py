@@ -30,18 +30,42 @@ type. Messages state times in the mapping's zone, as the resources do.
 Cancelling (issue 7.8): an appointment that is already ``cancelled`` is returned unchanged
 (idempotent: a retried cancel must not fail); one that is ``arrived``, ``checked-in``,
 ``fulfilled``, ``noshow`` or ``entered-in-error`` is 409 naming its state.
+
+Backends without a lock (issue 8.1, e.g. an HL7v2 scheduler behind MLLP): the gate records the booking intent
+with ``journal_intent_exclusive``, which refuses it while another booking of overlapping time (same practitioner
+or patient) is in flight, so the adapter's own unanswered requests are busy time for everybody else, and
+``$find`` leaves them out too. The legacy answer is an outcome: ``Refused`` becomes 409 (time taken) or 422 with
+the legacy reason; ``Pending`` (no answer within the retry budget) keeps the intent, answers 504 ("being
+confirmed") and is settled by ``reconcile`` from the legacy system's next change notice or query; a retry of the
+same booking (same client or Idempotency-Key) then gets the settled answer.
+
+The FHIR layer reaches the backend only through this service (``find_actors``, ``visit_types``,
+``identifier_systems``, ``get``, ``search``), so a backend whose appointments live in a mirror fits unchanged.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import logging
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from adapter.backends.protocol import (
+from adapter.backends.protocol import SchedulingBackend
+from adapter.scheduling.availability_cache import AvailabilityCache
+from adapter.scheduling.candidates import (
+    Candidate,
+    FreeTime,
+    ResourcePlan,
+    anchor_of,
+    find_candidates,
+    free_time,
+    on_grid,
+)
+from adapter.scheduling.domain import (
     Actor,
+    ActorKind,
     ActorQuery,
     Appointment,
     AppointmentPage,
@@ -49,20 +73,23 @@ from adapter.backends.protocol import (
     AvailabilityQuery,
     BackendError,
     BackendUnavailable,
+    BookingOutcome,
+    BookingPending,
     BusinessRuleViolation,
+    Capabilities,
     Coding,
+    Confirmed,
     Identifier,
     Interval,
     InvalidRequest,
+    LegacyChange,
     NewBooking,
     NotFound,
-    SchedulingBackend,
+    Pending,
     SlotConflict,
     SlotRequest,
     VisitType,
 )
-from adapter.scheduling.availability_cache import AvailabilityCache
-from adapter.scheduling.candidates import Candidate, ResourcePlan, anchor_of, find_candidates, on_grid
 from adapter.scheduling.proposals import Proposal, ProposalCodec, ProposalError, proposal_from_dict, proposal_to_dict
 from adapter.scheduling.state import Hold, HoldConflict, JournalEntry, StateStore, StateUnavailable
 
@@ -161,6 +188,46 @@ class SchedulingService:
         self.organization_id = organization_id
         self.max_days_ahead = max_days_ahead
         self.zone: dt.tzinfo = getattr(backend, "zone", dt.UTC)
+        self.capabilities: Capabilities = getattr(backend, "capabilities", Capabilities())
+
+    # -- lifecycle and legacy-side changes ---------------------------------------------------------
+    async def start(self) -> None:
+        """Start the backend (listeners, connections); its change notices come back to ``legacy_changed``."""
+        await self.backend.start(self.legacy_changed)
+
+    async def stop(self) -> None:
+        await self.backend.stop()
+
+    async def legacy_changed(self, changes: Sequence[LegacyChange]) -> None:
+        """A backend told of changes made in the legacy system (or confirmations of ours): every worker drops its
+        availability cache, and bookings whose outcome was unknown are settled now instead of at the next sweep."""
+        if not changes:
+            return
+        await self._calendar_changed()
+        try:
+            settled = await self.reconcile(dt.datetime.now(dt.UTC))
+        except (BackendError, StateUnavailable) as exc:
+            log.warning("booking journal: cannot settle after a legacy change yet (%s)", exc)
+            return
+        if settled:
+            log.info("booking journal: %d booking(s) of unknown outcome settled from the legacy feed", settled)
+
+    # -- what the FHIR layer may ask of the legacy system ------------------------------------------
+    async def find_actors(self, query: ActorQuery) -> list[Actor]:
+        return await self.backend.find_actors(query)
+
+    async def visit_types(self) -> list[VisitType]:
+        return await self.backend.visit_types()
+
+    def identifier_systems(self, kind: ActorKind) -> set[str]:
+        return self.backend.identifier_systems(kind)
+
+    async def _free_time(self, q: AvailabilityQuery) -> list[FreeTime]:
+        if self.capabilities.availability_per_visit_type:
+            # The answer depends on the visit type (SQM^S25 asks for one service and duration): not cacheable
+            # by practitioner and day, and each call is one legacy query anyway.
+            return [free_time(ra) for ra in await self.backend.availability(q)]
+        return await self.availability.free_time(q)
 
     def _local(self, instant: dt.datetime) -> str:
         return instant.astimezone(self.zone).isoformat()
@@ -333,10 +400,21 @@ class SchedulingService:
                 )
             )
             return FindResult(0, [], patients, notices, req.window, {})
-        availability = await self.availability.free_time(
-            AvailabilityQuery(window, prac_ids, tuple(loc_rank) if loc_rank else ())
-        )
+        locs = tuple(loc_rank) if loc_rank else ()
+        per_type: list[tuple[list[FreeTime], list[tuple[int, VisitType]]]] = []
+        if self.capabilities.availability_per_visit_type:
+            for vt_rank, vt in chosen:
+                q = AvailabilityQuery(window, prac_ids, locs, visit_type_key=vt.key, minutes=vt.minutes)
+                per_type.append((await self._free_time(q), [(vt_rank, vt)]))
+        else:
+            per_type.append((await self._free_time(AvailabilityQuery(window, prac_ids, locs)), chosen))
         held = await self.state.holds_by_practitioner(prac_ids, window, now)
+        if not self.capabilities.can_lock:
+            # Bookings still waiting for the legacy answer are busy time (issue 8.1).
+            for prac_id, span, pats in await self.state.intents_overlapping(window):
+                held.setdefault(prac_id, []).append(span)
+                if patients and set(pats) & {p.id for p in patients}:
+                    held = {pid: held.get(pid, []) + [span] for pid in prac_ids}
         if patients:
             # REQ-115-14: a time the patient is already booked (or held) for is no option for them,
             # whoever the practitioner; treat it like a hold on every practitioner for this request.
@@ -347,11 +425,11 @@ class SchedulingService:
                 held = {pid: held.get(pid, []) + own for pid in prac_ids}
         prac_by_id = {p.id: p for p in candidates_prac}
         plans = []
-        for ra in availability:
+        for ra, types in ((ra, types) for found, types in per_type for ra in found):
             prac = prac_by_id.get(ra.practitioner_id)
             if prac is None:
                 continue
-            for vt_rank, vt in chosen:
+            for vt_rank, vt in types:
                 if vt.specialty_codes and not _offers(prac, vt):
                     continue
                 rank = (
@@ -431,6 +509,14 @@ class SchedulingService:
         placed: list[Hold] = []
 
         def gate(slots: Sequence[SlotRequest]) -> None:
+            if not self.capabilities.can_lock:
+                # A booking still waiting for its legacy answer is busy time for holds too (issue 8.1).
+                for prac_id, span, _ in self.state.gate.intents_overlapping(slot.interval):
+                    if prac_id == slot.practitioner_id:
+                        raise SlotConflict(
+                            f"Practitioner/{prac_id} is being booked from {self._local(span.start)} to "
+                            f"{self._local(span.end)}; the legacy system has not confirmed it yet"
+                        )
             try:
                 placed.append(self.state.gate.place_hold(new_hold, now))
             except HoldConflict as exc:
@@ -473,6 +559,8 @@ class SchedulingService:
                 f"({self._local(proposal.start)} to {self._local(proposal.end)})"
             )
         entry = await self._settle(token, now)
+        if entry is not None and entry.state == "intent" and _same_requester(entry, client, request_key):
+            raise BookingPending(_pending_text(token))
         if (
             entry is not None
             and entry.state == "done"
@@ -510,13 +598,52 @@ class SchedulingService:
 
         def gate(slots: Sequence[SlotRequest]) -> None:
             # Inside the legacy lock (practitioner and patient), after the legacy calendar said "free".
+            if not self.capabilities.can_lock:
+                # No legacy lock: the check of holds and in-flight bookings and the intent are one state
+                # transaction, so the intent itself is the lock (issue 8.1).
+                try:
+                    for s in slots:
+                        self.state.gate.journal_intent_exclusive(
+                            token,
+                            client=client,
+                            request_key=request_key,
+                            payload=payload,
+                            now=now,
+                            practitioner_id=s.practitioner_id,
+                            patient_ids=s.patient_ids,
+                            interval=s.interval,
+                        )
+                except HoldConflict as exc:
+                    raise SlotConflict(exc.describe(self.zone)) from None
+                recorded.append(True)
+                return
             self._check_holds(slots, now, own_hold=token, client=client)
             self.state.gate.journal_intent(token, client=client, request_key=request_key, payload=payload, now=now)
             recorded.append(True)
 
+        booking = NewBooking(slot, patient_id, comment, client or "sched-adapter", placer_id=placer_id_for(token))
         try:
-            appt = await self.backend.book(NewBooking(slot, patient_id, comment, client or "sched-adapter"), gate)
+            outcome = await self.backend.book(booking, gate)
+            if isinstance(outcome, Pending):
+                # Sent, unanswered: the intent stays (busy time for others) and is settled from the legacy
+                # system; given up here so that the settlement may claim it at once. The legacy system may
+                # already have told us (an SIU that overtook the lost SRR): then this is the answer.
+                await self.state.journal_abandon(token, now)
+                log.warning("booking of %s: outcome unknown (%s); being confirmed", token, outcome.detail)
+                try:
+                    settled = await self._settle(token, now)
+                except (BackendError, StateUnavailable) as exc:
+                    log.warning("booking of %s: cannot settle yet (%s)", token, exc)
+                    settled = None
+                if settled is not None and settled.state == "done" and settled.appointment_id:
+                    found = await self.backend.get_appointment(settled.appointment_id)
+                    if found is not None:
+                        return BookResult(found, replayed=False)
+                raise BookingPending(_pending_text(token))
+            appt = _confirmed(outcome)
             await self._calendar_changed()
+        except BookingPending:
+            raise
         except BackendError as exc:
             if recorded:
                 if isinstance(exc, BackendUnavailable):
@@ -632,7 +759,7 @@ class SchedulingService:
         slot = self._slot(p)
         patient_id = entry.payload.get("patient_id")
         try:
-            appt = await self.backend.find_booked(slot, patient_id)
+            appt = await self.backend.find_booked(slot, patient_id, placer_id_for(entry.token))
         except BackendError as exc:
             log.warning("booking journal: cannot settle Appointment/%s yet (%s); will retry", entry.token, exc)
             await self.state.journal_abandon(entry.token, now)
@@ -720,7 +847,7 @@ class SchedulingService:
         def gate(slots: Sequence[SlotRequest]) -> None:
             self._check_holds(slots, now, own_hold=None, client=client)
 
-        appt = await self.backend.reschedule(appointment_id, slot, gate, comment)
+        appt = _confirmed(await self.backend.reschedule(appointment_id, slot, gate, comment), appointment_id)
         await self._calendar_changed()
         return appt
 
@@ -758,7 +885,7 @@ class SchedulingService:
             raise SlotConflict(
                 f"Appointment/{appointment_id} is {current.status} and can no longer be cancelled; nothing was changed"
             )
-        appt = await self.backend.cancel(appointment_id, reason, reason_text)
+        appt = _confirmed(await self.backend.cancel(appointment_id, reason, reason_text), appointment_id)
         await self._calendar_changed()
         return appt
 
@@ -771,6 +898,9 @@ class SchedulingService:
 
     async def release_hold(self, hold: Hold) -> None:
         await self.state.release(hold.id)
+
+    async def appointment(self, appointment_id: str) -> Appointment | None:
+        return await self.backend.get_appointment(appointment_id)
 
     async def get(self, appointment_id: str, now: dt.datetime) -> Appointment | Hold | None:
         hold = await self.state.get_hold(appointment_id, now)
@@ -818,6 +948,35 @@ class SchedulingService:
 _FREEING_STATUSES = ("cancelled", "noshow", "entered-in-error")
 # The visit took place (or was recorded as missed): cancelling it would rewrite history.
 _SETTLED_STATUSES = ("arrived", "checked-in", "fulfilled", "noshow", "entered-in-error")
+
+
+def placer_id_for(token: str) -> str:
+    """The placer id of every attempt to book the proposed id ``token``: stable across retries (the same token,
+    the same id), short enough for ARQ-1/SCH-1 (EI, 20 characters in v2.3) and free of HL7 delimiters."""
+    return "SA" + hashlib.sha256(token.encode("utf-8")).hexdigest()[:18].upper()
+
+
+def _pending_text(token: str) -> str:
+    return (
+        f"the booking of Appointment/{token} was sent to the legacy scheduling system but its answer did not "
+        "arrive in time; the booking is being confirmed. Retry with the same Idempotency-Key (or the same "
+        "client) to get the settled answer; do not book another slot meanwhile"
+    )
+
+
+def _confirmed(outcome: BookingOutcome, appointment_id: str | None = None) -> Appointment:
+    """The appointment of a confirmed outcome; a refusal or an unknown outcome as the error the FHIR layer maps."""
+    if isinstance(outcome, Confirmed):
+        return outcome.appointment
+    if isinstance(outcome, Pending):
+        what = f"the change of Appointment/{appointment_id}" if appointment_id else "the request"
+        raise BookingPending(
+            f"{what} was sent to the legacy scheduling system but its answer did not arrive in time; it is being "
+            "confirmed: read the appointment again shortly"
+        )
+    if outcome.conflict:
+        raise SlotConflict(f"the legacy scheduling system refused: {outcome.reason}")
+    raise BusinessRuleViolation(f"the legacy scheduling system refused: {outcome.reason}")
 
 
 def _same_requester(entry: JournalEntry, client: str | None, request_key: str | None) -> bool:

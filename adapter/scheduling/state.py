@@ -54,8 +54,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ParamSpec, Protocol, TypeVar
 
-from adapter.backends.protocol import Interval, SlotConflict
 from adapter.deadline import Deadline, bounded, remaining
+from adapter.scheduling.domain import Interval, SlotConflict
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -219,6 +219,19 @@ class StateGate(Protocol):
     def journal_intent(
         self, token: str, *, client: str | None, request_key: str | None, payload: dict, now: dt.datetime
     ) -> None: ...
+    def journal_intent_exclusive(
+        self,
+        token: str,
+        *,
+        client: str | None,
+        request_key: str | None,
+        payload: dict[str, Any],
+        now: dt.datetime,
+        practitioner_id: str,
+        patient_ids: Iterable[str],
+        interval: Interval,
+    ) -> None: ...
+    def intents_overlapping(self, window: Interval) -> list[tuple[str, Interval, tuple[str, ...]]]: ...
 
 
 class StateStore(Protocol):
@@ -248,6 +261,7 @@ class StateStore(Protocol):
     ) -> StoredResponse | None: ...
     async def idempotency_finish(self, client: str, key: str, response: StoredResponse | None) -> None: ...
     async def journal_get(self, token: str) -> JournalEntry | None: ...
+    async def intents_overlapping(self, window: Interval) -> list[tuple[str, Interval, tuple[str, ...]]]: ...
     async def calendar_version(self) -> int: ...
     async def bump_calendar_version(self) -> None: ...
     async def journal_done(self, token: str, appointment_id: str, now: dt.datetime, *, release_hold: bool) -> None: ...
@@ -287,10 +301,23 @@ class SyncStateStore(StateGate, Protocol):
     ) -> StoredResponse | None: ...
     def idempotency_finish(self, client: str, key: str, response: StoredResponse | None) -> None: ...
     def journal_get(self, token: str) -> JournalEntry | None: ...
+    def intents_overlapping(self, window: Interval) -> list[tuple[str, Interval, tuple[str, ...]]]: ...
     def calendar_version(self) -> int: ...
     def bump_calendar_version(self) -> None: ...
     def journal_intent(
         self, token: str, *, client: str | None, request_key: str | None, payload: dict, now: dt.datetime
+    ) -> None: ...
+    def journal_intent_exclusive(
+        self,
+        token: str,
+        *,
+        client: str | None,
+        request_key: str | None,
+        payload: dict[str, Any],
+        now: dt.datetime,
+        practitioner_id: str,
+        patient_ids: Iterable[str],
+        interval: Interval,
     ) -> None: ...
     def journal_done(self, token: str, appointment_id: str, now: dt.datetime, *, release_hold: bool) -> None: ...
     def journal_abandon(self, token: str, now: dt.datetime) -> None: ...
@@ -674,6 +701,64 @@ class SqliteStateStore:
                 (token, client, request_key, json.dumps(payload), self.owner, _ts(now), _ts(now)),
             )
 
+    @staticmethod
+    def _intent_rows(conn: sqlite3.Connection) -> list[tuple[str, str, Interval, tuple[str, ...]]]:
+        """Every booking in flight: (token, practitioner, interval, patients), read from the intents' payloads."""
+        out = []
+        for token, payload in conn.execute("SELECT token, payload FROM journal WHERE state = 'intent'").fetchall():
+            d = json.loads(payload)
+            start = dt.datetime.fromisoformat(d["start"])
+            end = start + dt.timedelta(minutes=int(d["minutes"]))
+            patients = tuple(str(x) for x in (d.get("patient_ids") or ()))
+            if d.get("patient_id"):
+                patients += (str(d["patient_id"]),)
+            out.append((str(token), str(d["practitioner_id"]), Interval(start, end), patients))
+        return out
+
+    @_unavailable_on_error
+    def intents_overlapping(self, window: Interval) -> list[tuple[str, Interval, tuple[str, ...]]]:
+        """Bookings in flight (their outcome not yet known) overlapping ``window``: (practitioner, interval,
+        patients). For a backend without locks they are busy time for every other request (issue 8.1)."""
+        return [(p, i, pats) for _, p, i, pats in self._intent_rows(self._conn()) if i.overlaps(window)]
+
+    @_unavailable_on_error
+    def journal_intent_exclusive(
+        self,
+        token: str,
+        *,
+        client: str | None,
+        request_key: str | None,
+        payload: dict[str, Any],
+        now: dt.datetime,
+        practitioner_id: str,
+        patient_ids: Iterable[str],
+        interval: Interval,
+    ) -> None:
+        """``journal_intent`` for a backend that cannot lock: in ONE transaction, refuse (``HoldConflict``) when a
+        foreign hold or another booking in flight overlaps the practitioner's or a patient's time, else record the
+        intent. The in-flight intents are what stands in for the legacy lock: two requests can never both pass
+        this check before the first one's outcome is known."""
+        patients = set(patient_ids)
+        with self._tx() as conn:
+            found = self._conflicts(conn, practitioner_id, interval, now, token, client)
+            if found:
+                raise HoldConflict(practitioner_id, Interval(_dt(found[0][1]), _dt(found[0][2])))
+            own = self._patient_conflict(conn, patients, interval, now, token)
+            if own is not None:
+                raise own
+            for _token, prac, span, pats in self._intent_rows(conn):
+                if not span.overlaps(interval):
+                    continue
+                if prac == practitioner_id:
+                    raise HoldConflict(practitioner_id, span)
+                shared = patients.intersection(pats)
+                if shared:
+                    raise HoldConflict(prac, span, patient_id=sorted(shared)[0])
+            conn.execute(
+                "INSERT OR REPLACE INTO journal VALUES (?, ?, ?, ?, 'intent', NULL, ?, ?, ?)",
+                (token, client, request_key, json.dumps(payload), self.owner, _ts(now), _ts(now)),
+            )
+
     @_unavailable_on_error
     def journal_done(self, token: str, appointment_id: str, now: dt.datetime, *, release_hold: bool) -> None:
         """The legacy booking of ``token`` is committed as ``appointment_id``; its hold goes, atomically."""
@@ -842,6 +927,9 @@ class ThreadedStateStore:
 
     async def journal_get(self, token: str) -> JournalEntry | None:
         return await self._run(self._store.journal_get, token)
+
+    async def intents_overlapping(self, window: Interval) -> list[tuple[str, Interval, tuple[str, ...]]]:
+        return await self._run(self._store.intents_overlapping, window)
 
     async def calendar_version(self) -> int:
         return await self._run(self._store.calendar_version)

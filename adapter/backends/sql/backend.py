@@ -56,8 +56,12 @@ from adapter.backends.protocol import (
     AppointmentQuery,
     AvailabilityQuery,
     BackendError,
+    BookingOutcome,
     BusinessRuleViolation,
+    Capabilities,
+    ChangePublisher,
     Coding,
+    Confirmed,
     ConflictGate,
     Identifier,
     Interval,
@@ -112,6 +116,8 @@ _PATIENT_BLOCKING = ("booked", "arrived", "checked-in", "pending")
 
 class SqlBackend:
     name = "sql"
+    # Writes run under database locks and call the gate inside them; availability is computed per query.
+    capabilities = Capabilities(can_lock=True, answers_availability_queries=True, pushes_changes=False)
 
     def __init__(self, mapping: Mapping, database: Database) -> None:
         self.mapping = mapping
@@ -573,7 +579,7 @@ class SqlBackend:
         rows = query(cur, f"SELECT * FROM ({ap.select}) q WHERE {ap.filters['key']}", {"keys": [key]})
         return self.appointment_from_row(rows[0]) if rows else None
 
-    async def book(self, booking: NewBooking, gate: ConflictGate) -> Appointment:
+    async def book(self, booking: NewBooking, gate: ConflictGate) -> BookingOutcome:
         writes = self._require_writes()
         slot = booking.slot
         patient_key = self._key("Patient", booking.patient_id)
@@ -611,9 +617,9 @@ class SqlBackend:
             raise BusinessRuleViolation(
                 f"Appointment/{appt_id} was written but cannot be read back; check appointments.select"
             )
-        return appt
+        return Confirmed(appt)
 
-    async def find_booked(self, slot: SlotRequest, patient_id: str | None) -> Appointment | None:
+    async def find_booked(self, slot: SlotRequest, patient_id: str | None, placer_id: str = "") -> Appointment | None:
         """The blocking appointment that a booking of ``slot`` for ``patient_id`` wrote, if any.
 
         Used to settle a booking whose outcome is unknown (the process died or the connection broke
@@ -639,7 +645,7 @@ class SqlBackend:
 
     async def reschedule(
         self, appointment_id: str, new_slot: SlotRequest, gate: ConflictGate, comment: str | None = None
-    ) -> Appointment:
+    ) -> BookingOutcome:
         writes = self._require_writes()
         current = await self.get_appointment(appointment_id)
         if current is None:
@@ -676,9 +682,9 @@ class SqlBackend:
         appt = await self.get_appointment(appointment_id)
         if appt is None:  # pragma: no cover - deleted right after our commit
             raise NotFound(f"Appointment/{appointment_id} is not known")
-        return appt
+        return Confirmed(appt)
 
-    async def cancel(self, appointment_id: str, reason: Coding | None, reason_text: str | None) -> Appointment:
+    async def cancel(self, appointment_id: str, reason: Coding | None, reason_text: str | None) -> BookingOutcome:
         writes = self._require_writes()
         key = self._key("Appointment", appointment_id)
         reason_dict = {"system": reason.system, "code": reason.code} if reason else None
@@ -703,7 +709,7 @@ class SqlBackend:
         appt = await self.get_appointment(appointment_id)
         if appt is None:  # pragma: no cover - deleted right after our commit
             raise NotFound(f"Appointment/{appointment_id} is not known")
-        return appt
+        return Confirmed(appt)
 
     # -- existing appointments ---------------------------------------------------------------
     def appointments_from_rows(self, rows: Iterable[dict[str, Any]], warnings: list[str]) -> list[Appointment]:
@@ -770,6 +776,12 @@ class SqlBackend:
         from adapter.backends.sql.search import search_appointments
 
         return await search_appointments(self, q)
+
+    async def start(self, publish: ChangePublisher) -> None:
+        """Nothing to start: the pool connects on first use, and a database pushes no changes."""
+
+    async def stop(self) -> None:
+        await self.db.close()
 
     async def close(self) -> None:
         await self.db.close()
