@@ -218,6 +218,13 @@ class Settings(BaseSettings):
             raise ValueError("security.signing_secret or security.signing_secret_file is required")
         return self
 
+    @model_validator(mode="after")
+    def _one_siu_listener(self) -> Settings:
+        # Every worker process would bind hl7v2.listen_port for the SIU feed; only one can.
+        if self.backend.kind == "hl7v2" and self.server.workers != 1:
+            raise ValueError("backend.kind = 'hl7v2' needs server.workers = 1 (one SIU listener per adapter process)")
+        return self
+
 
 class SettingsError(ValueError):
     pass

@@ -121,3 +121,16 @@ def test_issue13_3_example_production_config_is_valid() -> None:
     s = load_settings(example, {})
     assert s.server.host == "0.0.0.0" and s.backend.database_url.startswith("odbc:DRIVER={PostgreSQL Unicode}")
     assert s.backend.mapping == example.parent / "mapping.yaml"
+
+
+def test_issue8_hl7v2_backend_runs_one_worker() -> None:
+    """Each worker would bind the SIU listener port; the settings refuse more than one."""
+    env = {
+        "SCHED_BACKEND__KIND": "hl7v2",
+        "SCHED_BACKEND__MAPPING": "/m.yaml",
+        "SCHED_SECURITY__AUTH": "off",
+        "SCHED_SECURITY__SIGNING_SECRET": "0123456789abcdef0123",
+    }
+    assert load_settings(None, env).server.workers == 1
+    with pytest.raises(SettingsError, match=r"server\.workers = 1"):
+        load_settings(None, {**env, "SCHED_SERVER__WORKERS": "2"})
