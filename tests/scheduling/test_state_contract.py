@@ -423,11 +423,14 @@ def test_issue10_1_factory_picks_the_store_by_url(stores: Stores) -> None:
     async def scenario() -> None:
         s = open_state_store(stores.url, timeout_s=5)
         try:
-            assert type(s.gate).__name__ == {
-                "sqlite": "SqliteStateStore",
-                "redis": "RedisStateStore",
-                "postgresql": "PostgresStateStore",
-            }[stores.kind]
+            assert (
+                type(s.gate).__name__
+                == {
+                    "sqlite": "SqliteStateStore",
+                    "redis": "RedisStateStore",
+                    "postgresql": "PostgresStateStore",
+                }[stores.kind]
+            )
             assert await s.calendar_version() >= 0
         finally:
             await s.close()
@@ -474,7 +477,9 @@ def test_issue10_1_redis_keys_expire_by_themselves(request: pytest.FixtureReques
     store = RedisStateStore(url)
     try:
         now = dt.datetime.now(UTC)
-        h = Hold("h1", "P1", "1", Interval(now, now + dt.timedelta(minutes=20)), now + dt.timedelta(seconds=60), "a", {})
+        h = Hold(
+            "h1", "P1", "1", Interval(now, now + dt.timedelta(minutes=20)), now + dt.timedelta(seconds=60), "a", {}
+        )
         store.place_hold(h, now)
         store.put_proposal("p1", "{}", now + dt.timedelta(seconds=60))
         plain, prefix = split_url(url)

@@ -39,7 +39,9 @@ def open_sync_store(url: str, *, timeout_s: float = DEFAULT_TIMEOUT_SECONDS) -> 
         from adapter.scheduling.stores.postgres_store import PostgresStateStore
 
         return PostgresStateStore(url, timeout_s=timeout_s)
-    raise ValueError(f"state.url {url!r}: expected sqlite:///path, redis://..., redis+sentinel://... or postgresql://...")
+    raise ValueError(
+        f"state.url {url!r}: expected sqlite:///path, redis://..., redis+sentinel://... or postgresql://..."
+    )
 
 
 def open_state_store(url: str, *, timeout_s: float = DEFAULT_TIMEOUT_SECONDS, threads: int = 4) -> ThreadedStateStore:

@@ -90,7 +90,7 @@ _JOURNAL_COLS = "token, client, request_key, payload, state, appointment_id, own
 
 
 def _unavailable_on_error(method: Callable[P, T]) -> Callable[P, T]:
-    """"Cannot now" errors (unreachable, lock or statement timeout, read-only, shutting down) -> StateUnavailable."""
+    """ "Cannot now" errors (unreachable, lock or statement timeout, read-only, shutting down) -> StateUnavailable."""
 
     @functools.wraps(method)
     def guarded(*args: P.args, **kwargs: P.kwargs) -> T:
@@ -275,7 +275,9 @@ class PostgresStateStore:
             existing = cur.fetchone()
             if existing:
                 return self._row_to_hold(existing)
-            found = [r for r in self._conflicts(cur, hold.practitioner_id, hold.interval, now, None, None) if r[0] != hold.id]
+            found = [
+                r for r in self._conflicts(cur, hold.practitioner_id, hold.interval, now, None, None) if r[0] != hold.id
+            ]
             if found:
                 raise SlotConflict(
                     f"Practitioner/{hold.practitioner_id} is already held by another client "
@@ -311,9 +313,7 @@ class PostgresStateStore:
             cur.execute("DELETE FROM sched_proposals WHERE expires_s <= %s", (t,))
             n += cur.rowcount
             cur.execute("DELETE FROM sched_idempotency WHERE created_s <= %s", (t - RETENTION_SECONDS,))
-            cur.execute(
-                "DELETE FROM sched_journal WHERE state = 'done' AND updated_s <= %s", (t - RETENTION_SECONDS,)
-            )
+            cur.execute("DELETE FROM sched_journal WHERE state = 'done' AND updated_s <= %s", (t - RETENTION_SECONDS,))
             cur.execute("DELETE FROM sched_owners WHERE expires_s <= %s", (t - RETENTION_SECONDS,))
         return n
 

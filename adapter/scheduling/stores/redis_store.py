@@ -540,7 +540,9 @@ class RedisStateStore:
 
     @_unavailable_on_error
     def journal_get(self, token: str) -> JournalEntry | None:
-        r = self.r.hmget(self._k("j", token), ["client", "rk", "payload", "state", "appt", "owner", "created", "updated"])
+        r = self.r.hmget(
+            self._k("j", token), ["client", "rk", "payload", "state", "appt", "owner", "created", "updated"]
+        )
         return self._entry(token, r) if r[3] is not None else None
 
     @_unavailable_on_error
