@@ -190,28 +190,25 @@ def test_issue10_1_concurrent_claims_exactly_one_wins(stores: Stores) -> None:
     replicas = [stores.open() for _ in range(8)]
     for rnd in range(3):
         barrier = threading.Barrier(len(replicas))
-        won: list[str] = []
-        lost: list[str] = []
-        errors: list[BaseException] = []
+        outcome: list[str | BaseException] = ["none"] * len(replicas)
 
-        def claim(i: int, replica: Any, rnd: int = rnd, barrier: threading.Barrier = barrier) -> None:
+        def claim(i: int, replica: Any, rnd: int, barrier: threading.Barrier, outcome: list[Any]) -> None:
             h = hold(f"r{rnd}-{i}", rnd * 100 + i % 3 * 5, client=f"c{i}")
             try:
                 barrier.wait(10)
                 replica.place_hold(h, NOW)
-                won.append(h.id)
+                outcome[i] = "won"
             except SlotConflict:
-                lost.append(h.id)
+                outcome[i] = "lost"
             except BaseException as exc:
-                errors.append(exc)
+                outcome[i] = exc
 
-        threads = [threading.Thread(target=claim, args=(i, r)) for i, r in enumerate(replicas)]
+        threads = [threading.Thread(target=claim, args=(i, r, rnd, barrier, outcome)) for i, r in enumerate(replicas)]
         for t in threads:
             t.start()
         for t in threads:
             t.join(30)
-        assert not errors
-        assert len(won) == 1 and len(lost) == len(replicas) - 1
+        assert sorted(map(str, outcome)) == ["lost"] * (len(replicas) - 1) + ["won"], outcome
         window = Interval(NOW, later(86400))
         assert len(replicas[0].holds_by_practitioner(["P1"], window, NOW)["P1"]) == rnd + 1
 
