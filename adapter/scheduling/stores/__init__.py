@@ -47,3 +47,28 @@ def open_sync_store(url: str, *, timeout_s: float = DEFAULT_TIMEOUT_SECONDS) -> 
 def open_state_store(url: str, *, timeout_s: float = DEFAULT_TIMEOUT_SECONDS, threads: int = 4) -> ThreadedStateStore:
     """The async ``StateStore`` for ``url`` (see ``state_url``)."""
     return ThreadedStateStore(open_sync_store(url, timeout_s=timeout_s), threads=threads, timeout_s=timeout_s)
+
+
+def secret_from_store(store: ThreadedStateStore) -> bytes:
+    """The signing secret kept in a shared store (``security.signing_secret_from_state``)."""
+    shared = getattr(store.gate, "shared_secret", None)
+    if shared is None:
+        raise ValueError("security.signing_secret_from_state needs a shared state store (state.url redis/postgresql)")
+    secret: bytes = shared()
+    return secret
+
+
+def topology_problem(legacy_url: str, state_url: str, single_host: bool) -> str | None:
+    """Why ``serve`` must refuse this combination, or None.
+
+    A legacy database reached over ODBC is a server that other hosts can reach too; with a
+    host-local state store, a replica on another host would not see this host's holds, and the
+    zero-double-booking promise would end at the machine's edge.
+    """
+    if legacy_url.startswith("odbc:") and not is_shared(state_url) and not single_host:
+        return (
+            "backend.database_url is a shared (odbc:) database but the state store is host-local "
+            f"({state_url}): replicas on other hosts would not see this host's holds. Set state.url to a shared "
+            "store (redis://... or postgresql://...), or state.single_host = true if this is the only host."
+        )
+    return None
