@@ -97,9 +97,6 @@ def _unavailable_on_error(method: Callable[P, T]) -> Callable[P, T]:
         try:
             return method(*args, **kwargs)
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-            store = args[0]
-            if isinstance(store, PostgresStateStore):
-                store._discard()
             raise StateUnavailable(f"the adapter's state store (PostgreSQL) is not available: {exc}") from exc
         except psycopg.errors.ReadOnlySqlTransaction as exc:
             raise StateUnavailable(f"the adapter's state store (PostgreSQL) is read-only: {exc}") from exc
@@ -126,14 +123,16 @@ class PostgresStateStore:
         timeout_s: float = DEFAULT_TIMEOUT_SECONDS,
         owner_lease_seconds: float = DEFAULT_OWNER_LEASE_SECONDS,
         clock: Callable[[], float] = wall_clock,
+        pool_size: int = 4,
     ) -> None:
         self.url = url
         self.lease_seconds = lease_seconds
         self.timeout_s = timeout_s
         self.owner = new_owner()
-        self._local = threading.local()
-        self._all: list[psycopg.Connection[Any]] = []
         self._guard = threading.Lock()
+        self._idle: list[psycopg.Connection[Any]] = []
+        self._slots = threading.BoundedSemaphore(pool_size)
+        self._closed = False
         self._schema_ready = False
         try:
             self._ensure_schema()
@@ -142,35 +141,54 @@ class PostgresStateStore:
         self.leases = LeaseKeeper(self._renew_lease, owner_lease_seconds, clock)
 
     # -- connections -----------------------------------------------------------------------------
-    def _conn(self) -> psycopg.Connection[Any]:
-        conn: psycopg.Connection[Any] | None = getattr(self._local, "conn", None)
-        if conn is None or conn.closed:
-            conn = psycopg.connect(self.url, autocommit=True, connect_timeout=max(1, int(remaining(self.timeout_s))))
-            self._local.conn = conn
+    # A small bounded pool shared by every thread of the process (the state pool, the backend's DB
+    # threads through the gate, the lease thread): a PostgreSQL server has a hard connection limit
+    # shared by every replica, and each call holds a connection only for its own transaction.
+    def _acquire(self) -> psycopg.Connection[Any]:
+        if not self._slots.acquire(timeout=remaining(self.timeout_s)):
+            raise StateUnavailable(
+                f"the adapter's state store (PostgreSQL) is busy: no connection free within {self.timeout_s:g} s"
+            )
+        try:
             with self._guard:
-                self._all.append(conn)
-        if not self._schema_ready:
-            self._create_schema(conn)
-        return conn
+                conn = self._idle.pop() if self._idle else None
+            if conn is None or conn.closed:
+                conn = psycopg.connect(
+                    self.url, autocommit=True, connect_timeout=max(1, int(remaining(self.timeout_s)))
+                )
+            if not self._schema_ready:
+                self._create_schema(conn)
+            return conn
+        except BaseException:
+            self._slots.release()
+            raise
 
-    def _discard(self) -> None:
-        conn: psycopg.Connection[Any] | None = getattr(self._local, "conn", None)
-        self._local.conn = None
-        if conn is not None:
-            with self._guard:
-                if conn in self._all:
-                    self._all.remove(conn)
-            conn.close()
+    def _give_back(self, conn: psycopg.Connection[Any], broken: bool) -> None:
+        try:
+            if broken or conn.closed or self._closed:
+                conn.close()
+            else:
+                with self._guard:
+                    self._idle.append(conn)
+        finally:
+            self._slots.release()
 
     @contextmanager
     def _tx(self) -> Iterator[psycopg.Cursor[Any]]:
-        conn = self._conn()
-        with conn.transaction(), conn.cursor() as cur:
-            # Lock waits and statements end with the caller's unit of work (or timeout_s).
-            ms = _ms(remaining(self.timeout_s))
-            cur.execute(f"SET LOCAL lock_timeout = {ms}")
-            cur.execute(f"SET LOCAL statement_timeout = {ms}")
-            yield cur
+        conn = self._acquire()
+        broken = False
+        try:
+            with conn.transaction(), conn.cursor() as cur:
+                # Lock waits and statements end with the caller's unit of work (or timeout_s).
+                ms = _ms(remaining(self.timeout_s))
+                cur.execute(f"SET LOCAL lock_timeout = {ms}")
+                cur.execute(f"SET LOCAL statement_timeout = {ms}")
+                yield cur
+        except (psycopg.OperationalError, psycopg.InterfaceError):
+            broken = True  # a lost or timed-out connection is not reused
+            raise
+        finally:
+            self._give_back(conn, broken)
 
     def _read(self, sql: str, params: dict[str, Any] | tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         with self._tx() as cur:
@@ -179,7 +197,7 @@ class PostgresStateStore:
 
     @_unavailable_on_error
     def _ensure_schema(self) -> None:
-        self._conn()
+        self._give_back(self._acquire(), broken=False)
 
     def _create_schema(self, conn: psycopg.Connection[Any]) -> None:
         with conn.transaction(), conn.cursor() as cur:
@@ -502,7 +520,8 @@ class PostgresStateStore:
                 cur.execute("DELETE FROM sched_owners WHERE owner = %s", (self.owner,))
         except psycopg.Error as exc:
             log.info("could not drop the owner lease (it runs out by itself): %s", exc)
+        self._closed = True
         with self._guard:
-            conns, self._all = self._all, []
+            conns, self._idle = self._idle, []
         for conn in conns:
             conn.close()
