@@ -490,3 +490,56 @@ def test_issue10_1_redis_keys_expire_by_themselves(request: pytest.FixtureReques
     finally:
         store.close()
         drop_redis_keys(url)
+
+
+def test_issue10_1_redis_sentinel_url(tmp_path: Path) -> None:
+    """``redis+sentinel://`` finds the primary through Sentinel: a throwaway primary and a throwaway
+    Sentinel (``redis-server --sentinel``) on free ports, then the store works through them."""
+    import shutil
+    import subprocess
+    import time
+
+    from serverutil import free_port, port_accepts
+
+    binary = shutil.which("redis-server")
+    assert binary, "redis-server is needed (apt-get install redis-server)"
+    primary, sentinel = free_port(), free_port()
+    conf = tmp_path / "sentinel.conf"
+    conf.write_text(
+        f"port {sentinel}\nbind 127.0.0.1\nsentinel monitor mymaster 127.0.0.1 {primary} 1\n", encoding="utf-8"
+    )
+    procs = [
+        subprocess.Popen(
+            [binary, "--port", str(primary), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        ),
+        subprocess.Popen(
+            [binary, str(conf), "--sentinel"], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        ),
+    ]
+    try:
+        deadline = time.monotonic() + 20
+        while not (port_accepts(primary) and port_accepts(sentinel)):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "redis did not start"
+            time.sleep(0.05)
+        store = RedisStateStore(f"redis+sentinel://127.0.0.1:{sentinel}/mymaster/2?key_prefix=s:", timeout_s=5)
+        try:
+            store.place_hold(hold("h1", 0), NOW)
+            with pytest.raises(SlotConflict):
+                store.place_hold(hold("h2", 5, client="b"), NOW)
+            assert store.get_hold("h1", NOW) is not None
+        finally:
+            store.close()
+        import redis
+
+        direct = redis.Redis(port=primary, db=2)
+        try:
+            assert direct.exists("s:h:h1") == 1  # it went to the primary Sentinel named, db 2
+        finally:
+            direct.close()
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(10)
