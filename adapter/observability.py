@@ -249,7 +249,7 @@ class MeasuredGate:
         self._timed("check_free", lambda: self._gate.check_free(practitioner_id, interval, now, own_hold, client))
 
     def journal_intent(
-        self, token: str, *, client: str | None, request_key: str | None, payload: dict, now: dt.datetime
+        self, token: str, *, client: str | None, request_key: str | None, payload: dict[str, Any], now: dt.datetime
     ) -> None:
         self._timed(
             "journal_intent",
@@ -415,7 +415,7 @@ def metrics_text() -> bytes:
         from prometheus_client import multiprocess
 
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # unannotated in prometheus_client
         return generate_latest(registry)
     return generate_latest(REGISTRY)
 

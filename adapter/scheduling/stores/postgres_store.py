@@ -192,7 +192,7 @@ class PostgresStateStore:
 
     def _read(self, sql: str, params: dict[str, Any] | tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         with self._tx() as cur:
-            cur.execute(sql, params)  # type: ignore[arg-type]  # psycopg's LiteralString check: sql is a constant here
+            cur.execute(sql, params)
             return cur.fetchall()
 
     @_unavailable_on_error
@@ -203,7 +203,7 @@ class PostgresStateStore:
         with conn.transaction(), conn.cursor() as cur:
             cur.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
             for stmt in _SCHEMA:
-                cur.execute(stmt)  # type: ignore[arg-type]  # constant DDL
+                cur.execute(stmt)
         self._schema_ready = True
 
     def _renew_lease(self, until_s: float) -> None:
@@ -450,7 +450,7 @@ class PostgresStateStore:
 
     @_unavailable_on_error
     def journal_intent(
-        self, token: str, *, client: str | None, request_key: str | None, payload: dict, now: dt.datetime
+        self, token: str, *, client: str | None, request_key: str | None, payload: dict[str, Any], now: dt.datetime
     ) -> None:
         t = now.timestamp()
         with self._tx() as cur:

@@ -291,7 +291,7 @@ def _ts(t: dt.datetime) -> str:
 
 
 def _dt(s: bytes | str | float) -> dt.datetime:
-    return dt.datetime.fromtimestamp(float(_s(s) if isinstance(s, bytes) else s), tz=dt.UTC)
+    return dt.datetime.fromtimestamp(float(s.decode("ascii") if isinstance(s, bytes) else s), tz=dt.UTC)
 
 
 def _client_json(client: str | None) -> str:
@@ -307,7 +307,7 @@ def split_url(url: str) -> tuple[str, str]:
     return urlunsplit(parts._replace(query=rest)), prefix
 
 
-def connect(url: str, timeout_s: float) -> redis.Redis:
+def connect(url: str, timeout_s: float) -> redis.Redis[bytes]:
     """A client for ``redis://``, ``rediss://``, ``unix://`` or ``redis+sentinel://[:pw@]h1:p1,h2:p2/service/db``."""
     options: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
     if not url.startswith("redis+sentinel://"):
@@ -547,7 +547,7 @@ class RedisStateStore:
 
     @_unavailable_on_error
     def journal_intent(
-        self, token: str, *, client: str | None, request_key: str | None, payload: dict, now: dt.datetime
+        self, token: str, *, client: str | None, request_key: str | None, payload: dict[str, Any], now: dt.datetime
     ) -> None:
         key = self._k("j", token)
         with self.r.pipeline(transaction=True) as pipe:
