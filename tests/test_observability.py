@@ -165,6 +165,11 @@ def test_issue10_3_readyz_fails_when_the_legacy_database_is_down(
     assert resp.status_code == 503
     checks = resp.json()["checks"]
     assert checks["legacy"] != "ok" and checks["state"] == "ok" and checks["mapping"] == "ok"
+    before = scrape(base)
+    assert httpx.post(f"{base}/fhir/Appointment/$find", json=find_body(), timeout=30).status_code == 503
+    after = scrape(base)
+    assert value(after, "sched_legacy_errors_total") > value(before, "sched_legacy_errors_total")
+    assert value(after, "sched_request_duration_seconds_count", transaction="find", status="503") == 1
 
 
 def test_issue10_3_readyz_fails_when_redis_is_down(
