@@ -72,7 +72,7 @@ class Stores:
         """Move the shared lease clock; live replicas' heartbeats renew at once (as they would by then)."""
         self.now = t.timestamp()
         for store in self.opened:
-            if hasattr(store, "leases"):
+            if hasattr(store, "leases") and store.leases.running:
                 store.leases.renew_now()
 
     def open(self, *, clock: Callable[[], float] | None = None) -> Any:
@@ -543,3 +543,42 @@ def test_issue10_1_redis_sentinel_url(tmp_path: Path) -> None:
         for p in procs:
             p.terminate()
             p.wait(10)
+
+
+@pytest.mark.parametrize("kind", ["redis", "postgresql"])
+def test_issue10_2_leases_of_long_gone_replicas_are_forgotten(kind: str, request: pytest.FixtureRequest) -> None:
+    url = (
+        redis_state_url(request.getfixturevalue("redis_url"), "gone")
+        if kind == "redis"
+        else pg_state_url(request.getfixturevalue("fresh_db")("postgresql", "gone"))
+    )
+    made = Stores(kind, url)
+    try:
+        gone, alive = made.open(), made.open()
+        gone.leases.stop()  # killed: its lease is never dropped
+        alive.sweep(later(3600))
+        assert alive.idempotency_begin("c", "k", "book", "h", NOW) is None  # sanity: the store works
+        made.set_time(later(2 * 86400))  # the live replica's heartbeat goes on; the dead one's does not
+        alive.sweep(later(2 * 86400))
+        owners = _owners(kind, url)
+        assert alive.owner in owners and gone.owner not in owners
+    finally:
+        made.close_all()
+        if kind == "redis":
+            drop_redis_keys(url)
+
+
+def _owners(kind: str, url: str) -> set[str]:
+    if kind == "redis":
+        import redis
+
+        plain, prefix = split_url(url)
+        client = redis.Redis.from_url(plain, decode_responses=True)
+        try:
+            return set(client.hkeys(f"{prefix}owners"))
+        finally:
+            client.close()
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        return {row[0] for row in conn.execute("SELECT owner FROM sched_owners").fetchall()}

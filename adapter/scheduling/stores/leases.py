@@ -45,6 +45,10 @@ class LeaseKeeper:
         self._thread = threading.Thread(target=self._run, name="adapter-state-lease", daemon=True)
         self._thread.start()
 
+    @property
+    def running(self) -> bool:
+        return not self._stop.is_set()
+
     def renew_now(self) -> None:
         self._renew(self._clock() + self.seconds)
 

@@ -141,7 +141,7 @@ end
 return out
 """
 
-# KEYS: hx, px. ARGV: prefix, now. Returns how many holds and proposals went.
+# KEYS: hx, px, owners. ARGV: prefix, now, retention. Returns how many holds and proposals went.
 _SWEEP = (
     _RELEASE
     + """
@@ -161,6 +161,11 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[2])) do
   redis.call('DEL', ARGV[1] .. 'p:' .. id)
   redis.call('ZREM', KEYS[2], id)
   n = n + 1
+end
+-- Leases of processes gone for a day (killed: nobody dropped them) are forgotten.
+local owners = redis.call('HGETALL', KEYS[3])
+for i = 1, #owners, 2 do
+  if tonumber(owners[i + 1]) <= tonumber(ARGV[2]) - tonumber(ARGV[3]) then redis.call('HDEL', KEYS[3], owners[i]) end
 end
 return n
 """
@@ -460,7 +465,11 @@ class RedisStateStore:
 
     @_unavailable_on_error
     def sweep(self, now: dt.datetime) -> int:
-        return int(self._sweep(keys=[self._k("hx"), self._k("px")], args=[self.prefix, _ts(now)]))
+        return int(
+            self._sweep(
+                keys=[self._k("hx"), self._k("px"), self._k("owners")], args=[self.prefix, _ts(now), RETENTION_SECONDS]
+            )
+        )
 
     # -- stored proposals ----------------------------------------------------------------------
     @_unavailable_on_error
