@@ -270,6 +270,21 @@ def test_issue10_2_an_idempotent_replay_on_another_replica_returns_the_stored_an
     asyncio.run(scenario())
 
 
+def test_issue10_2_a_search_cursor_from_one_replica_pages_on_another(cluster: Cluster) -> None:
+    """Paging cursors are signed with the shared secret: replica 0's ``next`` link works on replica 2."""
+    with httpx.Client(timeout=60) as c:
+        first = c.get(f"{cluster.bases[0]}/Appointment", params={"patient": "1", "_count": "2"})
+        assert first.status_code == 200, first.text
+        nxt = next(lk["url"] for lk in first.json()["link"] if lk["relation"] == "next")
+        assert nxt.startswith(cluster.bases[0])
+        here = c.get(nxt)
+        there = c.get(cluster.bases[2] + nxt[len(cluster.bases[0]) :])
+        assert there.status_code == 200, there.text
+        ids = [e["resource"]["id"] for e in there.json()["entry"] if e["search"]["mode"] == "match"]
+        assert ids == [e["resource"]["id"] for e in here.json()["entry"] if e["search"]["mode"] == "match"]
+        assert ids and not set(ids) & {e["resource"]["id"] for e in first.json()["entry"]}
+
+
 def test_issue10_2_killing_a_replica_mid_storm_loses_no_acknowledged_booking(cluster: Cluster) -> None:
     """Runs last in the module: replica 2 is SIGKILLed after 30 answers of a 100-client storm."""
 
