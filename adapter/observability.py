@@ -248,6 +248,12 @@ class MeasuredGate:
     ) -> None:
         self._timed("check_free", lambda: self._gate.check_free(practitioner_id, interval, now, own_hold, client))
 
+    def check_patient_free(
+        self, patient_ids: Iterable[str], interval: Interval, now: dt.datetime, own_hold: str | None
+    ) -> None:
+        ids = tuple(patient_ids)
+        self._timed("check_patient_free", lambda: self._gate.check_patient_free(ids, interval, now, own_hold))
+
     def journal_intent(
         self, token: str, *, client: str | None, request_key: str | None, payload: dict[str, Any], now: dt.datetime
     ) -> None:
@@ -303,6 +309,13 @@ class MeasuredStateStore:
         found: Hold | None = await self._timed("get_hold", lambda: self._store.get_hold(hold_id, now))
         if found is not None:
             self._held.add(hold_id)
+        return found
+
+    async def holds_by_patient(self, patient_ids: Iterable[str], window: Interval, now: dt.datetime) -> list[Interval]:
+        ids = tuple(patient_ids)
+        found: list[Interval] = await self._timed(
+            "holds_by_patient", lambda: self._store.holds_by_patient(ids, window, now)
+        )
         return found
 
     async def release(self, hold_id: str) -> None:

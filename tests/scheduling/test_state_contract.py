@@ -22,6 +22,7 @@ from adapter.backends.protocol import Interval, SlotConflict
 from adapter.scheduling.state import (
     DEFAULT_LEASE_SECONDS,
     Hold,
+    HoldConflict,
     IdempotencyInProgress,
     IdempotencyMismatch,
     SqliteStateStore,
@@ -41,9 +42,18 @@ OWNER_LEASE = 30.0
 
 
 def hold(
-    hid: str, start_min: int, minutes: int = 20, client: str | None = "a", prac: str = "P1", expires_in: int = 300
+    hid: str,
+    start_min: int,
+    minutes: int = 20,
+    client: str | None = "a",
+    prac: str = "P1",
+    expires_in: int = 300,
+    patients: tuple[str, ...] = (),
 ) -> Hold:
     start = NOW + dt.timedelta(hours=1, minutes=start_min)
+    payload: dict[str, Any] = {"id": hid}
+    if patients:
+        payload["patient_ids"] = list(patients)  # where the domain puts them (see ``proposal_to_dict``)
     return Hold(
         hid,
         prac,
@@ -51,7 +61,7 @@ def hold(
         Interval(start, start + dt.timedelta(minutes=minutes)),
         NOW + dt.timedelta(seconds=expires_in),
         client,
-        {"id": hid},
+        payload,
     )
 
 
@@ -183,6 +193,132 @@ def test_issue10_1_holds_by_practitioner_window(store: SyncStateStore) -> None:
     got = store.holds_by_practitioner(["P1", "P2", "P3"], Interval(NOW, later(86400)), NOW)
     assert got == {"P1": [h1], "P2": [hold("h2", 120).interval]}
     assert store.holds_by_practitioner([], Interval(NOW, later(86400)), NOW) == {}
+
+
+def test_issue10_1_conflicts_are_hold_conflicts(store: SyncStateStore) -> None:
+    """Every store raises HoldConflict (the facts, not a UTC message), so the domain can state the
+    times in the mapping's zone."""
+    store.place_hold(hold("h1", 0), NOW)
+    with pytest.raises(HoldConflict) as placed:
+        store.place_hold(hold("h2", 10, client="b"), NOW)
+    assert placed.value.practitioner_id == "P1" and placed.value.interval == hold("h1", 0).interval
+    assert placed.value.patient_id is None
+    with pytest.raises(HoldConflict) as checked:
+        store.check_free("P1", hold("x", 5).interval, NOW, own_hold=None, client="b")
+    assert checked.value.practitioner_id == "P1" and checked.value.interval == hold("h1", 0).interval
+
+
+# --------------------------------------------------------------------------------------------------
+# A patient's holds (issue 7.1): one patient, one place at a time, whoever the practitioner
+# --------------------------------------------------------------------------------------------------
+def test_issue7_1_patient_hold_refuses_another_practitioner_at_an_overlapping_time(stores: Stores) -> None:
+    a, b = stores.open(), stores.open()
+    a.place_hold(hold("h1", 0, prac="P1", patients=("5",)), NOW)
+    with pytest.raises(HoldConflict) as refused:
+        b.place_hold(hold("h2", 10, prac="P2", client="b", patients=("5",)), NOW)
+    assert refused.value.patient_id == "5" and refused.value.practitioner_id == "P1"
+    assert refused.value.interval == hold("h1", 0).interval
+    assert "Patient/5" in refused.value.describe(UTC)
+    with pytest.raises(HoldConflict) as by_one_of_them:
+        b.place_hold(hold("h3", -10, prac="P3", client="a", patients=("7", "5")), NOW)  # the same client too
+    assert by_one_of_them.value.patient_id == "5"
+    # Adjacent, another patient, or a hold for no patient: all free.
+    assert b.place_hold(hold("h4", 20, prac="P2", patients=("5",)), NOW).id == "h4"
+    assert b.place_hold(hold("h5", 0, prac="P2", patients=("6",)), NOW).id == "h5"
+    assert b.place_hold(hold("h6", 0, prac="P3"), NOW).id == "h6"
+    # The refused holds left nothing behind: patient 7 is free at that time.
+    assert b.holds_by_patient(["7"], Interval(NOW, later(86400)), NOW) == []
+    b.check_patient_free(["7"], hold("h3", -10).interval, NOW, own_hold=None)
+    # Placing the same id again returns the existing hold, not a conflict with itself.
+    assert a.place_hold(hold("h1", 0, prac="P1", patients=("5",)), later(1)).id == "h1"
+
+
+def test_issue7_1_check_patient_free_own_hold_release_and_expiry(stores: Stores) -> None:
+    a, b = stores.open(), stores.open()
+    a.place_hold(hold("h1", 0, prac="P1", expires_in=60, patients=("5", "8")), NOW)
+    iv = hold("x", 10, prac="P2").interval
+    b.check_patient_free(["5"], iv, NOW, own_hold="h1")  # booking its own hold
+    for pats in (["5"], ["8"], ["9", "8"]):
+        with pytest.raises(HoldConflict) as refused:
+            b.check_patient_free(pats, iv, NOW, own_hold=None)
+        assert refused.value.patient_id == pats[-1] and refused.value.practitioner_id == "P1"
+    with pytest.raises(HoldConflict):
+        b.check_patient_free(["5"], iv, NOW, own_hold="another")
+    b.check_patient_free(["6"], iv, NOW, own_hold=None)
+    b.check_patient_free([], iv, NOW, own_hold=None)
+    b.check_patient_free(["5"], hold("x", 20).interval, NOW, own_hold=None)  # adjacent
+    # Expiry frees the patient for every replica, before any sweep ran.
+    with pytest.raises(HoldConflict):
+        b.check_patient_free(["5"], iv, later(59), own_hold=None)
+    b.check_patient_free(["5"], iv, later(60), own_hold=None)
+    assert b.place_hold(hold("h2", 10, prac="P2", patients=("5",)), later(60)).id == "h2"
+    # Release frees it too.
+    with pytest.raises(HoldConflict):
+        a.check_patient_free(["5"], iv, later(61), own_hold=None)
+    a.release("h2")
+    a.check_patient_free(["5"], iv, later(61), own_hold=None)
+    assert a.holds_by_patient(["5", "8"], Interval(NOW, later(86400)), later(61)) == []
+
+
+def test_issue7_1_an_expired_hold_id_reused_for_another_patient(stores: Stores) -> None:
+    """A proposal id is a hold id: placed again after expiry, for another patient, the first
+    patient is no longer held by it."""
+    a, b = stores.open(), stores.open()
+    a.place_hold(hold("h1", 0, expires_in=60, patients=("5",)), NOW)
+    a.place_hold(hold("h1", 0, expires_in=600, patients=("6",)), later(61))
+    window = Interval(NOW, later(86400))
+    assert b.holds_by_patient(["5"], window, later(62)) == []
+    assert b.holds_by_patient(["6"], window, later(62)) == [hold("h1", 0).interval]
+    b.check_patient_free(["5"], hold("h1", 0).interval, later(62), own_hold=None)
+    assert b.place_hold(hold("h2", 0, prac="P2", patients=("5",)), later(62)).id == "h2"
+
+
+def test_issue7_1_holds_by_patient(stores: Stores) -> None:
+    a, b = stores.open(), stores.open()
+    a.place_hold(hold("h1", 0, prac="P1", patients=("5",)), NOW)
+    a.place_hold(hold("h2", 120, prac="P2", expires_in=60, patients=("5", "6")), NOW)
+    a.place_hold(hold("h3", 240, prac="P3", patients=("6",)), NOW)
+    a.place_hold(hold("h4", 0, prac="P4"), NOW)
+    h1, h2, h3 = hold("h1", 0).interval, hold("h2", 120).interval, hold("h3", 240).interval
+    day = Interval(NOW, later(86400))
+    assert sorted(b.holds_by_patient(["5"], day, NOW), key=lambda i: i.start) == [h1, h2]
+    assert sorted(b.holds_by_patient(["6"], day, NOW), key=lambda i: i.start) == [h2, h3]
+    assert b.holds_by_patient(["7"], day, NOW) == []
+    assert b.holds_by_patient([], day, NOW) == []
+    assert b.holds_by_patient(["5"], Interval(h1.end, h2.start), NOW) == []  # the window is half-open
+    assert b.holds_by_patient(["5"], Interval(NOW, h1.start + dt.timedelta(minutes=1)), NOW) == [h1]
+    assert b.holds_by_patient(["5"], day, later(60)) == [h1]  # h2 expired
+    a.journal_intent("h1", client="a", request_key=None, payload={"n": 1}, now=NOW)
+    a.journal_done("h1", "APPT1", later(1), release_hold=True)
+    assert b.holds_by_patient(["5"], day, later(1)) == [h2]
+    assert a.sweep(later(400)) >= 1
+    assert b.holds_by_patient(["5", "6"], day, later(400)) == []
+
+
+def test_issue7_1_concurrent_holds_of_one_patient_exactly_one_wins(stores: Stores) -> None:
+    """Eight replicas race to hold one patient with eight practitioners at overlapping times."""
+    replicas = [stores.open() for _ in range(8)]
+    barrier = threading.Barrier(len(replicas))
+    outcome: list[str | BaseException] = ["none"] * len(replicas)
+
+    def claim(i: int, replica: Any) -> None:
+        h = hold(f"p{i}", i % 3 * 5, prac=f"P{i}", client=f"c{i}", patients=("5",))
+        try:
+            barrier.wait(10)
+            replica.place_hold(h, NOW)
+            outcome[i] = "won"
+        except HoldConflict:
+            outcome[i] = "lost"
+        except BaseException as exc:
+            outcome[i] = exc
+
+    threads = [threading.Thread(target=claim, args=(i, r)) for i, r in enumerate(replicas)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(map(str, outcome)) == ["lost"] * (len(replicas) - 1) + ["won"], outcome
+    assert len(replicas[0].holds_by_patient(["5"], Interval(NOW, later(86400)), NOW)) == 1
 
 
 def test_issue10_1_concurrent_claims_exactly_one_wins(stores: Stores) -> None:

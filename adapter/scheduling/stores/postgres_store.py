@@ -37,12 +37,13 @@ from typing import Any, ParamSpec, TypeVar
 
 import psycopg
 
-from adapter.backends.protocol import Interval, SlotConflict
+from adapter.backends.protocol import Interval
 from adapter.deadline import remaining
 from adapter.scheduling.state import (
     DEFAULT_LEASE_SECONDS,
     DEFAULT_TIMEOUT_SECONDS,
     Hold,
+    HoldConflict,
     IdempotencyInProgress,
     IdempotencyMismatch,
     JournalEntry,
@@ -66,6 +67,16 @@ _SCHEMA = [
   client TEXT, payload TEXT NOT NULL)""",
     "CREATE INDEX IF NOT EXISTS sched_holds_prac ON sched_holds (practitioner_id, start_s)",
     "CREATE INDEX IF NOT EXISTS sched_holds_exp ON sched_holds (expires_s)",
+    # The patients a hold is for (empty: a proposal issued without a patient), so a patient's holds
+    # block that patient's other bookings whoever the practitioner; GIN answers "holds of patient X".
+    # Checked first: an ALTER TABLE locks the table exclusively even when it finds nothing to do.
+    """DO $$ BEGIN
+  IF NOT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema()
+                 AND table_name = 'sched_holds' AND column_name = 'patients') THEN
+    ALTER TABLE sched_holds ADD COLUMN patients TEXT[] NOT NULL DEFAULT '{}';
+  END IF;
+END $$""",
+    "CREATE INDEX IF NOT EXISTS sched_holds_patients ON sched_holds USING GIN (patients)",
     """CREATE TABLE IF NOT EXISTS sched_proposals (
   id TEXT PRIMARY KEY, payload TEXT NOT NULL, expires_s DOUBLE PRECISION NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS sched_idempotency (
@@ -240,7 +251,7 @@ class PostgresStateStore:
         return out
 
     def _row_to_hold(self, row: tuple[Any, ...]) -> Hold:
-        hid, prac, loc, s, e, x, client, payload = row
+        hid, prac, loc, s, e, x, client, payload = row[:8]
         return Hold(hid, prac, loc, Interval(_dt(s), _dt(e)), _dt(x), client, json.loads(payload))
 
     @_unavailable_on_error
@@ -278,17 +289,69 @@ class PostgresStateStore:
         with self._tx() as cur:
             found = self._conflicts(cur, practitioner_id, interval, now, own_hold, client)
         if found:
-            raise SlotConflict(
-                f"Practitioner/{practitioner_id} is held by another client from "
-                f"{_dt(found[0][1]).isoformat()} to {_dt(found[0][2]).isoformat()}"
+            raise HoldConflict(practitioner_id, Interval(_dt(found[0][1]), _dt(found[0][2])))
+
+    def _patient_conflict(
+        self,
+        cur: psycopg.Cursor[Any],
+        patient_ids: Iterable[str],
+        interval: Interval,
+        now: dt.datetime,
+        own_hold: str | None,
+    ) -> HoldConflict | None:
+        for pid in patient_ids:
+            cur.execute(
+                "SELECT practitioner_id, start_s, end_s FROM sched_holds WHERE patients @> ARRAY[%s]::text[] "
+                "AND expires_s > %s AND start_s < %s AND end_s > %s AND id IS DISTINCT FROM %s "
+                "ORDER BY start_s LIMIT 1",
+                (pid, now.timestamp(), interval.end.timestamp(), interval.start.timestamp(), own_hold),
             )
+            row = cur.fetchone()
+            if row:
+                return HoldConflict(row[0], Interval(_dt(row[1]), _dt(row[2])), patient_id=pid)
+        return None
+
+    @_unavailable_on_error
+    def check_patient_free(
+        self, patient_ids: Iterable[str], interval: Interval, now: dt.datetime, own_hold: str | None
+    ) -> None:
+        """No active hold for any of these patients overlaps ``interval`` (except ``own_hold``).
+
+        Call inside the legacy lock (the backend locks the patient too), like ``check_free``."""
+        pats = [str(p) for p in patient_ids]
+        if not pats:
+            return
+        with self._tx() as cur:
+            found = self._patient_conflict(cur, pats, interval, now, own_hold)
+        if found is not None:
+            raise found
+
+    @_unavailable_on_error
+    def holds_by_patient(self, patient_ids: Iterable[str], window: Interval, now: dt.datetime) -> list[Interval]:
+        out: list[Interval] = []
+        pats = [str(p) for p in patient_ids]
+        if not pats:
+            return out
+        with self._tx() as cur:
+            for pid in pats:
+                cur.execute(
+                    "SELECT start_s, end_s FROM sched_holds WHERE patients @> ARRAY[%s]::text[] AND expires_s > %s "
+                    "AND start_s < %s AND end_s > %s",
+                    (pid, now.timestamp(), window.end.timestamp(), window.start.timestamp()),
+                )
+                out.extend(Interval(_dt(s), _dt(e)) for s, e in cur.fetchall())
+        return out
 
     @_unavailable_on_error
     def place_hold(self, hold: Hold, now: dt.datetime) -> Hold:
         """Insert ``hold``; an active hold with the same id is returned unchanged (no extension)."""
+        patient_ids = [str(p) for p in hold.payload.get("patient_ids") or ()]
+        # Serialises hold placement per practitioner and per patient across every replica until this
+        # commits. Taken in one sorted order, so two placements sharing locks cannot deadlock.
+        locks = sorted({hold.practitioner_id, *(f"Patient/{p}" for p in patient_ids)})
         with self._tx() as cur:
-            # Serialises hold placement per practitioner across every replica until this commits.
-            cur.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (hold.practitioner_id,))
+            for name in locks:
+                cur.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (name,))
             cur.execute("SELECT * FROM sched_holds WHERE id = %s AND expires_s > %s", (hold.id, now.timestamp()))
             existing = cur.fetchone()
             if existing:
@@ -297,13 +360,14 @@ class PostgresStateStore:
                 r for r in self._conflicts(cur, hold.practitioner_id, hold.interval, now, None, None) if r[0] != hold.id
             ]
             if found:
-                raise SlotConflict(
-                    f"Practitioner/{hold.practitioner_id} is already held by another client "
-                    f"between {_dt(found[0][1]).isoformat()} and {_dt(found[0][2]).isoformat()}"
-                )
+                raise HoldConflict(hold.practitioner_id, Interval(_dt(found[0][1]), _dt(found[0][2])))
+            own = self._patient_conflict(cur, patient_ids, hold.interval, now, hold.id)
+            if own is not None:
+                raise own
             cur.execute("DELETE FROM sched_holds WHERE id = %s", (hold.id,))
             cur.execute(
-                "INSERT INTO sched_holds VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+                "INSERT INTO sched_holds (id, practitioner_id, location_id, start_s, end_s, expires_s, client, "
+                "payload, patients) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
                 (
                     hold.id,
                     hold.practitioner_id,
@@ -313,6 +377,7 @@ class PostgresStateStore:
                     hold.expires_at.timestamp(),
                     hold.client,
                     json.dumps(hold.payload),
+                    patient_ids,
                 ),
             )
         return hold

@@ -17,7 +17,9 @@ How the guarantees of ``SqliteStateStore`` carry over:
   PUBLISHed on ``<prefix>calendar`` for whoever wants to listen.
 
 Keys (all under ``key_prefix``, default ``sched:``): ``h:<id>`` hold hash, ``hp:<practitioner>``
-zset of hold ids by start, ``hx`` zset of ``practitioner\\n id`` by expiry, ``p:<id>`` proposal,
+zset of hold ids by start, ``hx`` zset of ``practitioner\\n id`` by expiry, ``hpat:<patient>``
+zset of the ids of a patient's holds by start (a hold's patients are in its ``pats`` field, a JSON
+list), ``p:<id>`` proposal,
 ``px`` zset of proposal ids by expiry, ``i:<n>:<client>:<key>`` idempotency hash, ``j:<token>``
 journal hash, ``ji`` zset of intent tokens by last update, ``owners`` hash of owner leases,
 ``calendar`` version, ``secret`` the shared signing secret.
@@ -43,11 +45,12 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import redis
 import redis.sentinel
 
-from adapter.backends.protocol import Interval, SlotConflict
+from adapter.backends.protocol import Interval
 from adapter.scheduling.state import (
     DEFAULT_LEASE_SECONDS,
     DEFAULT_TIMEOUT_SECONDS,
     Hold,
+    HoldConflict,
     IdempotencyInProgress,
     IdempotencyMismatch,
     JournalEntry,
@@ -77,17 +80,46 @@ end
 _RELEASE = """
 local function release(prefix, id)
   local h = prefix .. 'h:' .. id
-  local prac = redis.call('HGET', h, 'prac')
-  if prac then
-    redis.call('ZREM', prefix .. 'hp:' .. prac, id)
-    redis.call('ZREM', prefix .. 'hx', prac .. '\\n' .. id)
+  local v = redis.call('HMGET', h, 'prac', 'pats')
+  if v[1] then
+    redis.call('ZREM', prefix .. 'hp:' .. v[1], id)
+    redis.call('ZREM', prefix .. 'hx', v[1] .. '\\n' .. id)
+  end
+  if v[2] then
+    for _, pid in ipairs(cjson.decode(v[2])) do redis.call('ZREM', prefix .. 'hpat:' .. pid, id) end
   end
   redis.call('DEL', h)
 end
 """
 
-# KEYS: h:<id>, hp:<prac>, hx. ARGV: prefix, id, prac, loc, s, e, x, client(json), payload, now, grace
-_PLACE_HOLD = """
+# The first active hold (by start) of these patients overlapping s..e, other than `own`; ids whose
+# hash is gone (its TTL ran out) are dropped from the index on the way.
+_PATIENT_CONFLICT = """
+local function patient_conflict(prefix, pats, s, e, now, own)
+  for _, pid in ipairs(pats) do
+    local key = prefix .. 'hpat:' .. pid
+    for _, id in ipairs(redis.call('ZRANGEBYSCORE', key, '-inf', '(' .. e)) do
+      if id ~= own then
+        local v = redis.call('HMGET', prefix .. 'h:' .. id, 's', 'e', 'x', 'prac')
+        if not v[3] then
+          redis.call('ZREM', key, id)
+        elseif tonumber(v[3]) > now and tonumber(v[2]) > s then
+          return {v[4], v[1], v[2], pid}
+        end
+      end
+    end
+  end
+  return nil
+end
+"""
+
+# KEYS: h:<id>, hp:<prac>, hx. ARGV: prefix, id, prac, loc, s, e, x, client(json), payload, now, grace,
+# patients(json list). Returns {0} placed, {1, fields} existing, {2, s, e} practitioner conflict,
+# {3, prac, s, e, patient} patient conflict.
+_PLACE_HOLD = (
+    _RELEASE
+    + _PATIENT_CONFLICT
+    + """
 local now = tonumber(ARGV[10])
 local existing = redis.call('HGET', KEYS[1], 'x')
 if existing and tonumber(existing) > now then
@@ -104,14 +136,25 @@ for _, other in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[
     end
   end
 end
-redis.call('DEL', KEYS[1])
+local pats = cjson.decode(ARGV[12])
+local found = patient_conflict(ARGV[1], pats, s, ARGV[6], now, ARGV[2])
+if found then return {3, found[1], found[2], found[3], found[4]} end
+release(ARGV[1], ARGV[2])  -- an expired hold of the same slot, out of every index
+local life = math.floor((tonumber(ARGV[7]) - now + tonumber(ARGV[11])) * 1000)
 redis.call('HSET', KEYS[1], 'prac', ARGV[3], 'loc', ARGV[4], 's', ARGV[5], 'e', ARGV[6], 'x', ARGV[7],
-           'client', ARGV[8], 'payload', ARGV[9])
-redis.call('PEXPIRE', KEYS[1], math.floor((tonumber(ARGV[7]) - now + tonumber(ARGV[11])) * 1000))
+           'client', ARGV[8], 'payload', ARGV[9], 'pats', ARGV[12])
+redis.call('PEXPIRE', KEYS[1], life)
 redis.call('ZADD', KEYS[2], s, ARGV[2])
 redis.call('ZADD', KEYS[3], ARGV[7], ARGV[3] .. '\\n' .. ARGV[2])
+for _, pid in ipairs(pats) do
+  local key = ARGV[1] .. 'hpat:' .. pid
+  redis.call('ZADD', key, s, ARGV[2])
+  -- A patient's index lives as long as its longest hold, so patients seen once leave no key behind.
+  if redis.call('PTTL', key) < life then redis.call('PEXPIRE', key, life) end
+end
 return {0}
 """
+)
 
 # KEYS: hp:<prac>. ARGV: prefix, s, e, now, own_hold, client(json). Returns {} or {s, e} of a conflict.
 _CONFLICT = """
@@ -124,6 +167,31 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[3])
   end
 end
 return {}
+"""
+
+# ARGV: prefix, s, e, now, own_hold, patients(json list). Returns {} or {prac, s, e, patient}.
+_PATIENT_CHECK = (
+    _PATIENT_CONFLICT
+    + """
+local found = patient_conflict(ARGV[1], cjson.decode(ARGV[6]), tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]), ARGV[5])
+if found then return found end
+return {}
+"""
+)
+
+# KEYS: hpat:<patient>... ARGV: prefix, s, e, now. Returns {s, e, ...} per patient in KEYS order.
+_HOLDS_BY_PATIENT = """
+local s, now = tonumber(ARGV[2]), tonumber(ARGV[4])
+local out = {}
+for _, key in ipairs(KEYS) do
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', key, '-inf', '(' .. ARGV[3])) do
+    local v = redis.call('HMGET', ARGV[1] .. 'h:' .. id, 's', 'e', 'x')
+    if v[3] and tonumber(v[3]) > now and tonumber(v[2]) > s then
+      table.insert(out, v[1]); table.insert(out, v[2])
+    end
+  end
+end
+return out
 """
 
 # KEYS: hp:<prac>... ARGV: prefix, s, e, now. Returns {index, s, e, ...} (index into KEYS, 1-based).
@@ -151,7 +219,7 @@ for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])) d
   local prac, id = string.sub(member, 1, cut - 1), string.sub(member, cut + 1)
   local x = redis.call('HGET', ARGV[1] .. 'h:' .. id, 'x')
   if not x or tonumber(x) <= tonumber(ARGV[2]) then
-    redis.call('DEL', ARGV[1] .. 'h:' .. id)
+    release(ARGV[1], id)
     redis.call('ZREM', ARGV[1] .. 'hp:' .. prac, id)
   end
   redis.call('ZREM', KEYS[1], member)
@@ -353,6 +421,8 @@ class RedisStateStore:
         self._place = self.r.register_script(_PLACE_HOLD)
         self._conflict = self.r.register_script(_CONFLICT)
         self._by_prac = self.r.register_script(_HOLDS_BY_PRAC)
+        self._patient_check = self.r.register_script(_PATIENT_CHECK)
+        self._by_patient = self.r.register_script(_HOLDS_BY_PATIENT)
         self._sweep = self.r.register_script(_SWEEP)
         self._release = self.r.register_script(_RELEASE_SCRIPT)
         self._idem_begin = self.r.register_script(_IDEM_BEGIN)
@@ -425,10 +495,35 @@ class RedisStateStore:
             args=[self.prefix, _ts(interval.start), _ts(interval.end), _ts(now), own_hold or "", _client_json(client)],
         )
         if found:
-            raise SlotConflict(
-                f"Practitioner/{practitioner_id} is held by another client from "
-                f"{_dt(found[0]).isoformat()} to {_dt(found[1]).isoformat()}"
-            )
+            raise HoldConflict(practitioner_id, Interval(_dt(found[0]), _dt(found[1])))
+
+    @_unavailable_on_error
+    def check_patient_free(
+        self, patient_ids: Iterable[str], interval: Interval, now: dt.datetime, own_hold: str | None
+    ) -> None:
+        """No active hold for any of these patients overlaps ``interval`` (except ``own_hold``).
+
+        Call inside the legacy lock (the backend locks the patient too), like ``check_free``."""
+        pats = [str(p) for p in patient_ids]
+        if not pats:
+            return
+        found = self._patient_check(
+            keys=[],
+            args=[self.prefix, _ts(interval.start), _ts(interval.end), _ts(now), own_hold or "", json.dumps(pats)],
+        )
+        if found:
+            raise HoldConflict(_s(found[0]) or "", Interval(_dt(found[1]), _dt(found[2])), patient_id=_s(found[3]))
+
+    @_unavailable_on_error
+    def holds_by_patient(self, patient_ids: Iterable[str], window: Interval, now: dt.datetime) -> list[Interval]:
+        pats = [str(p) for p in patient_ids]
+        if not pats:
+            return []
+        flat = self._by_patient(
+            keys=[self._k("hpat", p) for p in pats],
+            args=[self.prefix, _ts(window.start), _ts(window.end), _ts(now)],
+        )
+        return [Interval(_dt(flat[i]), _dt(flat[i + 1])) for i in range(0, len(flat), 2)]
 
     @_unavailable_on_error
     def place_hold(self, hold: Hold, now: dt.datetime) -> Hold:
@@ -447,16 +542,16 @@ class RedisStateStore:
                 json.dumps(hold.payload),
                 _ts(now),
                 GRACE_SECONDS,
+                json.dumps([str(p) for p in hold.payload.get("patient_ids") or ()]),
             ],
         )
         if result[0] == 1:
             flat = result[1]
             return self._hold_from(hold.id, dict(zip(flat[::2], flat[1::2], strict=True)))
         if result[0] == 2:
-            raise SlotConflict(
-                f"Practitioner/{hold.practitioner_id} is already held by another client "
-                f"between {_dt(result[1]).isoformat()} and {_dt(result[2]).isoformat()}"
-            )
+            raise HoldConflict(hold.practitioner_id, Interval(_dt(result[1]), _dt(result[2])))
+        if result[0] == 3:
+            raise HoldConflict(_s(result[1]) or "", Interval(_dt(result[2]), _dt(result[3])), patient_id=_s(result[4]))
         return hold
 
     @_unavailable_on_error
