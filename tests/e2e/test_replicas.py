@@ -55,21 +55,24 @@ class Cluster:
         self.used: set[tuple[str | None, str]] = set()
 
     async def free_slots(self, n: int, days: tuple[int, int], via: int = 0) -> list[dict[str, Any]]:
-        """``n`` proposals (through replica ``via``) no two of which overlap, none raced for before."""
+        """``n`` proposals (through replica ``via``) no two of which overlap, none raced for before.
+
+        No overlap across practitioners either: every proposal is for one patient (``find_body``'s
+        Patient/7), and a patient cannot be booked twice at one time (issue 7.1)."""
         async with httpx.AsyncClient(timeout=60) as client:
             resp = await client.post(
                 f"{self.bases[via]}/Appointment/$find", json=find_body(days, count=500), headers={"X-Client-Id": "f"}
             )
         assert resp.status_code == 200, resp.text
         found = [e["resource"] for e in resp.json()["entry"] if e["resource"]["resourceType"] == "Appointment"]
-        taken: dict[str | None, list[tuple[dt.datetime, dt.datetime]]] = {}
+        taken: list[tuple[dt.datetime, dt.datetime]] = []
         out = []
         for appt in found:
             prac, start = practitioner(appt), dt.datetime.fromisoformat(appt["start"])
             end = dt.datetime.fromisoformat(appt["end"])
-            if (prac, appt["start"]) in self.used or any(s < end and start < e for s, e in taken.get(prac, [])):
+            if (prac, appt["start"]) in self.used or any(s < end and start < e for s, e in taken):
                 continue
-            taken.setdefault(prac, []).append((start, end))
+            taken.append((start, end))
             self.used.add((prac, appt["start"]))
             out.append(appt)
             if len(out) == n:
