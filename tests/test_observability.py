@@ -26,6 +26,7 @@ from serverutil import free_port, port_accepts, process_log
 from stateutil import drop_redis_keys, redis_state_url
 
 from adapter import observability
+from adapter.scheduling.state import StateGate, StateStore
 
 Metrics = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -112,10 +113,27 @@ def test_issue10_3_metrics_change_after_transactions(demo_base: str) -> None:
     assert delta("sched_legacy_call_duration_seconds_count", call="availability") >= 1
     assert delta("sched_state_call_duration_seconds_count", call="place_hold") >= 1
     assert delta("sched_state_call_duration_seconds_count", call="idempotency_begin") == 2
+    # The patient rules of issue 7.1: a patient's holds in $find, the patient's calendar in the booking gate.
+    assert delta("sched_state_call_duration_seconds_count", call="holds_by_patient", outcome="ok") >= 1
+    assert delta("sched_state_call_duration_seconds_count", call="check_patient_free", outcome="ok") >= 1
     lookups = delta("sched_availability_cache_lookups_total")
     loads = delta("sched_availability_cache_loads_total")
     assert lookups >= 2 and loads < lookups  # the second $find was served from the cache
     assert delta("sched_legacy_errors_total") == 0
+
+
+@pytest.mark.parametrize(
+    ("protocol", "wrapper"),
+    [(StateStore, observability.MeasuredStateStore), (StateGate, observability.MeasuredGate)],
+)
+def test_issue10_3_every_state_call_is_measured_explicitly(protocol: type, wrapper: type) -> None:
+    """Each call the domain may make on the state store is a method of the timing wrapper itself,
+    not an untimed fall-through (a call the Protocol gains later must be added to the wrapper)."""
+    names = {n for n in vars(protocol) if not n.startswith("_") and callable(getattr(protocol, n, None))}
+    names |= {n for n in vars(protocol) if isinstance(vars(protocol)[n], property)}
+    assert names, protocol
+    missing = sorted(n for n in names if n not in vars(wrapper))
+    assert missing == [], f"{wrapper.__name__} does not wrap {missing}"
 
 
 def test_issue10_3_request_id_is_validated_and_echoed_and_logged_without_patient_data(
