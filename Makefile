@@ -12,6 +12,7 @@
 #   make bench        run bench/find.py ($find vs the HTTP floor)
 #   make bench-book   run bench/book.py (bookings/s, conflict storm, double bookings)
 #   make bench-search run bench/search.py (ITI-118 on 1,000,000 appointments)
+#   make bench-report run bench/report.py (JSON + PNG plots under docs/bench/; ~10 min)
 #   make clean        remove .venv and var/
 
 PYTHON ?= python3
@@ -25,7 +26,7 @@ STAMP := $(VENV)/.installed
 
 # Steps must run in order (system packages before pip, services before tests).
 .NOTPARALLEL:
-.PHONY: venv lock demo demo-hl7v2 system-deps services test test-slow bench bench-book bench-search clean
+.PHONY: venv lock demo demo-hl7v2 system-deps services test test-slow bench bench-book bench-search bench-report clean
 
 venv: $(STAMP)
 
@@ -82,6 +83,10 @@ bench-book: system-deps services venv
 
 bench-search: system-deps services venv
 	$(BIN)/python bench/search.py
+
+bench-report: system-deps services venv
+	$(BIN)/python -m pip install --disable-pip-version-check -q -e '.[test,bench]'
+	$(BIN)/python bench/report.py
 
 clean:
 	rm -rf $(VENV) var/

@@ -68,6 +68,14 @@ def _serve(config: Path, overrides: dict[str, str]) -> int:
     except MappingError as exc:
         print(f"sched-adapter: {exc}", file=sys.stderr)
         return 2
+    from adapter.scheduling.stores import state_url, topology_problem
+
+    problem = topology_problem(
+        settings.backend.database_url, state_url(settings.state.url, settings.state.path), settings.state.single_host
+    )
+    if problem:
+        print(f"sched-adapter: {problem}", file=sys.stderr)
+        return 2
     if settings.security.auth == "off":
         print(
             "sched-adapter: WARNING: authorization is OFF (security.auth = off): anyone who can reach the server "
@@ -78,20 +86,34 @@ def _serve(config: Path, overrides: dict[str, str]) -> int:
     os.environ[CONFIG_FILE_VARIABLE] = str(config.resolve())
     for key, value in overrides.items():
         os.environ[key] = value
+    metrics_dir = None
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Every worker writes its metrics here and /metrics adds them up (prometheus_client multiprocess
+        # mode); a fresh folder per run, so counters start at zero with the server.
+        import tempfile
+
+        metrics_dir = tempfile.mkdtemp(prefix="sched-adapter-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     print(f"sched-adapter: serving {settings.server.public_base()} (FHIR R4, IHE ITI Scheduling)", file=sys.stderr)
-    uvicorn.run(
-        "adapter.asgi:app_factory",
-        factory=True,
-        host=settings.server.host,
-        port=settings.server.port,
-        workers=settings.server.workers,
-        log_level=settings.server.log_level,
-        lifespan="on",
-        proxy_headers=False,
-        access_log=False,
-        http="adapter.fhir.http_protocol:PROTOCOL",  # unparseable requests get an OperationOutcome too
-        **tls_options(settings),
-    )
+    try:
+        uvicorn.run(
+            "adapter.asgi:app_factory",
+            factory=True,
+            host=settings.server.host,
+            port=settings.server.port,
+            workers=settings.server.workers,
+            log_level=settings.server.log_level,
+            lifespan="on",
+            proxy_headers=False,
+            access_log=False,
+            http="adapter.fhir.http_protocol:PROTOCOL",  # unparseable requests get an OperationOutcome too
+            **tls_options(settings),
+        )
+    finally:
+        if metrics_dir:
+            import shutil
+
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 
 

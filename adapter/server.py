@@ -13,6 +13,7 @@ from zoneinfo import ZoneInfo
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from starlette.applications import Starlette
 
+from adapter import observability
 from adapter.backends.protocol import SchedulingBackend
 from adapter.backends.sql.backend import SqlBackend
 from adapter.backends.sql.db import Database
@@ -22,7 +23,7 @@ from adapter.fhir.search import search_endpoint
 from adapter.mapping.loader import Mapping, MappingError, load_mapping
 from adapter.scheduling.proposals import ProposalCodec
 from adapter.scheduling.service import SchedulingService
-from adapter.scheduling.state import SqliteStateStore, ThreadedStateStore
+from adapter.scheduling.stores import open_state_store, secret_from_store, state_url
 from adapter.security.setup import build_security
 from adapter.settings import Settings
 from adapter.tools.check import live_check
@@ -119,10 +120,13 @@ def _backend(settings: Settings) -> tuple[SchedulingBackend, str | None, int | N
 def build_app(settings: Settings) -> Starlette:
     backend, default_visit_type, slot_step, organization_id, zone_name = _backend(settings)
     state_timeout = settings.state.timeout_seconds or settings.backend.timeout_seconds
-    state = ThreadedStateStore(SqliteStateStore(settings.state.path, timeout_s=state_timeout), timeout_s=state_timeout)
-    codec = ProposalCodec(signing_secret(settings), state, dt.timedelta(seconds=settings.find.proposal_ttl_seconds))
+    raw_state = open_state_store(state_url(settings.state.url, settings.state.path), timeout_s=state_timeout)
+    secret = secret_from_store(raw_state) if settings.security.signing_secret_from_state else signing_secret(settings)
+    state = observability.MeasuredStateStore(raw_state)
+    measured_backend = observability.MeasuredBackend(backend)
+    codec = ProposalCodec(secret, state, dt.timedelta(seconds=settings.find.proposal_ttl_seconds))
     service = SchedulingService(
-        backend,
+        measured_backend,
         state,
         codec,
         hold_ttl=dt.timedelta(seconds=settings.hold.ttl_seconds),
@@ -176,4 +180,12 @@ def build_app(settings: Settings) -> Starlette:
         demo_page=demo_page,
     )
     app.state.audit = security.trail
+
+    async def mapping_loaded() -> None:
+        """The mapping was loaded and validated by ``_backend`` (or the app was never built)."""
+
+    observability.install(
+        app,
+        {"legacy": backend.ping, "state": raw_state.calendar_version, "mapping": mapping_loaded},
+    )
     return app

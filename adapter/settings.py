@@ -85,6 +85,14 @@ class Hl7v2Settings(_Section):
 
 class StateSettings(_Section):
     path: Path = Field(Path("var/adapter-state.sqlite"), description="SQLite file for holds and idempotency")
+    url: str | None = Field(
+        None,
+        description="sqlite:///path, redis://host:port/db, redis+sentinel://h:p,h:p/service/db or postgresql://...; "
+        "default: sqlite:/// of state.path",
+    )
+    single_host: bool = Field(
+        False, description="allow a host-local (SQLite) state store with a shared (odbc:) legacy database"
+    )
     timeout_seconds: float | None = Field(
         None,
         gt=0,
@@ -113,6 +121,9 @@ class SecuritySettings(_Section):
         None, min_length=16, description="HMAC secret for proposed ids; shared by replicas"
     )
     signing_secret_file: Path | None = Field(None, description="file holding the secret (created if missing)")
+    signing_secret_from_state: bool = Field(
+        False, description="keep the secret in the shared state store (created by the first replica)"
+    )
     issuer: str | None = Field(None, description="the authorization server's issuer (the tokens' iss)")
     audience: str | None = Field(None, description="the tokens' aud; usually this server's FHIR base URL")
     jwks_url: str | None = Field(None, description="the authorization server's JWKS (public signing keys)")
@@ -214,8 +225,11 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _secret_source(self) -> Settings:
-        if not self.security.signing_secret and not self.security.signing_secret_file:
-            raise ValueError("security.signing_secret or security.signing_secret_file is required")
+        sec = self.security
+        if not sec.signing_secret and not sec.signing_secret_file and not sec.signing_secret_from_state:
+            raise ValueError(
+                "security.signing_secret, security.signing_secret_file or security.signing_secret_from_state is required"
+            )
         return self
 
     @model_validator(mode="after")

@@ -1,4 +1,4 @@
-"""Shared fixtures: real PostgreSQL and MariaDB, plus live HTTP servers.
+"""Shared fixtures: real PostgreSQL, MariaDB and Redis, plus live HTTP servers.
 
 The suite runs against REAL services (see scripts/start-services.sh, run by
 `make services` / `make test`). A service that cannot be reached makes the
@@ -8,6 +8,7 @@ the make target that starts it.
 Environment overrides:
     SCHED_TEST_PG_DSN       admin ODBC DSN for PostgreSQL
     SCHED_TEST_MARIADB_DSN  admin ODBC DSN for MariaDB
+    SCHED_TEST_REDIS_URL    Redis URL (default redis://127.0.0.1:6379/15)
 
 Fixtures (scope):
     pg_admin_dsn, mariadb_admin_dsn (session)   admin DSN, server checked
@@ -15,6 +16,7 @@ Fixtures (scope):
     fresh_pg_demo_dsn, fresh_mariadb_demo_dsn   seeded demo database per test
     fresh_db (function)                          factory: fresh_db(kind, hint, seed=False) -> DSN
     sqlite_demo_path, sqlite_demo_dsn (function) seeded SQLite file in tmp_path
+    redis_url (session)                          Redis URL, test db flushed at start
     live_server (function)                       factory: live_server(app) -> base_url
     live_server_process (function)               ProcessServers: .start(argv, env, port) / .stop / .restart
 """
@@ -22,6 +24,7 @@ Fixtures (scope):
 from __future__ import annotations
 
 import datetime as dt
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -41,6 +44,8 @@ from dbutil import (
     sqlite_dsn,
 )
 from serverutil import ProcessServers, ThreadServer
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/15"
 
 
 def _fail(message: str) -> None:
@@ -147,6 +152,32 @@ def sqlite_demo_path(tmp_path: Path) -> Path:
 def sqlite_demo_dsn(sqlite_demo_path: Path) -> str:
     """ODBC DSN of :func:`sqlite_demo_path`."""
     return sqlite_dsn(sqlite_demo_path)
+
+
+# ---------------------------------------------------------------------------
+# Redis
+# ---------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """URL of a real Redis (default db 15, flushed once at session start)."""
+    import redis
+
+    url = os.environ.get("SCHED_TEST_REDIS_URL") or DEFAULT_REDIS_URL
+    client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
+    problem = None
+    try:
+        client.ping()
+        client.flushdb()
+    except redis.RedisError as exc:
+        problem = str(exc)
+    finally:
+        client.close()
+    if problem:
+        _fail(
+            f"Redis is not reachable at {url} ({problem}). Start it with `make services` "
+            f"(scripts/start-services.sh) or point SCHED_TEST_REDIS_URL at a reachable server."
+        )
+    return url
 
 
 # ---------------------------------------------------------------------------

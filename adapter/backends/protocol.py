@@ -117,6 +117,10 @@ class SchedulingBackend(Protocol):
 
     async def stop(self) -> None: ...
 
+    async def ping(self) -> None:
+        """Raise if the legacy system cannot be reached now (readiness: ``/readyz``)."""
+        ...
+
     async def find_actors(self, query: ActorQuery) -> list[Actor]: ...
 
     def identifier_systems(self, kind: ActorKind) -> set[str]:

@@ -56,7 +56,13 @@ class SecurityMiddleware:
             return
         rel = str(scope["path"])[len(PREFIX) :]
         request = Request(scope, receive)
-        request_id = (request.headers.get(REQUEST_ID_HEADER) or "").strip()[:200] or uuid.uuid4().hex
+        # Without a client id, the one the outer request log (adapter.observability) made up, so that
+        # the log line, the audit record and the response header name the same id.
+        request_id = (
+            (request.headers.get(REQUEST_ID_HEADER) or "").strip()[:200]
+            or str(scope.get("state", {}).get("request_id") or "")
+            or uuid.uuid4().hex
+        )
         send = _with_request_id(send, request_id)
         if rel == "/.well-known/smart-configuration" and scope["method"] == "GET":
             await self._smart_configuration(scope, receive, send)

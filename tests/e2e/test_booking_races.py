@@ -106,6 +106,7 @@ timeout_seconds = 15
 
 [state]
 path = '{tmp / "state.sqlite"}'
+single_host = true
 
 [security]
 auth = "off"

@@ -359,6 +359,7 @@ pool_size = 8
 timeout_seconds = 15
 [state]
 path = '{tmp_path / "state.sqlite"}'
+single_host = true
 [security]
 auth = "off"
 signing_secret = "{SECRET}"

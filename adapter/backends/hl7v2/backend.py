@@ -142,6 +142,17 @@ class Hl7v2Backend:
         await self.feed.stop()
         await asyncio.to_thread(self._close_mirror)
 
+    async def ping(self) -> None:
+        """The filler's MLLP port accepts a connection (nothing is sent), and the SIU listener runs."""
+        if not self.feed.port:
+            raise BackendUnavailable("the SIU listener is not running")
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(*self._peer), timeout=3.0)
+        except (OSError, TimeoutError) as exc:
+            raise BackendUnavailable(f"the legacy scheduler at {self._peer[0]}:{self._peer[1]} is unreachable") from exc
+        writer.close()
+        await writer.wait_closed()
+
     async def close(self) -> None:
         await self.stop()
 

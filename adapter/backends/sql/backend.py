@@ -783,6 +783,14 @@ class SqlBackend:
     async def stop(self) -> None:
         await self.db.close()
 
+    async def ping(self) -> None:
+        def select_one(conn: Any) -> None:
+            cur = conn.cursor()
+            cur.execute("SELECT 1")
+            cur.fetchall()
+
+        await self.db.run(select_one)
+
     async def close(self) -> None:
         await self.db.close()
 
