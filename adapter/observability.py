@@ -262,6 +262,38 @@ class MeasuredGate:
             lambda: self._gate.journal_intent(token, client=client, request_key=request_key, payload=payload, now=now),
         )
 
+    def journal_intent_exclusive(
+        self,
+        token: str,
+        *,
+        client: str | None,
+        request_key: str | None,
+        payload: dict[str, Any],
+        now: dt.datetime,
+        practitioner_id: str,
+        patient_ids: Iterable[str],
+        interval: Interval,
+    ) -> None:
+        self._timed(
+            "journal_intent_exclusive",
+            lambda: self._gate.journal_intent_exclusive(
+                token,
+                client=client,
+                request_key=request_key,
+                payload=payload,
+                now=now,
+                practitioner_id=practitioner_id,
+                patient_ids=patient_ids,
+                interval=interval,
+            ),
+        )
+
+    def intents_overlapping(self, window: Interval) -> list[tuple[str, Interval, tuple[str, ...]]]:
+        found: list[tuple[str, Interval, tuple[str, ...]]] = self._timed(
+            "intents_overlapping", lambda: self._gate.intents_overlapping(window)
+        )
+        return found
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._gate, name)
 
@@ -346,6 +378,12 @@ class MeasuredStateStore:
 
     async def idempotency_finish(self, client: str, key: str, response: StoredResponse | None) -> None:
         await self._timed("idempotency_finish", lambda: self._store.idempotency_finish(client, key, response))
+
+    async def intents_overlapping(self, window: Interval) -> list[tuple[str, Interval, tuple[str, ...]]]:
+        found: list[tuple[str, Interval, tuple[str, ...]]] = await self._timed(
+            "intents_overlapping", lambda: self._store.intents_overlapping(window)
+        )
+        return found
 
     async def journal_get(self, token: str) -> JournalEntry | None:
         found: JournalEntry | None = await self._timed("journal_get", lambda: self._store.journal_get(token))

@@ -237,6 +237,9 @@ class Settings(BaseSettings):
         # Every worker process would bind hl7v2.listen_port for the SIU feed; only one can.
         if self.backend.kind == "hl7v2" and self.server.workers != 1:
             raise ValueError("backend.kind = 'hl7v2' needs server.workers = 1 (one SIU listener per adapter process)")
+        if self.backend.kind == "hl7v2" and self.state.url and not self.state.url.startswith("sqlite:"):
+            # The SIU inbox and mirror are files of this host: a second replica would have no feed.
+            raise ValueError("backend.kind = 'hl7v2' runs on one host: state.url must be sqlite:///... (or unset)")
         return self
 
 

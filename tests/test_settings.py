@@ -134,3 +134,5 @@ def test_issue8_hl7v2_backend_runs_one_worker() -> None:
     assert load_settings(None, env).server.workers == 1
     with pytest.raises(SettingsError, match=r"server\.workers = 1"):
         load_settings(None, {**env, "SCHED_SERVER__WORKERS": "2"})
+    with pytest.raises(SettingsError, match="runs on one host"):
+        load_settings(None, {**env, "SCHED_STATE__URL": "redis://127.0.0.1:6379/0"})
