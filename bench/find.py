@@ -95,15 +95,22 @@ def dump_toml(data: dict[str, Any], prefix: str = "") -> str:
     return out
 
 
-def demo_config(workdir: Path, port: int) -> tuple[Path, dict[str, Any]]:
-    """A copy of the demo settings with its own var dir, port, 2 workers and warning logs."""
+def demo_config(
+    workdir: Path, port: int, *, cache_seconds: float | None = None, database_url: str | None = None
+) -> tuple[Path, dict[str, Any]]:
+    """A copy of the demo settings with its own var dir, port, 2 workers and warning logs.
+
+    ``cache_seconds``: ``find.cache_seconds`` (0: every $find reads the legacy system); ``database_url``:
+    another legacy database than the demo SQLite file (an ODBC one)."""
     data = tomllib.loads(DEMO_TOML.read_text(encoding="utf-8"))
+    if cache_seconds is not None:
+        data.setdefault("find", {})["cache_seconds"] = cache_seconds
     data["backend"]["mapping"] = str(DEMO_MAPPING)  # the demo command supplies it; so does this copy
     var = workdir / "var"
     var.mkdir()
     data.setdefault("server", {}).update(host=HOST, port=port, workers=2, log_level="warning")
     data["server"].pop("base_url", None)
-    data["backend"]["database_url"] = f"sqlite:///{var / 'clinicware.sqlite'}"
+    data["backend"]["database_url"] = database_url or f"sqlite:///{var / 'clinicware.sqlite'}"
     data.setdefault("state", {})["path"] = str(var / "adapter-state.sqlite")
     sec = data.setdefault("security", {})
     sec.pop("signing_secret", None)
