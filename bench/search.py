@@ -14,7 +14,7 @@ What it does, everything on 127.0.0.1 and bounded in time:
    random (fixed seed) after ``--warmup`` requests, one at a time on one keep-alive connection with
    TCP_NODELAY, and checks each answer (200, a searchset with 50 Appointments), once with
    ``_total=accurate`` (a total required) and once with the default ``_total`` (estimate: exact up to
-   1,000 matches, else omitted). Then the same number of "next page" requests (the ``next`` link).
+   200 matches, else omitted). Then the same number of "next page" requests (the ``next`` link).
 4. Prints p50/p99/max latency per database and query, the matches per patient, and whether the target
    (first page p50 <= 5 ms on the big database, default ``_total``) is met. Exit status 0 once measured (a missed target is reported,
    not an error), 2 when it could not measure.

@@ -88,7 +88,7 @@ ACTOR_TYPES = (
 OUR_ACTOR_KINDS = ("Patient", "Practitioner", "Location")
 # The default ``_total`` (estimate): an exact total up to this many matches (a bounded index scan),
 # none beyond; ``_total=accurate`` counts everything.
-TOTAL_ESTIMATE_CAP = 1000
+TOTAL_ESTIMATE_CAP = 200
 
 CONTROL_ONCE = ("_count", "_sort", "_total", "_format", "_cursor", "_summary", "_elements")
 SUBSETTED = {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "SUBSETTED"}

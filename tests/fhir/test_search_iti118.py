@@ -631,7 +631,7 @@ def test_req_118_13_total_none_skips_the_count(client: TestClient) -> None:
 def test_issue14_5_default_total_is_an_estimate_exact_up_to_the_cap(
     client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert fhir_search.TOTAL_ESTIMATE_CAP == 1000  # documented in docs/conformance.md#d20
+    assert fhir_search.TOTAL_ESTIMATE_CAP == 200  # documented in docs/conformance.md#d20
     assert search(client, {"patient": "1", "_count": "2"})["total"] == 13  # under the cap: exact
     assert search(client, {"patient": "1", "_count": "2", "_total": "estimate"})["total"] == 13
     monkeypatch.setattr(fhir_search, "TOTAL_ESTIMATE_CAP", 5)
