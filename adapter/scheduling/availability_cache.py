@@ -97,23 +97,27 @@ class AvailabilityCache:
         w_start, w_end = int(q.window.start.timestamp()), int(q.window.end.timestamp())
         days = list(range(w_start - w_start % _DAY, w_end, _DAY))
         fresh_for = self.ttl / 2
-        view: dict[Key, _DayEntry] = {}
+        stored = self._days
+        keys = [(p, day) for p in q.practitioner_ids for day in days]
+        not_fresh = [k for k in keys if (e := stored.get(k)) is None or now - e.loaded > fresh_for]
+        if not not_fresh:  # the common case: everything fresh, nothing to load or refresh
+            return self._assemble(q, days, w_start, w_end, stored)
+        pending = set(not_fresh)
+        # Taken before any await: a version change meanwhile may drop the stored days.
+        view: dict[Key, _DayEntry] = {k: stored[k] for k in keys if k not in pending}
         waits: set[asyncio.Task[dict[Key, _DayEntry]]] = set()
         missing: list[Key] = []
         due: list[Key] = []
-        for p in q.practitioner_ids:
-            for day in days:
-                key = (p, day)
-                entry = self._days.get(key)
-                age = now - entry.loaded if entry is not None else None
-                if entry is not None and age is not None and age <= self.ttl:
-                    view[key] = entry
-                    if age > fresh_for and key not in self._inflight:
-                        due.append(key)
-                elif (task := self._inflight.get(key)) is not None:
-                    waits.add(task)
-                else:
-                    missing.append(key)
+        for key in not_fresh:
+            entry = stored.get(key)
+            if entry is not None and now - entry.loaded <= self.ttl:
+                view[key] = entry
+                if key not in self._inflight:
+                    due.append(key)
+            elif (task := self._inflight.get(key)) is not None:
+                waits.add(task)
+            else:
+                missing.append(key)
         if due:  # stale but servable: refresh in the background, answer from the copy
             task = self._start_load(due, now)
             self._refreshing.add(task)
@@ -122,7 +126,7 @@ class AvailabilityCache:
             waits.add(self._start_load(missing, now))
         for task in waits:
             loaded = await asyncio.shield(task)  # a cancelled request must not cancel a shared load
-            for key in loaded.keys() & {(p, d) for p in q.practitioner_ids for d in days}:
+            for key in loaded.keys() & pending:
                 view.setdefault(key, loaded[key])
         return self._assemble(q, days, w_start, w_end, view)
 
