@@ -854,6 +854,7 @@ def test_req_118_same_answers_on_postgresql_and_mariadb(
     (tmp_path / "b").mkdir()
     expected = _run_demo_queries(f"sqlite:///{sqlite_demo_path}", tmp_path / "a", demo_queries)
     got = _run_demo_queries("odbc:" + dsn, tmp_path / "b", demo_queries)
-    assert [b["total"] for b in got] == [b["total"] for b in expected]
+    # .get: the default _total omits the total past 200 matches, on every engine alike (issue 14.5)
+    assert [b.get("total") for b in got] == [b.get("total") for b in expected]
     assert all(b["total"] > 0 for b in expected[:3])
     assert got == expected
