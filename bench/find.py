@@ -14,9 +14,15 @@ What it does, everything on 127.0.0.1 and bounded in time (about 40 s in all):
 4. For each target: a 2 s wrk warm-up, then ``wrk -t2 -c32 -d10s --latency`` POSTing the body with
    ``Content-Type: application/fhir+json``; then 200 sequential requests from one keep-alive
    ``http.client`` connection (TCP_NODELAY) for the unloaded p50.
-5. Prints a table (req/s, p50, p99, unloaded p50) and the ratio $find/floor. Targets: ratio >= 0.10
+5. Prints a table (req/s, p50, p99, unloaded p50) and the ratio $find/floor. Targets: ratio >= 0.12
    and unloaded $find p50 <= 2 ms. Missing a target is reported, not an error: exit status 0 once
    measured; 2 when it could not measure (no wrk, a server did not start, a bad $find answer).
+
+6. Then (issue 14; ``--engines ''`` skips it) each legacy engine (SQLite, PostgreSQL, MariaDB: the ODBC
+   ones seeded fresh on 127.0.0.1 by ``tests/dbutil.py`` and dropped afterwards) with the cache on and
+   off under the same load, and on SQLite the growth table: unloaded p50 for 1/5/20 practitioners x
+   1/14/90 days, cache on and off, next to the busy-time SQL alone for 20 x 90 (``--no-growth`` skips).
+   ``--uncached`` runs step 4 with ``find.cache_seconds = 0``.
 
 Needs ``wrk`` (Debian package ``wrk``). When it is missing and we run as root it is installed with
 apt-get; otherwise the script says how to install it and exits 2.
@@ -55,7 +61,7 @@ CONTENT_TYPE = "application/fhir+json"
 N_PRACTITIONERS = 5
 WINDOW_DAYS = 14
 COUNT = 50
-RATIO_TARGET = 0.10
+RATIO_TARGET = 0.12
 UNLOADED_P50_TARGET_MS = 2.0
 
 
@@ -95,15 +101,22 @@ def dump_toml(data: dict[str, Any], prefix: str = "") -> str:
     return out
 
 
-def demo_config(workdir: Path, port: int) -> tuple[Path, dict[str, Any]]:
-    """A copy of the demo settings with its own var dir, port, 2 workers and warning logs."""
+def demo_config(
+    workdir: Path, port: int, *, cache_seconds: float | None = None, database_url: str | None = None
+) -> tuple[Path, dict[str, Any]]:
+    """A copy of the demo settings with its own var dir, port, 2 workers and warning logs.
+
+    ``cache_seconds``: ``find.cache_seconds`` (0: every $find reads the legacy system); ``database_url``:
+    another legacy database than the demo SQLite file (an ODBC one)."""
     data = tomllib.loads(DEMO_TOML.read_text(encoding="utf-8"))
+    if cache_seconds is not None:
+        data.setdefault("find", {})["cache_seconds"] = cache_seconds
     data["backend"]["mapping"] = str(DEMO_MAPPING)  # the demo command supplies it; so does this copy
     var = workdir / "var"
     var.mkdir()
     data.setdefault("server", {}).update(host=HOST, port=port, workers=2, log_level="warning")
     data["server"].pop("base_url", None)
-    data["backend"]["database_url"] = f"sqlite:///{var / 'clinicware.sqlite'}"
+    data["backend"]["database_url"] = database_url or f"sqlite:///{var / 'clinicware.sqlite'}"
     data.setdefault("state", {})["path"] = str(var / "adapter-state.sqlite")
     sec = data.setdefault("security", {})
     sec.pop("signing_secret", None)
@@ -353,9 +366,11 @@ def sequential_p50(port: int, body: bytes, n: int = 200, warmup: int = 20) -> tu
 # --------------------------------------------------------------------------- the $find request
 
 
-def find_body(port: int, zone: ZoneInfo) -> tuple[bytes, list[str], str, str]:
+def find_body(
+    port: int, zone: ZoneInfo, practitioners: int = N_PRACTITIONERS, days: int = WINDOW_DAYS
+) -> tuple[bytes, list[str], str, str]:
     status, raw = http_request(
-        port, "GET", f"/fhir/Practitioner?_count={N_PRACTITIONERS}", headers={"Accept": CONTENT_TYPE}
+        port, "GET", f"/fhir/Practitioner?_count={practitioners}", headers={"Accept": CONTENT_TYPE}
     )
     if status != 200:
         raise BenchError(f"GET /fhir/Practitioner answered {status}: {raw[:500]!r}")
@@ -363,12 +378,12 @@ def find_body(port: int, zone: ZoneInfo) -> tuple[bytes, list[str], str, str]:
         e["resource"]["id"]
         for e in json.loads(raw).get("entry", [])
         if e.get("resource", {}).get("resourceType") == "Practitioner"
-    ][:N_PRACTITIONERS]
-    if len(ids) < N_PRACTITIONERS:
-        raise BenchError(f"the demo has {len(ids)} practitioners; the bench needs {N_PRACTITIONERS}")
+    ][:practitioners]
+    if len(ids) < practitioners:
+        raise BenchError(f"the demo has {len(ids)} practitioners; the bench needs {practitioners}")
     tomorrow = dt.datetime.now(zone).date() + dt.timedelta(days=1)
     start = dt.datetime.combine(tomorrow, dt.time(0), tzinfo=zone)
-    end = dt.datetime.combine(tomorrow + dt.timedelta(days=WINDOW_DAYS), dt.time(0), tzinfo=zone)
+    end = dt.datetime.combine(tomorrow + dt.timedelta(days=days), dt.time(0), tzinfo=zone)
     params = [{"name": "start", "valueDateTime": start.isoformat()}, {"name": "end", "valueDateTime": end.isoformat()}]
     params += [{"name": "practitioner", "valueReference": {"reference": f"Practitioner/{i}"}} for i in ids]
     params.append({"name": "_count", "valueInteger": COUNT})
@@ -407,6 +422,161 @@ def _versions() -> str:
     return ", ".join(parts)
 
 
+# --------------------------------------------------------------------------- engines, cache off, growth
+
+ENGINES = ("sqlite", "postgresql", "mariadb")
+GROWTH_PRACTITIONERS = (1, 5, 20)
+GROWTH_DAYS = (1, 14, 90)
+ODBC_UNCACHED_RATIO_TARGET = 0.7  # ODBC uncached req/s vs SQLite's
+ODBC_CACHED_P99_FACTOR = 2.0  # ODBC cached p99 under load vs SQLite's
+UNCACHED_P50_TARGET_MS = 3.0  # 5 x 14, unloaded, cache off
+GROWTH_BUSY_FACTOR = 3.0  # 20 x 90 uncached p50 vs the legacy busy-time query alone
+
+
+def engine_database(kind: str) -> tuple[str | None, Any]:
+    """A seeded demo database on ``kind`` (None: the adapter's own SQLite file) and how to drop it."""
+    if kind == "sqlite":
+        return None, lambda: None
+    sys.path.insert(0, str(REPO / "tests"))
+    import dbutil  # the test suite's helpers: fresh uniquely named databases, seeded like the demo
+
+    dsn = dbutil.seed_demo_database(kind, "bench_find")
+    return f"odbc:{dsn}", lambda: dbutil.drop_database(kind, dbutil.database_name_from_dsn(dsn))
+
+
+def busy_query_ms(
+    database_url: str, practitioner_ids: list[str], start: str, end: str, n: int = 20
+) -> tuple[float, int]:
+    """Median time of the mapping's busy-time SQL alone (no row mapping) for a window, and its rows."""
+    import asyncio
+
+    from adapter.backends.sql.backend import SqlBackend
+    from adapter.backends.sql.db import Database, query
+    from adapter.mapping.loader import load_mapping
+
+    backend = SqlBackend(load_mapping(DEMO_MAPPING), Database(database_url))
+    spec = backend.doc.availability.busy
+    keys = [backend.legacy_key("Practitioner", p) for p in practitioner_ids]
+    env = {"window_start": dt.datetime.fromisoformat(start), "window_end": dt.datetime.fromisoformat(end)}
+    values = {
+        name: backend.mapping.expr(f"availability.busy.binds.{name}").evaluate(
+            {**env, "practitioner_keys": keys}, backend._ctx
+        )
+        for name in spec.binds
+    }
+    values["practitioner_keys"] = keys
+
+    def run(conn: Any) -> tuple[list[float], int]:
+        times, rows = [], 0
+        for _ in range(n + 3):
+            t0 = time.perf_counter()
+            rows = len(query(conn, spec.sql, values))
+            times.append((time.perf_counter() - t0) * 1e3)
+        return times[3:], rows
+
+    async def go() -> tuple[list[float], int]:
+        try:
+            return await backend.db.run(run)
+        finally:
+            await backend.close()
+
+    times, rows = asyncio.run(go())
+    return statistics.median(times), rows
+
+
+def start_demo_adapter(workdir: Path, name: str, cache_seconds: float | None, database_url: str | None) -> Server:
+    sub = workdir / name
+    sub.mkdir()
+    port = free_port()
+    config, _ = demo_config(sub, port, cache_seconds=cache_seconds, database_url=database_url)
+    server = start_adapter(config, port, sub)
+    server.name = name
+    return server
+
+
+def engines_and_growth(args: argparse.Namespace, wrk: str, workdir: Path, zone: ZoneInfo) -> None:
+    """Each engine with the cache on and off under load, then the growth table (SQLite)."""
+    rows: dict[tuple[str, str], tuple[LoadResult, float]] = {}
+    growth: dict[tuple[str, int, int], float] = {}
+    busy: tuple[float, int] | None = None
+    engines = [e for e in args.engines.split(",") if e]
+    for kind in engines:
+        url, drop = engine_database(kind)
+        try:
+            for mode, seconds in (("cached", None), ("uncached", 0.0)):
+                server = start_demo_adapter(workdir, f"{kind}-{mode}", seconds, url)
+                try:
+                    body, _ids, _s, _e = find_body(server.port, zone)
+                    check_find(server.port, body)
+                    (workdir / f"{kind}-{mode}.json").write_bytes(body)
+                    lua = write_lua(workdir / f"{kind}-{mode}", workdir / f"{kind}-{mode}.json")
+                    run_wrk(wrk, lua, server.port, args.warmup, args.connections, args.threads)
+                    load = run_wrk(wrk, lua, server.port, args.duration, args.connections, args.threads)
+                    p50, _failures = sequential_p50(server.port, body, n=args.sequential)
+                    rows[(kind, mode)] = (load, p50)
+                    if kind == "sqlite" and args.growth:
+                        for n_prac in GROWTH_PRACTITIONERS:
+                            for days in GROWTH_DAYS:
+                                gbody, ids, start, end = find_body(server.port, zone, n_prac, days)
+                                growth[(mode, n_prac, days)], _ = sequential_p50(
+                                    server.port, gbody, n=max(20, args.sequential // 4), warmup=5
+                                )
+                                if (
+                                    mode == "uncached"
+                                    and n_prac == max(GROWTH_PRACTITIONERS)
+                                    and days == max(GROWTH_DAYS)
+                                ):
+                                    db = workdir / f"{kind}-{mode}" / "var" / "clinicware.sqlite"
+                                    busy = busy_query_ms(f"sqlite:///{db}", ids, start, end)
+                finally:
+                    server.stop()
+        finally:
+            drop()
+
+    print()
+    print(
+        f"$find {N_PRACTITIONERS} x {WINDOW_DAYS} days, _count {COUNT}, by legacy engine (each under the same wrk load)"
+    )
+    print(f"{'engine':<12}{'cache':<10}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'unloaded p50 ms':>18}{'errors':>9}")
+    for (kind, mode), (load, p50) in rows.items():
+        print(
+            f"{kind:<12}{mode:<10}{load.rps:>10.0f}{load.p50_ms:>10.2f}{load.p99_ms:>10.2f}{p50:>18.2f}{load.non_2xx:>9}"
+        )
+    base_u, base_c = rows.get(("sqlite", "uncached")), rows.get(("sqlite", "cached"))
+    if base_u:
+        ok = base_u[1] <= UNCACHED_P50_TARGET_MS
+        print(
+            f"uncached unloaded p50 (SQLite) = {base_u[1]:.2f} ms (target <= {UNCACHED_P50_TARGET_MS:g}: {'met' if ok else 'NOT met'})"
+        )
+    for kind in engines:
+        if kind == "sqlite" or base_u is None or base_c is None:
+            continue
+        u, c = rows[(kind, "uncached")], rows[(kind, "cached")]
+        ratio = u[0].rps / base_u[0].rps if base_u[0].rps else 0.0
+        factor = c[0].p99_ms / base_c[0].p99_ms if base_c[0].p99_ms else float("inf")
+        print(
+            f"{kind}: uncached req/s = {ratio:.2f} x SQLite's (target >= {ODBC_UNCACHED_RATIO_TARGET}: "
+            f"{'met' if ratio >= ODBC_UNCACHED_RATIO_TARGET else 'NOT met'}); cached p99 = {factor:.2f} x SQLite's "
+            f"(target <= {ODBC_CACHED_P99_FACTOR:g}: {'met' if factor <= ODBC_CACHED_P99_FACTOR else 'NOT met'})"
+        )
+    if growth:
+        print()
+        print("growth: unloaded $find p50 ms (SQLite, sequential), practitioners x days")
+        header = "".join(f"{f'{p} x {d}':>10}" for p in GROWTH_PRACTITIONERS for d in GROWTH_DAYS)
+        print(f"{'cache':<10}{header}")
+        for mode in ("cached", "uncached"):
+            cells = "".join(f"{growth[(mode, p, d)]:>10.2f}" for p in GROWTH_PRACTITIONERS for d in GROWTH_DAYS)
+            print(f"{mode:<10}{cells}")
+        if busy is not None:
+            big = growth[("uncached", max(GROWTH_PRACTITIONERS), max(GROWTH_DAYS))]
+            factor = big / busy[0] if busy[0] else float("inf")
+            print(
+                f"legacy busy-time query alone for {max(GROWTH_PRACTITIONERS)} x {max(GROWTH_DAYS)}: {busy[0]:.2f} ms "
+                f"({busy[1]} rows); uncached $find = {factor:.1f} x that (target <= {GROWTH_BUSY_FACTOR:g}: "
+                f"{'met' if factor <= GROWTH_BUSY_FACTOR else 'NOT met'})"
+            )
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--duration", type=float, default=10.0, help="seconds of load per target (default 10)")
@@ -414,6 +584,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--connections", type=int, default=32, help="concurrent clients (default 32)")
     ap.add_argument("--threads", type=int, default=2, help="wrk threads (default 2)")
     ap.add_argument("--sequential", type=int, default=200, help="requests for the unloaded p50 (default 200)")
+    ap.add_argument("--uncached", action="store_true", help="the adapter-vs-floor run with find.cache_seconds = 0")
+    ap.add_argument(
+        "--engines",
+        default=",".join(ENGINES),
+        help="legacy engines measured cached and uncached after the floor comparison (default sqlite,postgresql,"
+        "mariadb; '' skips that part)",
+    )
+    ap.add_argument("--no-growth", dest="growth", action="store_false", help="skip the practitioners x days table")
     args = ap.parse_args(argv)
     try:
         return _run(args)
@@ -433,7 +611,7 @@ def _run(args: argparse.Namespace) -> int:
         workdir = Path(tmp)
         try:
             a_port = free_port()
-            config, data = demo_config(workdir, a_port)
+            config, data = demo_config(workdir, a_port, cache_seconds=0 if args.uncached else None)
             zone = ZoneInfo(load_mapping(Path(data["backend"]["mapping"])).doc.system.timezone)
             adapter = start_adapter(config, a_port, workdir)
             servers.append(adapter)
@@ -509,6 +687,11 @@ def _run(args: argparse.Namespace) -> int:
             f"unloaded $find p50 = {find_p50:.2f} ms  (target <= {UNLOADED_P50_TARGET_MS:g} ms: "
             f"{'met' if find_p50 <= UNLOADED_P50_TARGET_MS else 'NOT met'})"
         )
+        if args.engines:
+            try:
+                engines_and_growth(args, wrk, workdir, zone)
+            except BenchError as exc:
+                print(f"engines/growth: could not measure: {exc}")
         print(f"total bench time {time.monotonic() - t_begin:.0f} s")
         if any(r[0].non_2xx or r[2] for r in results.values()):
             print("warning: some responses were not 2xx; the figures above include them", file=sys.stderr)

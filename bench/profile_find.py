@@ -137,6 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--breakdown", action="store_true", help="mean time per request of each step, no profiler")
     ap.add_argument("--sort", default="cumulative", help="cProfile sort key (default cumulative; try tottime)")
     ap.add_argument("--top", type=int, default=45)
+    ap.add_argument(
+        "--uncached", action="store_true", help="find.cache_seconds = 0: every call reads the legacy system"
+    )
+    ap.add_argument("--practitioners", type=int, default=5, help="practitioners in the request (default 5)")
+    ap.add_argument("--days", type=int, default=None, help="window length in days (default: bench/find.py's)")
     args = ap.parse_args(argv)
 
     from adapter.mapping.loader import load_mapping
@@ -144,15 +149,17 @@ def main(argv: list[str] | None = None) -> int:
     from adapter.settings import load_settings
 
     with tempfile.TemporaryDirectory(prefix="sched-prof-") as tmp:
-        config, data = bench.demo_config(Path(tmp), 8080)
+        config, data = bench.demo_config(Path(tmp), 8080, cache_seconds=0 if args.uncached else None)
         env = bench.clean_env()
         app = build_app(load_settings(config, env))
         zone = ZoneInfo(load_mapping(Path(data["backend"]["mapping"])).doc.system.timezone)
         json_h = [(b"content-type", bench.CONTENT_TYPE.encode()), (b"accept", bench.CONTENT_TYPE.encode())]
 
         async def run() -> None:
-            status, raw = await asgi_call(app, "GET", "/fhir/Practitioner", query=b"_count=5", headers=json_h)
-            ids = [e["resource"]["id"] for e in json.loads(raw)["entry"]][:5]
+            status, raw = await asgi_call(
+                app, "GET", "/fhir/Practitioner", query=f"_count={args.practitioners}".encode(), headers=json_h
+            )
+            ids = [e["resource"]["id"] for e in json.loads(raw)["entry"]][: args.practitioners]
             body, *_ = _body(ids, zone)
             status, raw = await asgi_call(app, "POST", bench.FIND_PATH, body, headers=json_h)
             n_appt = sum(1 for e in json.loads(raw).get("entry", []) if e["resource"]["resourceType"] == "Appointment")
@@ -204,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
 
             tomorrow = dt.datetime.now(zone).date() + dt.timedelta(days=1)
             start = dt.datetime.combine(tomorrow, dt.time(0), tzinfo=zone)
-            end = dt.datetime.combine(tomorrow + dt.timedelta(days=bench.WINDOW_DAYS), dt.time(0), tzinfo=zone)
+            end = dt.datetime.combine(
+                tomorrow + dt.timedelta(days=args.days or bench.WINDOW_DAYS), dt.time(0), tzinfo=zone
+            )
             params = [
                 {"name": "start", "valueDateTime": start.isoformat()},
                 {"name": "end", "valueDateTime": end.isoformat()},

@@ -12,10 +12,11 @@ What it does, everything on 127.0.0.1 and bounded in time:
    worker, log level warning, ``build_app`` with auth off) on a free loopback port.
 3. Sends ``GET /fhir/Appointment?patient=<id>&date=ge<seed day>`` for ``--requests`` patients picked at
    random (fixed seed) after ``--warmup`` requests, one at a time on one keep-alive connection with
-   TCP_NODELAY, and checks each answer (200, a searchset with 50 Appointments and a total). Then the
-   same number of "next page" requests (the ``next`` link, a keyset cursor).
+   TCP_NODELAY, and checks each answer (200, a searchset with 50 Appointments), once with
+   ``_total=accurate`` (a total required) and once with the default ``_total`` (estimate: exact up to
+   200 matches, else omitted). Then the same number of "next page" requests (the ``next`` link).
 4. Prints p50/p99/max latency per database and query, the matches per patient, and whether the target
-   (p50 < 50 ms on the big database) is met. Exit status 0 once measured (a missed target is reported,
+   (first page p50 <= 5 ms on the big database, default ``_total``) is met. Exit status 0 once measured (a missed target is reported,
    not an error), 2 when it could not measure.
 """
 
@@ -43,7 +44,7 @@ sys.path.insert(0, str(REPO))
 HOST = "127.0.0.1"
 MAPPING = REPO / "mappings" / "demo.yaml"
 CACHE = REPO / "var" / "bench"
-TARGET_P50_MS = 50.0
+TARGET_P50_MS = 5.0  # issue 14: first page, default _total behaviour, 1,000,000 appointments
 SECRET = "bench-search-secret-0123456789"
 
 
@@ -187,30 +188,40 @@ def check(bundle: dict, path: str, *, full: bool = True) -> None:
     if (
         bundle.get("type") != "searchset"
         or not (n == 50 if full else 0 < n <= 50)
-        or not isinstance(bundle.get("total"), int)
+        or not isinstance(bundle.get("total", 0), int)
+        or ("_total=accurate" in path and "total" not in bundle)
     ):
         raise RuntimeError(
-            f"GET {path}: expected a searchset with 50 Appointments and a total, got {n} (total {bundle.get('total')})"
+            f"GET {path}: expected a searchset with 50 Appointments, got {n} (total {bundle.get('total')})"
         )
 
 
 def measure(port: int, pats: list[int], since: dt.date, requests: int, warmup: int) -> dict:
+    """First pages with the default ``_total`` (estimate), the same with ``_total=accurate``, then next pages."""
     rng = random.Random(118)
     client = Client(port)
     try:
 
-        def path_for(pid: int) -> str:
-            return "/fhir/Appointment?" + urlencode({"patient": pid, "date": f"ge{since.isoformat()}"})
+        def path_for(pid: int, **extra: str) -> str:
+            return "/fhir/Appointment?" + urlencode({"patient": pid, "date": f"ge{since.isoformat()}", **extra})
 
         for pid in rng.choices(pats, k=warmup):
             client.get(path_for(pid))
-        first, nxt, totals, next_paths = [], [], [], []
-        for pid in rng.choices(pats, k=requests):
+        first, accurate, nxt, totals, next_paths = [], [], [], [], []
+        chosen = rng.choices(pats, k=requests)
+        for pid in chosen:
+            path = path_for(pid, _total="accurate")
+            ms, bundle = client.get(path)
+            check(bundle, path)
+            accurate.append(ms)
+            totals.append(bundle["total"])
+        omitted = 0
+        for pid in chosen:
             path = path_for(pid)
             ms, bundle = client.get(path)
             check(bundle, path)
             first.append(ms)
-            totals.append(bundle["total"])
+            omitted += "total" not in bundle
             link = next((lk["url"] for lk in bundle.get("link", []) if lk["relation"] == "next"), None)
             if link:
                 parts = urlsplit(link)
@@ -219,7 +230,7 @@ def measure(port: int, pats: list[int], since: dt.date, requests: int, warmup: i
             ms, bundle = client.get(path)
             check(bundle, path, full=False)
             nxt.append(ms)
-        return {"first": first, "next": nxt, "totals": totals}
+        return {"first": first, "accurate": accurate, "next": nxt, "totals": totals, "omitted": omitted}
     finally:
         client.close()
 
@@ -277,25 +288,27 @@ def main() -> int:
     print()
     print(
         f"ITI-118 GET /fhir/Appointment?patient=<id>&date=ge<day>  ({args.requests} requests after "
-        f"{args.warmup} warm-up, sequential, one keep-alive connection, _count 50 + total)"
+        f"{args.warmup} warm-up, sequential, one keep-alive connection, _count 50; 'first page' with the default _total, 'accurate' with _total=accurate)"
     )
     print(
         f"{'database':>10} {'appointments':>13} {'query':>11} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} "
         f"{'matches/patient (median)':>25}"
     )
     for label, rows, _since, r in results:
-        for name in ("first", "next"):
+        for name in ("first", "accurate", "next"):
             v = r[name]
             if not v:
                 continue
-            query = "first page" if name == "first" else "next page"
+            query = {"first": "first page", "accurate": "accurate", "next": "next page"}[name]
             print(
                 f"{label:>10} {rows:>13,} {query:>11} {statistics.median(v):8.2f} {pct(v, 0.99):8.2f} "
                 f"{max(v):8.2f} {statistics.median(r['totals']):25.0f}"
             )
+    for label, _rows, _since, r in results:
+        print(f"{label}: total omitted by the default _total on {r['omitted']} of {len(r['first'])} first pages")
     big_p50 = statistics.median(results[-1][3]["first"])
-    verdict = "met" if big_p50 < TARGET_P50_MS else "MISSED"
-    print(f"target p50 < {TARGET_P50_MS:.0f} ms on {results[-1][1]:,} appointments: {verdict} ({big_p50:.2f} ms)")
+    verdict = "met" if big_p50 <= TARGET_P50_MS else "MISSED"
+    print(f"target p50 <= {TARGET_P50_MS:.0f} ms on {results[-1][1]:,} appointments: {verdict} ({big_p50:.2f} ms)")
     return 0
 
 

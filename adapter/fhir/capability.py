@@ -72,7 +72,11 @@ def capability_statement(
                 "documentation": "Appointment elements to return; status and participant are always kept "
                 "and the result is tagged SUBSETTED",
             },
-            {"name": "_total", "type": "token", "documentation": "none skips the count; accurate (default)"},
+            {
+                "name": "_total",
+                "type": "token",
+                "documentation": "estimate (default): exact up to 200 matches, else omitted; accurate: always counted; none: no count",
+            },
         ]
     actor_resources = [
         {

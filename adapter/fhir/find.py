@@ -12,14 +12,16 @@ Decisions where the IG is open (docs/conformance.md#d4 to #d10):
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import urlencode
 
 from starlette.requests import Request
 from starlette.responses import Response
 
-from adapter.backends.protocol import Identifier, Interval
+from adapter.backends.protocol import Actor, Coding, Identifier, Interval, VisitType
 from adapter.fhir.context import FhirContext, read_body
 from adapter.fhir.formats import parse_body, render, response_format
 from adapter.fhir.outcome import issue, operation_outcome
@@ -33,6 +35,7 @@ from adapter.fhir.parameters import (
     validate_embedded,
 )
 from adapter.fhir.render import appointment, local_instant, searchset
+from adapter.scheduling.candidates import Candidate
 from adapter.scheduling.service import FindRequest, FindResult
 
 _REF = "valueReference"
@@ -198,43 +201,14 @@ def _bundle(
     request: Request,
     criteria: list[tuple[str, str]],
 ) -> dict[str, Any]:
-    zone = ctx.zone
-    matches = []
-    patients = [(p.id, p.display) for p in result.patients]
-    # Entries for one (practitioner, location, visit type) differ only in id and times: build the
-    # first one in full and copy it for the rest (nested parts are shared, never mutated).
-    shapes: dict[tuple[str, str, str], dict[str, Any]] = {}
-    for token, c in result.candidates:
-        key = (c.practitioner_id, c.location_id, c.visit_type.key)
-        shape = shapes.get(key)
-        if shape is not None:
-            matches.append(
-                {
-                    **shape,
-                    "id": token,
-                    "start": local_instant(c.interval.start, zone),
-                    "end": local_instant(c.interval.end, zone),
-                    "minutesDuration": int((c.interval.end - c.interval.start).total_seconds() // 60),
-                }
-            )
-            continue
-        prac = result.actors.get(f"Practitioner/{c.practitioner_id}")
-        loc = result.actors.get(f"Location/{c.location_id}")
-        shapes[key] = appointment(
-            appt_id=token,
-            status="proposed",
-            start=c.interval.start,
-            end=c.interval.end,
-            zone=zone,
-            practitioner=(c.practitioner_id, prac.display if prac else None),
-            location=(c.location_id, loc.display if loc else None),
-            patients=patients,
-            visit_type=c.visit_type,
-            specialties=prac.specialties if prac else (),
-            requested=(req.window.start, req.window.end),
-            participant_status="needs-action",
-        )
-        matches.append(shapes[key])
+    entries = match_entries(
+        ctx.base_url,
+        ctx.zone,
+        result.candidates,
+        result.actors,
+        tuple((p.id, p.display) for p in result.patients),
+        (req.window.start, req.window.end),
+    )
     issues = list(notices) + [issue(n.severity, n.code, n.text, expression=n.expression) for n in result.notices]
     if result.total == 0:
         issues.insert(
@@ -249,17 +223,86 @@ def _bundle(
     fmt = request.query_params.get("_format")
     extra = [("_format", fmt)] if fmt else []
     links = [{"relation": "self", "url": _page_url(ctx, req, criteria + extra, req.offset)}]
-    if req.count > 0 and req.offset + len(matches) < result.total:
+    if req.count > 0 and req.offset + len(entries) < result.total:
         links.append({"relation": "next", "url": _page_url(ctx, req, criteria + extra, req.offset + req.count)})
     if req.count == 0:
         issues.append(issue("information", "informational", "_count=0: only the total is returned"))
     return searchset(
         ctx.base_url,
         total=result.total,
-        matches=matches,
+        matches=[],
+        match_entries=entries,
         outcome=operation_outcome(issues) if issues else None,
         links=links,
     )
+
+
+_MATCH = {"mode": "match"}
+
+
+@functools.lru_cache(maxsize=4096)
+def _template(
+    practitioner: tuple[str, str | None],
+    specialties: tuple[Coding, ...],
+    location: tuple[str, str | None],
+    visit_type: VisitType,
+    patients: tuple[tuple[str, str | None], ...],
+    requested: tuple[dt.datetime, dt.datetime],
+    zone: dt.tzinfo,
+) -> dict[str, Any]:
+    """A proposed Appointment for one (practitioner, location, visit type, patients, window): what
+    is left per entry is its id and times. Kept across requests; the same dict (and its nested
+    parts) serves every entry made from it, so nothing downstream may mutate a rendered Bundle."""
+    start = requested[0]
+    return appointment(
+        appt_id="-",
+        status="proposed",
+        start=start,
+        end=start,
+        zone=zone,
+        practitioner=practitioner,
+        location=location,
+        patients=patients,
+        visit_type=visit_type,
+        specialties=specialties,
+        requested=requested,
+        participant_status="needs-action",
+    )
+
+
+def match_entries(
+    base: str,
+    zone: dt.tzinfo,
+    candidates: Sequence[tuple[str, Candidate]],
+    actors: Mapping[str, Actor],
+    patients: tuple[tuple[str, str | None], ...],
+    requested: tuple[dt.datetime, dt.datetime],
+) -> list[dict[str, Any]]:
+    """The Bundle entries of a $find page: each one a template (``_template``) plus id and times,
+    byte for byte what rendering each through ``render.appointment`` and ``render.entry`` gives."""
+    out: list[dict[str, Any]] = []
+    for token, c in candidates:
+        prac = actors.get(f"Practitioner/{c.practitioner_id}")
+        loc = actors.get(f"Location/{c.location_id}")
+        template = _template(
+            (c.practitioner_id, prac.display if prac else None),
+            prac.specialties if prac else (),
+            (c.location_id, loc.display if loc else None),
+            c.visit_type,
+            patients,
+            requested,
+            zone,
+        )
+        start, end = c.interval.start, c.interval.end
+        resource = {
+            **template,
+            "id": token,
+            "start": local_instant(start, zone),
+            "end": local_instant(end, zone),
+            "minutesDuration": int((end - start).total_seconds() // 60),
+        }
+        out.append({"fullUrl": f"{base}/Appointment/{token}", "resource": resource, "search": _MATCH})
+    return out
 
 
 async def _link_criteria(ctx: FhirContext, req: FindRequest, result: FindResult) -> list[tuple[str, str]]:

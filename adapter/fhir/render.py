@@ -204,7 +204,9 @@ def searchset(
     includes: Iterable[dict[str, Any]] = (),
     links: list[dict[str, str]] | None = None,
     profile: bool = True,
+    match_entries: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
+    """``match_entries``: entries already built (``fhir/find.py``), placed before those of ``matches``."""
     bundle: dict[str, Any] = {"resourceType": "Bundle"}
     if profile:
         bundle["meta"] = {"profile": [BUNDLE_PROFILE]}
@@ -212,7 +214,8 @@ def searchset(
     bundle["total"] = total
     if links:
         bundle["link"] = links
-    entries = [entry(base, r, "match") for r in matches]
+    entries = list(match_entries or ())
+    entries += [entry(base, r, "match") for r in matches]
     entries += [entry(base, r, "include") for r in includes]
     if outcome is not None:
         outcome.setdefault("id", "outcome")

@@ -21,7 +21,9 @@ Decisions (20; repeated in the README's conformance notes):
   simply match nothing. Holds (``$hold``) live outside the legacy system and are not searched.
 * ``_count`` default ``find.default_count`` (50), capped at ``find.max_count`` (500) with an information
   issue; ``_count=0`` returns only ``total``. ``_sort=date`` (default) or ``-date``. ``_total=none`` skips
-  the count query (``total`` is then only given when the first page is also the last).
+  the count query (``total`` is then only given when the first page is also the last); ``_total=accurate``
+  always counts; the default (``estimate``) counts up to ``TOTAL_ESTIMATE_CAP`` matches and omits ``total``
+  beyond (docs/conformance.md#d20).
 * Paging is a keyset on (start, id): ``next``/``previous`` links carry an opaque, HMAC-signed ``_cursor``
   (the start and id of the row a page ended at, the direction and the sort). Links stay correct while
   appointments are added or cancelled; a tampered or foreign cursor is a 400.
@@ -84,6 +86,10 @@ ACTOR_TYPES = (
     "Location",
 )
 OUR_ACTOR_KINDS = ("Patient", "Practitioner", "Location")
+# The default ``_total`` (estimate): an exact total up to this many matches (a bounded index scan),
+# none beyond; ``_total=accurate`` counts everything.
+TOTAL_ESTIMATE_CAP = 200
+
 CONTROL_ONCE = ("_count", "_sort", "_total", "_format", "_cursor", "_summary", "_elements")
 SUBSETTED = {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "SUBSETTED"}
 # Appointment elements with cardinality 1..* in R4: kept whatever _elements asks for.
@@ -260,6 +266,7 @@ class SearchRequest:
     descending: bool = False
     includes: set[str] = field(default_factory=set)
     want_total: bool = True
+    total_cap: int | None = field(default_factory=lambda: TOTAL_ESTIMATE_CAP)  # read per request
     cursor: Cursor | None = None
     criteria: int = 0
     ignored: list[tuple[str, str]] = field(default_factory=list)  # (parameter, why)
@@ -531,6 +538,7 @@ def parse_search(ctx: FhirContext, params: list[tuple[str, str]], now: dt.dateti
         elif name == "_total":
             if value in ("none", "accurate", "estimate"):
                 req.want_total = value != "none"
+                req.total_cap = None if value == "accurate" else TOTAL_ESTIMATE_CAP
             else:
                 req.ignored.append((name, f"value {value!r} is not supported (none, estimate, accurate)"))
                 used = False
@@ -663,6 +671,7 @@ async def build_query(ctx: FhirContext, req: SearchRequest) -> AppointmentQuery 
         after=(cursor.start, cursor.appt_id) if cursor else None,
         limit=req.count,
         want_total=req.want_total,
+        total_cap=None if req.count == 0 else req.total_cap,  # _count=0 asks for the total alone
     )
 
 

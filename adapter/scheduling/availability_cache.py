@@ -16,12 +16,28 @@ Why it is safe:
   client may be offered a slot that ``$hold``/``$book`` then refuse with 409, because those always
   re-check the legacy calendar under the booking lock. Nothing is ever double-booked by staleness.
 
-``ttl`` 0 turns the cache off (every ``$find`` reads the legacy system).
+Loading (issue 14.2):
+* single flight: per worker, one load per (practitioner, day) runs at a time; a request that needs a
+  day another request is loading awaits that load instead of asking the legacy system again, so N
+  concurrent ``$find`` on a cold cache cost one legacy query, not N;
+* one legacy query per request covers every missing (practitioner, day) of its window (all the
+  practitioners, the whole day range), never one query per day;
+* the staleness rule (stale-while-revalidate): an entry is *fresh* for ``ttl / 2`` seconds; from then
+  until ``ttl`` it is still served, and the first request that sees it so starts one background
+  refresh (requests never wait for it); older than ``ttl`` it is never served: the request waits for
+  a load (shared with any other request for that day). So the bound above is unchanged: what the
+  legacy system changed is offered for at most ``ttl`` seconds, and no request waits behind a legacy
+  round trip while a copy younger than ``ttl`` exists;
+* a load that was running when the calendar version moved answers its own request but is not stored,
+  so an adapter write is never hidden by a load that read the calendar before it.
+
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -29,8 +45,12 @@ from dataclasses import dataclass, field
 from adapter.backends.protocol import AvailabilityQuery, Interval, SchedulingBackend
 from adapter.scheduling.candidates import FreeTime, Span, anchor_of, free_time, subtract_spans, to_spans
 
+log = logging.getLogger(__name__)
+
 _DAY = 86400
 _MAX_ENTRIES = 200_000
+
+Key = tuple[str, int]  # (practitioner id, UTC day start in epoch seconds)
 
 
 @dataclass(slots=True)
@@ -53,10 +73,17 @@ class AvailabilityCache:
         self.ttl = ttl_seconds
         self._clock = clock
         self._seen_version: int | None = None
-        self._days: dict[tuple[str, int], _DayEntry] = {}
+        self._days: dict[Key, _DayEntry] = {}
+        # Loads in flight, by the keys they fill; a key maps to the one load that will fill it.
+        self._inflight: dict[Key, asyncio.Task[dict[Key, _DayEntry]]] = {}
+        self._refreshing: set[asyncio.Task[dict[Key, _DayEntry]]] = set()
+        # Bumped whenever the stored days are dropped: a load started before keeps its answer to itself.
+        self._generation = 0
 
     def clear(self) -> None:
         self._days.clear()
+        self._inflight.clear()
+        self._generation += 1
 
     async def free_time(self, q: AvailabilityQuery) -> list[FreeTime]:
         """Bookable time (working time minus absences minus bookings; holds are the caller's)."""
@@ -64,49 +91,102 @@ class AvailabilityCache:
             return [free_time(ra) for ra in await self.backend.availability(q)]
         version = await self._version()
         if version != self._seen_version or len(self._days) > _MAX_ENTRIES:
-            self._days.clear()
+            self.clear()
             self._seen_version = version
         now = self._clock()
         w_start, w_end = int(q.window.start.timestamp()), int(q.window.end.timestamp())
         days = list(range(w_start - w_start % _DAY, w_end, _DAY))
-        stale = [
-            p
-            for p in q.practitioner_ids
-            if any((e := self._days.get((p, day))) is None or now - e.loaded > self.ttl for day in days)
-        ]
-        if stale:
-            await self._load(tuple(stale), days, now)
-        return self._assemble(q, days, w_start, w_end)
+        fresh_for = self.ttl / 2
+        stored = self._days
+        keys = [(p, day) for p in q.practitioner_ids for day in days]
+        not_fresh = [k for k in keys if (e := stored.get(k)) is None or now - e.loaded > fresh_for]
+        if not not_fresh:  # the common case: everything fresh, nothing to load or refresh
+            return self._assemble(q, days, w_start, w_end, stored)
+        pending = set(not_fresh)
+        # Taken before any await: a version change meanwhile may drop the stored days.
+        view: dict[Key, _DayEntry] = {k: stored[k] for k in keys if k not in pending}
+        waits: set[asyncio.Task[dict[Key, _DayEntry]]] = set()
+        missing: list[Key] = []
+        due: list[Key] = []
+        for key in not_fresh:
+            entry = stored.get(key)
+            if entry is not None and now - entry.loaded <= self.ttl:
+                view[key] = entry
+                if key not in self._inflight:
+                    due.append(key)
+            elif (task := self._inflight.get(key)) is not None:
+                waits.add(task)
+            else:
+                missing.append(key)
+        if due:  # stale but servable: refresh in the background, answer from the copy
+            task = self._start_load(due, now)
+            self._refreshing.add(task)
+            task.add_done_callback(self._refresh_done)
+        if missing:
+            waits.add(self._start_load(missing, now))
+        for task in waits:
+            loaded = await asyncio.shield(task)  # a cancelled request must not cancel a shared load
+            for key in loaded.keys() & pending:
+                view.setdefault(key, loaded[key])
+        return self._assemble(q, days, w_start, w_end, view)
 
-    async def _load(self, practitioners: tuple[str, ...], days: list[int], now: float) -> None:
-        utc = dt.UTC
-        span = Interval(dt.datetime.fromtimestamp(days[0], utc), dt.datetime.fromtimestamp(days[-1] + _DAY, utc))
-        fetched = await self.backend.availability(AvailabilityQuery(span, practitioners, ()))
-        for p in practitioners:
-            for day in days:
-                self._days[(p, day)] = _DayEntry(now)
-        for ra in fetched:
-            # Stored already minus the bookings: per request only holds remain to subtract.
-            bookable = subtract_spans(to_spans(ra.free), to_spans(ra.busy))
-            anchors = sorted(int(a.timestamp()) for a in ra.anchors)
-            for start, end in bookable:
-                # Each piece keeps the anchor of its period, which may lie on an earlier day.
-                anchor = anchor_of(anchors, start)
-                day = start - start % _DAY
-                while day < end:
-                    piece = (max(start, day), min(end, day + _DAY))
-                    entry = self._days.get((ra.practitioner_id, day))
-                    if entry is not None and piece[0] < piece[1]:
-                        entry.free.setdefault(ra.location_id, []).append(piece)
-                        if anchor is not None:
-                            entry.anchors.setdefault(ra.location_id, set()).add(anchor)
-                    day += _DAY
+    def _start_load(self, keys: list[Key], now: float) -> asyncio.Task[dict[Key, _DayEntry]]:
+        practitioners = tuple(dict.fromkeys(p for p, _ in keys))
+        first, last = min(d for _, d in keys), max(d for _, d in keys)
+        task = asyncio.ensure_future(self._load(practitioners, first, last, now, self._generation))
+        for key in keys:
+            self._inflight[key] = task
+        return task
 
-    def _assemble(self, q: AvailabilityQuery, days: list[int], w_start: int, w_end: int) -> list[FreeTime]:
+    def _refresh_done(self, task: asyncio.Task[dict[Key, _DayEntry]]) -> None:
+        self._refreshing.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            # The stale copy stays until ``ttl``; the next request past it loads (and reports) itself.
+            log.warning("availability cache: background refresh failed (%s)", exc)
+
+    async def _load(
+        self, practitioners: tuple[str, ...], first: int, last: int, now: float, generation: int
+    ) -> dict[Key, _DayEntry]:
+        """One legacy query for every day ``first``..``last`` of every practitioner; stored if still current."""
+        days = range(first, last + _DAY, _DAY)
+        loaded: dict[Key, _DayEntry] = {(p, day): _DayEntry(now) for p in practitioners for day in days}
+        try:
+            utc = dt.UTC
+            span = Interval(dt.datetime.fromtimestamp(first, utc), dt.datetime.fromtimestamp(last + _DAY, utc))
+            fetched = await self.backend.availability(AvailabilityQuery(span, practitioners, ()))
+            for ra in fetched:
+                # Stored already minus the bookings: per request only holds remain to subtract.
+                bookable = subtract_spans(to_spans(ra.free), to_spans(ra.busy))
+                anchors = sorted(int(a.timestamp()) for a in ra.anchors)
+                for start, end in bookable:
+                    # Each piece keeps the anchor of its period, which may lie on an earlier day.
+                    anchor = anchor_of(anchors, start)
+                    day = start - start % _DAY
+                    while day < end:
+                        piece = (max(start, day), min(end, day + _DAY))
+                        entry = loaded.get((ra.practitioner_id, day))
+                        if entry is not None and piece[0] < piece[1]:
+                            entry.free.setdefault(ra.location_id, []).append(piece)
+                            if anchor is not None:
+                                entry.anchors.setdefault(ra.location_id, set()).add(anchor)
+                        day += _DAY
+            if generation == self._generation:
+                self._days.update(loaded)
+            return loaded
+        finally:
+            if generation == self._generation:
+                me = asyncio.current_task()
+                for key in loaded:
+                    if self._inflight.get(key) is me:
+                        del self._inflight[key]
+
+    def _assemble(
+        self, q: AvailabilityQuery, days: list[int], w_start: int, w_end: int, view: dict[Key, _DayEntry]
+    ) -> list[FreeTime]:
         out = []
         wanted = set(q.location_ids)
         for p in q.practitioner_ids:
-            entries = [self._days[(p, day)] for day in days]
+            entries = [view[(p, day)] for day in days]
             for loc in sorted({loc for e in entries for loc in e.free}):
                 if wanted and loc not in wanted:
                     continue

@@ -113,10 +113,15 @@ def snap_spans(spans: Sequence[Span], anchors: Sequence[int], step: int) -> list
     if not anchors:
         return list(spans)
     out: list[Span] = []
+    # Spans and anchors are both sorted: one forward walk finds each span's anchor (what
+    # anchor_of and on_grid compute, inlined: this runs for every free span of every request).
+    i, n = 0, len(anchors)
     for start, end in spans:
-        anchor = anchor_of(anchors, start)
-        if anchor is not None:
-            start = on_grid(anchor, step, start)
+        while i < n and anchors[i] <= start:
+            i += 1
+        if i:
+            anchor = anchors[i - 1]
+            start = anchor - ((anchor - start) // step) * step
         if start < end:
             out.append((start, end))
     return out

@@ -199,6 +199,8 @@ class AppointmentQuery:
     after: tuple[dt.datetime, str] | None = None  # keyset cursor: (start, id) of the last row seen
     limit: int = 50
     want_total: bool = True
+    # Count at most this many matches; more: ``total`` is None (ITI-118 ``_total=estimate``). None: count all.
+    total_cap: int | None = None
 
 
 @dataclass(slots=True)

@@ -383,6 +383,21 @@ def test_req_118_13_total_is_optional_and_count_zero_reads_no_rows(backend: SqlB
     assert page.total == 12 and page.appointments == [] and not page.has_more
 
 
+def test_issue14_5_a_capped_count_is_exact_up_to_the_cap_and_absent_beyond(
+    backend: SqlBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    captured = _capture(monkeypatch)
+    assert search(backend, patient_ids=("3",), limit=2, total_cap=11).total is None  # 12 match
+    assert "LIMIT 12" in captured[-1][0]  # the count reads at most cap + 1 rows
+    assert search(backend, patient_ids=("3",), limit=2, total_cap=12).total == 12
+    assert search(backend, patient_ids=("3",), limit=2, total_cap=None).total == 12
+    assert search(backend, patient_ids=("3",), limit=0, total_cap=None).total == 12
+    captured.clear()
+    page = search(backend, patient_ids=("3",), limit=20, total_cap=1)
+    assert page.total == 12 and not page.has_more  # the first page is the last: exact whatever the cap
+    assert len(captured) == 1  # and no count query was needed
+
+
 # --------------------------------------------------------------------------------------------------
 # SQL: bound values only, indexes used, no whole-table work in Python
 # --------------------------------------------------------------------------------------------------
@@ -607,6 +622,8 @@ PORTABLE_QUERIES = [
     dict(
         patient_ids=("1",), exclude_start_ranges=(Interval(utc("2026-03-08T05:00:00Z"), utc("2026-03-09T04:00:00Z")),)
     ),
+    dict(patient_ids=("3",), limit=2, total_cap=5),  # more than the cap: no total
+    dict(patient_ids=("3",), limit=2, total_cap=12),  # exactly the cap: exact
 ]
 
 

@@ -107,7 +107,7 @@ def test_issue12_4_find_hold_book_see_cancel_in_chromium(page: Any, tmp_path: Pa
     page.get_by_label("Reason when cancelling").select_option("weather")
     row.get_by_role("button", name=re.compile("^Cancel the appointment")).click()
     page.wait_for_function("document.getElementById('message').textContent.startsWith('Cancelled')")
-    # The list is re-read after the message: wait for the cancelled row to leave it (no fixed sleep).
+    # The page says "Cancelled" before it reloads the list: wait for the reload to drop the row.
     page.locator(f"#mine tbody tr[data-id='{booked_id}']").wait_for(state="detached")
     assert page.locator(f"#mine tbody tr[data-id='{booked_id}']").count() == 0
 

@@ -285,9 +285,13 @@ class SqlBackend:
         values["practitioner_keys"] = prac_keys
         rows = query(conn, spec.sql, values)
         base = f"availability.{section}.fields"
-        fields = [(name, m.expr(f"{base}.{name}").evaluate) for name in spec.fields]
+        exprs = [m.expr(f"{base}.{name}") for name in spec.fields]
+        if spec.repeat is not None:
+            exprs.append(m.expr(f"availability.{section}.repeat"))
+        rows = _in_mapping_case(rows, {name for e in exprs for name in e.inputs})
+        fields = [(name, e.evaluate) for name, e in zip(spec.fields, exprs, strict=False)]
         if spec.repeat is None:
-            return [{name: evaluate(row, ctx) for name, evaluate in fields} for row in rows]
+            return _map_rows(rows, list(zip(spec.fields, exprs, strict=False)), ctx)
         # A recurring legacy row stands for one occurrence per date the mapping's `repeat` expression
         # yields inside the window; each occurrence is evaluated with its date as input `occurrence`.
         repeat = m.expr(f"availability.{section}.repeat")
@@ -717,7 +721,10 @@ class SqlBackend:
         code table that declares no fallback) is skipped with a warning instead of failing the whole
         answer. Fallback substitutions are reported in ``warnings`` as well."""
         out: list[Appointment] = []
-        for row in rows:
+        ap = self.doc.appointments
+        names = {n for name in ap.fields for n in self.mapping.expr(f"appointments.fields.{name}").inputs}
+        names.add(ap.key)
+        for row in _in_mapping_case(list(rows), names):
             try:
                 appt = self.appointment_from_row(row)
             except (UnknownCode, ExpressionError, ValueError, TypeError, KeyError) as exc:
@@ -810,6 +817,59 @@ def apply_fold(condition: str, declared: ReadOnlyMap[Any, str], dialect: str, ki
         return condition
     template = declared.get(dialect) or _DEFAULT_FOLD.get(kind) or _DEFAULT_FOLD.get(dialect) or "LOWER({})"
     return _FOLD_CALL.sub(lambda m: template.replace("{}", m.group(1)), condition)
+
+
+def _map_rows(rows: list[dict[str, Any]], fields: list[tuple[str, Any]], ctx: Any) -> list[dict[str, Any]]:
+    """Evaluate each field of each row, once per distinct input: availability rows repeat the same
+    practitioner, duration, time of day and date over and over (hundreds of rows, a few dozen
+    distinct values), and a mapping expression is a pure function of its input columns (``python:``
+    converters excepted: those are evaluated for every row)."""
+    if not rows:
+        return []
+    first = rows[0]
+    plans: list[tuple[str, Any, tuple[str, ...] | None, dict[Any, Any]]] = []
+    for name, expr in fields:
+        inputs = expr.inputs
+        pure = "python" not in expr.source and inputs and all(i in first for i in inputs)
+        plans.append((name, expr.evaluate, inputs if pure else None, {}))
+    out: list[dict[str, Any]] = []
+    for row in rows:
+        mapped: dict[str, Any] = {}
+        for name, evaluate, inputs, memo in plans:
+            if inputs is None:
+                mapped[name] = evaluate(row, ctx)
+                continue
+            key = row[inputs[0]] if len(inputs) == 1 else tuple(row[i] for i in inputs)
+            try:
+                value = memo[key]
+            except KeyError:
+                value = memo[key] = evaluate(row, ctx)
+            except TypeError:  # an unhashable driver value
+                value = evaluate(row, ctx)
+            mapped[name] = value
+        out.append(mapped)
+    return out
+
+
+def _in_mapping_case(rows: list[dict[str, Any]], names: set[str]) -> list[dict[str, Any]]:
+    """Rows whose column names are spelled as the mapping spells them.
+
+    Engines disagree on the case of unquoted names (PostgreSQL folds to lower case); expressions
+    then find each column by a case-insensitive scan of the row, which cost more than the rest of
+    the row mapping together on PostgreSQL. Renaming once per row is far cheaper. Names the first
+    row has no column for (binds, ``occurrence``) are left to the expressions."""
+    if not rows:
+        return rows
+    first = rows[0]
+    by_lower = {key.lower(): key for key in first}
+    rename = {
+        actual: name
+        for name in names
+        if name not in first and (actual := by_lower.get(name.lower())) is not None and actual != name
+    }
+    if not rename:
+        return rows
+    return [{rename.get(key, key): value for key, value in row.items()} for row in rows]
 
 
 def _whole_days(row: dict[str, Any], zone: Any) -> Interval:

@@ -312,7 +312,15 @@ async def search_appointments(backend: SqlBackend, q: AppointmentQuery) -> Appoi
     else:  # SQL Server 2012+, Oracle 12c+, DB2: the ANSI form
         limit_sql = f" OFFSET 0 ROWS FETCH NEXT {int(limit)} ROWS ONLY"
     page_sql = f"{base}{page_where} ORDER BY {order_by}{limit_sql}"
-    count_sql = f"SELECT COUNT(*) AS N FROM ({ap.select}) q{filter_where}"
+    # A capped count reads at most cap + 1 matches however many there are; where LIMIT is not known to
+    # work without an ORDER BY (other ODBC engines) the count stays exact instead.
+    cap = q.total_cap if dialect in _LIMIT_DIALECTS else None
+    if cap is None:
+        count_sql = f"SELECT COUNT(*) AS N FROM ({ap.select}) q{filter_where}"
+    else:
+        count_sql = (
+            f"SELECT COUNT(*) AS N FROM (SELECT 1 AS X FROM ({ap.select}) q{filter_where} LIMIT {int(cap) + 1}) c"
+        )
     values = dict(w.values)
 
     def run(conn: Any) -> AppointmentPage:
@@ -324,8 +332,12 @@ async def search_appointments(backend: SqlBackend, q: AppointmentQuery) -> Appoi
         warnings: list[str] = []
         appts = backend.appointments_from_rows(rows[: q.limit], warnings)
         total = None
-        if q.want_total:
+        if q.want_total and q.after is None and len(rows) <= q.limit and q.limit > 0:
+            total = len(rows)  # the first page is the last: known without a count query
+        elif q.want_total:
             total = int(next(iter(query(conn, count_sql, values)[0].values())))
+            if cap is not None and total > cap:
+                total = None
         return AppointmentPage(appts, total, len(rows) > q.limit, warnings)
 
     return await backend.db.run(run)
