@@ -517,8 +517,9 @@ class SqlBackend:
         gated: list[bool] = []
 
         def work(conn: Any) -> None:
-            with self.db.write(conn, writes.lock.sql, lock_binds):
-                self._lock_patients(conn, (p for s in slots for p in s.patient_ids))
+            patients = [p for s in slots for p in s.patient_ids]
+            with self.db.write(conn, writes.lock.sql, lock_binds, also_locks=_patient_locks(patients)):
+                self._lock_patients(conn, patients)
                 for slot in slots:
                     self._check_slot(conn, slot)
                 gate(slots)
@@ -605,7 +606,11 @@ class SqlBackend:
             )
 
         def work(conn: Any) -> str:
-            with self.db.write(conn, writes.lock.sql, lock_binds) as cur:
+            # The counter row (strategy counter) is locked by every booking: its waiters queue too.
+            counter = ["id-counter"] if writes.id_allocation.strategy == "counter" else []
+            with self.db.write(
+                conn, writes.lock.sql, lock_binds, also_locks=_patient_locks(slot.patient_ids) + counter
+            ) as cur:
                 self._lock_patients(cur, slot.patient_ids)  # also proves the patient exists
                 self._check_slot(conn, slot)
                 gate([slot])
@@ -660,7 +665,9 @@ class SqlBackend:
         env = self._slot_env(new_slot) | {"appointment_key": key, "comment": comment}
 
         def work(conn: Any) -> None:
-            with self.db.write(conn, writes.lock.sql, self._lock_binds(involved)) as cur:
+            with self.db.write(
+                conn, writes.lock.sql, self._lock_binds(involved), also_locks=_patient_locks(new_slot.patient_ids)
+            ) as cur:
                 self._lock_patients(cur, new_slot.patient_ids)
                 # Re-read under the lock: a concurrent change must not be overwritten blindly.
                 now_row = self._read_appointment(cur, key)
@@ -800,6 +807,11 @@ class SqlBackend:
 
     async def close(self) -> None:
         await self.db.close()
+
+
+def _patient_locks(patient_ids: Iterable[str]) -> list[str]:
+    """Names of the patient rows a write unit locks after the booking lock (``Database.write(also_locks=)``)."""
+    return [f"Patient/{p}" for p in sorted(set(patient_ids))]
 
 
 def _refuse_status(appointment_id: str, status: str, allowed: list[str] | None, change: str) -> None:

@@ -42,7 +42,7 @@ import sqlite3
 import tempfile
 import threading
 import unicodedata
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -318,7 +318,13 @@ class Database:
         return sql.rstrip().rstrip(";") + " FOR UPDATE"
 
     @contextmanager
-    def write(self, conn: Any, lock_sql: str | None, lock_binds: Sequence[dict[str, Any]]) -> Iterator[Any]:
+    def write(
+        self,
+        conn: Any,
+        lock_sql: str | None,
+        lock_binds: Sequence[dict[str, Any]],
+        also_locks: Iterable[str] = (),
+    ) -> Iterator[Any]:
         """A write unit: take the booking lock(s), yield, commit; roll back on any error.
 
         SQLite (stdlib driver): ``BEGIN IMMEDIATE`` takes the database's single write lock before
@@ -328,6 +334,9 @@ class Database:
         bind set (callers sort them so two units never wait on each other in opposite order); a
         locking SELECT must return at least one row, otherwise nothing would serialise the
         bookings and the write is refused (``LockNotTaken``).
+
+        ``also_locks`` names the further rows the caller locks inside the unit (e.g. the patients'):
+        writers of this process that will wait for them queue in Python too (see below).
 
         A failure of the final COMMIT that looks like a lost connection raises
         ``CommitOutcomeUnknown``: the write may or may not have been applied.
@@ -360,7 +369,10 @@ class Database:
             # seen to keep the GIL now and then; with several waiters of one process in the driver
             # the holder of the row lock (same process) could not run, and everything stalled until
             # the statement timeout.
-            for key in sorted({repr(sorted(values.items())) for values in lock_binds}):
+            # Every row the unit will wait for counts (the booking lock and ``also_locks``), taken in one
+            # sorted order, so two threads of this process never wait for each other's queues.
+            keys = {repr(sorted(values.items())) for values in lock_binds} | {f"also:{name}" for name in also_locks}
+            for key in sorted(keys):
                 queue = self._queue_for(key)
                 if not queue.acquire(timeout=deadline.remaining()):
                     for other in reversed(held):
