@@ -14,7 +14,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
-from zoneinfo import ZoneInfo
 
 from adapter.backends.protocol import Identifier
 from adapter.fhir.limits import MAX_NAME, check_resource_strings, check_text
@@ -115,7 +114,7 @@ def period_end(value: DateValue) -> dt.datetime:
 
 
 def parse_datetime(
-    text: Any, name: str, zone: ZoneInfo, *, is_end: bool = False, as_bundle: bool = False
+    text: Any, name: str, zone: dt.tzinfo, *, is_end: bool = False, as_bundle: bool = False
 ) -> dt.datetime:
     """A FHIR dateTime -> aware datetime. Partial dates mean the start (or, for ``end``, the end)
     of that period in the server's zone; a time without an offset is invalid FHIR."""

@@ -327,7 +327,7 @@ def _actor_kind(name: str, modifier: str, chain: str | None, value: str, ctx: Fh
         if chain == "identifier":
             system, _ = _split_token(v)
             backend = ctx.service.backend
-            known = {k for k in OUR_ACTOR_KINDS if system and system in _identifier_systems(backend, k)}
+            known = {k for k in OUR_ACTOR_KINDS if system and system in (_identifier_systems(backend, k) or ())}
             if len(known) != 1:
                 raise FhirError(
                     400,
@@ -451,13 +451,13 @@ def parse_search(ctx: FhirContext, params: list[tuple[str, str]], now: dt.dateti
         elif base_name in REFERENCE_PARAMS and modifier in ("", REFERENCE_PARAMS[base_name]) and chain == "identifier":
             req.criteria += 1
             kind = REFERENCE_PARAMS[base_name]
-            group = []
+            ident_group: list[tuple[str | None, str]] = []
             for v in _split_or(value):
                 system, code = _token(v, name)
                 if code is None:
                     raise FhirError(400, "invalid", f"{name} {v!r} needs a value after '|'", expression=name)
-                group.append((system, code))
-            req.refs.setdefault(kind, _RefCriterion(kind)).identifier_groups.append(group)
+                ident_group.append((system, code))
+            req.refs.setdefault(kind, _RefCriterion(kind)).identifier_groups.append(ident_group)
         elif name == "date":
             req.criteria += 1
             bounds, excluded = date_constraints(value, ctx.zone, now, name)
@@ -480,10 +480,10 @@ def parse_search(ctx: FhirContext, params: list[tuple[str, str]], now: dt.dateti
             req.statuses = codes if req.statuses is None else req.statuses & codes
         elif name == "specialty":
             req.criteria += 1
-            group = []
+            group: list[str] = []
             for v in _split_or(value):
                 system, code = _token(v, name)
-                group.append(code if system is None else f"{system}|{code or ''}")
+                group.append(f"{system}|{code or ''}" if system is not None else code or "")
             req.specialty_groups.append(tuple(group))
         elif name in ("appointment-type", "service-type"):
             req.criteria += 1
