@@ -174,9 +174,7 @@ def create_app(
     return app
 
 
-def _only(
-    kinds: str, endpoint: Callable[[Request], Awaitable[Response]]
-) -> Callable[[Request], Awaitable[Response]]:
+def _only(kinds: str, endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
     allowed = set(kinds.split("|"))
 
     async def guarded(request: Request) -> Response:

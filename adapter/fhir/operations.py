@@ -41,8 +41,8 @@ from adapter.backends.protocol import (
     BackendUnavailable,
     BusinessRuleViolation,
     Coding,
-    Interval,
     Identifier,
+    Interval,
     InvalidRequest,
     NotFound,
     SlotConflict,
@@ -391,9 +391,7 @@ def _participant_ids(ctx: FhirContext, resource: dict[str, Any]) -> tuple[str | 
     return prac, loc
 
 
-async def _patient(
-    ctx: FhirContext, patient_resources: list[Any], resource: dict[str, Any] | None
-) -> Actor | None:
+async def _patient(ctx: FhirContext, patient_resources: list[Any], resource: dict[str, Any] | None) -> Actor | None:
     refs: list[ActorRef] = []
     for p in patient_resources:
         validate_embedded(p, "Patient", "patient-resource", as_bundle=True)

@@ -359,7 +359,9 @@ def _check_binds(fail: _Fail, loc: _Loc, sql: str, allowed: set[str]) -> None:
             fail(loc, f"unknown bind parameter :{name}; expected {expected}")
 
 
-def _check_expr_inputs(fail: _Fail, loc: _Loc, compiled: dict[str, Any], binds: dict[str, str], allowed: set[str]) -> None:
+def _check_expr_inputs(
+    fail: _Fail, loc: _Loc, compiled: dict[str, Any], binds: dict[str, str], allowed: set[str]
+) -> None:
     for name in binds:
         template = compiled.get(_dotted(loc + (name,)))
         for expr in _expressions(template):
