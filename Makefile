@@ -6,7 +6,8 @@
 #   make demo         run the demo server (PORT=8080; data in var/demo)
 #   make system-deps  install unixODBC + ODBC drivers and chromium (root, Debian)
 #   make services     make sure PostgreSQL and MariaDB answer
-#   make test         all of the above, then pytest (slow tests excluded)
+#   make lint         ruff check, ruff format --check, mypy (strict on adapter/; see [tool.mypy] in pyproject.toml)
+#   make test         all of the above, then lint, then pytest (slow tests excluded)
 #   make test-slow    only the tests marked slow
 #   make bench        run bench/find.py ($find vs the HTTP floor)
 #   make bench-book   run bench/book.py (bookings/s, conflict storm, double bookings)
@@ -24,7 +25,7 @@ STAMP := $(VENV)/.installed
 
 # Steps must run in order (system packages before pip, services before tests).
 .NOTPARALLEL:
-.PHONY: venv lock demo system-deps services test test-slow bench bench-book bench-search clean
+.PHONY: venv lock demo system-deps services lint test test-slow bench bench-book bench-search clean
 
 venv: $(STAMP)
 
@@ -63,7 +64,12 @@ define run_pytest
 	exit $$rc
 endef
 
-test: system-deps services venv
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: system-deps services venv lint
 	$(call run_pytest,$(PYTEST_ARGS))
 
 test-slow: system-deps services venv

@@ -33,7 +33,9 @@ def signing_secret(settings: Settings) -> bytes:
     sec = settings.security
     if sec.signing_secret:
         return sec.signing_secret.encode("utf-8")
-    path = Path(sec.signing_secret_file)  # type: ignore[arg-type]
+    if sec.signing_secret_file is None:  # SecuritySettings requires one of the two; this keeps the types honest
+        raise ValueError("security: set signing_secret or signing_secret_file")
+    path = Path(sec.signing_secret_file)
     if not path.exists():
         # First start: create the secret once, atomically, readable by the owner only. Every worker
         # and replica that shares this file (or the same value in SCHED_SECURITY__SIGNING_SECRET)

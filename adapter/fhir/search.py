@@ -47,7 +47,7 @@ from urllib.parse import parse_qsl, urlencode
 from starlette.requests import Request
 from starlette.responses import Response
 
-from adapter.backends.protocol import ActorQuery, AppointmentQuery, Identifier, Interval, InvalidRequest
+from adapter.backends.protocol import ActorKind, ActorQuery, AppointmentQuery, Identifier, Interval, InvalidRequest
 from adapter.fhir.appointments import render_appointments
 from adapter.fhir.context import FhirContext, read_body
 from adapter.fhir.formats import FORM, format_named, render, response_format
@@ -73,7 +73,7 @@ APPOINTMENT_STATUSES = frozenset(
     }
 )
 PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap")
-REFERENCE_PARAMS = {"patient": "Patient", "practitioner": "Practitioner", "location": "Location"}
+REFERENCE_PARAMS: dict[str, ActorKind] = {"patient": "Patient", "practitioner": "Practitioner", "location": "Location"}
 ACTOR_TYPES = (
     "Patient",
     "Practitioner",
@@ -140,7 +140,7 @@ def parse_date_range(text: str, zone: dt.tzinfo, name: str = "date") -> tuple[dt
     value = parse_date_value(text, name)
     end = period_end(value)
     if value.offset is None:
-        return attach_zone(value.naive, zone), attach_zone(end, zone)  # type: ignore[arg-type]
+        return attach_zone(value.naive, zone), attach_zone(end, zone)
     tz = dt.timezone(value.offset)
     return value.naive.replace(tzinfo=tz), end.replace(tzinfo=tz)
 
@@ -241,7 +241,7 @@ class Cursor:
 
 @dataclass(slots=True)
 class _RefCriterion:
-    kind: str
+    kind: ActorKind
     ids: set[str] | None = None  # intersection of all direct-id parameters; None = none given
     identifier_groups: list[list[tuple[str | None, str]]] = field(default_factory=list)
 
@@ -593,7 +593,7 @@ async def _resolve_ref(ctx: FhirContext, crit: _RefCriterion, req: SearchRequest
                 )
         found: set[str] = set()
         if idents:
-            actors = await backend.find_actors(ActorQuery(crit.kind, identifiers=tuple(idents), limit=1000))  # type: ignore[arg-type]
+            actors = await backend.find_actors(ActorQuery(crit.kind, identifiers=tuple(idents), limit=1000))
             found = {a.id for a in actors}
             if not found:
                 req.nothing.append(

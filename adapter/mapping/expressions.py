@@ -270,7 +270,7 @@ def _c_seconds(v: Any, a: tuple[str, ...], ctx: EvalContext) -> dt.timedelta:
     return dt.timedelta(seconds=int(v))
 
 
-def attach_zone(naive: dt.datetime, zone: ZoneInfo) -> dt.datetime:
+def attach_zone(naive: dt.datetime, zone: dt.tzinfo) -> dt.datetime:
     """Interpret a legacy wall-clock time in ``zone``, DST-correctly.
 
     Ambiguous times (the repeated hour) take the first occurrence (fold=0). Times in the
