@@ -7,6 +7,7 @@ import logging
 import os
 import secrets
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -82,7 +83,9 @@ def check_live_mapping(mapping: Mapping, settings: Settings) -> None:
         raise MappingError(result.errors)
 
 
-def build_app(settings: Settings) -> Starlette:
+def build_app(settings: Settings, *, clock: Callable[[], dt.datetime] = utc_now) -> Starlette:
+    """The whole server for ``settings``. ``clock`` is what every transaction and the housekeeping job take
+    as "now" (holds, proposals, idempotency, expiry); tests pass a clock they can move forward."""
     ensure_demo_data(settings)
     mapping = load_mapping(settings.backend.mapping)
     check_live_mapping(mapping, settings)
@@ -112,12 +115,13 @@ def build_app(settings: Settings) -> Starlette:
         find=settings.find,
         max_body_bytes=settings.server.max_body_bytes,
         auth_enabled=settings.security.auth != "off",
+        now=clock,
     )
     scheduler = AsyncIOScheduler(timezone=dt.UTC)
 
     async def sweep() -> None:
         # Expire holds and settle bookings whose outcome a crash left unknown (scheduling.state).
-        await service.housekeeping(utc_now())
+        await service.housekeeping(clock())
 
     def start() -> None:
         scheduler.add_job(
