@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 from adapter.backends.protocol import Identifier
 from adapter.fhir.limits import MAX_NAME, check_resource_strings, check_text
 from adapter.fhir.outcome import FhirError
+from adapter.r4 import FHIR_ID as FHIR_ID  # re-exported for adapter/fhir/read.py until it imports adapter.r4
 from adapter.scheduling.service import ActorRef, Token
 
 # ASCII digits only: ``\d`` would accept other scripts' digits, which int() then silently reads.
@@ -25,7 +26,6 @@ DATE_VALUE = re.compile(
     r"^(?P<y>[0-9]{4})(?:-(?P<m>[0-9]{2})(?:-(?P<d>[0-9]{2})(?:T(?P<H>[0-9]{2}):(?P<M>[0-9]{2})"
     r"(?::(?P<S>[0-9]{2})(?:\.(?P<f>[0-9]{1,9}))?)?(?P<tz>Z|[+-][0-9]{2}:[0-9]{2})?)?)?)?$"
 )
-FHIR_ID = re.compile(r"^[A-Za-z0-9\-\.]{1,64}$")
 # Instants outside these years are refused (400) rather than computed with: the calendar arithmetic,
 # the zone rules and the legacy columns all overflow or lose meaning near year 1 and year 9999.
 MIN_YEAR = 1900

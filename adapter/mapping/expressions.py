@@ -18,13 +18,13 @@ import datetime as dt
 import functools
 import importlib
 import re
-import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from adapter.mapping.codes import CodeTables
+from adapter.text import fold
 
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 
@@ -417,8 +417,7 @@ def _c_join(v: Any, a: tuple[str, ...], ctx: EvalContext) -> str | None:
 
 def _c_fold(v: Any, a: tuple[str, ...], ctx: EvalContext) -> str:
     """Case- and accent-insensitive form for FHIR string matching."""
-    text = unicodedata.normalize("NFKD", str(v))
-    return "".join(c for c in text if not unicodedata.combining(c)).casefold()
+    return fold(str(v))
 
 
 def _c_truncate(v: Any, a: tuple[str, ...], ctx: EvalContext) -> str:

@@ -20,22 +20,8 @@ from pydantic import ValidationError
 from adapter.mapping.codes import CodeTable, CodeTables, conceptmap_entries
 from adapter.mapping.expressions import EvalContext, Expression, ExpressionError, compile_template
 from adapter.mapping.model import APPOINTMENT_FILTERS, MappingDocument
-
-_APPOINTMENT_STATUSES = frozenset(
-    {
-        "proposed",
-        "pending",
-        "booked",
-        "arrived",
-        "fulfilled",
-        "cancelled",
-        "noshow",
-        "entered-in-error",
-        "checked-in",
-        "waitlist",
-    }
-)
-_BIND_NAME = re.compile(r"(?<![:\w]):([A-Za-z_][A-Za-z0-9_]*)")
+from adapter.r4 import APPOINTMENT_STATUSES
+from adapter.text import sql_bind_names
 
 
 class MappingError(ValueError):
@@ -295,10 +281,10 @@ def load_mapping(path: str | Path) -> Mapping:
             if stmt.allowed_statuses is not None and name not in ("reschedule", "cancel"):
                 fail(("writes", name, "allowed_statuses"), "only reschedule and cancel have allowed_statuses")
             for status in stmt.allowed_statuses or ():
-                if status not in _APPOINTMENT_STATUSES:
+                if status not in APPOINTMENT_STATUSES:
                     fail(
                         ("writes", name, "allowed_statuses"),
-                        f"{status!r} is not a FHIR AppointmentStatus; expected some of {sorted(_APPOINTMENT_STATUSES)}",
+                        f"{status!r} is not a FHIR AppointmentStatus; expected some of {sorted(APPOINTMENT_STATUSES)}",
                     )
         if w.patient_lock is not None:
             compile_mapping(("writes", "patient_lock", "binds"), w.patient_lock.binds)
@@ -344,12 +330,6 @@ def _expressions(template: Any) -> Iterator[Expression]:
 
 def _code_tables_used(source: str) -> list[str]:
     return re.findall(r"\|\s*(?:code\??|legacy_code\??)\s*:\s*([A-Za-z0-9_\-]+)", source)
-
-
-def sql_bind_names(sql: str) -> list[str]:
-    """Named ``:binds`` in SQL text, ignoring quoted literals and ``::casts``."""
-    unquoted = re.sub(r"'(?:[^']|'')*'", "''", sql)
-    return _BIND_NAME.findall(unquoted)
 
 
 def _check_binds(fail: _Fail, loc: _Loc, sql: str, allowed: set[str]) -> None:
