@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 from adapter.backends.protocol import Identifier
 from adapter.fhir.limits import MAX_NAME, check_resource_strings, check_text
-from adapter.fhir.outcome import FhirError
+from adapter.fhir.outcome import FhirError, issue
 from adapter.r4 import FHIR_ID as FHIR_ID  # re-exported for adapter/fhir/read.py until it imports adapter.r4
 from adapter.scheduling.service import ActorRef, Token
 
@@ -282,6 +282,17 @@ def parse_count(value: Any, name: str = "_count") -> int:
     if n < 0:
         raise bad(f"{name} must not be negative", name)
     return n
+
+
+def capped_count(value: Any, maximum: int, notices: list[dict[str, Any]], name: str = "_count") -> int:
+    """``_count`` parsed and capped at ``maximum`` (``find.max_count``); capping adds an information issue."""
+    count = parse_count(value, name)
+    if count <= maximum:
+        return count
+    notices.append(
+        issue("information", "informational", f"{name} {count} is above the maximum; {maximum} used", expression=name)
+    )
+    return maximum
 
 
 def validate_embedded(resource: Any, expected: str, name: str, *, as_bundle: bool = False) -> dict[str, Any]:
