@@ -7,7 +7,8 @@
 #   make demo-hl7v2   the demo over a simulated HL7v2 scheduler (PORT=8080, MLLP_PORT=2575; data in var/demo-hl7v2)
 #   make system-deps  install unixODBC + ODBC drivers and chromium (root, Debian)
 #   make services     make sure PostgreSQL and MariaDB answer
-#   make test         all of the above, then pytest (slow tests excluded)
+#   make lint         ruff check, ruff format --check, mypy (strict on adapter/; see [tool.mypy] in pyproject.toml)
+#   make test         all of the above, then lint, then pytest (slow tests excluded)
 #   make test-slow    only the tests marked slow
 #   make bench        run bench/find.py ($find vs the HTTP floor)
 #   make bench-book   run bench/book.py (bookings/s, conflict storm, double bookings)
@@ -26,7 +27,7 @@ STAMP := $(VENV)/.installed
 
 # Steps must run in order (system packages before pip, services before tests).
 .NOTPARALLEL:
-.PHONY: venv lock demo demo-hl7v2 system-deps services test test-slow bench bench-book bench-search bench-report clean
+.PHONY: venv lock demo demo-hl7v2 system-deps services lint test test-slow bench bench-book bench-search bench-report clean
 
 venv: $(STAMP)
 
@@ -69,7 +70,12 @@ define run_pytest
 	exit $$rc
 endef
 
-test: system-deps services venv
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: system-deps services venv lint
 	$(call run_pytest,$(PYTEST_ARGS))
 
 test-slow: system-deps services venv

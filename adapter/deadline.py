@@ -24,11 +24,10 @@ from dataclasses import dataclass
 @dataclass(frozen=True, slots=True)
 class Deadline:
     end: float  # time.monotonic() value
-    budget: float  # the seconds it was started with, for messages
 
     @classmethod
     def after(cls, seconds: float) -> Deadline:
-        return cls(time.monotonic() + seconds, seconds)
+        return cls(time.monotonic() + seconds)
 
     def remaining(self) -> float:
         return max(0.0, self.end - time.monotonic())

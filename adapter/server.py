@@ -7,6 +7,7 @@ import logging
 import os
 import secrets
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -35,7 +36,9 @@ def signing_secret(settings: Settings) -> bytes:
     sec = settings.security
     if sec.signing_secret:
         return sec.signing_secret.encode("utf-8")
-    path = Path(sec.signing_secret_file)  # type: ignore[arg-type]
+    if sec.signing_secret_file is None:  # SecuritySettings requires one of the two; this keeps the types honest
+        raise ValueError("security: set signing_secret or signing_secret_file")
+    path = Path(sec.signing_secret_file)
     if not path.exists():
         # First start: create the secret once, atomically, readable by the owner only. Every worker
         # and replica that shares this file (or the same value in SCHED_SECURITY__SIGNING_SECRET)
@@ -117,7 +120,9 @@ def _backend(settings: Settings) -> tuple[SchedulingBackend, str | None, int | N
     return SqlBackend(mapping, database), vt.default, vt.slot_step_minutes, org, mapping.doc.system.timezone
 
 
-def build_app(settings: Settings) -> Starlette:
+def build_app(settings: Settings, *, clock: Callable[[], dt.datetime] = utc_now) -> Starlette:
+    """The whole server for ``settings``. ``clock`` is what every transaction and the housekeeping job take
+    as "now" (holds, proposals, idempotency, expiry); tests pass a clock they can move forward."""
     backend, default_visit_type, slot_step, organization_id, zone_name = _backend(settings)
     state_timeout = settings.state.timeout_seconds or settings.backend.timeout_seconds
     raw_state = open_state_store(state_url(settings.state.url, settings.state.path), timeout_s=state_timeout)
@@ -143,12 +148,13 @@ def build_app(settings: Settings) -> Starlette:
         find=settings.find,
         max_body_bytes=settings.server.max_body_bytes,
         auth_enabled=settings.security.auth != "off",
+        now=clock,
     )
     scheduler = AsyncIOScheduler(timezone=dt.UTC)
 
     async def sweep() -> None:
         # Expire holds and settle bookings whose outcome a crash left unknown (scheduling.state).
-        await service.housekeeping(utc_now())
+        await service.housekeeping(clock())
 
     async def start() -> None:
         await service.start()  # the backend's listeners and connections (an HL7v2 SIU feed)

@@ -89,3 +89,20 @@ signing_secret_file = "secret"
         encoding="utf-8",
     )
     return path
+
+
+class MovableClock:
+    """The app's clock (``build_app(settings, clock=...)``): real time plus an offset the test moves forward,
+    so a test waits for an expiry by moving the clock instead of sleeping."""
+
+    def __init__(self) -> None:
+        self.offset = dt.timedelta(0)
+
+    def __call__(self) -> dt.datetime:
+        return dt.datetime.now(dt.UTC) + self.offset
+
+    def advance_past(self, instant: dt.datetime, margin: dt.timedelta = dt.timedelta(seconds=1)) -> None:
+        """From now on the app's "now" is later than ``instant``."""
+        gap = instant + margin - self()
+        if gap > dt.timedelta(0):
+            self.offset += gap

@@ -146,9 +146,6 @@ class AuditTrail:
         self._queue.put(done)
         return done.wait(timeout)
 
-    def retry_now(self) -> None:
-        self._queue.put("retry")
-
     # -- audit thread ---------------------------------------------------------------------------
     def _run(self) -> None:
         self._spool = Spool(self.spool_path, self.max_spool_events)

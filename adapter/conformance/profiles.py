@@ -103,7 +103,7 @@ def _schema_messages(error: Any, root: str) -> list[str]:
     return [f"R4 schema: {_fhir_path(root, error.instance_path)}: {message}"]
 
 
-def r4_problems(resource: dict[str, Any]) -> list[str]:
+def r4_problems(resource: object) -> list[str]:
     """Problems found by the official FHIR R4 (4.0.1) JSON Schema; works for any resourceType."""
     if not isinstance(resource, dict):
         return [f"R4 schema: a resource must be a JSON object, not {type(resource).__name__}"]

@@ -65,10 +65,12 @@ import os
 import random
 import sqlite3
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
+from typing import Any, Protocol
 
 __all__ = [
     "SCHEMA",
@@ -130,7 +132,21 @@ def schema_statements() -> list[str]:
     return [s for s in statements if s]
 
 
-def create_schema(conn) -> None:
+class DbConnection(Protocol):
+    """A DB-API 2 connection: sqlite3 for the demo file, pyodbc for the server databases (no common base)."""
+
+    def cursor(self) -> Any: ...
+
+    def commit(self) -> None: ...
+
+
+_Row = tuple[Any, ...]  # one row for executemany
+_Plan = dict[int, list[tuple[int, int, int]]]  # {day_of_week: [(fac, start_hhmm, end_hhmm), ...]}
+# (day, prov, free facility per slot, capacity minutes, template intervals)
+_ProviderDay = tuple[_dt.date, str, list[int], int, list[tuple[int, int, int]]]
+
+
+def create_schema(conn: DbConnection) -> None:
     """Execute every statement of the demo schema and commit."""
     cur = conn.cursor()
     try:
@@ -163,9 +179,17 @@ _TYPE_WEIGHTS = {"NEWPT": 2, "FOLLOW": 5}
 _SPECIALTY_TYPE_WEIGHT = 3
 
 
-def _week(home: int, *, split_days=(), away=None, start=900, end=1700, weekdays=(1, 2, 3, 4, 5)):
+def _week(
+    home: int,
+    *,
+    split_days: tuple[int, ...] = (),
+    away: tuple[int, int] | None = None,
+    start: int = 900,
+    end: int = 1700,
+    weekdays: tuple[int, ...] = (1, 2, 3, 4, 5),
+) -> _Plan:
     """A weekly plan: {day_of_week: [(fac, start_hhmm, end_hhmm), ...]}."""
-    plan = {}
+    plan: _Plan = {}
     for dow in weekdays:
         fac = away[1] if away and away[0] == dow else home
         if dow in split_days:
@@ -469,7 +493,7 @@ def _ts(day: _dt.date, rng: random.Random) -> str:
     return f"{_ymd(day):08d}{rng.randint(7, 17):02d}{rng.randrange(60):02d}{rng.randrange(60):02d}"
 
 
-def _executemany(conn, sql: str, rows: list[tuple]) -> None:
+def _executemany(conn: DbConnection, sql: str, rows: list[_Row]) -> None:
     if not rows:
         return
     cur = conn.cursor()
@@ -482,23 +506,24 @@ def _executemany(conn, sql: str, rows: list[tuple]) -> None:
 _SQL_DBMS_NAME = 17  # ODBC SQLGetInfo code (pyodbc.SQL_DBMS_NAME), without importing pyodbc
 
 
-def _bulk_cursor(conn):
+def _bulk_cursor(conn: DbConnection) -> Any:
     """A cursor for big executemany calls.
 
     pyodbc's array binding (``fast_executemany``) is 2-3x faster with psqlODBC; it is left
     off elsewhere (MariaDB Connector/ODBC 3.1 raised MemoryError with it).
     """
     cur = conn.cursor()
-    if hasattr(cur, "fast_executemany") and hasattr(conn, "getinfo"):
+    getinfo = getattr(conn, "getinfo", None)  # pyodbc only
+    if hasattr(cur, "fast_executemany") and getinfo is not None:
         try:
-            if str(conn.getinfo(_SQL_DBMS_NAME)).lower().startswith("postgres"):
+            if str(getinfo(_SQL_DBMS_NAME)).lower().startswith("postgres"):
                 cur.fast_executemany = True
         except Exception:
             pass
     return cur
 
 
-def _begin_if_autocommit(conn) -> None:
+def _begin_if_autocommit(conn: DbConnection) -> None:
     """sqlite3 in autocommit mode would commit every row of an executemany."""
     if isinstance(conn, sqlite3.Connection) and conn.isolation_level is None and not conn.in_transaction:
         conn.execute("BEGIN")
@@ -549,8 +574,8 @@ class SeedSummary:
 class _Schedule:
     """Templates of every provider, with per-date lookups."""
 
-    def __init__(self, templates: list[tuple]):
-        self.by_prov: dict[str, list[tuple]] = {}
+    def __init__(self, templates: list[_Row]) -> None:
+        self.by_prov: dict[str, list[_Row]] = {}
         for row in templates:
             self.by_prov.setdefault(row[1], []).append(row)
 
@@ -565,7 +590,7 @@ class _Schedule:
         return out
 
 
-def _make_providers() -> tuple[list[tuple], list[tuple]]:
+def _make_providers() -> tuple[list[_Row], list[tuple[str, str]]]:
     rows = []
     specs = []
     for index, (last, first, title, spec, home, _plan, _change) in enumerate(_PROVIDERS):
@@ -576,11 +601,11 @@ def _make_providers() -> tuple[list[tuple], list[tuple]]:
     return rows, specs
 
 
-def _make_templates(today: _dt.date) -> list[tuple]:
+def _make_templates(today: _dt.date) -> list[_Row]:
     eff_from = _ymd(today - _dt.timedelta(days=365))
-    rows: list[tuple] = []
+    rows: list[_Row] = []
 
-    def add(prov, plan, start, thru):
+    def add(prov: str, plan: _Plan, start: int, thru: int | None) -> None:
         for dow in sorted(plan):
             for fac, s, e in plan[dow]:
                 rows.append((len(rows) + 1, prov, fac, dow, s, e, start, thru))
@@ -603,7 +628,7 @@ def _make_templates(today: _dt.date) -> list[tuple]:
     return rows
 
 
-def _make_patients(rng: random.Random, today: _dt.date, count: int = 200) -> list[tuple]:
+def _make_patients(rng: random.Random, today: _dt.date, count: int = 200) -> list[_Row]:
     mrns = rng.sample(range(1, 10_000_000), count)
     rows = []
     for i in range(count):
@@ -630,9 +655,11 @@ def _make_patients(rng: random.Random, today: _dt.date, count: int = 200) -> lis
     return rows
 
 
-def _make_blocks(rng, schedule, provs, start: _dt.date, today: _dt.date, end: _dt.date) -> list[tuple]:
+def _make_blocks(
+    rng: random.Random, schedule: _Schedule, provs: list[str], start: _dt.date, today: _dt.date, end: _dt.date
+) -> list[_Row]:
     """Blocks for [start, end); SPEARSB only has the Wednesday staff meeting."""
-    blocks: list[tuple] = []
+    blocks: list[_Row] = []
     all_days = [start + _dt.timedelta(days=k) for k in range((end - start).days)]
     for prov in provs:
         if prov == _SPEARS:
@@ -643,7 +670,7 @@ def _make_blocks(rng, schedule, provs, start: _dt.date, today: _dt.date, end: _d
         work_days = [d for d in all_days if schedule.intervals(prov, d)]
         future = [d for d in work_days if d >= today]
         past = [d for d in work_days if d < today]
-        off: list[_dt.date] = []
+        off: list[tuple[_dt.date, str]] = []
         if future and rng.random() < 0.35:
             first = rng.randrange(len(future))
             length = rng.randint(2, 5)
@@ -666,7 +693,7 @@ def _make_blocks(rng, schedule, provs, start: _dt.date, today: _dt.date, end: _d
     return [(i + 1,) + b for i, b in enumerate(blocks)]
 
 
-def _free_slots(intervals, day_blocks) -> list[int]:
+def _free_slots(intervals: list[tuple[int, int, int]], day_blocks: Iterable[tuple[int, int]]) -> list[int]:
     """Per 10-minute slot: the facility id where the provider is free, else 0."""
     free = [0] * _SLOTS_PER_DAY
     for fac, s, e in intervals:
@@ -679,7 +706,13 @@ def _free_slots(intervals, day_blocks) -> list[int]:
 
 
 def seed_demo(
-    conn, *, today: _dt.date, seed: int = 42, days: int = 60, past_days: int = 30, booked_fraction: float = 0.30
+    conn: DbConnection,
+    *,
+    today: _dt.date,
+    seed: int = 42,
+    days: int = 60,
+    past_days: int = 30,
+    booked_fraction: float = 0.30,
 ) -> SeedSummary:
     """Fill every table of an empty demo schema; deterministic for ``(today, seed)``; commits."""
     rng = random.Random(seed)
@@ -706,7 +739,13 @@ def seed_demo(
     adults = [r[0] for r in patient_rows if r[5] <= age_limit]
     over35 = [r[0] for r in patient_rows if r[5] <= _ymd(today) - 350000] or adults
     everyone = [r[0] for r in patient_rows]
-    pool = {"PEDS": children or everyone, "CARD": over35, "FP": everyone, "DERM": everyone, "ORTH": everyone}
+    pool: dict[str, list[int]] = {
+        "PEDS": children or everyone,
+        "CARD": over35,
+        "FP": everyone,
+        "DERM": everyone,
+        "ORTH": everyone,
+    }
 
     # Bookable types per specialty, expanded by weight.
     types_for: dict[str, list[tuple[str, int]]] = {}
@@ -720,7 +759,7 @@ def seed_demo(
         types_for[spec] = weighted
 
     # Every provider-day with its free slots.
-    provider_days = []  # (day, prov, free_slots, capacity_minutes)
+    provider_days: list[_ProviderDay] = []  # (day, prov, free_slots, capacity_minutes, intervals)
     day = first_day
     while day < end_day:
         for prov in active:
@@ -733,9 +772,9 @@ def seed_demo(
         day += one
 
     patients_on: dict[int, dict[int, list[tuple[int, int]]]] = {}
-    appts: list[list] = []  # [created_ts, dt, tm, prov, pat, fac, dur, type, status, rsn, note]
+    appts: list[list[Any]] = []  # [created_ts, dt, tm, prov, pat, fac, dur, type, status, rsn, note]
 
-    def pick_patient(prov, ymd, start, end):
+    def pick_patient(prov: str, ymd: int, start: int, end: int) -> int:
         """A patient of the specialty's pool without another visit that day, else at least
         one without an overlapping visit (the pool is small for this many visits)."""
         visits = patients_on.setdefault(ymd, {})
@@ -755,10 +794,10 @@ def seed_demo(
             made = appt_day - one
         return _ts(made, rng)
 
-    def note():
+    def note() -> str | None:
         return rng.choice(_NOTES) if rng.random() < 0.15 else None
 
-    def book(group, fraction, future):
+    def book(group: list[_ProviderDay], fraction: float, future: bool) -> tuple[int, int]:
         total_cap = sum(pd[3] for pd in group)
         if not total_cap or fraction <= 0:
             return 0, total_cap
@@ -786,7 +825,7 @@ def seed_demo(
                     misses += 1
                     continue
                 need = dur // _SLOT
-                starts = []
+                starts: list[tuple[int, int]] = []
                 for a, b, fac in _runs(free):
                     starts.extend((k, fac) for k in range(a, b - need + 1))
                 if not starts:
@@ -975,7 +1014,7 @@ def ensure_demo_database(path: Path, *, today: _dt.date) -> bool:
 # --------------------------------------------------------------------------- bulk data
 
 
-def _scalar(conn, sql: str, params: tuple = ()):
+def _scalar(conn: DbConnection, sql: str, params: tuple[Any, ...] = ()) -> Any:
     cur = conn.cursor()
     try:
         cur.execute(sql, params)
@@ -985,7 +1024,7 @@ def _scalar(conn, sql: str, params: tuple = ()):
     return None if row is None else row[0]
 
 
-def _rows(conn, sql: str) -> list[tuple]:
+def _rows(conn: DbConnection, sql: str) -> list[_Row]:
     cur = conn.cursor()
     try:
         cur.execute(sql)
@@ -994,7 +1033,7 @@ def _rows(conn, sql: str) -> list[tuple]:
         cur.close()
 
 
-def add_bulk_appointments(conn, *, count: int, today: _dt.date, seed: int = 7, batch: int = 10000) -> int:
+def add_bulk_appointments(conn: DbConnection, *, count: int, today: _dt.date, seed: int = 7, batch: int = 10000) -> int:
     """Append ``count`` appointments for load testing; returns the number of rows added.
 
     Rows are spread evenly, in date order, over the weekdays from today-730 days to
@@ -1060,7 +1099,7 @@ def add_bulk_appointments(conn, *, count: int, today: _dt.date, seed: int = 7, b
     added = 0
     while added < count:
         size = min(batch, count - added)
-        rows = []
+        rows: list[_Row] = []
         append = rows.append
         for i in range(size):
             # Chronological order keeps the index inserts local (fast on big tables).

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 from starlette.applications import Starlette
@@ -140,7 +140,7 @@ def create_app(
     from contextlib import asynccontextmanager
 
     @asynccontextmanager
-    async def lifespan(app: Starlette):
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
         for fn in on_startup or []:
             result = fn()
             if hasattr(result, "__await__"):
@@ -174,7 +174,7 @@ def create_app(
     return app
 
 
-def _only(kinds: str, endpoint: Callable[[Request], Any]) -> Callable[[Request], Any]:
+def _only(kinds: str, endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
     allowed = set(kinds.split("|"))
 
     async def guarded(request: Request) -> Response:

@@ -6,21 +6,7 @@ import datetime as dt
 from typing import Any
 
 from adapter.fhir.render import APPT_PROFILE, BUNDLE_PROFILE, IHE
-
-SEARCH_PARAMS = [
-    ("_id", "token", "http://hl7.org/fhir/SearchParameter/Resource-id"),
-    ("identifier", "token", "http://hl7.org/fhir/SearchParameter/clinical-identifier"),
-    ("patient", "reference", "http://hl7.org/fhir/SearchParameter/Appointment-patient"),
-    ("date", "date", "http://hl7.org/fhir/SearchParameter/clinical-date"),
-    ("specialty", "token", "http://hl7.org/fhir/SearchParameter/Appointment-specialty"),
-    ("appointment-type", "token", "http://hl7.org/fhir/SearchParameter/Appointment-appointment-type"),
-    ("practitioner", "reference", "http://hl7.org/fhir/SearchParameter/Appointment-practitioner"),
-    ("location", "reference", "http://hl7.org/fhir/SearchParameter/Appointment-location"),
-    ("status", "token", "http://hl7.org/fhir/SearchParameter/Appointment-status"),
-    ("service-type", "token", "http://hl7.org/fhir/SearchParameter/Appointment-service-type"),
-    ("actor", "reference", "http://hl7.org/fhir/SearchParameter/Appointment-actor"),
-]
-SEARCH_INCLUDES = ["Appointment:actor", "Appointment:patient", "Appointment:practitioner", "Appointment:location"]
+from adapter.fhir.search.params import APPOINTMENT_SEARCH_PARAMS, SEARCH_INCLUDES, SearchParam
 
 
 def capability_statement(
@@ -61,23 +47,8 @@ def capability_statement(
                 ],
             }
         ]
-        appointment["searchInclude"] = SEARCH_INCLUDES
-        appointment["searchParam"] = [{"name": n, "definition": d, "type": t} for n, t, d in SEARCH_PARAMS] + [
-            {"name": "_count", "type": "number", "documentation": "page size, default 50, maximum 500"},
-            {"name": "_sort", "type": "string", "documentation": "date or -date"},
-            {"name": "_summary", "type": "token", "documentation": "count only (the total, no entries)"},
-            {
-                "name": "_elements",
-                "type": "string",
-                "documentation": "Appointment elements to return; status and participant are always kept "
-                "and the result is tagged SUBSETTED",
-            },
-            {
-                "name": "_total",
-                "type": "token",
-                "documentation": "estimate (default): exact up to 200 matches, else omitted; accurate: always counted; none: no count",
-            },
-        ]
+        appointment["searchInclude"] = list(SEARCH_INCLUDES)
+        appointment["searchParam"] = [_search_param(p) for p in APPOINTMENT_SEARCH_PARAMS]
     actor_resources = [
         {
             "type": kind,
@@ -116,3 +87,13 @@ def capability_statement(
             }
         ],
     }
+
+
+def _search_param(param: SearchParam) -> dict[str, Any]:
+    entry: dict[str, Any] = {"name": param.name}
+    if param.definition:
+        entry["definition"] = param.definition
+    entry["type"] = param.type
+    if param.documentation:
+        entry["documentation"] = param.documentation
+    return entry

@@ -54,7 +54,7 @@ class FhirH11Protocol(H11Protocol):
 
 if HttpToolsProtocol is not None:
 
-    class FhirHttpToolsProtocol(HttpToolsProtocol):  # type: ignore[valid-type,misc]  # optional base class
+    class FhirHttpToolsProtocol(HttpToolsProtocol):  # optional base class
         def send_400_response(self, msg: str) -> None:
             self.transport.write(_raw_400())
             self.transport.close()

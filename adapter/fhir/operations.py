@@ -36,10 +36,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from adapter.backends.protocol import (
+    Actor,
+    Appointment,
     BackendUnavailable,
     BookingPending,
     BusinessRuleViolation,
     Coding,
+    Identifier,
     Interval,
     InvalidRequest,
     NotFound,
@@ -255,13 +258,13 @@ async def book_endpoint(request: Request) -> Response:
             return _success(ctx, rendered, f"hold on Appointment/{held.hold.id} released", fmt)
         except Exception as exc:
             raise _operation_error(exc, hold=False) from None
-        rendered, _ = await render_appointments(ctx, [appt])
-        return _success(ctx, rendered[0], message, fmt)
+        booked, _ = await render_appointments(ctx, [appt])
+        return _success(ctx, booked[0], message, fmt)
 
     return await _with_idempotency(request, "book", body, produce)
 
 
-async def _book(ctx: FhirContext, params: ParamList, request: Request):
+async def _book(ctx: FhirContext, params: ParamList, request: Request) -> tuple[Appointment, str]:
     now = ctx.now()
     client = client_id(request)
     ref_value = params.one("appointment-reference", _REF)
@@ -391,7 +394,7 @@ def _participant_ids(ctx: FhirContext, resource: dict[str, Any]) -> tuple[str | 
     return prac, loc
 
 
-async def _patient(ctx: FhirContext, patient_resources: list[Any], resource: dict[str, Any] | None):
+async def _patient(ctx: FhirContext, patient_resources: list[Any], resource: dict[str, Any] | None) -> Actor | None:
     refs: list[ActorRef] = []
     for p in patient_resources:
         validate_embedded(p, "Patient", "patient-resource", as_bundle=True)
@@ -430,9 +433,7 @@ async def _patient(ctx: FhirContext, patient_resources: list[Any], resource: dic
     )
 
 
-def _ident(ident: dict[str, Any]):
-    from adapter.backends.protocol import Identifier
-
+def _ident(ident: dict[str, Any]) -> Identifier:
     return Identifier(ident.get("system", ""), ident["value"])
 
 

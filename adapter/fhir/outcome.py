@@ -30,7 +30,7 @@ class FhirError(Exception):
         severity: str = "fatal",
         as_bundle: bool = False,
         headers: dict[str, str] | None = None,
-        extra_issues: Iterable[dict] = (),
+        extra_issues: Iterable[dict[str, Any]] = (),
     ) -> None:
         super().__init__(diagnostics)
         self.status = status

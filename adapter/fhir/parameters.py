@@ -14,11 +14,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
-from zoneinfo import ZoneInfo
 
 from adapter.backends.protocol import Identifier
 from adapter.fhir.limits import MAX_NAME, check_resource_strings, check_text
-from adapter.fhir.outcome import FhirError
+from adapter.fhir.outcome import FhirError, issue
+from adapter.r4 import FHIR_ID as FHIR_ID  # re-exported for adapter/fhir/read.py until it imports adapter.r4
 from adapter.scheduling.service import ActorRef, Token
 
 # ASCII digits only: ``\d`` would accept other scripts' digits, which int() then silently reads.
@@ -26,7 +26,6 @@ DATE_VALUE = re.compile(
     r"^(?P<y>[0-9]{4})(?:-(?P<m>[0-9]{2})(?:-(?P<d>[0-9]{2})(?:T(?P<H>[0-9]{2}):(?P<M>[0-9]{2})"
     r"(?::(?P<S>[0-9]{2})(?:\.(?P<f>[0-9]{1,9}))?)?(?P<tz>Z|[+-][0-9]{2}:[0-9]{2})?)?)?)?$"
 )
-FHIR_ID = re.compile(r"^[A-Za-z0-9\-\.]{1,64}$")
 # Instants outside these years are refused (400) rather than computed with: the calendar arithmetic,
 # the zone rules and the legacy columns all overflow or lose meaning near year 1 and year 9999.
 MIN_YEAR = 1900
@@ -115,7 +114,7 @@ def period_end(value: DateValue) -> dt.datetime:
 
 
 def parse_datetime(
-    text: Any, name: str, zone: ZoneInfo, *, is_end: bool = False, as_bundle: bool = False
+    text: Any, name: str, zone: dt.tzinfo, *, is_end: bool = False, as_bundle: bool = False
 ) -> dt.datetime:
     """A FHIR dateTime -> aware datetime. Partial dates mean the start (or, for ``end``, the end)
     of that period in the server's zone; a time without an offset is invalid FHIR."""
@@ -283,6 +282,17 @@ def parse_count(value: Any, name: str = "_count") -> int:
     if n < 0:
         raise bad(f"{name} must not be negative", name)
     return n
+
+
+def capped_count(value: Any, maximum: int, notices: list[dict[str, Any]], name: str = "_count") -> int:
+    """``_count`` parsed and capped at ``maximum`` (``find.max_count``); capping adds an information issue."""
+    count = parse_count(value, name)
+    if count <= maximum:
+        return count
+    notices.append(
+        issue("information", "informational", f"{name} {count} is above the maximum; {maximum} used", expression=name)
+    )
+    return maximum
 
 
 def validate_embedded(resource: Any, expected: str, name: str, *, as_bundle: bool = False) -> dict[str, Any]:

@@ -16,7 +16,6 @@ import asyncio
 import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
@@ -52,15 +51,6 @@ def connect(path: str | Path) -> sqlite3.Connection:
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA busy_timeout=30000")
     return conn
-
-
-@dataclass(frozen=True, slots=True)
-class InboxRow:
-    id: int
-    sender: str
-    control_id: str
-    message_type: str
-    raw: bytes
 
 
 class SiuInbox:

@@ -16,21 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from adapter.hl7v2.er7 import FieldPath
 from adapter.mapping.loader import MappingError, _construct, _dotted, _line_for
+from adapter.r4 import APPOINTMENT_STATUSES
 
-FHIR_APPOINTMENT_STATUSES = frozenset(
-    {
-        "proposed",
-        "pending",
-        "booked",
-        "arrived",
-        "fulfilled",
-        "cancelled",
-        "noshow",
-        "entered-in-error",
-        "checked-in",
-        "waitlist",
-    }
-)
 OUTBOUND_VERSIONS = ("2.3", "2.3.1", "2.4", "2.5", "2.5.1")
 
 
@@ -271,11 +258,10 @@ def load_hl7v2_mapping(path: str | Path) -> Hl7v2Mapping:
         out: dict[str, StatusEntry] = {}
         for code, entry in table.items():
             e = StatusEntry(status=entry, reason=None) if isinstance(entry, str) else entry
-            if e.status not in FHIR_APPOINTMENT_STATUSES:
+            if e.status not in APPOINTMENT_STATUSES:
                 fail(
                     (key, code) + (("status",) if not isinstance(entry, str) else ()),
-                    f"expected a FHIR Appointment.status ({', '.join(sorted(FHIR_APPOINTMENT_STATUSES))}), "
-                    f"got {e.status!r}",
+                    f"expected a FHIR Appointment.status ({', '.join(sorted(APPOINTMENT_STATUSES))}), got {e.status!r}",
                 )
             out[code.lower() if key == "status" else code] = e
         return out

@@ -66,7 +66,7 @@ class CodeTable:
         return table
 
 
-def _codings(target: Any) -> list[dict]:
+def _codings(target: Any) -> list[dict[str, Any]]:
     if isinstance(target, str):
         return [{"code": target}]
     if isinstance(target, dict):
@@ -144,12 +144,12 @@ class CodeTables:
                 break
         return out
 
-    def codings(self, table: str, legacy: str) -> list[dict]:
+    def codings(self, table: str, legacy: str) -> list[dict[str, Any]]:
         found = self.table(table).forward.get(legacy)
         return [] if found is None else [c for c in _codings(found) if "system" in c]
 
 
-def conceptmap_entries(resource: dict) -> dict[str, Any]:
+def conceptmap_entries(resource: dict[str, Any]) -> dict[str, Any]:
     """Legacy code -> target coding, from a FHIR ConceptMap (R4) resource."""
     if resource.get("resourceType") != "ConceptMap":
         raise ValueError(f"expected a ConceptMap, got resourceType {resource.get('resourceType')!r}")

@@ -18,13 +18,13 @@ import datetime as dt
 import functools
 import importlib
 import re
-import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from adapter.mapping.codes import CodeTables
+from adapter.text import fold
 
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 
@@ -158,7 +158,8 @@ def _resolve_python(target: str) -> Callable[[Any, EvalContext], Any]:
     func = getattr(module, func_name, None)
     if not callable(func):
         raise ExpressionError(f"python converter: {module_name!r} has no function {func_name!r}")
-    return func
+    converter: Callable[[Any, EvalContext], Any] = func
+    return converter
 
 
 _NO_CODES = CodeTables()
@@ -172,29 +173,29 @@ def _need_args(name: str, args: tuple[str, ...], n: int) -> None:
         raise ExpressionError(f"converter {name!r} takes {n} argument(s), got {len(args)}")
 
 
-def _c_trim(v: Any, a: tuple, ctx: EvalContext) -> Any:
+def _c_trim(v: Any, a: tuple[str, ...], ctx: EvalContext) -> Any:
     text = str(v).strip()
     return text or None
 
 
-def _c_pad_right(v: Any, a: tuple, ctx: EvalContext) -> str:
+def _c_pad_right(v: Any, a: tuple[str, ...], ctx: EvalContext) -> str:
     _need_args("pad_right", a, 1)
     return str(v).ljust(int(a[0]))
 
 
-def _c_zfill(v: Any, a: tuple, ctx: EvalContext) -> str:
+def _c_zfill(v: Any, a: tuple[str, ...], ctx: EvalContext) -> str:
     _need_args("zfill", a, 1)
     return str(v).zfill(int(a[0]))
 
 
-def _c_default(v: Any, a: tuple, ctx: EvalContext) -> Any:
+def _c_default(v: Any, a: tuple[str, ...], ctx: EvalContext) -> Any:
     return v if v not in (None, "") else ",".join(a)
 
 
 _ASCII_INT = re.compile(r"[+-]?[0-9]{1,19}")
 
 
-def _c_int(v: Any, a: tuple, ctx: EvalContext) -> int:
+def _c_int(v: Any, a: tuple[str, ...], ctx: EvalContext) -> int:
     """A whole number in ASCII digits that a SQL integer can hold: ``int`` 64-bit, ``int:32`` 32-bit
     (Python's int() also reads other scripts' digits and unbounded lengths, which then overflow the
     database driver or the column's type)."""
@@ -228,7 +229,7 @@ def _as_date(v: Any) -> dt.date:
     return dt.date.fromisoformat(text[:10])
 
 
-def _c_yyyymmdd(v: Any, a: tuple, ctx: EvalContext) -> dt.date | None:
+def _c_yyyymmdd(v: Any, a: tuple[str, ...], ctx: EvalContext) -> dt.date | None:
     text = str(v).strip()
     if text in ("", "0", "00000000"):
         return None
@@ -237,7 +238,7 @@ def _c_yyyymmdd(v: Any, a: tuple, ctx: EvalContext) -> dt.date | None:
     return dt.date(int(text[:4]), int(text[4:6]), int(text[6:]))
 
 
-def _c_hhmm(v: Any, a: tuple, ctx: EvalContext) -> dt.timedelta:
+def _c_hhmm(v: Any, a: tuple[str, ...], ctx: EvalContext) -> dt.timedelta:
     """HHMM integer or string -> offset from midnight (a timedelta, so 2400 = end of day)."""
     text = str(v).strip().zfill(4)
     if not _ascii_digits(text, 4) or int(text[2:]) > 59 or int(text[:2]) > 24:
@@ -245,7 +246,7 @@ def _c_hhmm(v: Any, a: tuple, ctx: EvalContext) -> dt.timedelta:
     return dt.timedelta(hours=int(text[:2]), minutes=int(text[2:]))
 
 
-def _c_time(v: Any, a: tuple, ctx: EvalContext) -> dt.timedelta:
+def _c_time(v: Any, a: tuple[str, ...], ctx: EvalContext) -> dt.timedelta:
     """A SQL TIME (time, timedelta as some ODBC drivers return it, or 'HH:MM[:SS]')."""
     if isinstance(v, dt.timedelta):
         return v
@@ -257,19 +258,19 @@ def _c_time(v: Any, a: tuple, ctx: EvalContext) -> dt.timedelta:
     return dt.timedelta(hours=parts[0], minutes=parts[1], seconds=parts[2])
 
 
-def _c_date(v: Any, a: tuple, ctx: EvalContext) -> dt.date:
+def _c_date(v: Any, a: tuple[str, ...], ctx: EvalContext) -> dt.date:
     return _as_date(v)
 
 
-def _c_minutes(v: Any, a: tuple, ctx: EvalContext) -> dt.timedelta:
+def _c_minutes(v: Any, a: tuple[str, ...], ctx: EvalContext) -> dt.timedelta:
     return dt.timedelta(minutes=int(v))
 
 
-def _c_seconds(v: Any, a: tuple, ctx: EvalContext) -> dt.timedelta:
+def _c_seconds(v: Any, a: tuple[str, ...], ctx: EvalContext) -> dt.timedelta:
     return dt.timedelta(seconds=int(v))
 
 
-def attach_zone(naive: dt.datetime, zone: ZoneInfo) -> dt.datetime:
+def attach_zone(naive: dt.datetime, zone: dt.tzinfo) -> dt.datetime:
     """Interpret a legacy wall-clock time in ``zone``, DST-correctly.
 
     Ambiguous times (the repeated hour) take the first occurrence (fold=0). Times in the
@@ -282,7 +283,7 @@ def attach_zone(naive: dt.datetime, zone: ZoneInfo) -> dt.datetime:
     return aware
 
 
-def _c_local_datetime(v: Any, a: tuple, ctx: EvalContext) -> dt.datetime:
+def _c_local_datetime(v: Any, a: tuple[str, ...], ctx: EvalContext) -> dt.datetime | None:
     """Legacy local date (+ optional time-of-day) in the mapping zone -> an instant (UTC datetime).
 
     Arguments name the shape of each input: date shapes ``yyyymmdd``, ``date``, ``datetime``;
@@ -296,23 +297,24 @@ def _c_local_datetime(v: Any, a: tuple, ctx: EvalContext) -> dt.datetime:
     try:
         return _local_instant(values, a, ctx.zone)
     except TypeError:  # an unhashable driver value: convert without the cache
-        return _local_instant.__wrapped__(values, a, ctx.zone)
+        unwrapped: dt.datetime | None = _local_instant.__wrapped__(values, a, ctx.zone)
+        return unwrapped
 
 
 @functools.lru_cache(maxsize=65536)
-def _local_instant(values: tuple, a: tuple, zone: ZoneInfo) -> dt.datetime:
+def _local_instant(values: tuple[Any, ...], a: tuple[str, ...], zone: ZoneInfo) -> dt.datetime | None:
     ctx = EvalContext(zone, _NO_CODES)
     if len(a) != len(values):
         raise ExpressionError(f"local_datetime: {len(values)} input(s) but {len(a)} shape(s) {a}")
     if any(x is None for x in values):
-        return None  # type: ignore[return-value]
+        return None
     if a[0] == "datetime":
         naive = values[0] if isinstance(values[0], dt.datetime) else dt.datetime.fromisoformat(str(values[0]))
         base, offset = naive.replace(tzinfo=None), dt.timedelta(0)
     else:
         day = _c_yyyymmdd(values[0], (), ctx) if a[0] == "yyyymmdd" else _as_date(values[0])
         if day is None:
-            return None  # type: ignore[return-value]
+            return None
         base = dt.datetime.combine(day, dt.time())
         offset = dt.timedelta(0)
     if len(values) > 1:
@@ -329,70 +331,72 @@ def _local_instant(values: tuple, a: tuple, zone: ZoneInfo) -> dt.datetime:
     return attach_zone(base + offset, ctx.zone).astimezone(dt.UTC)
 
 
-def _c_local(v: Any, a: tuple, ctx: EvalContext) -> dt.datetime:
+def _c_local(v: Any, a: tuple[str, ...], ctx: EvalContext) -> dt.datetime:
     """Aware datetime -> naive wall-clock time in the mapping zone (what legacy columns hold)."""
-    return v.astimezone(ctx.zone).replace(tzinfo=None)
+    local: dt.datetime = v.astimezone(ctx.zone).replace(tzinfo=None)
+    return local
 
 
-def _c_local_date(v: Any, a: tuple, ctx: EvalContext) -> dt.date:
+def _c_local_date(v: Any, a: tuple[str, ...], ctx: EvalContext) -> dt.date:
     return v.astimezone(ctx.zone).date() if isinstance(v, dt.datetime) else _as_date(v)
 
 
-def _c_to_yyyymmdd(v: Any, a: tuple, ctx: EvalContext) -> int:
+def _c_to_yyyymmdd(v: Any, a: tuple[str, ...], ctx: EvalContext) -> int:
     d = _c_local_date(v, a, ctx)
     return d.year * 10000 + d.month * 100 + d.day
 
 
-def _c_to_hhmm(v: Any, a: tuple, ctx: EvalContext) -> int:
+def _c_to_hhmm(v: Any, a: tuple[str, ...], ctx: EvalContext) -> int:
     t = v.astimezone(ctx.zone) if isinstance(v, dt.datetime) and v.tzinfo else v
     return t.hour * 100 + t.minute
 
 
-def _c_format(v: Any, a: tuple, ctx: EvalContext) -> str:
+def _c_format(v: Any, a: tuple[str, ...], ctx: EvalContext) -> str:
     if not a:
         raise ExpressionError("format needs a strftime pattern, e.g. format:%Y%m%d")
     fmt = ",".join(a)
     if isinstance(v, dt.datetime) and v.tzinfo is not None:
         v = v.astimezone(ctx.zone)
-    return v.strftime(fmt)
+    text: str = v.strftime(fmt)
+    return text
 
 
-def _c_fhir_date(v: Any, a: tuple, ctx: EvalContext) -> str:
+def _c_fhir_date(v: Any, a: tuple[str, ...], ctx: EvalContext) -> str:
     return _as_date(v).isoformat()
 
 
-def _c_str(v: Any, a: tuple, ctx: EvalContext) -> str:
+def _c_str(v: Any, a: tuple[str, ...], ctx: EvalContext) -> str:
     return str(v)
 
 
-def _c_upper(v: Any, a: tuple, ctx: EvalContext) -> str:
+def _c_upper(v: Any, a: tuple[str, ...], ctx: EvalContext) -> str:
     return str(v).upper()
 
 
-def _c_lower(v: Any, a: tuple, ctx: EvalContext) -> str:
+def _c_lower(v: Any, a: tuple[str, ...], ctx: EvalContext) -> str:
     return str(v).lower()
 
 
-def _c_title(v: Any, a: tuple, ctx: EvalContext) -> str:
+def _c_title(v: Any, a: tuple[str, ...], ctx: EvalContext) -> str:
     return str(v).title()
 
 
-def _c_code(v: Any, a: tuple, ctx: EvalContext) -> Any:
+def _c_code(v: Any, a: tuple[str, ...], ctx: EvalContext) -> Any:
     _need_args("code", a, 1)
     return ctx.codes.to_fhir(a[0], str(v).strip())
 
 
-def _c_code_or_none(v: Any, a: tuple, ctx: EvalContext) -> Any:
+def _c_code_or_none(v: Any, a: tuple[str, ...], ctx: EvalContext) -> Any:
     _need_args("code?", a, 1)
     return ctx.codes.to_fhir(a[0], str(v).strip(), missing_ok=True)
 
 
-def _c_legacy_code(v: Any, a: tuple, ctx: EvalContext) -> Any:
+def _c_legacy_code(v: Any, a: tuple[str, ...], ctx: EvalContext) -> Any:
     _need_args("legacy_code", a, 1)
     return ctx.codes.to_legacy(a[0], v)
 
 
-def _c_legacy_code_or_none(v: Any, a: tuple, ctx: EvalContext) -> Any:
+def _c_legacy_code_or_none(v: Any, a: tuple[str, ...], ctx: EvalContext) -> Any:
     _need_args("legacy_code?", a, 1)
     try:
         return ctx.codes.to_legacy(a[0], v)
@@ -400,24 +404,23 @@ def _c_legacy_code_or_none(v: Any, a: tuple, ctx: EvalContext) -> Any:
         return None
 
 
-def _c_add_days(v: Any, a: tuple, ctx: EvalContext) -> Any:
+def _c_add_days(v: Any, a: tuple[str, ...], ctx: EvalContext) -> Any:
     _need_args("add_days", a, 1)
     return v + dt.timedelta(days=int(a[0]))
 
 
-def _c_join(v: Any, a: tuple, ctx: EvalContext) -> str:
+def _c_join(v: Any, a: tuple[str, ...], ctx: EvalContext) -> str | None:
     sep = ",".join(a) if a else " "
     values = v if isinstance(v, tuple) else (v,)
-    return sep.join(str(x).strip() for x in values if x not in (None, "")) or None  # type: ignore[return-value]
+    return sep.join(str(x).strip() for x in values if x not in (None, "")) or None
 
 
-def _c_fold(v: Any, a: tuple, ctx: EvalContext) -> str:
+def _c_fold(v: Any, a: tuple[str, ...], ctx: EvalContext) -> str:
     """Case- and accent-insensitive form for FHIR string matching."""
-    text = unicodedata.normalize("NFKD", str(v))
-    return "".join(c for c in text if not unicodedata.combining(c)).casefold()
+    return fold(str(v))
 
 
-def _c_truncate(v: Any, a: tuple, ctx: EvalContext) -> str:
+def _c_truncate(v: Any, a: tuple[str, ...], ctx: EvalContext) -> str:
     """Cut a text to the legacy column's width (``truncate:40``), so a long note never fails a write."""
     _need_args("truncate", a, 1)
     return str(v)[: int(a[0])]
@@ -476,8 +479,8 @@ def render_template(template: Any, row: Mapping[str, Any], ctx: EvalContext) -> 
     if isinstance(template, Expression):
         return template.evaluate(row, ctx)
     if isinstance(template, list):
-        out = [r for r in (render_template(v, row, ctx) for v in template) if r not in (None, {}, [])]
-        return out or None
+        items = [r for r in (render_template(v, row, ctx) for v in template) if r not in (None, {}, [])]
+        return items or None
     if isinstance(template, dict):
         rendered = {k: render_template(v, row, ctx) for k, v in template.items()}
         out = {k: v for k, v in rendered.items() if v not in (None, {}, [])}

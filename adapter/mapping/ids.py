@@ -15,8 +15,8 @@ import re
 from typing import Any
 
 from adapter.mapping.model import IdRule
+from adapter.r4 import FHIR_ID
 
-FHIR_ID = re.compile(r"^[A-Za-z0-9\-\.]{1,64}$")
 _CANONICAL_INT = re.compile(r"^(0|-?[1-9][0-9]{0,18})$")
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1

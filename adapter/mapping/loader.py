@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,22 +20,8 @@ from pydantic import ValidationError
 from adapter.mapping.codes import CodeTable, CodeTables, conceptmap_entries
 from adapter.mapping.expressions import EvalContext, Expression, ExpressionError, compile_template
 from adapter.mapping.model import APPOINTMENT_FILTERS, MappingDocument
-
-_APPOINTMENT_STATUSES = frozenset(
-    {
-        "proposed",
-        "pending",
-        "booked",
-        "arrived",
-        "fulfilled",
-        "cancelled",
-        "noshow",
-        "entered-in-error",
-        "checked-in",
-        "waitlist",
-    }
-)
-_BIND_NAME = re.compile(r"(?<![:\w]):([A-Za-z_][A-Za-z0-9_]*)")
+from adapter.r4 import APPOINTMENT_STATUSES
+from adapter.text import sql_bind_names
 
 
 class MappingError(ValueError):
@@ -62,8 +49,13 @@ class Mapping:
 
 # --- YAML with line numbers ---------------------------------------------------------------------
 
+# Where a value sits in the document: mapping keys and sequence indexes from the root.
+_Loc = tuple[str | int, ...]
+# Reports one problem at a location.
+_Fail = Callable[[_Loc, str], None]
 
-def _construct(node: yaml.Node, path: tuple, lines: dict[tuple, int]) -> Any:
+
+def _construct(node: yaml.Node, path: _Loc, lines: dict[_Loc, int]) -> Any:
     lines[path] = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
         out: dict[str, Any] = {}
@@ -79,14 +71,14 @@ def _construct(node: yaml.Node, path: tuple, lines: dict[tuple, int]) -> Any:
     return yaml.constructor.SafeConstructor().construct_object(node)
 
 
-def _line_for(lines: dict[tuple, int], loc: tuple) -> int:
+def _line_for(lines: dict[_Loc, int], loc: _Loc) -> int:
     for n in range(len(loc), -1, -1):
         if tuple(loc[:n]) in lines:
             return lines[tuple(loc[:n])]
     return 1
 
 
-def _dotted(loc: tuple) -> str:
+def _dotted(loc: _Loc) -> str:
     return ".".join(str(p) for p in loc) or "(top level)"
 
 
@@ -105,13 +97,13 @@ def load_mapping(path: str | Path) -> Mapping:
         raise MappingError([f"{display}:{line}: (YAML syntax): {getattr(exc, 'problem', exc)}"]) from exc
     if root is None:
         raise MappingError([f"{display}:1: (top level): expected a mapping document, the file is empty"])
-    lines: dict[tuple, int] = {}
+    lines: dict[_Loc, int] = {}
     data = _construct(root, (), lines)
 
     try:
         doc = MappingDocument.model_validate(data)
     except ValidationError as exc:
-        problems = []
+        invalid: list[str] = []
         for err in exc.errors():
             loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-", "literal["))))
             msg = err["msg"]
@@ -119,12 +111,12 @@ def load_mapping(path: str | Path) -> Mapping:
                 msg = "unknown key (not part of the mapping format; check the spelling)"
             elif err["type"] == "missing":
                 msg = "required key is missing"
-            problems.append(f"{display}:{_line_for(lines, loc)}: {_dotted(loc)}: {msg}")
-        raise MappingError(problems) from None
+            invalid.append(f"{display}:{_line_for(lines, loc)}: {_dotted(loc)}: {msg}")
+        raise MappingError(invalid) from None
 
     problems: list[str] = []
 
-    def fail(loc: tuple, msg: str) -> None:
+    def fail(loc: _Loc, msg: str) -> None:
         problems.append(f"{display}:{_line_for(lines, loc)}: {_dotted(loc)}: {msg}")
 
     for dialect, template in doc.system.sql_fold.items():
@@ -167,7 +159,7 @@ def load_mapping(path: str | Path) -> Mapping:
 
     compiled: dict[str, Any] = {}
 
-    def compile_at(loc: tuple, value: Any) -> None:
+    def compile_at(loc: _Loc, value: Any) -> None:
         try:
             template = compile_template(value)
         except ExpressionError as exc:
@@ -182,12 +174,12 @@ def load_mapping(path: str | Path) -> Mapping:
                     )
         compiled[_dotted(loc)] = template
 
-    def compile_mapping(loc: tuple, values: dict[str, Any]) -> None:
+    def compile_mapping(loc: _Loc, values: dict[str, Any]) -> None:
         for key, value in values.items():
             compile_at(loc + (key,), value)
 
     for kind, actor in doc.actors.items():
-        base = ("actors", kind)
+        base: _Loc = ("actors", kind)
         compile_mapping(base + ("fields",), actor.fields)
         compile_at(base + ("resource",), actor.resource)
         if "display" not in actor.fields:
@@ -263,11 +255,11 @@ def load_mapping(path: str | Path) -> Mapping:
             )
         if "start" not in ap.order:
             fail(base + ("order",), "start_from/start_before need order.start (the sort expression of the start time)")
-    for system, spec in ap.identifier_filters.items():
-        sql = spec if isinstance(spec, str) else spec.sql
-        value = "{value}" if isinstance(spec, str) else spec.value
+    for system, ident in ap.identifier_filters.items():
+        sql = ident if isinstance(ident, str) else ident.sql
+        value = "{value}" if isinstance(ident, str) else ident.value
         loc = base + ("identifier_filters", system)
-        _check_binds(fail, loc if isinstance(spec, str) else loc + ("sql",), sql, {"values"})
+        _check_binds(fail, loc if isinstance(ident, str) else loc + ("sql",), sql, {"values"})
         compile_at(loc + ("value",), value)
         _check_expr_inputs(fail, loc, compiled, {"value": value}, {"value"})
     for purpose, table in ap.codes.items():
@@ -289,10 +281,10 @@ def load_mapping(path: str | Path) -> Mapping:
             if stmt.allowed_statuses is not None and name not in ("reschedule", "cancel"):
                 fail(("writes", name, "allowed_statuses"), "only reschedule and cancel have allowed_statuses")
             for status in stmt.allowed_statuses or ():
-                if status not in _APPOINTMENT_STATUSES:
+                if status not in APPOINTMENT_STATUSES:
                     fail(
                         ("writes", name, "allowed_statuses"),
-                        f"{status!r} is not a FHIR AppointmentStatus; expected some of {sorted(_APPOINTMENT_STATUSES)}",
+                        f"{status!r} is not a FHIR AppointmentStatus; expected some of {sorted(APPOINTMENT_STATUSES)}",
                     )
         if w.patient_lock is not None:
             compile_mapping(("writes", "patient_lock", "binds"), w.patient_lock.binds)
@@ -325,7 +317,7 @@ def _valid_target(target: Any) -> bool:
     return False
 
 
-def _expressions(template: Any):
+def _expressions(template: Any) -> Iterator[Expression]:
     if isinstance(template, Expression):
         yield template
     elif isinstance(template, list):
@@ -340,20 +332,16 @@ def _code_tables_used(source: str) -> list[str]:
     return re.findall(r"\|\s*(?:code\??|legacy_code\??)\s*:\s*([A-Za-z0-9_\-]+)", source)
 
 
-def sql_bind_names(sql: str) -> list[str]:
-    """Named ``:binds`` in SQL text, ignoring quoted literals and ``::casts``."""
-    unquoted = re.sub(r"'(?:[^']|'')*'", "''", sql)
-    return _BIND_NAME.findall(unquoted)
-
-
-def _check_binds(fail, loc: tuple, sql: str, allowed: set[str]) -> None:
+def _check_binds(fail: _Fail, loc: _Loc, sql: str, allowed: set[str]) -> None:
     for name in sql_bind_names(sql):
         if name not in allowed:
             expected = ", ".join(f":{a}" for a in sorted(allowed)) or "no bind parameters"
             fail(loc, f"unknown bind parameter :{name}; expected {expected}")
 
 
-def _check_expr_inputs(fail, loc: tuple, compiled: dict, binds: dict[str, str], allowed: set[str]) -> None:
+def _check_expr_inputs(
+    fail: _Fail, loc: _Loc, compiled: dict[str, Any], binds: dict[str, str], allowed: set[str]
+) -> None:
     for name in binds:
         template = compiled.get(_dotted(loc + (name,)))
         for expr in _expressions(template):

@@ -254,7 +254,7 @@ class MappingDocument(_Strict):
 
     @field_validator("actors")
     @classmethod
-    def _all_actor_kinds(cls, v: dict) -> dict:
+    def _all_actor_kinds(cls, v: dict[str, Any]) -> dict[str, Any]:
         missing = {"Practitioner", "Location", "Patient"} - set(v)
         if missing:
             raise ValueError(f"missing actor section(s) {sorted(missing)}")

@@ -52,18 +52,19 @@ def _php_value(data: bytes, pos: int) -> tuple[Any, int]:
         kind = chr(data[pos])
         if kind == "N":
             return None, pos + 2
-        colon = data.index(b":", pos + 2) if kind in "sa" else None
         if kind == "s":
+            colon = data.index(b":", pos + 2)
             length = int(data[pos + 2 : colon])
-            start = colon + 2  # type: ignore[operator]
+            start = colon + 2
             return data[start : start + length].decode("utf-8"), start + length + 2
         if kind in "idb":
             end = data.index(b";", pos)
             raw = data[pos + 2 : end].decode()
             return (int(raw) if kind == "i" else float(raw) if kind == "d" else raw == "1"), end + 1
         if kind == "a":
+            colon = data.index(b":", pos + 2)
             count = int(data[pos + 2 : colon])
-            pos = colon + 2  # type: ignore[operator]
+            pos = colon + 2
             out: dict[Any, Any] = {}
             for _ in range(count):
                 key, pos = _php_value(data, pos)

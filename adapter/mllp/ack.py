@@ -77,7 +77,7 @@ class MshInfo:
 
     @property
     def enhanced_mode(self) -> bool:
-        return bool(self.get(15) or self.get(16))
+        return bool(self.accept_ack_type or self.application_ack_type)
 
 
 def read_msh(message: bytes) -> MshInfo:

@@ -27,7 +27,7 @@ import hmac
 import json
 import secrets
 from dataclasses import asdict, dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
@@ -235,14 +235,14 @@ class Issuer:
             await self._codec._store.put_proposal(token, payload, expires)
 
 
-def proposal_to_dict(p: Proposal) -> dict:
+def proposal_to_dict(p: Proposal) -> dict[str, Any]:
     return {
         k: (v.isoformat() if isinstance(v, dt.datetime) else list(v) if isinstance(v, tuple) else v)
         for k, v in asdict(p).items()
     }
 
 
-def proposal_from_dict(d: dict) -> Proposal:
+def proposal_from_dict(d: dict[str, Any]) -> Proposal:
     return Proposal(
         d["practitioner_id"],
         d["location_id"],

@@ -132,7 +132,7 @@ class Hold:
     interval: Interval
     expires_at: dt.datetime
     client: str | None
-    payload: dict  # the proposal, so a hold can be rendered and booked without the original id
+    payload: dict[str, Any]  # the proposal, so a hold can be rendered and booked without the original id
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +149,7 @@ class JournalEntry:
     token: str
     client: str | None
     request_key: str | None
-    payload: dict  # the proposal plus "patient_id": enough to find the legacy row again
+    payload: dict[str, Any]  # the proposal plus "patient_id": enough to find the legacy row again
     state: str  # intent | done
     appointment_id: str | None
     owner: str | None
@@ -217,7 +217,7 @@ class StateGate(Protocol):
         self, patient_ids: Iterable[str], interval: Interval, now: dt.datetime, own_hold: str | None
     ) -> None: ...
     def journal_intent(
-        self, token: str, *, client: str | None, request_key: str | None, payload: dict, now: dt.datetime
+        self, token: str, *, client: str | None, request_key: str | None, payload: dict[str, Any], now: dt.datetime
     ) -> None: ...
     def journal_intent_exclusive(
         self,
@@ -305,7 +305,7 @@ class SyncStateStore(StateGate, Protocol):
     def calendar_version(self) -> int: ...
     def bump_calendar_version(self) -> None: ...
     def journal_intent(
-        self, token: str, *, client: str | None, request_key: str | None, payload: dict, now: dt.datetime
+        self, token: str, *, client: str | None, request_key: str | None, payload: dict[str, Any], now: dt.datetime
     ) -> None: ...
     def journal_intent_exclusive(
         self,
@@ -455,7 +455,7 @@ class SqliteStateStore:
             out.setdefault(prac, []).append(Interval(_dt(s), _dt(e)))
         return out
 
-    def _row_to_hold(self, row: tuple) -> Hold:
+    def _row_to_hold(self, row: tuple[Any, ...]) -> Hold:
         hid, prac, loc, s, e, x, client, payload = row[:8]
         return Hold(hid, prac, loc, Interval(_dt(s), _dt(e)), _dt(x), client, json.loads(payload))
 
@@ -472,7 +472,7 @@ class SqliteStateStore:
         now: dt.datetime,
         own_hold: str | None,
         client: str | None,
-    ) -> list[tuple]:
+    ) -> list[tuple[Any, ...]]:
         """Active holds overlapping ``interval`` except ``own_hold`` when it is the caller's own.
 
         A hold is the caller's own when it was placed anonymously (whoever knows its id may book
@@ -678,7 +678,7 @@ class SqliteStateStore:
                 "INSERT INTO calendar (id, version) VALUES (1, 1) ON CONFLICT (id) DO UPDATE SET version = version + 1"
             )
 
-    def _row_to_entry(self, row: tuple) -> JournalEntry:
+    def _row_to_entry(self, row: tuple[Any, ...]) -> JournalEntry:
         token, client, request_key, payload, state, appt_id, owner, created_s, updated_s = row
         return JournalEntry(
             token, client, request_key, json.loads(payload), state, appt_id, owner, _dt(created_s), _dt(updated_s)
@@ -691,7 +691,7 @@ class SqliteStateStore:
 
     @_unavailable_on_error
     def journal_intent(
-        self, token: str, *, client: str | None, request_key: str | None, payload: dict, now: dt.datetime
+        self, token: str, *, client: str | None, request_key: str | None, payload: dict[str, Any], now: dt.datetime
     ) -> None:
         """Record that this process is about to write the legacy booking of ``token`` (call under the
         legacy lock, after the conflict checks, before the legacy write)."""

@@ -84,7 +84,7 @@ def held_by_another_process(script: str, path: str | Path, seconds: float) -> It
         yield proc
     finally:
         proc.kill()
-        proc.wait(10)
+        proc.communicate(timeout=10)  # reaps it and closes its pipes
 
 
 def timed(call: Callable[[], httpx.Response]) -> tuple[httpx.Response, float]:

@@ -30,6 +30,7 @@ from dbutil import legacy_rows
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dbutil
+from apputil import MovableClock
 from conformance import assert_avail_bundle, assert_ihe_appointment, assert_operation_outcome
 from serverutil import ThreadServer
 
@@ -279,15 +280,19 @@ def settings_for(tmp: Path, database_url: str, base_url: str, **sections: dict[s
 
 
 @contextmanager
-def running_api(tmp: Path, kind: str, target: str, **sections: dict[str, Any]) -> Iterator[Api]:
-    """uvicorn in a thread serving build_app() for the given legacy database."""
+def running_api(
+    tmp: Path, kind: str, target: str, clock: MovableClock | None = None, **sections: dict[str, Any]
+) -> Iterator[Api]:
+    """uvicorn in a thread serving build_app() for the given legacy database (on ``clock`` if given)."""
     url = f"sqlite:///{target}" if kind == "sqlite" else f"odbc:{target}"  # odbc-sqlite: a DSN too
     holder: dict[str, Settings] = {}
-    server = ThreadServer(lambda: build_app(holder["settings"]), factory=True)
+    app_clock = clock or MovableClock()
+    server = ThreadServer(lambda: build_app(holder["settings"], clock=app_clock), factory=True)
     holder["settings"] = settings_for(tmp, url, server.base_url, **sections)
     server.start()
     api = Api(server.base_url, LegacyDb(kind, target), tmp / "state.sqlite")
     api.server = server  # type: ignore[attr-defined]
+    api.clock = app_clock  # type: ignore[attr-defined]
     try:
         yield api
     finally:
@@ -329,9 +334,10 @@ def sq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
 
 @pytest.fixture(scope="module")
 def short_ttl(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
-    """A SQLite server whose holds last 2 s (the expiry job runs every 30 s: expiry is checked on read)."""
+    """A SQLite server on a movable clock whose holds last 60 s; the expiry job runs at startup and then
+    hourly, so within these tests expiry is checked on read."""
     tmp = tmp_path_factory.mktemp("e2e-ttl")
-    with running_api(tmp, "sqlite", seeded("sqlite", tmp), hold={"ttl_seconds": 2, "sweep_seconds": 30}) as a:
+    with running_api(tmp, "sqlite", seeded("sqlite", tmp), hold={"ttl_seconds": 60, "sweep_seconds": 3600}) as a:
         yield a
 
 
@@ -505,10 +511,12 @@ def test_req_116_08_held_slot_conflicts_for_other_client(sq: Api) -> None:
     assert [str(r[0]) for r in sq.db.blocking_at(first)] == [booked["id"]]
 
 
-def sleep_past_expiry(held: dict[str, Any]) -> None:
+def move_past_expiry(api: Api, held: dict[str, Any]) -> None:
+    """Move the server's clock past the hold's expiry instead of sleeping until then."""
     expires = parse_instant(next(e["valueDateTime"] for e in held["extension"] if e["url"] == HOLD_EXPIRATION_URL))
-    assert expires - dt.datetime.now(dt.UTC) <= dt.timedelta(seconds=3)  # ttl 2 s, whole seconds
-    time.sleep(max(0.0, (expires - dt.datetime.now(dt.UTC)).total_seconds()) + 0.05)
+    clock: MovableClock = api.clock  # type: ignore[attr-defined]  # set by running_api
+    assert expires - clock() <= dt.timedelta(seconds=61)  # ttl 60 s, whole seconds
+    clock.advance_past(expires)
 
 
 def test_req_116_07_expired_hold_frees_slot(short_ttl: Api) -> None:
@@ -516,7 +524,7 @@ def test_req_116_07_expired_hold_frees_slot(short_ttl: Api) -> None:
     held = assert_success(short_ttl.hold(proposed["id"], "client-a"), "pending")
     assert not short_ttl.offered(proposed, client="client-b")
     assert_failure(short_ttl.hold(proposed["id"], "client-b"), 409, "conflict")
-    sleep_past_expiry(held)  # the sweep job (every 30 s) has not run: expiry is checked on read
+    move_past_expiry(short_ttl, held)  # the sweep job has not run since: expiry is checked on read
     assert short_ttl.offered(proposed, client="client-b")
     # The hold is gone; the proposal itself is still valid, so its fullUrl reads as proposed (issue 7).
     after = short_ttl.read(proposed["id"])
@@ -529,7 +537,7 @@ def test_req_116_07_expired_hold_frees_slot(short_ttl: Api) -> None:
 
 def test_req_116_07_expired_hold_can_be_booked_by_anyone(short_ttl: Api) -> None:
     proposed = short_ttl.free_slot()
-    sleep_past_expiry(assert_success(short_ttl.hold(proposed["id"], "client-a"), "pending"))
+    move_past_expiry(short_ttl, assert_success(short_ttl.hold(proposed["id"], "client-a"), "pending"))
     booked = assert_success(short_ttl.book(proposed["id"], "client-c"), "booked")
     assert [str(r[0]) for r in short_ttl.db.blocking_at(proposed)] == [booked["id"]]
 
@@ -1002,8 +1010,8 @@ def test_commit_outcome_unknown_then_retry_gets_the_booking(tmp_path: Path) -> N
         broken = {"armed": True}
 
         @contextmanager
-        def write_then_lose_connection(conn: Any, lock_sql: Any, lock_binds: Any) -> Iterator[Any]:
-            with original_write(conn, lock_sql, lock_binds) as cur:
+        def write_then_lose_connection(conn: Any, lock_sql: Any, lock_binds: Any, **kw: Any) -> Iterator[Any]:
+            with original_write(conn, lock_sql, lock_binds, **kw) as cur:
                 yield cur
             if broken.pop("armed", False):  # committed; now pretend the answer never arrived
                 raise CommitOutcomeUnknown("simulated: connection lost during COMMIT")
@@ -1032,12 +1040,13 @@ def _find_state_store(a: Api) -> Any:
 
 def test_req_116_07_holds_survive_a_restart(live_server_process: Any, tmp_path: Path) -> None:
     """Hold, stop the server process, start it again: the holder books; others still see the slot
-    taken (absent from $find, 409 on $hold) until the hold expires, then it is free again."""
+    taken (absent from $find, 409 on $hold) until the hold expires, then it is free again. The expiry is
+    reached by one more restart, into a server on the same files whose clock is past it (no sleeping)."""
     from serverutil import free_port
 
     target = seeded("sqlite", tmp_path)
     port = free_port()
-    ttl = 8
+    ttl = 600
     config = tmp_path / "restart.toml"
     config.write_text(
         f"""
@@ -1065,13 +1074,11 @@ signing_secret = "{SECRET}"
     try:
         first = a.free_slot()
         second = apart(a, first)
-        held_at = time.monotonic()
         assert_success(a.hold(first["id"], "client-a"), "pending")
         kept = assert_success(a.hold(second["id"], "client-a"), "pending")
         expires = parse_instant(kept["extension"][0]["valueDateTime"])
 
         proc = live_server_process.restart(proc, timeout=60)
-        assert time.monotonic() - held_at < ttl - 1, "restart too slow to test holds within their TTL"
         for slot in (first, second):
             assert not a.offered(slot, client="client-b")
             assert_failure(a.hold(slot["id"], "client-b"), 409, "conflict")
@@ -1079,11 +1086,15 @@ signing_secret = "{SECRET}"
         assert [str(r[0]) for r in a.db.blocking_at(first)] == [booked["id"]]
         assert a.read(second["id"]).json()["status"] == "pending"
 
-        time.sleep(max(0.0, (expires - dt.datetime.now(dt.UTC)).total_seconds()) + 0.05)
-        assert a.offered(second, client="client-b")
-        assert_success(a.hold(second["id"], "client-b"), "pending")
     finally:
         a.close()
+    live_server_process.stop(proc)
+    clock = MovableClock()
+    clock.advance_past(expires)
+    with running_api(tmp_path, "sqlite", target, clock, hold={"ttl_seconds": ttl}) as b:
+        assert b.read(second["id"]).json()["status"] == "proposed"
+        assert b.offered(second, client="client-b")
+        assert_success(b.hold(second["id"], "client-b"), "pending")
 
 
 def test_state_store_failure_after_commit_still_answers_the_booking(tmp_path: Path) -> None:

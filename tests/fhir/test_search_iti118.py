@@ -24,7 +24,7 @@ import pytest
 from conformance import assert_avail_bundle, assert_ihe_appointment, assert_r4
 from starlette.testclient import TestClient
 
-from adapter.fhir import search as fhir_search
+from adapter.fhir.search import params as fhir_search
 from adapter.server import build_app
 from adapter.settings import BackendSettings, SecuritySettings, ServerSettings, Settings, StateSettings
 
@@ -858,3 +858,37 @@ def test_req_118_same_answers_on_postgresql_and_mariadb(
     assert [b.get("total") for b in got] == [b.get("total") for b in expected]
     assert all(b["total"] > 0 for b in expected[:3])
     assert got == expected
+
+
+def test_issue13_5_capability_states_exactly_the_declared_search_parameters(client: TestClient) -> None:
+    """One declaration: the CapabilityStatement lists the search's own parameter table, and the search
+    takes every parameter of it (none is ignored, even with Prefer: handling=strict)."""
+    from adapter.fhir.search.params import APPOINTMENT_SEARCH_PARAMS
+
+    cap = client.get("/fhir/metadata", headers={"Accept": "application/fhir+json"}).json()
+    appt = next(r for r in cap["rest"][0]["resource"] if r["type"] == "Appointment")
+    assert [p["name"] for p in appt["searchParam"]] == [p.name for p in APPOINTMENT_SEARCH_PARAMS]
+    values = {
+        "_id": "1",
+        "identifier": "urn:x|1",
+        "patient": "1",
+        "date": "ge2026-01-01",
+        "specialty": "FP",
+        "appointment-type": "FOLLOW",
+        "practitioner": "1",
+        "location": "1",
+        "status": "booked",
+        "service-type": "x",
+        "actor": "Patient/1",
+        "_count": "5",
+        "_sort": "-date",
+        "_summary": "count",
+        "_elements": "status",
+        "_total": "none",
+    }
+    assert set(values) == {p.name for p in APPOINTMENT_SEARCH_PARAMS}
+    for name, value in values.items():
+        r = client.get("/fhir/Appointment", params={name: value}, headers={"Prefer": "handling=strict"})
+        assert r.status_code == 200, (name, r.text)
+    r = client.get("/fhir/Appointment", params={"reason-code": "x"}, headers={"Prefer": "handling=strict"})
+    assert r.status_code == 400 and "reason-code" in r.text

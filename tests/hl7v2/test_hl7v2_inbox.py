@@ -62,6 +62,8 @@ def test_issue8_4_store_failure_means_no_ack(tmp_path: Path) -> None:
             writer.write(encode_frame(siu("C1", "S12")))
             await writer.drain()
             assert await reader.read() == b""  # connection closed, no ACK: the sender will resend
+            writer.close()
+            await writer.wait_closed()
         await inbox.close()
 
     run(main())

@@ -12,8 +12,9 @@ import pytest
 from adapter.mapping.codes import CodeTables, conceptmap_entries
 from adapter.mapping.expressions import EvalContext, Expression, ExpressionError, render_template
 from adapter.mapping.ids import InvalidKey, to_fhir_id, to_legacy_key
-from adapter.mapping.loader import MappingError, load_mapping, sql_bind_names
+from adapter.mapping.loader import MappingError, load_mapping
 from adapter.mapping.model import IdRule
+from adapter.text import sql_bind_names
 
 DEMO = Path(__file__).resolve().parents[2] / "mappings" / "demo.yaml"
 

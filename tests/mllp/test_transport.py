@@ -38,7 +38,13 @@ PeerHandler = Callable[[hl7.mllp.HL7StreamReader, hl7.mllp.HL7StreamWriter], Awa
 
 
 async def _hl7_server(handler: PeerHandler) -> tuple[asyncio.Server, int]:
-    server = await hl7.mllp.start_hl7_server(handler, "127.0.0.1", 0)
+    async def closing(reader: hl7.mllp.HL7StreamReader, writer: hl7.mllp.HL7StreamWriter) -> None:
+        try:
+            await handler(reader, writer)
+        finally:  # closing the server does not close the connections it accepted
+            writer.close()
+
+    server = await hl7.mllp.start_hl7_server(closing, "127.0.0.1", 0)
     return server, server.sockets[0].getsockname()[1]
 
 
@@ -207,6 +213,8 @@ def test_issue8_2_handler_failure_closes_without_ack() -> None:
             await writer.drain()
             assert await reader.read() == b""  # closed, no ACK
             assert server.stats.handler_failures == 1
+            writer.close()
+            await writer.wait_closed()
 
     run(main())
 

@@ -376,7 +376,7 @@ def locked_by_another_process(path: Path) -> Iterator[None]:
         yield
     finally:
         proc.kill()
-        proc.wait(10)
+        proc.communicate(timeout=10)  # reaps it and closes its pipe
 
 
 def test_issue7_5_locked_state_file_is_unavailable_within_the_timeout(tmp_path: Path) -> None:
