@@ -142,10 +142,19 @@ class SchedulingBackend(Protocol):
     async def book(self, booking: NewBooking, gate: ConflictGate) -> BookingOutcome: ...
 
     async def reschedule(
-        self, appointment_id: str, new_slot: SlotRequest, gate: ConflictGate, comment: str | None = None
-    ) -> BookingOutcome: ...
+        self,
+        appointment_id: str,
+        new_slot: SlotRequest,
+        gate: ConflictGate,
+        comment: str | None = None,
+        booked_by: str | None = None,
+    ) -> BookingOutcome:
+        """``booked_by``: who asks for the change (the client), for legacy "changed by" columns."""
+        ...
 
-    async def cancel(self, appointment_id: str, reason: Coding | None, reason_text: str | None) -> BookingOutcome: ...
+    async def cancel(
+        self, appointment_id: str, reason: Coding | None, reason_text: str | None, booked_by: str | None = None
+    ) -> BookingOutcome: ...
 
     async def get_appointment(self, appointment_id: str) -> Appointment | None: ...
 

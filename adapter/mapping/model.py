@@ -92,6 +92,9 @@ class VisitTypesSpec(_Strict):
     service_types: list[Any] = Field(default_factory=list)
     default: str
     slot_step_minutes: int | None = Field(None, ge=1, le=1440)
+    # Where the grid of candidate starts begins: at each working-time period's start ("period": 08:05, 08:20, ...
+    # for a session opening at 08:05) or at local midnight ("clock": 08:15, 08:30, ... with a 15-minute step).
+    slot_alignment: Literal["period", "clock"] = "period"
 
     @field_validator("fields")
     @classmethod

@@ -847,7 +847,10 @@ class SchedulingService:
         def gate(slots: Sequence[SlotRequest]) -> None:
             self._check_holds(slots, now, own_hold=None, client=client)
 
-        appt = _confirmed(await self.backend.reschedule(appointment_id, slot, gate, comment), appointment_id)
+        appt = _confirmed(
+            await self.backend.reschedule(appointment_id, slot, gate, comment, booked_by=client or "sched-adapter"),
+            appointment_id,
+        )
         await self._calendar_changed()
         return appt
 
@@ -885,7 +888,10 @@ class SchedulingService:
             raise SlotConflict(
                 f"Appointment/{appointment_id} is {current.status} and can no longer be cancelled; nothing was changed"
             )
-        appt = _confirmed(await self.backend.cancel(appointment_id, reason, reason_text), appointment_id)
+        appt = _confirmed(
+            await self.backend.cancel(appointment_id, reason, reason_text, booked_by=client or "sched-adapter"),
+            appointment_id,
+        )
         await self._calendar_changed()
         return appt
 

@@ -412,8 +412,14 @@ class LiveChecker:
                 "booked_by": "mappings-check",
                 "new_id": new_id,
             },
-            "reschedule": slot | {"appointment_key": None, "comment": None},
-            "cancel": {"appointment_key": None, "reason": None, "reason_text": None, "now": now},
+            "reschedule": slot | {"appointment_key": None, "comment": None, "booked_by": "mappings-check"},
+            "cancel": {
+                "appointment_key": None,
+                "reason": None,
+                "reason_text": None,
+                "now": now,
+                "booked_by": "mappings-check",
+            },
         }
         for name, env in envs.items():
             stmt = getattr(w, name)

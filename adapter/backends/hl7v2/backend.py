@@ -499,7 +499,12 @@ class Hl7v2Backend:
         return found
 
     async def reschedule(
-        self, appointment_id: str, new_slot: SlotRequest, gate: ConflictGate, comment: str | None = None
+        self,
+        appointment_id: str,
+        new_slot: SlotRequest,
+        gate: ConflictGate,
+        comment: str | None = None,
+        booked_by: str | None = None,  # SRM carries no "changed by" field in the interface agreement
     ) -> BookingOutcome:
         current = await self._current(appointment_id)
         await self._check_mirror([new_slot], ignore=current.filler_id)
@@ -518,7 +523,9 @@ class Hl7v2Backend:
         )
         return await self._send("S02", request)
 
-    async def cancel(self, appointment_id: str, reason: Coding | None, reason_text: str | None) -> BookingOutcome:
+    async def cancel(
+        self, appointment_id: str, reason: Coding | None, reason_text: str | None, booked_by: str | None = None
+    ) -> BookingOutcome:
         current = await self._current(appointment_id)
         start = current.start or dt.datetime.now(dt.UTC)
         minutes = int(((current.end or start) - start).total_seconds() // 60)

@@ -332,7 +332,7 @@ class SqlBackend:
                         start, end = max(period, window.start), min(end, window.end)
                         if start < end:
                             free.setdefault((str(r["practitioner"]), loc), []).append(Interval(start, end))
-                            anchors.setdefault((str(r["practitioner"]), loc), []).append(period)
+                            anchors.setdefault((str(r["practitioner"]), loc), []).append(self._grid_anchor(period))
                     day += dt.timedelta(days=1)
         elif av.working_time.kind == "markers":
             for key, iv in _marker_periods(rows, zone):
@@ -341,7 +341,7 @@ class SqlBackend:
                 start, end = max(iv.start, window.start), min(iv.end, window.end)
                 if start < end:
                     free.setdefault(key, []).append(Interval(start, end))
-                    anchors.setdefault(key, []).append(iv.start)  # the grid starts where the office opens
+                    anchors.setdefault(key, []).append(self._grid_anchor(iv.start))  # where the office opens
         else:  # free_slots: the legacy system lists bookable slots itself
             for r in rows:
                 loc = str(r["location"])
@@ -350,7 +350,7 @@ class SqlBackend:
                 start, end = max(r["start"], window.start), min(r["end"], window.end)
                 if start < end:
                     free.setdefault((str(r["practitioner"]), loc), []).append(Interval(start, end))
-                    anchors.setdefault((str(r["practitioner"]), loc), []).append(r["start"])
+                    anchors.setdefault((str(r["practitioner"]), loc), []).append(self._grid_anchor(r["start"]))
 
         absences: dict[str, list[Interval]] = {}
         if av.absences is not None:
@@ -542,6 +542,16 @@ class SqlBackend:
             values[name] = m.expr(f"writes.{stmt_name}.binds.{name}").evaluate(env, ctx)
         return values
 
+    def _grid_anchor(self, period_start: dt.datetime) -> dt.datetime:
+        """Where the slot grid of a working-time period begins (``visit_types.slot_alignment``): the period's own
+        start, or local midnight of its day, so that starts fall on the clock (:00, :15, ...) whatever the
+        session's opening time."""
+        if self.doc.visit_types.slot_alignment == "period":
+            return period_start
+        zone = self._ctx.zone
+        midnight = dt.datetime.combine(period_start.astimezone(zone).date(), dt.time())
+        return attach_zone(midnight, zone).astimezone(dt.UTC)
+
     def _slot_env(self, slot: SlotRequest) -> dict[str, Any]:
         return {
             "practitioner_key": self._key("Practitioner", slot.practitioner_id),
@@ -653,7 +663,12 @@ class SqlBackend:
         return None
 
     async def reschedule(
-        self, appointment_id: str, new_slot: SlotRequest, gate: ConflictGate, comment: str | None = None
+        self,
+        appointment_id: str,
+        new_slot: SlotRequest,
+        gate: ConflictGate,
+        comment: str | None = None,
+        booked_by: str | None = None,
     ) -> BookingOutcome:
         writes = self._require_writes()
         current = await self.get_appointment(appointment_id)
@@ -662,7 +677,11 @@ class SqlBackend:
         key = self._key("Appointment", appointment_id)
         self._require_storable(new_slot.interval.start)
         involved = [new_slot.practitioner_id] + ([current.practitioner_id] if current.practitioner_id else [])
-        env = self._slot_env(new_slot) | {"appointment_key": key, "comment": comment}
+        env = self._slot_env(new_slot) | {
+            "appointment_key": key,
+            "comment": comment,
+            "booked_by": booked_by or "sched-adapter",
+        }
 
         def work(conn: Any) -> None:
             with self.db.write(
@@ -695,7 +714,9 @@ class SqlBackend:
             raise NotFound(f"Appointment/{appointment_id} is not known")
         return Confirmed(appt)
 
-    async def cancel(self, appointment_id: str, reason: Coding | None, reason_text: str | None) -> BookingOutcome:
+    async def cancel(
+        self, appointment_id: str, reason: Coding | None, reason_text: str | None, booked_by: str | None = None
+    ) -> BookingOutcome:
         writes = self._require_writes()
         key = self._key("Appointment", appointment_id)
         reason_dict = {"system": reason.system, "code": reason.code} if reason else None
@@ -704,6 +725,7 @@ class SqlBackend:
             "reason": reason_dict,
             "reason_text": reason_text,
             "now": dt.datetime.now(dt.UTC),
+            "booked_by": booked_by or "sched-adapter",  # who changes it: the client, as for a booking
         }
 
         def work(conn: Any) -> None:
