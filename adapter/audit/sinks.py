@@ -130,7 +130,7 @@ class SyslogTlsSink:
         if self._sock is not None:
             try:
                 self._sock.close()
-            except OSError:
+            except OSError:  # closing a socket that already failed: nothing is left to release or report
                 pass
             self._sock = None
 

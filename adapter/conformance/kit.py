@@ -196,7 +196,7 @@ class Kit:
             self._skipping = True
             try:
                 yield _SkipTrial(self)
-            except _Skipped:
+            except _Skipped:  # the skipped check stops here; its SKIP result is recorded above
                 pass
             finally:
                 self._skipping = False
