@@ -155,7 +155,7 @@ def _starts(spans: Sequence[Span], duration: int, step: int, not_before: int) ->
 
 def _tagged(
     rank: tuple[int, ...], tie: tuple[str, str, str], plan: ResourcePlan, starts: Iterator[int]
-) -> Iterator[tuple]:
+) -> Iterator[tuple[tuple[int, ...], int, tuple[str, str, str], ResourcePlan]]:
     for t in starts:
         yield (rank, t, tie, plan)
 
