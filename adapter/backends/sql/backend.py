@@ -720,6 +720,10 @@ class SqlBackend:
                     raise NotFound(f"Appointment/{appointment_id} is not known")
 
         await self._write(work)
+        return await self._confirmed(appointment_id)
+
+    async def _confirmed(self, appointment_id: str) -> Confirmed:
+        """The appointment a committed reschedule or cancellation left behind, as the legacy system reads it."""
         appt = await self.get_appointment(appointment_id)
         if appt is None:  # pragma: no cover - deleted right after our commit
             raise NotFound(f"Appointment/{appointment_id} is not known")
@@ -750,10 +754,7 @@ class SqlBackend:
                     raise NotFound(f"Appointment/{appointment_id} is not known")
 
         await self._write(work)
-        appt = await self.get_appointment(appointment_id)
-        if appt is None:  # pragma: no cover - deleted right after our commit
-            raise NotFound(f"Appointment/{appointment_id} is not known")
-        return Confirmed(appt)
+        return await self._confirmed(appointment_id)
 
     # -- existing appointments ---------------------------------------------------------------
     def appointments_from_rows(self, rows: Iterable[dict[str, Any]], warnings: list[str]) -> list[Appointment]:
