@@ -26,7 +26,11 @@ def merge(intervals: Iterable[Interval]) -> list[Interval]:
 
 
 def subtract(free: Iterable[Interval], taken: Iterable[Interval]) -> list[Interval]:
-    """``free`` minus ``taken``: the parts of free time no taken interval touches."""
+    """``free`` minus ``taken``: the parts of free time no taken interval touches.
+
+    Both inputs may be unsorted and overlapping. ``adapter.scheduling.candidates.subtract_spans`` is the
+    same operation on epoch-second spans for the candidate search, where datetimes would be too slow.
+    """
     taken_sorted = merge(taken)
     result: list[Interval] = []
     for iv in merge(free):

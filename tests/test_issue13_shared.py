@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import sqlite3
 
+from adapter.backends.sql import db as sql_db, search as sql_search
 from adapter.backends.sql.db import sql_fold_function
-from adapter.fhir.parameters import FHIR_ID as PARAMETERS_FHIR_ID
+from adapter.fhir import read as fhir_read
 from adapter.hl7v2 import mapping as hl7v2_mapping
 from adapter.mapping import ids, loader
 from adapter.mapping.expressions import EvalContext, compile_template
 from adapter.r4 import APPOINTMENT_STATUSES, FHIR_ID
-from adapter.text import fold, sql_bind_names
+from adapter.text import SQL_NAMED_BIND, fold, sql_bind_names
 
 
 def test_issue13_5_fold_is_accent_and_case_insensitive() -> None:
@@ -40,8 +41,14 @@ def test_issue13_5_sql_bind_names_skip_literals_and_casts() -> None:
     assert sql_bind_names("SELECT ':x', a::text FROM T WHERE A = :a AND B = 'it''s :y' AND C = :c_1") == ["a", "c_1"]
 
 
+def test_issue13_5_sql_backend_binds_with_the_shared_pattern() -> None:
+    assert sql_db.SQL_NAMED_BIND is SQL_NAMED_BIND and sql_search.SQL_NAMED_BIND is SQL_NAMED_BIND
+    compiled = sql_db.compile_sql("SELECT ':x', a::text FROM T WHERE A = :a AND B = 'it''s :y' AND C IN (:c_1)")
+    assert compiled.order == ("a", "c_1")
+
+
 def test_issue13_5_one_fhir_id_pattern_and_one_status_value_set() -> None:
-    assert ids.FHIR_ID is FHIR_ID and PARAMETERS_FHIR_ID is FHIR_ID
+    assert ids.FHIR_ID is FHIR_ID and fhir_read.FHIR_ID is FHIR_ID
     assert loader.APPOINTMENT_STATUSES is APPOINTMENT_STATUSES
     assert hl7v2_mapping.APPOINTMENT_STATUSES is APPOINTMENT_STATUSES
     assert FHIR_ID.match("a-B.9" * 12 + "abcd") and not FHIR_ID.match("a" * 65) and not FHIR_ID.match("a_b")

@@ -6,21 +6,21 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from adapter.backends.protocol import Actor, ActorQuery, Appointment
+from adapter.backends.protocol import Actor, ActorKind, ActorQuery, Appointment
 from adapter.fhir.context import FhirContext
 from adapter.fhir.render import HOLD_EXPIRATION_URL, appointment, from_booked, local_instant
 from adapter.scheduling.proposals import Proposal, proposal_from_dict
 from adapter.scheduling.state import Hold
 
 
-async def actors_for(ctx: FhirContext, refs: Iterable[tuple[str, str | None]]) -> dict[str, Actor]:
-    wanted: dict[str, set[str]] = {}
+async def actors_for(ctx: FhirContext, refs: Iterable[tuple[ActorKind, str | None]]) -> dict[str, Actor]:
+    wanted: dict[ActorKind, set[str]] = {}
     for kind, actor_id in refs:
         if actor_id:
             wanted.setdefault(kind, set()).add(actor_id)
     out: dict[str, Actor] = {}
     for kind, ids in wanted.items():
-        for actor in await ctx.service.find_actors(ActorQuery(kind, ids=tuple(sorted(ids)), limit=len(ids))):  # type: ignore[arg-type]
+        for actor in await ctx.service.find_actors(ActorQuery(kind, ids=tuple(sorted(ids)), limit=len(ids))):
             out[f"{kind}/{actor.id}"] = actor
     return out
 
@@ -28,14 +28,10 @@ async def actors_for(ctx: FhirContext, refs: Iterable[tuple[str, str | None]]) -
 async def render_appointments(
     ctx: FhirContext, appts: list[Appointment]
 ) -> tuple[list[dict[str, Any]], dict[str, Actor]]:
-    actors = await actors_for(
-        ctx,
-        [
-            (k, i)
-            for a in appts
-            for k, i in (("Practitioner", a.practitioner_id), ("Location", a.location_id), ("Patient", a.patient_id))
-        ],
-    )
+    refs: list[tuple[ActorKind, str | None]] = []
+    for a in appts:
+        refs += [("Practitioner", a.practitioner_id), ("Location", a.location_id), ("Patient", a.patient_id)]
+    actors = await actors_for(ctx, refs)
     types = {vt.key: vt for vt in await ctx.service.visit_types()}
     return [from_booked(a, zone=ctx.zone, visit_types=types, actors=actors) for a in appts], actors
 
@@ -61,11 +57,9 @@ async def render_proposal(
     extensions: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """A proposed (or, for a hold, pending) appointment as $find and $hold write it."""
-    actors = await actors_for(
-        ctx,
-        [("Practitioner", p.practitioner_id), ("Location", p.location_id)]
-        + [("Patient", pid) for pid in p.patient_ids],
-    )
+    refs: list[tuple[ActorKind, str | None]] = [("Practitioner", p.practitioner_id), ("Location", p.location_id)]
+    refs += [("Patient", pid) for pid in p.patient_ids]
+    actors = await actors_for(ctx, refs)
     types = {vt.key: vt for vt in await ctx.service.visit_types()}
     prac = actors.get(f"Practitioner/{p.practitioner_id}")
     loc = actors.get(f"Location/{p.location_id}")

@@ -28,7 +28,7 @@ from adapter.fhir.outcome import issue, operation_outcome
 from adapter.fhir.parameters import (
     ParamList,
     bad,
-    parse_count,
+    capped_count,
     parse_datetime,
     parse_reference,
     parse_token,
@@ -112,21 +112,10 @@ def _find_request(
 
     count_url = request.query_params.get("_count")
     count_param = params.one("_count", "valueInteger", "valuePositiveInt", "valueString", "valueUnsignedInt")
-    count = ctx.find.default_count
-    if count_param is not None:
-        count = parse_count(count_param)
-    elif count_url is not None:
-        count = parse_count(count_url)
-    if count > ctx.find.max_count:
-        notices.append(
-            issue(
-                "information",
-                "informational",
-                f"_count {count} is above the maximum; {ctx.find.max_count} used",
-                expression="_count",
-            )
-        )
-        count = ctx.find.max_count
+    count_value = count_param if count_param is not None else count_url
+    count = capped_count(
+        count_value if count_value is not None else ctx.find.default_count, ctx.find.max_count, notices
+    )
     offset_text = request.query_params.get("_offset", "0")
     if not re.fullmatch(r"[0-9]{1,9}", offset_text):
         raise bad("_offset must be a non-negative integer (ASCII digits, at most 9)", "_offset")

@@ -37,6 +37,7 @@ from starlette.responses import Response
 
 from adapter.backends.protocol import (
     Actor,
+    ActorKind,
     Appointment,
     BackendUnavailable,
     BookingPending,
@@ -368,7 +369,8 @@ async def _book(ctx: FhirContext, params: ParamList, request: Request) -> tuple[
 
 async def _require_actors(ctx: FhirContext, practitioner_id: str | None, location_id: str | None) -> None:
     """Participants named in appointment-resource must exist here (400 naming the one that does not)."""
-    for kind, actor_id in (("Practitioner", practitioner_id), ("Location", location_id)):
+    named: tuple[tuple[ActorKind, str | None], ...] = (("Practitioner", practitioner_id), ("Location", location_id))
+    for kind, actor_id in named:
         if actor_id and await ctx.service.actor(kind, actor_id) is None:
             raise FhirError(
                 400,

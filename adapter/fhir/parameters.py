@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 from adapter.backends.protocol import Identifier
 from adapter.fhir.limits import MAX_NAME, check_resource_strings, check_text
 from adapter.fhir.outcome import FhirError, issue
-from adapter.r4 import FHIR_ID as FHIR_ID  # re-exported for adapter/fhir/read.py until it imports adapter.r4
+from adapter.r4 import FHIR_ID
 from adapter.scheduling.service import ActorRef, Token
 
 # ASCII digits only: ``\d`` would accept other scripts' digits, which int() then silently reads.

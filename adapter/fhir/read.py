@@ -18,9 +18,10 @@ from adapter.fhir.appointments import render_appointments, render_hold, render_p
 from adapter.fhir.context import FhirContext
 from adapter.fhir.formats import render, response_format
 from adapter.fhir.outcome import FhirError, issue, operation_outcome
-from adapter.fhir.parameters import FHIR_ID, parse_count
+from adapter.fhir.parameters import parse_count
 from adapter.fhir.render import searchset
 from adapter.fhir.search import prefer_strict
+from adapter.r4 import FHIR_ID
 from adapter.scheduling.proposals import Proposal, ProposalError
 from adapter.scheduling.state import Hold
 
@@ -86,7 +87,7 @@ async def read_actor(request: Request) -> Response:
     kind = request.path_params["kind"]
     actor_id = request.path_params["id"]
     _check_id(actor_id, kind)
-    found = await ctx.service.find_actors(ActorQuery(kind, ids=(actor_id,), limit=1))  # type: ignore[arg-type]
+    found = await ctx.service.find_actors(ActorQuery(kind, ids=(actor_id,), limit=1))
     found = [a for a in found if a.id == actor_id]  # e.g. a case-insensitive collation: canonical ids only
     if not found:
         raise FhirError(404, "not-found", f"{kind}/{actor_id} is not known")
@@ -133,7 +134,7 @@ async def search_actor(request: Request) -> Response:
         )
     found = await ctx.service.find_actors(
         ActorQuery(
-            kind,  # type: ignore[arg-type]
+            kind,
             ids=ids,
             identifiers=tuple(identifiers),
             name=name,

@@ -66,7 +66,11 @@ def concept(codings: Iterable[Coding], text: str | None = None) -> dict[str, Any
 
 
 def participant(
-    kind: str, actor_id: str | None, display: str | None, status: str = "accepted", identifier: dict | None = None
+    kind: str,
+    actor_id: str | None,
+    display: str | None,
+    status: str = "accepted",
+    identifier: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     actor: dict[str, Any] = {}
     if actor_id:
@@ -98,7 +102,7 @@ def appointment(
     status_reason: Coding | None = None,
     cancel_text: str | None = None,
     created: dt.datetime | None = None,
-    extensions: Iterable[dict] = (),
+    extensions: Iterable[dict[str, Any]] = (),
 ) -> dict[str, Any]:
     res: dict[str, Any] = {"resourceType": "Appointment", "id": appt_id, "meta": {"profile": [APPT_PROFILE]}}
     ext = list(extensions)

@@ -11,11 +11,10 @@ from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from adapter.hl7v2.er7 import FieldPath
-from adapter.mapping.loader import MappingError, _construct, _dotted, _line_for
+from adapter.mapping.loader import MappingError, _dotted, _line_for, read_document
 from adapter.r4 import APPOINTMENT_STATUSES
 
 OUTBOUND_VERSIONS = ("2.3", "2.3.1", "2.4", "2.5", "2.5.1")
@@ -195,33 +194,7 @@ def _as_list(value: Paths) -> list[str]:
 def load_hl7v2_mapping(path: str | Path) -> Hl7v2Mapping:
     path = Path(path)
     display = str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise MappingError([f"{display}: cannot read mapping file: {exc.strerror}"]) from exc
-    try:
-        root = yaml.compose(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark else 1
-        raise MappingError([f"{display}:{line}: (YAML syntax): {getattr(exc, 'problem', exc)}"]) from exc
-    if root is None:
-        raise MappingError([f"{display}:1: (top level): expected a mapping document, the file is empty"])
-    lines: dict[tuple[Any, ...], int] = {}
-    data = _construct(root, (), lines)
-    try:
-        doc = Hl7v2MappingDocument.model_validate(data)
-    except ValidationError as exc:
-        invalid: list[str] = []
-        for err in exc.errors():
-            loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-", "literal["))))
-            msg = err["msg"]
-            if err["type"] == "extra_forbidden":
-                msg = "unknown key (not part of the mapping format; check the spelling)"
-            elif err["type"] == "missing":
-                msg = "required key is missing"
-            invalid.append(f"{display}:{_line_for(lines, loc)}: {_dotted(loc)}: {msg}")
-        raise MappingError(invalid) from None
+    doc, lines = read_document(path, Hl7v2MappingDocument)
 
     problems: list[str] = []
 

@@ -11,11 +11,11 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from adapter.mapping.codes import CodeTable, CodeTables, conceptmap_entries
 from adapter.mapping.expressions import EvalContext, Expression, ExpressionError, compile_template
@@ -53,6 +53,7 @@ class Mapping:
 _Loc = tuple[str | int, ...]
 # Reports one problem at a location.
 _Fail = Callable[[_Loc, str], None]
+_Doc = TypeVar("_Doc", bound=BaseModel)
 
 
 def _construct(node: yaml.Node, path: _Loc, lines: dict[_Loc, int]) -> Any:
@@ -82,8 +83,11 @@ def _dotted(loc: _Loc) -> str:
     return ".".join(str(p) for p in loc) or "(top level)"
 
 
-def load_mapping(path: str | Path) -> Mapping:
-    path = Path(path)
+def read_document(path: Path, model: type[_Doc]) -> tuple[_Doc, dict[_Loc, int]]:
+    """A mapping file read, parsed and validated against ``model``, with the line of every location.
+
+    Shared by the SQL and the HL7v2 mapping loaders, so both report problems as ``file:line: key: what``.
+    """
     display = str(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -101,7 +105,7 @@ def load_mapping(path: str | Path) -> Mapping:
     data = _construct(root, (), lines)
 
     try:
-        doc = MappingDocument.model_validate(data)
+        return model.model_validate(data), lines
     except ValidationError as exc:
         invalid: list[str] = []
         for err in exc.errors():
@@ -113,6 +117,12 @@ def load_mapping(path: str | Path) -> Mapping:
                 msg = "required key is missing"
             invalid.append(f"{display}:{_line_for(lines, loc)}: {_dotted(loc)}: {msg}")
         raise MappingError(invalid) from None
+
+
+def load_mapping(path: str | Path) -> Mapping:
+    path = Path(path)
+    display = str(path)
+    doc, lines = read_document(path, MappingDocument)
 
     problems: list[str] = []
 

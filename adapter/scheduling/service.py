@@ -48,9 +48,9 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
-import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from adapter.backends.protocol import SchedulingBackend
 from adapter.scheduling.availability_cache import AvailabilityCache
@@ -92,6 +92,7 @@ from adapter.scheduling.domain import (
 )
 from adapter.scheduling.proposals import Proposal, ProposalCodec, ProposalError, proposal_from_dict, proposal_to_dict
 from adapter.scheduling.state import Hold, HoldConflict, JournalEntry, StateStore, StateUnavailable
+from adapter.text import fold
 
 log = logging.getLogger("adapter.scheduling")
 
@@ -120,7 +121,7 @@ class Token:
 class ActorRef:
     """A reference as the client gave it: literal (``id``) or logical (``identifier``)."""
 
-    kind: str
+    kind: str  # an actor kind, or e.g. Organization/Coverage for references that are only checked
     id: str | None = None
     identifier: Identifier | None = None
     text: str = ""  # as received, for messages
@@ -239,14 +240,14 @@ class SchedulingService:
     # -- actors ------------------------------------------------------------------------------
     async def resolve(self, ref: ActorRef) -> Actor | None:
         if ref.id is not None:
-            found = await self.backend.find_actors(ActorQuery(ref.kind, ids=(ref.id,)))  # type: ignore[arg-type]
+            found = await self.backend.find_actors(ActorQuery(ref.kind, ids=(ref.id,)))  # type: ignore[arg-type]  # only actor refs are resolved
         elif ref.identifier is not None:
-            found = await self.backend.find_actors(ActorQuery(ref.kind, identifiers=(ref.identifier,)))  # type: ignore[arg-type]
+            found = await self.backend.find_actors(ActorQuery(ref.kind, identifiers=(ref.identifier,)))  # type: ignore[arg-type]  # only actor refs are resolved
         else:
             return None
         return found[0] if found else None
 
-    async def actor(self, kind: str, actor_id: str) -> Actor | None:
+    async def actor(self, kind: ActorKind, actor_id: str) -> Actor | None:
         return await self.resolve(ActorRef(kind, id=actor_id))
 
     # -- ITI-115 -------------------------------------------------------------------------------
@@ -432,13 +433,13 @@ class SchedulingService:
             for vt_rank, vt in types:
                 if vt.specialty_codes and not _offers(prac, vt):
                     continue
-                rank = (
+                plan_rank = (
                     prac_rank.get(ra.practitioner_id, 0),
                     loc_rank.get(ra.location_id, 0),
                     vt_rank,
                     spec_rank.get(ra.practitioner_id, 0),
                 )
-                plans.append(ResourcePlan(ra, vt, rank))
+                plans.append(ResourcePlan(ra, vt, plan_rank))
         total, page = find_candidates(
             plans,
             held=held,
@@ -1005,15 +1006,10 @@ def _offers(prac: Actor, vt: VisitType) -> bool:
     return bool(set(vt.specialty_codes) & set(prac.specialty_keys))
 
 
-def _fold(text: str) -> str:
-    norm = unicodedata.normalize("NFKD", text)
-    return "".join(c for c in norm if not unicodedata.combining(c)).casefold()
-
-
-def _address_matches(location: dict, query: str) -> bool:
+def _address_matches(location: dict[str, Any], query: str) -> bool:
     """FHIR string search semantics: case- and accent-insensitive starts-with on address parts."""
-    q = _fold(query.strip())
+    q = fold(query.strip())
     address = location.get("address") or {}
     parts: list[str] = list(address.get("line", []))
     parts += [address[k] for k in ("city", "district", "state", "postalCode", "country", "text") if address.get(k)]
-    return any(_fold(p).startswith(q) for p in parts)
+    return any(fold(p).startswith(q) for p in parts)

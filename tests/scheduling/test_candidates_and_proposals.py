@@ -35,6 +35,14 @@ def test_subtract_spans_matches_interval_subtraction() -> None:
     assert subtract_spans(free, taken) == [(0, 10), (30, 90), (210, 250), (260, 300)]
     assert subtract_spans(free, []) == free
 
+    def as_intervals(spans: list[tuple[int, int]]) -> list[Interval]:
+        return [iv(a, b) for a, b in spans]
+
+    assert subtract_spans(free, taken) == [
+        (int((i.start - T0).total_seconds()) // 60, int((i.end - T0).total_seconds()) // 60)
+        for i in subtract(as_intervals(free), as_intervals(taken))
+    ]
+
 
 def test_candidates_skip_busy_and_held_time_and_count_all() -> None:
     ra = ResourceAvailability("P1", "L1", [iv(0, 120)], [iv(20, 40)])

@@ -39,6 +39,7 @@ from adapter.backends.protocol import (
     BackendUnavailable,
     BookingOutcome,
     Capabilities,
+    ChangeKind,
     ChangePublisher,
     Coding,
     Confirmed,
@@ -58,7 +59,7 @@ from adapter.backends.protocol import (
 from adapter.hl7v2.feed import SiuFeed
 from adapter.hl7v2.inbound import AppointmentData, SiuEvent
 from adapter.hl7v2.mapping import DirectoryActor, DirectoryPatient, Hl7v2Mapping
-from adapter.hl7v2.mirror import _COLUMNS, AppointmentMirror, MirroredAppointment
+from adapter.hl7v2.mirror import _COLUMNS, ActorKind as MirrorActorKind, AppointmentMirror, MirroredAppointment
 from adapter.hl7v2.outbound import AvailabilityRequest, BookingRequest, PatientRef, SrmTrigger
 from adapter.hl7v2.placer import Confirmed as SrrConfirmed, NotDelivered, Placer, Refused as SrrRefused, Unknown
 from adapter.mllp import MLLPError
@@ -68,7 +69,7 @@ T = TypeVar("T")
 
 _BLOCKING = frozenset({"booked", "arrived", "checked-in", "pending"})
 _FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
-_CANCELLING = {"S15": "cancelled", "S16": "cancelled", "S17": "cancelled"}
+_CANCELLING: dict[str, ChangeKind] = {"S15": "cancelled", "S16": "cancelled", "S17": "cancelled"}
 
 
 def fhir_id(filler_id: str) -> str:
@@ -167,7 +168,7 @@ class Hl7v2Backend:
             return
         changes = [
             LegacyChange(
-                "created" if e.trigger == "S12" else _CANCELLING.get(e.trigger, "changed"),  # type: ignore[arg-type]  # Literal from a table
+                "created" if e.trigger == "S12" else _CANCELLING.get(e.trigger, "changed"),
                 fhir_id(e.filler_id),
                 e.appointment.placer_id,
             )
@@ -432,9 +433,10 @@ class Hl7v2Backend:
     async def _check_mirror(self, slots: Sequence[SlotRequest], ignore: str = "") -> None:
         def clash(m: AppointmentMirror) -> str | None:
             for s in slots:
-                checks = [("practitioner", s.practitioner_id)] + [("patient", p) for p in s.patient_ids]
+                checks: list[tuple[MirrorActorKind, str]] = [("practitioner", s.practitioner_id)]
+                checks += [("patient", p) for p in s.patient_ids]
                 for kind, who in checks:
-                    for a in m.for_actor(kind, who, s.interval.start, s.interval.end, statuses=_BLOCKING):  # type: ignore[arg-type]  # kind is one of the literals above
+                    for a in m.for_actor(kind, who, s.interval.start, s.interval.end, statuses=_BLOCKING):
                         if a.filler_id != ignore:
                             what = "Practitioner" if kind == "practitioner" else "Patient"
                             return (

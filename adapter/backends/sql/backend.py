@@ -46,10 +46,11 @@ import sqlite3
 import time
 import unicodedata
 from collections.abc import Iterable, Mapping as ReadOnlyMap, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from adapter.backends.protocol import (
     Actor,
+    ActorKind,
     ActorQuery,
     Appointment,
     AppointmentPage,
@@ -79,6 +80,8 @@ from adapter.mapping.codes import UnknownCode, fallback_notes
 from adapter.mapping.expressions import ExpressionError, attach_zone, render_template
 from adapter.mapping.ids import InvalidKey, to_fhir_id, to_legacy_key
 from adapter.mapping.loader import Mapping
+from adapter.mapping.model import IdRule, WritesSpec
+from adapter.text import fold
 
 log = logging.getLogger("adapter.backends.sql")
 
@@ -112,6 +115,8 @@ _FOLD_CALL = re.compile(r"\bFOLD\(\s*([^()]*?)\s*\)", re.IGNORECASE)
 _FINAL_STATUSES = ("cancelled", "noshow", "fulfilled", "entered-in-error")
 # A patient's appointments in these statuses take the patient's time (as in $find, REQ-115-14).
 _PATIENT_BLOCKING = ("booked", "arrived", "checked-in", "pending")
+# What has a legacy key: the actors, and appointments.
+KeyKind = ActorKind | Literal["Appointment"]
 
 
 class SqlBackend:
@@ -135,8 +140,8 @@ class SqlBackend:
         self._visit_types: tuple[float, list[VisitType]] | None = None
 
     # -- actors ------------------------------------------------------------------------------
-    def _actor_from_row(self, kind: str, row: dict[str, Any]) -> Actor:
-        spec = self.doc.actors[kind]  # type: ignore[index]
+    def _actor_from_row(self, kind: ActorKind, row: dict[str, Any]) -> Actor:
+        spec = self.doc.actors[kind]
         m, ctx = self.mapping, self._ctx
         key = _column(row, spec.key)
         fhir_id = to_fhir_id(spec.id, key)
@@ -161,7 +166,7 @@ class SqlBackend:
             kind=kind,
             id=fhir_id,
             key=str(key),
-            display=fields.get("display") or fhir_id,  # type: ignore[arg-type]
+            display=fields.get("display") or fhir_id,
             resource=resource,
             identifiers=identifiers,
             specialties=specialties,
@@ -169,17 +174,20 @@ class SqlBackend:
             zone=fields.get("zone"),
         )
 
-    def legacy_key(self, kind: str, fhir_id: str) -> Any:
-        rule = self.doc.actors[kind].id if kind in self.doc.actors else self.doc.appointments.id  # type: ignore[index]
-        return to_legacy_key(rule, fhir_id)
+    def _id_rule(self, kind: KeyKind) -> IdRule:
+        return self.doc.appointments.id if kind == "Appointment" else self.doc.actors[kind].id
 
-    async def all_actors(self, kind: str) -> dict[str, Actor]:
+    def legacy_key(self, kind: KeyKind, fhir_id: str) -> Any:
+        """The legacy key of a FHIR id; raises ``InvalidKey`` for an id this system cannot have."""
+        return to_legacy_key(self._id_rule(kind), fhir_id)
+
+    async def all_actors(self, kind: ActorKind) -> dict[str, Actor]:
         """Small reference tables (practitioners, locations) are cached briefly: $find is hot."""
         cached = self._actor_cache.get(kind)
         now = time.monotonic()
         if cached and now - cached[0] < _CACHE_SECONDS:
             return cached[1]
-        spec = self.doc.actors[kind]  # type: ignore[index]
+        spec = self.doc.actors[kind]
 
         def load(conn: Any) -> dict[str, Actor]:
             rows = query(conn, spec.select, {})
@@ -189,8 +197,8 @@ class SqlBackend:
         self._actor_cache[kind] = (now, actors)
         return actors
 
-    def identifier_systems(self, kind: str) -> set[str]:
-        return set(self.doc.actors[kind].identifier_filters)  # type: ignore[index]
+    def identifier_systems(self, kind: ActorKind) -> set[str]:
+        return set(self.doc.actors[kind].identifier_filters)
 
     async def find_actors(self, q: ActorQuery) -> list[Actor]:
         if q.kind in ("Practitioner", "Location") and not q.identifiers and not q.name:
@@ -211,7 +219,7 @@ class SqlBackend:
             conditions.append(spec.filters["key"])
             values["keys"] = keys
         if q.identifiers:
-            ors = []
+            ors: list[str] = []
             for ident in q.identifiers:
                 cond = spec.identifier_filters.get(ident.system)
                 if cond is None:
@@ -228,7 +236,7 @@ class SqlBackend:
             # accent-insensitive starts-with), so a LIKE wildcard in the input can only widen the SQL.
             ascii_prefix = "".join(itertools.takewhile(lambda ch: ch.isascii(), q.name))
             values["name_prefix"] = ascii_prefix.upper() + "%"
-            values["name_fold_prefix"] = _fold(q.name) + "%"
+            values["name_fold_prefix"] = fold(q.name) + "%"
         sql = f"SELECT * FROM ({spec.select}) q" + (" WHERE " + " AND ".join(conditions) if conditions else "")
 
         def load(conn: Any) -> list[Actor]:
@@ -473,11 +481,10 @@ class SqlBackend:
                 "stored exactly and is not booked"
             )
 
-    def _key(self, kind: str, fhir_id: str) -> Any:
+    def _key(self, kind: KeyKind, fhir_id: str) -> Any:
         """The legacy key of a FHIR id; an id that cannot be one of ours is a bad request."""
-        rule = self.doc.appointments.id if kind == "Appointment" else self.doc.actors[kind].id  # type: ignore[index]
         try:
-            return to_legacy_key(rule, fhir_id)
+            return self.legacy_key(kind, fhir_id)
         except InvalidKey as exc:
             raise InvalidRequest(f"{kind}/{fhir_id} cannot exist in this legacy system: {exc}") from None
 
@@ -487,7 +494,7 @@ class SqlBackend:
         keys = sorted({self._key("Practitioner", p) for p in practitioner_ids}, key=str)
         return [{"practitioner_key": k} for k in keys]
 
-    def _require_writes(self):
+    def _require_writes(self) -> WritesSpec:
         if self.doc.writes is None:
             raise BusinessRuleViolation(
                 f"mapping {self.mapping.path.name} declares no 'writes': this backend is read-only"
@@ -579,13 +586,15 @@ class SqlBackend:
 
             return str(uuid.uuid4())
         if alloc.strategy in ("counter", "sequence"):
+            assert alloc.next_sql is not None  # the loader requires it for these strategies
             sql = self.db.lockable(alloc.next_sql) if alloc.strategy == "counter" else alloc.next_sql
-            rows = query(cur, sql, {})  # type: ignore[arg-type]
+            rows = query(cur, sql, {})
             if not rows:
                 raise BusinessRuleViolation("the id counter row declared by writes.id_allocation.next_sql is missing")
             value = next(iter(rows[0].values()))
             if alloc.strategy == "counter":
-                execute(cur, alloc.bump_sql, {})  # type: ignore[arg-type]
+                assert alloc.bump_sql is not None  # the loader requires it for this strategy
+                execute(cur, alloc.bump_sql, {})
             return value
         return None  # database-generated: read back after insert
 
@@ -627,7 +636,9 @@ class SqlBackend:
                 new_id = self._allocate_id(cur)
                 execute(cur, writes.book.sql, self._statement_values("book", env | {"new_id": new_id}))
                 if new_id is None:
-                    new_id = next(iter(query(cur, writes.id_allocation.last_id_sql, {})[0].values()))  # type: ignore[arg-type]
+                    last_id_sql = writes.id_allocation.last_id_sql
+                    assert last_id_sql is not None  # the loader requires it for strategy "database"
+                    new_id = next(iter(query(cur, last_id_sql, {})[0].values()))
                 return to_fhir_id(self.doc.appointments.id, new_id)
 
         appt_id = await self._write(work)
@@ -709,6 +720,10 @@ class SqlBackend:
                     raise NotFound(f"Appointment/{appointment_id} is not known")
 
         await self._write(work)
+        return await self._confirmed(appointment_id)
+
+    async def _confirmed(self, appointment_id: str) -> Confirmed:
+        """The appointment a committed reschedule or cancellation left behind, as the legacy system reads it."""
         appt = await self.get_appointment(appointment_id)
         if appt is None:  # pragma: no cover - deleted right after our commit
             raise NotFound(f"Appointment/{appointment_id} is not known")
@@ -739,10 +754,7 @@ class SqlBackend:
                     raise NotFound(f"Appointment/{appointment_id} is not known")
 
         await self._write(work)
-        appt = await self.get_appointment(appointment_id)
-        if appt is None:  # pragma: no cover - deleted right after our commit
-            raise NotFound(f"Appointment/{appointment_id} is not known")
-        return Confirmed(appt)
+        return await self._confirmed(appointment_id)
 
     # -- existing appointments ---------------------------------------------------------------
     def appointments_from_rows(self, rows: Iterable[dict[str, Any]], warnings: list[str]) -> list[Appointment]:
@@ -944,10 +956,6 @@ def _marker_periods(rows: list[dict[str, Any]], zone: Any) -> list[tuple[tuple[s
     return out
 
 
-def _fold(text: str) -> str:
-    return "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c)).casefold()
-
-
 def _name_matches(actor: Actor, prefix: str) -> bool:
     """FHIR string search on names: any name part starts with the prefix, ignoring case and accents."""
     parts = actor.display.split()
@@ -957,8 +965,8 @@ def _name_matches(actor: Actor, prefix: str) -> bool:
     elif isinstance(names, list):
         for n in names:
             parts += [n.get("family", "")] + list(n.get("given", [])) + ([n["text"]] if n.get("text") else [])
-    wanted = _fold(prefix)
-    return any(_fold(p).startswith(wanted) for p in parts if p)
+    wanted = fold(prefix)
+    return any(fold(p).startswith(wanted) for p in parts if p)
 
 
 def _eval(expr: Any, row: dict[str, Any], ctx: Any) -> Any:

@@ -41,7 +41,6 @@ import re
 import sqlite3
 import tempfile
 import threading
-import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -51,11 +50,12 @@ from typing import Any, TypeVar
 
 from adapter.backends.protocol import BackendUnavailable
 from adapter.deadline import Deadline, bounded, current as current_deadline
+from adapter.text import SQL_NAMED_BIND, fold
 
 try:
     import fcntl
 except ImportError:  # pragma: no cover - not POSIX: SQLite's own busy handler is the only queue
-    fcntl = None  # type: ignore[assignment]
+    fcntl = None  # type: ignore[assignment]  # a module or None; every use checks for None first
 
 T = TypeVar("T")
 
@@ -72,9 +72,6 @@ class CommitOutcomeUnknown(BackendUnavailable):
     """The connection broke during COMMIT: the write may or may not be in the legacy database."""
 
 
-_NAMED = re.compile(r"'(?:[^']|'')*'|(?<![:\w]):([A-Za-z_][A-Za-z0-9_]*)")
-
-
 @dataclass(frozen=True, slots=True)
 class CompiledSql:
     text: str  # with {name} slots where list binds expand
@@ -85,13 +82,13 @@ class CompiledSql:
 def compile_sql(sql: str) -> CompiledSql:
     order: list[str] = []
 
-    def repl(m: re.Match) -> str:
+    def repl(m: re.Match[str]) -> str:
         if m.group(1) is None:
             return m.group(0)  # a quoted literal: untouched
         order.append(m.group(1))
         return "\x00"
 
-    text = _NAMED.sub(repl, sql)
+    text = SQL_NAMED_BIND.sub(repl, sql)
     return CompiledSql(text, tuple(order))
 
 
@@ -555,10 +552,7 @@ def _millis(seconds: float) -> int:
 
 def sql_fold_function(value: Any) -> str | None:
     """SQLite's ``SCHED_FOLD(x)``: NFKD without combining marks, case-folded (NULL stays NULL)."""
-    if value is None:
-        return None
-    text = unicodedata.normalize("NFKD", str(value))
-    return "".join(c for c in text if not unicodedata.combining(c)).casefold()
+    return None if value is None else fold(str(value))
 
 
 def _odbc_database(dsn: str) -> str | None:
@@ -580,7 +574,8 @@ def query(cur_or_conn: Any, sql: str, values: dict[str, Any]) -> list[dict[str, 
 def execute(cur: Any, sql: str, values: dict[str, Any]) -> int:
     text, params = bind(sql, values)
     cur.execute(text, params)
-    return cur.rowcount
+    affected: int = cur.rowcount
+    return affected
 
 
 def _first_line(exc: BaseException) -> str:

@@ -27,17 +27,17 @@ import re
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
-from adapter.backends.protocol import Appointment, AppointmentPage, AppointmentQuery, InvalidRequest
+from adapter.backends.protocol import ActorKind, Appointment, AppointmentPage, AppointmentQuery, InvalidRequest
 from adapter.backends.sql.db import query
 from adapter.mapping.expressions import ExpressionError
 from adapter.mapping.ids import InvalidKey, to_legacy_key
+from adapter.text import SQL_NAMED_BIND
 
 if TYPE_CHECKING:
     from adapter.backends.sql.backend import SqlBackend
 
 PYTHON_FILTER_CAP = 10_000
 _MICRO = dt.timedelta(microseconds=1)
-_NAMED = re.compile(r"'(?:[^']|'')*'|(?<![:\w]):([A-Za-z_][A-Za-z0-9_]*)")
 _LIMIT_DIALECTS = ("sqlite", "postgresql", "mariadb")
 
 
@@ -53,7 +53,8 @@ def _overlap_end(naive: dt.datetime, zone: ZoneInfo) -> dt.datetime:
     base = naive.replace(microsecond=0)
     off0 = base.replace(tzinfo=zone, fold=0).utcoffset()
     off1 = base.replace(tzinfo=zone, fold=1).utcoffset()
-    lo, hi = 0, int(abs(off0 - off1).total_seconds())  # type: ignore[operator]
+    assert off0 is not None and off1 is not None  # a ZoneInfo always knows the offset
+    lo, hi = 0, int(abs(off0 - off1).total_seconds())
     # invariant: base + lo s is ambiguous, base + hi s is not (the overlap lasts off0 - off1)
     while hi - lo > 1:
         mid = (lo + hi) // 2
@@ -98,7 +99,9 @@ def legacy_bound(instant: dt.datetime, zone: ZoneInfo, resolution_seconds: int =
 
 def split_top_level(text: str) -> list[str]:
     """``"APPT_DT, COALESCE(A, B)"`` -> ``["APPT_DT", "COALESCE(A, B)"]`` (commas outside parentheses/quotes)."""
-    parts, depth, quote, current = [], 0, False, []
+    parts: list[str] = []
+    current: list[str] = []
+    depth, quote = 0, False
     for ch in text:
         if ch == "'":
             quote = not quote
@@ -127,14 +130,14 @@ class _Where:
         self._n += 1
         suffix = f"__{self._n}"
 
-        def rename(m: re.Match) -> str:
-            if m.group(1) is None:
+        def rename(m: re.Match[str]) -> str:
+            name: str | None = m.group(1)
+            if name is None:
                 return m.group(0)
-            name = m.group(1)
             self.values[name + suffix] = values[name]
             return ":" + name + suffix
 
-        return "(" + _NAMED.sub(rename, sql) + ")"
+        return "(" + SQL_NAMED_BIND.sub(rename, sql) + ")"
 
     def add(self, sql: str, values: dict[str, Any]) -> None:
         self.conditions.append(self.use(sql, values))
@@ -219,11 +222,12 @@ async def search_appointments(backend: SqlBackend, q: AppointmentQuery) -> Appoi
         if not keys:
             return _empty(q)
         w.add(plan.filter("key", "_id"), {"keys": keys})
-    for ids, kind, name, bind in (
+    by_actor: tuple[tuple[tuple[str, ...], ActorKind, str, str], ...] = (
         (q.patient_ids, "Patient", "patient", "patient_keys"),
         (q.practitioner_ids, "Practitioner", "practitioner", "practitioner_keys"),
         (q.location_ids, "Location", "location", "location_keys"),
-    ):
+    )
+    for ids, kind, name, bind in by_actor:
         if ids:
             keys = plan.keys(doc.actors[kind].id, ids)
             if not keys:
