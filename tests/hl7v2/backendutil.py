@@ -52,6 +52,7 @@ class SimulatorThread:
         self.call(self.sim.stop())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
+        self.loop.close()  # its self-pipe sockets too (warnings are errors in this suite)
 
 
 class Hl7Env:
