@@ -526,6 +526,166 @@ def test_issue10_1_abandoned_intents_are_claimed_exactly_once(stores: Stores) ->
 
 
 # --------------------------------------------------------------------------------------------------
+# Bookings in flight for a backend that cannot lock (issue 8.1): the intents stand in for the lock
+# --------------------------------------------------------------------------------------------------
+def booking(
+    start_min: int, minutes: int = 20, prac: str = "P1", patients: tuple[str, ...] = ("5",)
+) -> tuple[dict[str, Any], Interval]:
+    """An intent's payload as the domain writes it (the proposal plus the booking's patient) and its time."""
+    start = NOW + dt.timedelta(hours=1, minutes=start_min)
+    payload: dict[str, Any] = {
+        "start": start.isoformat(),
+        "minutes": minutes,
+        "practitioner_id": prac,
+        "patient_ids": list(patients),
+    }
+    if patients:
+        payload["patient_id"] = patients[0]
+    return payload, Interval(start, start + dt.timedelta(minutes=minutes))
+
+
+def exclusive(
+    store: Any,
+    token: str,
+    start_min: int,
+    prac: str = "P1",
+    patients: tuple[str, ...] = ("5",),
+    client: str | None = "a",
+) -> Interval:
+    payload, span = booking(start_min, prac=prac, patients=patients)
+    store.journal_intent_exclusive(
+        token,
+        client=client,
+        request_key=None,
+        payload=payload,
+        now=NOW,
+        practitioner_id=prac,
+        patient_ids=patients,
+        interval=span,
+    )
+    return span
+
+
+DAY = Interval(NOW, later(86400))
+
+
+def by_time(found: list[tuple[str, Interval, tuple[str, ...]]]) -> list[tuple[str, Interval, tuple[str, ...]]]:
+    return sorted(found, key=lambda x: (x[0], x[1].start))
+
+
+def test_issue8_1_an_intent_in_flight_shows_in_intents_overlapping(stores: Stores) -> None:
+    a, b = stores.open(), stores.open()
+    payload, span = booking(0, prac="P1", patients=("5",))
+    a.journal_intent("t1", client="a", request_key=None, payload=payload, now=NOW)
+    span2 = exclusive(a, "t2", 60, prac="P2", patients=("6", "7"))
+    assert by_time(b.intents_overlapping(DAY)) == by_time([("P1", span, ("5", "5")), ("P2", span2, ("6", "7", "6"))])
+    assert b.intents_overlapping(Interval(span.start + dt.timedelta(minutes=19), span.end)) == [
+        ("P1", span, ("5", "5"))
+    ]
+    # Adjacent windows on either side and a window elsewhere do not overlap.
+    assert b.intents_overlapping(Interval(span.start - dt.timedelta(minutes=30), span.start)) == []
+    assert b.intents_overlapping(Interval(span.end, span2.start)) == []
+    assert b.intents_overlapping(Interval(later(86400), later(2 * 86400))) == []
+    entry = b.journal_get("t2")
+    assert entry is not None and entry.state == "intent" and entry.client == "a" and entry.owner == a.owner
+    assert entry.payload == booking(60, prac="P2", patients=("6", "7"))[0] and entry.created_at == NOW
+
+
+def test_issue8_1_exclusive_intent_refuses_another_in_flight_for_the_practitioner_or_a_patient(
+    stores: Stores,
+) -> None:
+    a, b = stores.open(), stores.open()
+    first = exclusive(a, "t1", 0, prac="P1", patients=("5",))
+    with pytest.raises(HoldConflict) as same_practitioner:
+        exclusive(b, "t2", 10, prac="P1", patients=("6",), client="b")
+    assert same_practitioner.value.practitioner_id == "P1" and same_practitioner.value.interval == first
+    assert same_practitioner.value.patient_id is None
+    with pytest.raises(HoldConflict) as same_patient:
+        exclusive(b, "t3", -10, prac="P2", patients=("7", "5"), client="a")  # the same client too
+    assert same_patient.value.practitioner_id == "P1" and same_patient.value.interval == first
+    assert same_patient.value.patient_id == "5"
+    # The refused intents left nothing behind.
+    assert b.journal_get("t2") is None and b.journal_get("t3") is None
+    assert b.intents_overlapping(DAY) == [("P1", first, ("5", "5"))]
+    # Another practitioner and patient at the same time, and the same ones adjacent: accepted.
+    other = exclusive(b, "t4", 0, prac="P2", patients=("6",), client="b")
+    after = exclusive(b, "t5", 20, prac="P1", patients=("5",), client="b")
+    assert by_time(a.intents_overlapping(DAY)) == by_time(
+        [("P1", first, ("5", "5")), ("P2", other, ("6", "6")), ("P1", after, ("5", "5"))]
+    )
+
+
+def test_issue8_1_exclusive_intent_refuses_a_foreign_hold(stores: Stores) -> None:
+    a, b = stores.open(), stores.open()
+    a.place_hold(hold("h1", 0, client="a", prac="P1"), NOW)
+    with pytest.raises(HoldConflict) as foreign:
+        exclusive(b, "t1", 10, prac="P1", patients=("5",), client="b")
+    assert foreign.value.practitioner_id == "P1" and foreign.value.interval == hold("h1", 0).interval
+    assert foreign.value.patient_id is None
+    with pytest.raises(HoldConflict):
+        exclusive(b, "h1", 0, prac="P1", patients=("5",), client="b")  # its id, but another client's hold
+    # The hold being booked by its own client (the token is the hold's id) is no conflict.
+    exclusive(a, "h1", 0, prac="P1", patients=("5",), client="a")
+    # A patient's hold refuses that patient with another practitioner.
+    a.place_hold(hold("h2", 60, client="a", prac="P2", patients=("7",)), NOW)
+    with pytest.raises(HoldConflict) as patient:
+        exclusive(b, "t2", 70, prac="P3", patients=("7",), client="b")
+    assert patient.value.practitioner_id == "P2" and patient.value.interval == hold("h2", 60).interval
+    assert patient.value.patient_id == "7"
+    assert [p for p, _, _ in b.intents_overlapping(DAY)] == ["P1"]
+
+
+def test_issue8_1_done_drop_and_claims_keep_the_intents_in_flight(stores: Stores) -> None:
+    a, b = stores.open(), stores.open()
+    exclusive(a, "t1", 0, prac="P1")
+    exclusive(a, "t2", 0, prac="P2", patients=("6",))
+    third = exclusive(a, "t3", 0, prac="P3", patients=("7",))
+    a.journal_done("t1", "A1", later(1), release_hold=False)
+    b.journal_drop("t2")
+    a.journal_abandon("t3", later(2))
+    assert b.intents_overlapping(DAY) == [("P3", third, ("7", "7"))]  # abandoned: outcome still unknown
+    claimed = b.journal_claim("t3", later(3))
+    assert claimed is not None and claimed.token == "t3"
+    assert b.intents_overlapping(DAY) == [("P3", third, ("7", "7"))]  # claimed for reconciliation: still unknown
+    # The slots of the settled intents are free again for the next booking in flight.
+    exclusive(b, "t4", 0, prac="P1", patients=("5",), client="b")
+    exclusive(b, "t5", 0, prac="P2", patients=("6",), client="b")
+    with pytest.raises(HoldConflict):
+        exclusive(b, "t6", 0, prac="P3", patients=("8",), client="b")
+    b.journal_done("t3", "A3", later(4), release_hold=False)
+    exclusive(b, "t6", 0, prac="P3", patients=("8",), client="b")
+    assert sorted(p for p, _, _ in a.intents_overlapping(DAY)) == ["P1", "P2", "P3"]
+
+
+@pytest.mark.parametrize("shared", ["practitioner", "patient"])
+def test_issue8_1_concurrent_exclusive_intents_for_one_slot_exactly_one_wins(stores: Stores, shared: str) -> None:
+    """Eight replicas (own connections, own threads) race to book overlapping times of one practitioner, or
+    of one patient with eight practitioners: exactly one intent is recorded."""
+    replicas = [stores.open() for _ in range(8)]
+    barrier = threading.Barrier(len(replicas))
+    outcome: list[str | BaseException] = ["none"] * len(replicas)
+
+    def claim(i: int, replica: Any) -> None:
+        prac, patients = ("P1", (f"{i}",)) if shared == "practitioner" else (f"P{i}", ("5",))
+        try:
+            barrier.wait(10)
+            exclusive(replica, f"t{i}", i % 3 * 5, prac=prac, patients=patients, client=f"c{i}")
+            outcome[i] = "won"
+        except HoldConflict:
+            outcome[i] = "lost"
+        except BaseException as exc:
+            outcome[i] = exc
+
+    threads = [threading.Thread(target=claim, args=(i, r)) for i, r in enumerate(replicas)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(map(str, outcome)) == ["lost"] * (len(replicas) - 1) + ["won"], outcome
+    assert len(replicas[0].intents_overlapping(DAY)) == 1
+
+
+# --------------------------------------------------------------------------------------------------
 # The async view, the factory and faults
 # --------------------------------------------------------------------------------------------------
 def test_issue10_1_async_view_over_each_store(stores: Stores) -> None:

@@ -50,6 +50,7 @@ from adapter.scheduling.state import (
     StateUnavailable,
     StoredResponse,
 )
+from adapter.scheduling.stores.intents import in_flight
 from adapter.scheduling.stores.leases import DEFAULT_OWNER_LEASE_SECONDS, LeaseKeeper, new_owner, wall_clock
 
 log = logging.getLogger("adapter.state")
@@ -517,15 +518,85 @@ class PostgresStateStore:
     def journal_intent(
         self, token: str, *, client: str | None, request_key: str | None, payload: dict[str, Any], now: dt.datetime
     ) -> None:
-        t = now.timestamp()
         with self._tx() as cur:
-            cur.execute(
-                f"INSERT INTO sched_journal ({_JOURNAL_COLS}) VALUES (%s, %s, %s, %s, 'intent', NULL, %s, %s, %s) "
-                "ON CONFLICT (token) DO UPDATE SET client = EXCLUDED.client, request_key = EXCLUDED.request_key, "
-                "payload = EXCLUDED.payload, state = 'intent', appointment_id = NULL, owner = EXCLUDED.owner, "
-                "created_s = EXCLUDED.created_s, updated_s = EXCLUDED.updated_s",
-                (token, client, request_key, json.dumps(payload), self.owner, t, t),
-            )
+            self._write_intent(cur, token, client, request_key, payload, now)
+
+    def _write_intent(
+        self,
+        cur: psycopg.Cursor[Any],
+        token: str,
+        client: str | None,
+        request_key: str | None,
+        payload: dict[str, Any],
+        now: dt.datetime,
+    ) -> None:
+        t = now.timestamp()
+        cur.execute(
+            f"INSERT INTO sched_journal ({_JOURNAL_COLS}) VALUES (%s, %s, %s, %s, 'intent', NULL, %s, %s, %s) "
+            "ON CONFLICT (token) DO UPDATE SET client = EXCLUDED.client, request_key = EXCLUDED.request_key, "
+            "payload = EXCLUDED.payload, state = 'intent', appointment_id = NULL, owner = EXCLUDED.owner, "
+            "created_s = EXCLUDED.created_s, updated_s = EXCLUDED.updated_s",
+            (token, client, request_key, json.dumps(payload), self.owner, t, t),
+        )
+
+    @staticmethod
+    def _intents(cur: psycopg.Cursor[Any]) -> list[tuple[str, str, Interval, tuple[str, ...]]]:
+        """Every booking in flight: (token, practitioner, interval, patients), read from the intents' payloads
+        as the SQLite store reads them; an intent that is not the booking of a slot occupies nothing."""
+        cur.execute("SELECT token, payload FROM sched_journal WHERE state = 'intent'")
+        out = []
+        for token, payload in cur.fetchall():
+            try:
+                prac, span, pats = in_flight(json.loads(payload))
+            except (KeyError, TypeError, ValueError):
+                continue
+            out.append((str(token), prac, span, pats))
+        return out
+
+    @_unavailable_on_error
+    def intents_overlapping(self, window: Interval) -> list[tuple[str, Interval, tuple[str, ...]]]:
+        """Bookings in flight overlapping ``window``: (practitioner, interval, patients), as in the SQLite store."""
+        with self._tx() as cur:
+            return [(p, i, pats) for _, p, i, pats in self._intents(cur) if i.overlaps(window)]
+
+    @_unavailable_on_error
+    def journal_intent_exclusive(
+        self,
+        token: str,
+        *,
+        client: str | None,
+        request_key: str | None,
+        payload: dict[str, Any],
+        now: dt.datetime,
+        practitioner_id: str,
+        patient_ids: Iterable[str],
+        interval: Interval,
+    ) -> None:
+        """``journal_intent`` for a backend that cannot lock (see the SQLite store): in ONE transaction, refuse
+        (``HoldConflict``) a foreign hold or another booking in flight overlapping the practitioner's or a
+        patient's time, else record the intent. The advisory locks of ``place_hold`` (same names, same sorted
+        order) serialise it with every hold placement and every other exclusive intent sharing the practitioner
+        or a patient, across replicas."""
+        patients = {str(p) for p in patient_ids}
+        locks = sorted({practitioner_id, *(f"Patient/{p}" for p in patients)})
+        with self._tx() as cur:
+            for name in locks:
+                cur.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (name,))
+            found = self._conflicts(cur, practitioner_id, interval, now, token, client)
+            if found:
+                raise HoldConflict(practitioner_id, Interval(_dt(found[0][1]), _dt(found[0][2])))
+            own = self._patient_conflict(cur, sorted(patients), interval, now, token)
+            if own is not None:
+                raise own
+            for _token, prac, span, pats in self._intents(cur):
+                if not span.overlaps(interval):
+                    continue
+                if prac == practitioner_id:
+                    raise HoldConflict(practitioner_id, span)
+                shared = patients.intersection(pats)
+                if shared:
+                    raise HoldConflict(prac, span, patient_id=sorted(shared)[0])
+            self._write_intent(cur, token, client, request_key, payload, now)
 
     @_unavailable_on_error
     def journal_done(self, token: str, appointment_id: str, now: dt.datetime, *, release_hold: bool) -> None:

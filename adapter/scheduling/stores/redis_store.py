@@ -21,7 +21,9 @@ zset of hold ids by start, ``hx`` zset of ``practitioner\\n id`` by expiry, ``hp
 zset of the ids of a patient's holds by start (a hold's patients are in its ``pats`` field, a JSON
 list), ``p:<id>`` proposal,
 ``px`` zset of proposal ids by expiry, ``i:<n>:<client>:<key>`` idempotency hash, ``j:<token>``
-journal hash, ``ji`` zset of intent tokens by last update, ``owners`` hash of owner leases,
+journal hash, ``ji`` zset of intent tokens by last update, ``jis`` zset of intent tokens by start (an
+intent's hash also carries what it occupies: ``prac``, ``s``, ``e``, ``pats``, so that bookings in flight
+can be found by time), ``owners`` hash of owner leases,
 ``calendar`` version, ``secret`` the shared signing secret.
 
 The scripts touch keys they compute from the prefix, which Redis Cluster does not allow; a
@@ -39,7 +41,7 @@ import json
 import logging
 import secrets
 from collections.abc import Callable, Iterable
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
@@ -57,6 +59,7 @@ from adapter.scheduling.state import (
     StateUnavailable,
     StoredResponse,
 )
+from adapter.scheduling.stores.intents import in_flight
 from adapter.scheduling.stores.leases import DEFAULT_OWNER_LEASE_SECONDS, LeaseKeeper, new_owner, wall_clock
 
 log = logging.getLogger("adapter.state")
@@ -275,7 +278,7 @@ return 0
 
 _JOURNAL_FIELDS = "'client', 'rk', 'payload', 'state', 'appt', 'owner', 'created', 'updated'"
 
-# KEYS: j:<token>, ji. ARGV: prefix, token, appointment id, owner, now, release(0/1), retention
+# KEYS: j:<token>, ji, jis. ARGV: prefix, token, appointment id, owner, now, release(0/1), retention
 _JOURNAL_DONE = (
     _RELEASE
     + """
@@ -284,6 +287,7 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('EXPIRE', KEYS[1], ARGV[7])
 end
 redis.call('ZREM', KEYS[2], ARGV[2])
+redis.call('ZREM', KEYS[3], ARGV[2])
 if ARGV[6] == '1' then release(ARGV[1], ARGV[2]) end
 return 0
 """
@@ -299,11 +303,12 @@ end
 return 0
 """
 
-# KEYS: j:<token>, ji. ARGV: token
+# KEYS: j:<token>, ji, jis. ARGV: token
 _JOURNAL_DROP = """
 if redis.call('HGET', KEYS[1], 'state') == 'intent' then
   redis.call('DEL', KEYS[1])
   redis.call('ZREM', KEYS[2], ARGV[1])
+  redis.call('ZREM', KEYS[3], ARGV[1])
 end
 return 0
 """
@@ -332,6 +337,92 @@ for _, token in ipairs(tokens) do
   end
 end
 return out
+"""
+)
+
+# The intents in flight (state 'intent', indexed in `jis` by start) overlapping s..e; tokens whose hash
+# is no longer an intent are dropped from the index on the way. Returns {token, prac, s, e, pats(json), ...}.
+_INTENTS_OVERLAPPING = """
+local function intents_overlapping(prefix, jis, s, e)
+  local out = {}
+  for _, token in ipairs(redis.call('ZRANGEBYSCORE', jis, '-inf', '(' .. e)) do
+    local v = redis.call('HMGET', prefix .. 'j:' .. token, 'state', 'prac', 's', 'e', 'pats')
+    if v[1] ~= 'intent' or not v[2] then
+      redis.call('ZREM', jis, token)
+    elseif tonumber(v[4]) > tonumber(s) then
+      table.insert(out, {token, v[2], v[3], v[4], v[5]})
+    end
+  end
+  return out
+end
+"""
+
+# KEYS: jis. ARGV: prefix, s, e. Returns {prac, s, e, pats(json), ...}.
+_INTENTS_READ = (
+    _INTENTS_OVERLAPPING
+    + """
+local out = {}
+for _, it in ipairs(intents_overlapping(ARGV[1], KEYS[1], ARGV[2], ARGV[3])) do
+  for i = 2, 5 do table.insert(out, it[i]) end
+end
+return out
+"""
+)
+
+# What journal_intent writes (KEYS: j:<token>, ji, jis; ARGV from 3 on, see _JOURNAL_INTENT).
+_RECORD_INTENT = """
+local function record_intent()
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[1], 'client', ARGV[3], 'rk', ARGV[4], 'payload', ARGV[5], 'state', 'intent',
+             'owner', ARGV[6], 'created', ARGV[7], 'updated', ARGV[7])
+  redis.call('ZADD', KEYS[2], ARGV[7], ARGV[2])
+  redis.call('ZREM', KEYS[3], ARGV[2])
+  if ARGV[8] ~= '' then
+    redis.call('HSET', KEYS[1], 'prac', ARGV[8], 's', ARGV[9], 'e', ARGV[10], 'pats', ARGV[11])
+    redis.call('ZADD', KEYS[3], ARGV[9], ARGV[2])
+  end
+end
+"""
+
+# KEYS: j:<token>, ji, jis. ARGV: prefix, token, client(json), rk(json), payload, owner, now, and what the
+# intent occupies as read from its payload: prac ('' = not a booking of a slot), s, e, pats(json list).
+_JOURNAL_INTENT = _RECORD_INTENT + "record_intent() return 0"
+
+# KEYS: j:<token>, ji, jis, hp:<prac>. ARGV: as _JOURNAL_INTENT, then 12: the requested prac, 13: s, 14: e,
+# 15: patients (json list), 16: client as the holds store it (json). In the SQLite store's order: a foreign
+# hold of the practitioner {1, s, e}, a hold of a patient {2, prac, s, e, patient}, an intent in flight of
+# the practitioner {1, s, e} or of a patient {2, prac, s, e, patient}; else the intent is recorded, {0}.
+_JOURNAL_INTENT_EXCLUSIVE = (
+    _PATIENT_CONFLICT
+    + _INTENTS_OVERLAPPING
+    + _RECORD_INTENT
+    + """
+local s, now = tonumber(ARGV[13]), tonumber(ARGV[7])
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', '(' .. ARGV[14])) do
+  local v = redis.call('HMGET', ARGV[1] .. 'h:' .. id, 's', 'e', 'x', 'client')
+  if v[3] and tonumber(v[3]) > now and tonumber(v[2]) > s then
+    local own = id == ARGV[2] and (v[4] == 'null' or v[4] == ARGV[16])
+    if not own then return {1, v[1], v[2]} end
+  end
+end
+local pats = cjson.decode(ARGV[15])
+local found = patient_conflict(ARGV[1], pats, s, ARGV[14], now, ARGV[2])
+if found then return {2, found[1], found[2], found[3], found[4]} end
+local mine = {}
+for _, pid in ipairs(pats) do mine[pid] = true end
+for _, it in ipairs(intents_overlapping(ARGV[1], KEYS[3], ARGV[13], ARGV[14])) do
+  if it[2] == ARGV[12] then return {1, it[3], it[4]} end
+  local shared = {}
+  for _, pid in ipairs(cjson.decode(it[5])) do
+    if mine[pid] then table.insert(shared, pid) end
+  end
+  if #shared > 0 then
+    table.sort(shared)
+    return {2, it[2], it[3], it[4], shared[1]}
+  end
+end
+record_intent()
+return {0}
 """
 )
 
@@ -380,7 +471,7 @@ def split_url(url: str) -> tuple[str, str]:
     return urlunsplit(parts._replace(query=rest)), prefix
 
 
-def connect(url: str, timeout_s: float) -> redis.Redis[bytes]:
+def connect(url: str, timeout_s: float) -> redis.Redis:
     """A client for ``redis://``, ``rediss://``, ``unix://`` or ``redis+sentinel://[:pw@]h1:p1,h2:p2/service/db``."""
     options: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
     if not url.startswith("redis+sentinel://"):
@@ -396,12 +487,20 @@ def connect(url: str, timeout_s: float) -> redis.Redis[bytes]:
     if not path:
         raise ValueError("a redis+sentinel:// URL names the monitored service: redis+sentinel://h:26379/mymaster/0")
     service, db = path[0], int(path[1]) if len(path) > 1 else 0
-    sentinel = redis.sentinel.Sentinel(hosts, sentinel_kwargs=options, password=password, db=db, **options)
-    return sentinel.master_for(service)
+    # redis-py leaves Sentinel's constructor and master_for unannotated; what they return is documented.
+    make_sentinel = cast("Callable[..., redis.sentinel.Sentinel]", redis.sentinel.Sentinel)
+    sentinel = make_sentinel(hosts, sentinel_kwargs=options, password=password, db=db, **options)
+    master_for = cast("Callable[[str], redis.Redis]", sentinel.master_for)
+    return master_for(service)
 
 
 class RedisStateStore:
-    """The state in Redis (see the module docstring). Blocking: use it through ``ThreadedStateStore``."""
+    """The state in Redis (see the module docstring). Blocking: use it through ``ThreadedStateStore``.
+
+    redis-py annotates each command as ``Awaitable[T] | T`` (one signature for its sync and async
+    clients); ``self.r`` is the synchronous client, which returns the value itself, so the call sites
+    ``cast`` to the concrete reply type (bytes replies: the client is not created with decode_responses).
+    """
 
     def __init__(
         self,
@@ -431,6 +530,9 @@ class RedisStateStore:
         self._abandon = self.r.register_script(_JOURNAL_ABANDON)
         self._drop = self.r.register_script(_JOURNAL_DROP)
         self._claim = self.r.register_script(_JOURNAL_CLAIM)
+        self._intents = self.r.register_script(_INTENTS_READ)
+        self._intent = self.r.register_script(_JOURNAL_INTENT)
+        self._intent_exclusive = self.r.register_script(_JOURNAL_INTENT_EXCLUSIVE)
         self.leases = LeaseKeeper(self._renew_lease, owner_lease_seconds, clock)
 
     def _k(self, *parts: str) -> str:
@@ -476,7 +578,7 @@ class RedisStateStore:
 
     @_unavailable_on_error
     def get_hold(self, hold_id: str, now: dt.datetime) -> Hold | None:
-        fields: dict[bytes, bytes] = self.r.hgetall(self._k("h", hold_id))
+        fields = cast("dict[bytes, bytes]", self.r.hgetall(self._k("h", hold_id)))
         if not fields or float(fields[b"x"]) <= now.timestamp():
             return None
         return self._hold_from(hold_id, fields)
@@ -579,7 +681,7 @@ class RedisStateStore:
 
     @_unavailable_on_error
     def get_proposal(self, proposal_id: str, now: dt.datetime) -> str | None:
-        payload, x = self.r.hmget(self._k("p", proposal_id), ["payload", "x"])
+        payload, x = cast("list[bytes | None]", self.r.hmget(self._k("p", proposal_id), ["payload", "x"]))
         if payload is None or x is None or float(x) <= now.timestamp():
             return None
         return _s(payload)
@@ -610,7 +712,7 @@ class RedisStateStore:
     # -- calendar version ----------------------------------------------------------------------
     @_unavailable_on_error
     def calendar_version(self) -> int:
-        value = self.r.get(self._k("calendar"))
+        value = cast("bytes | None", self.r.get(self._k("calendar")))
         return int(value) if value is not None else 0
 
     @_unavailable_on_error
@@ -623,7 +725,7 @@ class RedisStateStore:
     def shared_secret(self) -> bytes:
         """The signing secret every replica on this store uses (created once, by whoever comes first)."""
         self.r.set(self._k("secret"), secrets.token_urlsafe(32), nx=True)
-        value = self.r.get(self._k("secret"))
+        value = cast("bytes | None", self.r.get(self._k("secret")))
         assert value is not None  # set just above unless someone else did
         return bytes(value)
 
@@ -644,37 +746,110 @@ class RedisStateStore:
 
     @_unavailable_on_error
     def journal_get(self, token: str) -> JournalEntry | None:
-        r = self.r.hmget(
-            self._k("j", token), ["client", "rk", "payload", "state", "appt", "owner", "created", "updated"]
+        r = cast(
+            "list[bytes | None]",
+            self.r.hmget(
+                self._k("j", token), ["client", "rk", "payload", "state", "appt", "owner", "created", "updated"]
+            ),
         )
         return self._entry(token, r) if r[3] is not None else None
+
+    def _intent_args(
+        self,
+        token: str,
+        client: str | None,
+        request_key: str | None,
+        payload: dict[str, Any],
+        now: dt.datetime,
+        fallback: tuple[str, Interval, tuple[str, ...]] | None = None,
+    ) -> list[Any]:
+        try:
+            occupied: tuple[str, Interval, tuple[str, ...]] | None = in_flight(payload)
+        except (KeyError, TypeError, ValueError):
+            # Not the booking of a slot as the SQLite store reads one: what the caller says it books, if anything.
+            occupied = fallback
+        occupies: list[Any] = ["", "", "", "[]"]
+        if occupied is not None:
+            prac, span, pats = occupied
+            occupies = [prac, _ts(span.start), _ts(span.end), json.dumps(list(pats))]
+        return [
+            self.prefix,
+            token,
+            _client_json(client),
+            json.dumps(request_key),
+            json.dumps(payload),
+            self.owner,
+            _ts(now),
+            *occupies,
+        ]
+
+    def _journal_keys(self, token: str) -> list[str]:
+        return [self._k("j", token), self._k("ji"), self._k("jis")]
 
     @_unavailable_on_error
     def journal_intent(
         self, token: str, *, client: str | None, request_key: str | None, payload: dict[str, Any], now: dt.datetime
     ) -> None:
-        key = self._k("j", token)
-        with self.r.pipeline(transaction=True) as pipe:
-            pipe.delete(key)
-            pipe.hset(
-                key,
-                mapping={
-                    "client": _client_json(client),
-                    "rk": json.dumps(request_key),
-                    "payload": json.dumps(payload),
-                    "state": "intent",
-                    "owner": self.owner,
-                    "created": _ts(now),
-                    "updated": _ts(now),
-                },
+        self._intent(keys=self._journal_keys(token), args=self._intent_args(token, client, request_key, payload, now))
+
+    @_unavailable_on_error
+    def intents_overlapping(self, window: Interval) -> list[tuple[str, Interval, tuple[str, ...]]]:
+        """Bookings in flight overlapping ``window``: (practitioner, interval, patients), as in the SQLite store."""
+        flat = cast(
+            "list[bytes]",
+            self._intents(keys=[self._k("jis")], args=[self.prefix, _ts(window.start), _ts(window.end)]),
+        )
+        return [
+            (
+                _s(flat[i]) or "",
+                Interval(_dt(flat[i + 1]), _dt(flat[i + 2])),
+                tuple(str(p) for p in json.loads(flat[i + 3])),
             )
-            pipe.zadd(self._k("ji"), {token: now.timestamp()})
-            pipe.execute()
+            for i in range(0, len(flat), 4)
+        ]
+
+    @_unavailable_on_error
+    def journal_intent_exclusive(
+        self,
+        token: str,
+        *,
+        client: str | None,
+        request_key: str | None,
+        payload: dict[str, Any],
+        now: dt.datetime,
+        practitioner_id: str,
+        patient_ids: Iterable[str],
+        interval: Interval,
+    ) -> None:
+        """``journal_intent`` for a backend that cannot lock (see the SQLite store): ONE script refuses
+        (``HoldConflict``) a foreign hold or another booking in flight overlapping the practitioner's or a
+        patient's time, else records the intent, so two replicas can never both pass."""
+        pats = sorted({str(p) for p in patient_ids})
+        result = cast(
+            "list[Any]",
+            self._intent_exclusive(
+                keys=[*self._journal_keys(token), self._k("hp", practitioner_id)],
+                args=[
+                    *self._intent_args(
+                        token, client, request_key, payload, now, (practitioner_id, interval, tuple(pats))
+                    ),
+                    practitioner_id,
+                    _ts(interval.start),
+                    _ts(interval.end),
+                    json.dumps(pats),
+                    _client_json(client),
+                ],
+            ),
+        )
+        if result[0] == 1:
+            raise HoldConflict(practitioner_id, Interval(_dt(result[1]), _dt(result[2])))
+        if result[0] == 2:
+            raise HoldConflict(_s(result[1]) or "", Interval(_dt(result[2]), _dt(result[3])), patient_id=_s(result[4]))
 
     @_unavailable_on_error
     def journal_done(self, token: str, appointment_id: str, now: dt.datetime, *, release_hold: bool) -> None:
         self._done(
-            keys=[self._k("j", token), self._k("ji")],
+            keys=self._journal_keys(token),
             args=[
                 self.prefix,
                 token,
@@ -692,7 +867,7 @@ class RedisStateStore:
 
     @_unavailable_on_error
     def journal_drop(self, token: str) -> None:
-        self._drop(keys=[self._k("j", token), self._k("ji")], args=[token])
+        self._drop(keys=self._journal_keys(token), args=[token])
 
     def _claimed(self, flat: list[Any]) -> list[JournalEntry]:
         return [self._entry(_s(flat[i]) or "", flat[i + 1 : i + 9]) for i in range(0, len(flat), 9)]
