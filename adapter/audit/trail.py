@@ -25,6 +25,7 @@ import orjson
 
 from adapter.audit.events import AuditRecord, ServerIdentity, build_events
 from adapter.audit.sinks import Sink
+from adapter.sqlite_wal import enable_wal
 
 log = logging.getLogger("adapter.audit")
 
@@ -39,7 +40,7 @@ class Spool:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.max_events = max_events
         self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
+        enable_wal(self.db)
         self.db.execute(
             "CREATE TABLE IF NOT EXISTS spool (id INTEGER PRIMARY KEY AUTOINCREMENT, sink TEXT NOT NULL, "
             "event BLOB NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, claimed_by TEXT, claimed_at REAL)"
@@ -148,7 +149,12 @@ class AuditTrail:
 
     # -- audit thread ---------------------------------------------------------------------------
     def _run(self) -> None:
-        self._spool = Spool(self.spool_path, self.max_spool_events)
+        while self._spool is None:  # the thread must not die: nothing else would deliver this worker's events
+            try:
+                self._spool = Spool(self.spool_path, self.max_spool_events)
+            except sqlite3.Error:
+                log.exception("audit: cannot open the spool %s; retrying in 1 s", self.spool_path)
+                time.sleep(1.0)
         backlog = {s.name: self._spool.count(s.name) > 0 for s in self.sinks}
         last_retry = 0.0
         try:

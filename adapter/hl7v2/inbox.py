@@ -22,6 +22,7 @@ from typing import TypeVar
 
 from adapter.mllp.ack import build_ack, read_msh
 from adapter.mllp.server import Peer
+from adapter.sqlite_wal import enable_wal
 
 T = TypeVar("T")
 
@@ -46,7 +47,7 @@ WAITING, APPLIED, FAILED = 0, 1, 2
 def connect(path: str | Path) -> sqlite3.Connection:
     """A connection with the durability settings the inbox relies on."""
     conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30)
-    conn.execute("PRAGMA journal_mode=WAL")
+    enable_wal(conn)
     # FULL: the commit is on disk (WAL fsync) before store() returns, so the ACK never precedes durability.
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA busy_timeout=30000")

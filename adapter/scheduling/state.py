@@ -56,6 +56,7 @@ from typing import Any, ParamSpec, Protocol, TypeVar
 
 from adapter.deadline import Deadline, bounded, remaining
 from adapter.scheduling.domain import Interval, SlotConflict
+from adapter.sqlite_wal import enable_wal
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -416,7 +417,7 @@ class SqliteStateStore:
             conn = sqlite3.connect(
                 self.path, timeout=remaining(self.timeout_s), isolation_level=None, check_same_thread=False
             )
-            conn.execute("PRAGMA journal_mode=WAL")
+            enable_wal(conn)
             conn.execute("PRAGMA synchronous=NORMAL")
             self._local.conn = conn
             with self._guard:

@@ -50,6 +50,7 @@ from typing import Any, TypeVar
 
 from adapter.backends.protocol import BackendUnavailable
 from adapter.deadline import Deadline, bounded, current as current_deadline
+from adapter.sqlite_wal import enable_wal
 from adapter.text import SQL_NAMED_BIND, fold
 
 try:
@@ -161,7 +162,7 @@ class Database:
                 )
                 # FOLD() in a mapping's name filter: case- and accent-insensitive, as FHIR string search is.
                 conn.create_function("SCHED_FOLD", 1, sql_fold_function, deterministic=True)
-                conn.execute("PRAGMA journal_mode=WAL")
+                enable_wal(conn)
                 conn.execute("PRAGMA synchronous=NORMAL")
             else:
                 import pyodbc  # imported lazily: the embedded default needs no ODBC manager
