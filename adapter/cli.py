@@ -17,7 +17,7 @@ from adapter.mapping.loader import MappingError, load_mapping
 from adapter.settings import CONFIG_FILE_VARIABLE, Settings, SettingsError, load_settings
 from adapter.tools.commands import add_mappings_parser, check_command, run_mappings
 
-DEMO_PACKAGE = "adapter.demo"  # package data: config.toml, mapping.yaml (= mappings/demo.yaml), schema.sql
+DEMO_PACKAGE = "adapter.demo"  # package data: config.toml, mapping.yaml (= mappings/demo.yaml), schema.sql, hl7v2-mapping.yaml
 DEFAULT_DEMO_DIR = Path("var") / "demo"
 
 
