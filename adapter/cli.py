@@ -17,7 +17,8 @@ from adapter.mapping.loader import MappingError, load_mapping
 from adapter.settings import CONFIG_FILE_VARIABLE, Settings, SettingsError, load_settings
 from adapter.tools.commands import add_mappings_parser, check_command, run_mappings
 
-DEMO_PACKAGE = "adapter.demo"  # package data: config.toml, mapping.yaml (= mappings/demo.yaml), schema.sql
+# package data: config.toml, mapping.yaml (= mappings/demo.yaml), schema.sql, hl7v2-mapping.yaml (= mappings/hl7v2-demo.yaml)
+DEMO_PACKAGE = "adapter.demo"
 DEFAULT_DEMO_DIR = Path("var") / "demo"
 
 

@@ -79,7 +79,8 @@ def test_issue13_1_wheel_carries_the_package_data(installed: Installed) -> None:
     import zipfile
 
     names = set(zipfile.ZipFile(installed.wheel).namelist())
-    for data in ("adapter/demo/config.toml", "adapter/demo/mapping.yaml", "adapter/demo/schema.sql"):
+    demo = ("config.toml", "mapping.yaml", "hl7v2-mapping.yaml", "schema.sql")
+    for data in (f"adapter/demo/{name}" for name in demo):
         assert data in names
     assert "adapter/fhir/r4_elements.json" in names
     assert not any(n.startswith(("tests/", "bench/", "docs/")) for n in names)
@@ -104,6 +105,28 @@ def test_issue13_1_installed_demo_serves_metadata_from_an_empty_directory(
     assert (here / "var" / "demo" / "signing-secret").is_file()
     found = httpx.get(f"{base}/fhir/Practitioner/SPEARSB", timeout=30)
     assert found.status_code == 200, found.text
+
+
+def test_issue13_1_installed_hl7v2_demo_serves_metadata_from_an_empty_directory(
+    installed: Installed, tmp_path: Path, live_server_process: ProcessServers
+) -> None:
+    """The HL7v2 demo reads its mapping from the wheel's package data, not from a source tree."""
+    here = tmp_path / "empty"
+    here.mkdir()
+    base, _ = _start_demo(live_server_process, installed, here, "--backend", "hl7v2", "--mllp-port", str(free_port()))
+    r = httpx.get(f"{base}/fhir/metadata", timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json()["resourceType"] == "CapabilityStatement"
+    assert (here / "var" / "demo-hl7v2" / "adapter-state.sqlite").is_file()
+    shipped = _run(
+        installed.python,
+        "-c",
+        "from adapter.testing.hl7_demo import MAPPING_RESOURCE; print(MAPPING_RESOURCE)",
+        cwd=here,
+    ).stdout.strip()
+    assert Path(shipped).is_relative_to(installed.venv)
+    # The documented place in the source tree is the same file.
+    assert (REPO / "mappings" / "hl7v2-demo.yaml").read_bytes() == Path(shipped).read_bytes()
 
 
 def test_issue13_1_demo_data_dir_option(

@@ -8,6 +8,7 @@ NOT PRODUCTION CODE. The simulator (``hl7_simulator``) plays the legacy schedule
 from __future__ import annotations
 
 import logging
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -15,18 +16,28 @@ from adapter.settings import Settings
 from adapter.testing.hl7_simulator import LegacySchedulerSimulator, demo_templates
 
 log = logging.getLogger("adapter.testing.hl7_demo")
-MAPPING = Path(__file__).resolve().parents[2] / "mappings" / "hl7v2-demo.yaml"
+# Package data (read with importlib.resources so an installed wheel has it); mappings/hl7v2-demo.yaml links to it.
+MAPPING_RESOURCE = resources.files("adapter.demo") / "hl7v2-mapping.yaml"
 
 
 def demo_settings(
-    *, port: int, mllp_port: int, peer_port: int, data_dir: Path, host: str = "127.0.0.1", **sections: dict[str, Any]
+    *,
+    port: int,
+    mllp_port: int,
+    peer_port: int,
+    data_dir: Path,
+    mapping: Path,
+    host: str = "127.0.0.1",
+    **sections: dict[str, Any],
 ) -> Settings:
-    """The adapter's settings for the HL7v2 demo (authorization off: for demonstrations only)."""
+    """The adapter's settings for the HL7v2 demo (authorization off: for demonstrations only).
+
+    ``mapping`` is a real path of the demo mapping (``resources.as_file(MAPPING_RESOURCE)``)."""
     data_dir = data_dir.resolve()
     data: dict[str, Any] = {
         "demo_page": True,
         "server": {"host": host, "port": port},
-        "backend": {"kind": "hl7v2", "mapping": str(MAPPING)},
+        "backend": {"kind": "hl7v2", "mapping": str(mapping)},
         "hl7v2": {"peer_port": peer_port, "listen_port": mllp_port, "inbox": str(data_dir / "hl7v2-inbox.sqlite")},
         "state": {"path": str(data_dir / "adapter-state.sqlite")},
         "audit": {"sinks": []},
@@ -42,28 +53,30 @@ async def run_demo(*, port: int, mllp_port: int, data_dir: Path, host: str = "12
 
     from adapter.server import build_app
 
-    if not MAPPING.exists():
-        raise SystemExit(f"sched-adapter: the HL7v2 demo needs {MAPPING} (run it from a clone of the repository)")
     data_dir.mkdir(parents=True, exist_ok=True)
     simulator = LegacySchedulerSimulator(demo_templates(), port=peer_port, siu_target=("127.0.0.1", mllp_port))
     await simulator.start()
     try:
-        settings = demo_settings(port=port, mllp_port=mllp_port, peer_port=simulator.port, data_dir=data_dir, host=host)
-        app = build_app(settings)
-        print(
-            f"sched-adapter: HL7v2 demo: FHIR base {settings.server.public_base()}, the adapter's SIU listener on "
-            f"MLLP port {mllp_port}, the simulated legacy scheduler on MLLP port {simulator.port}",
-            flush=True,
-        )
-        config = uvicorn.Config(
-            app,
-            host=host,
-            port=port,
-            lifespan="on",
-            log_level="info",
-            access_log=False,
-            http="adapter.fhir.http_protocol:PROTOCOL",
-        )
-        await uvicorn.Server(config).serve()
+        # A real path for the whole run; as_file copies only out of a zipped package.
+        with resources.as_file(MAPPING_RESOURCE) as mapping:
+            settings = demo_settings(
+                port=port, mllp_port=mllp_port, peer_port=simulator.port, data_dir=data_dir, mapping=mapping, host=host
+            )
+            app = build_app(settings)
+            print(
+                f"sched-adapter: HL7v2 demo: FHIR base {settings.server.public_base()}, the adapter's SIU listener on "
+                f"MLLP port {mllp_port}, the simulated legacy scheduler on MLLP port {simulator.port}",
+                flush=True,
+            )
+            config = uvicorn.Config(
+                app,
+                host=host,
+                port=port,
+                lifespan="on",
+                log_level="info",
+                access_log=False,
+                http="adapter.fhir.http_protocol:PROTOCOL",
+            )
+            await uvicorn.Server(config).serve()
     finally:
         await simulator.stop()

@@ -8,8 +8,8 @@ cancelled) to a configured listener whenever its bookings change, including book
 Fault switches (``Faults``; each is a count of upcoming messages it applies to):
 ``drop`` close the connection after reading a request, before answering (``drop_after_apply`` decides whether the
 request was carried out first), ``delay`` answer ``delay_seconds`` late, ``twice`` answer twice, ``ae`` answer AE,
-``duplicate_siu`` send an SIU twice with the same MSH-10, ``out_of_order_siu`` hold an SIU back and send it after
-the next one.
+``ar`` answer AR (application reject: a rule of the filler's refuses the request), ``duplicate_siu`` send an SIU
+twice with the same MSH-10, ``out_of_order_siu`` hold an SIU back and send it after the next one.
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ class Faults:
     delay_seconds: float = 2.0
     twice: int = 0
     ae: int = 0
+    ar: int = 0
     duplicate_siu: int = 0
     out_of_order_siu: int = 0
 
@@ -425,6 +426,9 @@ class LegacySchedulerSimulator:
         ae, self.faults.ae = Faults.take(self.faults.ae)
         if ae:
             return self._refuse(msg, "AE", "forced error (simulator fault switch)")
+        ar, self.faults.ar = Faults.take(self.faults.ar)
+        if ar:
+            return self._refuse(msg, "AR", "rejected by rule (simulator fault switch)")
         placer = msg.component(msg.field(arq, 1), 1)
         filler = msg.component(msg.field(arq, 2), 1)
         start = parse_ts(msg.first_value([_p("AIS-4.1")]) or msg.component(msg.field(arq, 11), 1), self.zone)

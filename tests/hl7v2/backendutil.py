@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
 import httpx
+from hl7v2util import DEMO_MAPPING
 from serverutil import ThreadServer, free_port
 
 from adapter.server import build_app
@@ -65,6 +66,7 @@ class Hl7Env:
             mllp_port=self.mllp_port,
             peer_port=self.sim.sim.port,
             data_dir=tmp,
+            mapping=DEMO_MAPPING,
             hl7v2=hl7,
             **sections,
         )

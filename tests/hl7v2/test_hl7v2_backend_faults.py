@@ -123,6 +123,19 @@ def test_issue8_6_ae_is_409_with_the_fillers_reason(env: Hl7Env) -> None:
     env.assert_agreement()
 
 
+def test_issue8_6_ar_is_422_business_rule_with_the_fillers_reason(env: Hl7Env) -> None:
+    """AR (application reject): the filler refuses the request by a rule of its own, so 422 business-rule with the
+    filler's words; nothing is booked and the slot stays offered."""
+    first = env.find(day=1)[0]
+    set_faults(env, ar=1)
+    failure(env.book(first["id"], "client-r"), 422, "business-rule", "rejected by rule (simulator fault switch)")
+    assert env.sim.booked() == []
+    assert env.sim.sim.faults.ar == 0
+    assert env.journal_intents() == 0
+    assert slot(first) in {slot(x) for x in env.find(day=1)}
+    env.assert_agreement()
+
+
 def test_issue8_6_taken_at_the_front_desk_is_409_with_the_fillers_reason(env: Hl7Env) -> None:
     """The filler's own AE (slot taken) before its SIU reached the adapter: 409 with the filler's words."""
     first = env.find(day=1)[0]
