@@ -37,7 +37,9 @@ or patient) is in flight, so the adapter's own unanswered requests are busy time
 ``$find`` leaves them out too. The legacy answer is an outcome: ``Refused`` becomes 409 (time taken) or 422 with
 the legacy reason; ``Pending`` (no answer within the retry budget) keeps the intent, answers 504 ("being
 confirmed") and is settled by ``reconcile`` from the legacy system's next change notice or query; a retry of the
-same booking (same client or Idempotency-Key) then gets the settled answer.
+same booking (same client or Idempotency-Key) then gets the settled answer. A reschedule or cancel that ends
+``Pending`` is journaled too (key ``chg:<appointment id>:<request digest>``), settled when the mirror shows the
+change (or rules it out), and a retry with the same Idempotency-Key gets the changed appointment.
 
 The FHIR layer reaches the backend only through this service (``find_actors``, ``visit_types``,
 ``identifier_systems``, ``get``, ``search``), so a backend whose appointments live in a mirror fits unchanged.
@@ -841,10 +843,10 @@ class SchedulingService:
         the new practitioner must offer the visit type (422); the new start must be on the grid and
         within the horizon (422); ``patient_id``, when the request names one, must be the
         appointment's patient (409). A change whose legacy answer never came is journaled and settled from
-        the legacy feed (``_change_outcome``)."""
+        the legacy feed (``_reconcile_change``)."""
         asked = f"{practitioner_id or ''}|{location_id or ''}|{interval.start.isoformat()}|{interval.end.isoformat()}"
         token = change_token(appointment_id, asked, client, request_key)
-        replay = await self._settled_change(token, client, request_key)
+        replay = await self._settled_change(token, client, request_key, now)
         if replay is not None:
             return replay
         current = await self.backend.get_appointment(appointment_id)
@@ -891,7 +893,7 @@ class SchedulingService:
         )
         if isinstance(outcome, Pending):
             ask = {"change": "reschedule", "practitioner_id": new_prac, "location_id": new_loc}
-            await self._change_pending(token, appointment_id, ask, interval, slot.patient_ids, client, request_key)
+            await self._change_pending(token, appointment_id, ask, interval, slot.patient_ids, client, request_key, now)
         appt = _confirmed(outcome, appointment_id)
         await self._calendar_changed()
         return appt
@@ -922,7 +924,7 @@ class SchedulingService:
                 )
             raise _HeldCancellation(held)
         token = change_token(appointment_id, "cancel", client, request_key)
-        replay = await self._settled_change(token, client, request_key)
+        replay = await self._settled_change(token, client, request_key, now)
         if replay is not None:
             return replay
         current = await self.backend.get_appointment(appointment_id)
@@ -939,7 +941,7 @@ class SchedulingService:
         if isinstance(outcome, Pending):
             patients = (current.patient_id,) if current.patient_id else ()
             ask = {"change": "cancel", "practitioner_id": current.practitioner_id or "", "location_id": ""}
-            await self._change_pending(token, appointment_id, ask, current.interval, patients, client, request_key)
+            await self._change_pending(token, appointment_id, ask, current.interval, patients, client, request_key, now)
         appt = _confirmed(outcome, appointment_id)
         await self._calendar_changed()
         return appt
@@ -953,11 +955,11 @@ class SchedulingService:
         patient_ids: tuple[str, ...],
         client: str | None,
         request_key: str | None,
+        now: dt.datetime,
     ) -> None:
         """A reschedule or cancel was sent but not answered: journal what was asked so that the legacy feed settles
         it and a retry of the same request gets the settled answer; the payload also carries the time it occupies
         (the new slot, or the appointment being cancelled) in the fields every state store reads as busy time."""
-        now = dt.datetime.now(dt.UTC)
         payload: dict[str, Any] = ask | {
             "appointment_id": appointment_id,
             "start": interval.start.isoformat(),
@@ -975,13 +977,14 @@ class SchedulingService:
         except StateUnavailable as exc:
             log.warning("change journal: cannot record the change of Appointment/%s (%s)", appointment_id, exc)
 
-    async def _settled_change(self, token: str, client: str | None, request_key: str | None) -> Appointment | None:
+    async def _settled_change(
+        self, token: str, client: str | None, request_key: str | None, now: dt.datetime
+    ) -> Appointment | None:
         """The settled answer to a retried reschedule/cancel whose first attempt's outcome was unknown; raises
         ``BookingPending`` while it is still unknown; None when there is nothing to replay. Only a request with an
         Idempotency-Key is replayed: without one, the same change asked again is a new request."""
         if request_key is None:
             return None
-        now = dt.datetime.now(dt.UTC)
         entry = await self._settle(token, now)
         if entry is None or not _same_requester(entry, client, request_key):
             return None
