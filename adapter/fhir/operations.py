@@ -307,7 +307,6 @@ async def _book(ctx: FhirContext, params: ParamList, request: Request) -> tuple[
             )
         if token is None:
             token = await _proposal_from_resource(ctx, resource, now)
-        scoped = _request_key(request)
         result = await ctx.service.book(
             token,
             patient=patient,
@@ -315,7 +314,7 @@ async def _book(ctx: FhirContext, params: ParamList, request: Request) -> tuple[
             client=client,
             now=now,
             expect=expect,
-            request_key="\x1f".join(scoped) if scoped else None,
+            request_key=_scoped_key(request),
         )
         appt = result.appointment
         return appt, (
@@ -340,7 +339,9 @@ async def _book(ctx: FhirContext, params: ParamList, request: Request) -> tuple[
     patient_id = named.id if named is not None else None
     if status == "cancelled":
         reason, text = _cancel_reason(resource)
-        appt = await ctx.service.cancel(appt_id, reason, text, now, client=client, patient_id=patient_id)
+        appt = await ctx.service.cancel(
+            appt_id, reason, text, now, client=client, patient_id=patient_id, request_key=_scoped_key(request)
+        )
         return appt, f"Appointment/{appt.id} cancelled"
     start = parse_datetime(resource.get("start"), "appointment-resource.start", ctx.zone)
     end = parse_datetime(resource.get("end"), "appointment-resource.end", ctx.zone)
@@ -363,8 +364,15 @@ async def _book(ctx: FhirContext, params: ParamList, request: Request) -> tuple[
         now=now,
         client=client,
         patient_id=patient_id,
+        request_key=_scoped_key(request),
     )
     return appt, f"Appointment/{appt.id} modified"
+
+
+def _scoped_key(request: Request) -> str | None:
+    """The request's (client, Idempotency-Key) as one journal key, so a retry of the same request finds its entry."""
+    scoped = _request_key(request)
+    return "\x1f".join(scoped) if scoped else None
 
 
 async def _require_actors(ctx: FhirContext, practitioner_id: str | None, location_id: str | None) -> None:

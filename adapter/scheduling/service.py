@@ -37,7 +37,9 @@ or patient) is in flight, so the adapter's own unanswered requests are busy time
 ``$find`` leaves them out too. The legacy answer is an outcome: ``Refused`` becomes 409 (time taken) or 422 with
 the legacy reason; ``Pending`` (no answer within the retry budget) keeps the intent, answers 504 ("being
 confirmed") and is settled by ``reconcile`` from the legacy system's next change notice or query; a retry of the
-same booking (same client or Idempotency-Key) then gets the settled answer.
+same booking (same client or Idempotency-Key) then gets the settled answer. A reschedule or cancel that ends
+``Pending`` is journaled too (key ``chg:<appointment id>:<request digest>``), settled when the mirror shows the
+change (or rules it out), and a retry with the same Idempotency-Key gets the changed appointment.
 
 The FHIR layer reaches the backend only through this service (``find_actors``, ``visit_types``,
 ``identifier_systems``, ``get``, ``search``), so a backend whose appointments live in a mirror fits unchanged.
@@ -45,6 +47,7 @@ The FHIR layer reaches the backend only through this service (``find_actors``, `
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hashlib
 import logging
@@ -756,6 +759,8 @@ class SchedulingService:
 
     async def _reconcile_entry(self, entry: JournalEntry, now: dt.datetime) -> str:
         """Look a booking of unknown outcome up in the legacy system and record what happened."""
+        if entry.token.startswith(_CHANGE_PREFIX):
+            return await self._reconcile_change(entry, now)
         p = proposal_from_dict({k: v for k, v in entry.payload.items() if k != "patient_id"})
         slot = self._slot(p)
         patient_id = entry.payload.get("patient_id")
@@ -783,6 +788,34 @@ class SchedulingService:
         )
         return "not-booked"
 
+    async def _reconcile_change(self, entry: JournalEntry, now: dt.datetime) -> str:
+        """Settle a reschedule/cancel of unknown outcome from the mirror: done when it shows the change (the filler's
+        SIU S13/S14, S15/S17); dropped when it shows the change cannot have happened, or when no notice showed it
+        within ``_CHANGE_UNSEEN_AFTER`` (the filler announces every change it makes)."""
+        p = entry.payload
+        appointment_id = str(p.get("appointment_id") or "")
+        try:
+            appt = await self.backend.get_appointment(appointment_id)
+        except BackendError as exc:
+            log.warning("change journal: cannot settle Appointment/%s yet (%s); will retry", appointment_id, exc)
+            await self.state.journal_abandon(entry.token, now)
+            return "unknown"
+        if appt is not None and _shows_change(appt, p):
+            await self.state.journal_done(entry.token, appt.id, now, release_hold=False)
+            log.warning("change journal: the %s of Appointment/%s was made in the legacy system", p["change"], appt.id)
+            return "changed"
+        refuted = appt is None or (p.get("change") == "reschedule" and appt.status in _FREEING_STATUSES)
+        if refuted or now - entry.created_at > _CHANGE_UNSEEN_AFTER:
+            await self.state.journal_drop(entry.token)
+            log.warning(
+                "change journal: the legacy system shows no %s of Appointment/%s; considered not made",
+                p.get("change"),
+                appointment_id,
+            )
+            return "not-changed"
+        await self.state.journal_abandon(entry.token, now)
+        return "unknown"
+
     async def reconcile(self, now: dt.datetime) -> int:
         """Settle every stale booking intent (startup and the housekeeping job); returns how many."""
         entries = await self.state.journal_claim_stale(now)
@@ -801,6 +834,7 @@ class SchedulingService:
         now: dt.datetime,
         client: str | None = None,
         patient_id: str | None = None,
+        request_key: str | None = None,
     ) -> Appointment:
         """Move a booking (REQ-117-07/08): the new time is secured and the old one released in one
         legacy transaction, so a conflict (409) or any failure leaves the original untouched.
@@ -808,7 +842,13 @@ class SchedulingService:
         The visit type stays, and so does its duration (a new start/end of another length is 422);
         the new practitioner must offer the visit type (422); the new start must be on the grid and
         within the horizon (422); ``patient_id``, when the request names one, must be the
-        appointment's patient (409)."""
+        appointment's patient (409). A change whose legacy answer never came is journaled and settled from
+        the legacy feed (``_reconcile_change``)."""
+        asked = f"{practitioner_id or ''}|{location_id or ''}|{interval.start.isoformat()}|{interval.end.isoformat()}"
+        token = change_token(appointment_id, asked, client, request_key)
+        replay = await self._settled_change(token, client, request_key, now)
+        if replay is not None:
+            return replay
         current = await self.backend.get_appointment(appointment_id)
         if current is None:
             raise NotFound(f"Appointment/{appointment_id} is not known")
@@ -848,10 +888,13 @@ class SchedulingService:
         def gate(slots: Sequence[SlotRequest]) -> None:
             self._check_holds(slots, now, own_hold=None, client=client)
 
-        appt = _confirmed(
-            await self.backend.reschedule(appointment_id, slot, gate, comment, booked_by=client or "sched-adapter"),
-            appointment_id,
+        outcome = await self.backend.reschedule(
+            appointment_id, slot, gate, comment, booked_by=client or "sched-adapter"
         )
+        if isinstance(outcome, Pending):
+            ask = {"change": "reschedule", "practitioner_id": new_prac, "location_id": new_loc}
+            await self._change_pending(token, appointment_id, ask, interval, slot.patient_ids, client, request_key, now)
+        appt = _confirmed(outcome, appointment_id)
         await self._calendar_changed()
         return appt
 
@@ -863,6 +906,7 @@ class SchedulingService:
         now: dt.datetime,
         client: str | None = None,
         patient_id: str | None = None,
+        request_key: str | None = None,
     ) -> Appointment:
         """Cancel a booking (legacy status update; the slot is offered again) or release a hold.
 
@@ -879,6 +923,10 @@ class SchedulingService:
                     f"Appointment/{appointment_id} is not held for Patient/{patient_id}; nothing was changed"
                 )
             raise _HeldCancellation(held)
+        token = change_token(appointment_id, "cancel", client, request_key)
+        replay = await self._settled_change(token, client, request_key, now)
+        if replay is not None:
+            return replay
         current = await self.backend.get_appointment(appointment_id)
         if current is None:
             raise NotFound(f"Appointment/{appointment_id} is not known")
@@ -889,12 +937,66 @@ class SchedulingService:
             raise SlotConflict(
                 f"Appointment/{appointment_id} is {current.status} and can no longer be cancelled; nothing was changed"
             )
-        appt = _confirmed(
-            await self.backend.cancel(appointment_id, reason, reason_text, booked_by=client or "sched-adapter"),
-            appointment_id,
-        )
+        outcome = await self.backend.cancel(appointment_id, reason, reason_text, booked_by=client or "sched-adapter")
+        if isinstance(outcome, Pending):
+            patients = (current.patient_id,) if current.patient_id else ()
+            ask = {"change": "cancel", "practitioner_id": current.practitioner_id or "", "location_id": ""}
+            await self._change_pending(token, appointment_id, ask, current.interval, patients, client, request_key, now)
+        appt = _confirmed(outcome, appointment_id)
         await self._calendar_changed()
         return appt
+
+    async def _change_pending(
+        self,
+        token: str,
+        appointment_id: str,
+        ask: dict[str, str],
+        interval: Interval,
+        patient_ids: tuple[str, ...],
+        client: str | None,
+        request_key: str | None,
+        now: dt.datetime,
+    ) -> None:
+        """A reschedule or cancel was sent but not answered: journal what was asked so that the legacy feed settles
+        it and a retry of the same request gets the settled answer; the payload also carries the time it occupies
+        (the new slot, or the appointment being cancelled) in the fields every state store reads as busy time."""
+        payload: dict[str, Any] = ask | {
+            "appointment_id": appointment_id,
+            "start": interval.start.isoformat(),
+            "end": interval.end.isoformat(),
+            "minutes": int((interval.end - interval.start) / dt.timedelta(minutes=1)),
+            "patient_ids": list(patient_ids),
+        }
+        try:
+            # The gate's synchronous write, in a thread: the state store has no async "intent" of its own because a
+            # booking records it inside the backend's lock; a change records it only once its outcome is unknown.
+            await asyncio.to_thread(
+                self.state.gate.journal_intent, token, client=client, request_key=request_key, payload=payload, now=now
+            )
+            await self.state.journal_abandon(token, now)  # stale at once: the next legacy notice may settle it
+        except StateUnavailable as exc:
+            log.warning("change journal: cannot record the change of Appointment/%s (%s)", appointment_id, exc)
+
+    async def _settled_change(
+        self, token: str, client: str | None, request_key: str | None, now: dt.datetime
+    ) -> Appointment | None:
+        """The settled answer to a retried reschedule/cancel whose first attempt's outcome was unknown; raises
+        ``BookingPending`` while it is still unknown; None when there is nothing to replay. Only a request with an
+        Idempotency-Key is replayed: without one, the same change asked again is a new request."""
+        if request_key is None:
+            return None
+        entry = await self._settle(token, now)
+        if entry is None or not _same_requester(entry, client, request_key):
+            return None
+        what = f"the change of Appointment/{entry.payload.get('appointment_id')}"
+        if entry.state == "intent":
+            raise BookingPending(
+                f"{what} was sent to the legacy scheduling system but its answer did not arrive in time; it is "
+                "still being confirmed: retry with the same Idempotency-Key shortly"
+            )
+        if entry.appointment_id:
+            return await self.backend.get_appointment(entry.appointment_id)
+        return None
 
     @staticmethod
     def _require_patient(appointment_id: str, actual: str | None, claimed: str | None) -> None:
@@ -957,6 +1059,30 @@ _FREEING_STATUSES = ("cancelled", "noshow", "entered-in-error")
 _SETTLED_STATUSES = ("arrived", "checked-in", "fulfilled", "noshow", "entered-in-error")
 
 
+# Change intents share the booking journal; proposed ids never contain ":" so the keys cannot collide.
+_CHANGE_PREFIX = "chg:"
+# The filler announces every change it makes by SIU: a change no notice showed in this time did not happen.
+_CHANGE_UNSEEN_AFTER = dt.timedelta(minutes=5)
+
+
+def change_token(appointment_id: str, asked: str, client: str | None, request_key: str | None) -> str:
+    """The journal key of one reschedule/cancel request (what was ``asked`` of ``appointment_id``, by whom, under
+    which Idempotency-Key), so that a retry of the same request finds it and another request does not."""
+    who = hashlib.sha256(f"{asked}\x1f{request_key or ''}\x1f{client or ''}".encode()).hexdigest()[:20]
+    return f"{_CHANGE_PREFIX}{appointment_id}:{who}"
+
+
+def _shows_change(appt: Appointment, payload: dict[str, Any]) -> bool:
+    if payload.get("change") == "cancel":
+        return appt.status == "cancelled"
+    return (
+        appt.status not in _FREEING_STATUSES
+        and appt.interval.start == dt.datetime.fromisoformat(str(payload["start"]))
+        and appt.interval.end == dt.datetime.fromisoformat(str(payload["end"]))
+        and (not payload.get("practitioner_id") or appt.practitioner_id == payload["practitioner_id"])
+    )
+
+
 def placer_id_for(token: str) -> str:
     """The placer id of every attempt to book the proposed id ``token``: stable across retries (the same token,
     the same id), short enough for ARQ-1/SCH-1 (EI, 20 characters in v2.3) and free of HL7 delimiters."""
@@ -979,7 +1105,7 @@ def _confirmed(outcome: BookingOutcome, appointment_id: str | None = None) -> Ap
         what = f"the change of Appointment/{appointment_id}" if appointment_id else "the request"
         raise BookingPending(
             f"{what} was sent to the legacy scheduling system but its answer did not arrive in time; it is being "
-            "confirmed: read the appointment again shortly"
+            "confirmed: read the appointment again shortly, or retry with the same Idempotency-Key to get the settled answer"
         )
     if outcome.conflict:
         raise SlotConflict(f"the legacy scheduling system refused: {outcome.reason}")

@@ -61,6 +61,9 @@ class SimAppointment:
 class Faults:
     drop: int = 0
     drop_after_apply: bool = False
+    # Only messages of this type (MSH-9.1, e.g. "SRM") count for ``drop``; empty: every message. A reschedule asks
+    # the filler's schedule (SQM) before its SRM, and a test may want only the SRM lost.
+    drop_type: str = ""
     delay: int = 0
     delay_seconds: float = 2.0
     twice: int = 0
@@ -368,7 +371,9 @@ class LegacySchedulerSimulator:
     async def handle(self, message: bytes, peer: Peer) -> bytes | list[bytes]:
         self.received.append(message)
         msh = read_msh(message)
-        drop, self.faults.drop = Faults.take(self.faults.drop)
+        drop = False
+        if not self.faults.drop_type or msh.message_type == self.faults.drop_type:
+            drop, self.faults.drop = Faults.take(self.faults.drop)
         if drop and not self.faults.drop_after_apply:
             raise CloseConnection()
         async with self._lock:

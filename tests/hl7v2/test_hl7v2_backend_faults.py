@@ -10,10 +10,11 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from backendutil import Hl7Env, next_weekday
-from test_hl7v2_backend_http import failure, slot, success
+from test_hl7v2_backend_http import failure, participants, slot, success
 
 
 @pytest.fixture
@@ -168,4 +169,57 @@ def test_issue8_6_out_of_order_siu_keeps_the_latest(env: Hl7Env) -> None:
     assert triggers == [b"SIU^S13^SIU_S12", b"SIU^S12^SIU_S12"]  # the S12 came last
     read = env.read(walk_in.filler_id).json()
     assert dt.datetime.fromisoformat(read["start"]) == later
+    env.assert_agreement()
+
+
+def _booked_with_siu_settled(env: Hl7Env, client: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A booking of DOC1 on day 1 whose SIU has reached the mirror, and the change request to move it to day 2."""
+    booked = success(env.book(env.find(day=1)[0]["id"], client), "booked")
+    env.settle_siu()
+    target = env.find(day=2)[3]
+    resource = {
+        "resourceType": "Appointment",
+        "id": booked["id"],
+        "status": "booked",
+        "start": target["start"],
+        "end": target["end"],
+        "participant": participants(),
+    }
+    return booked, resource
+
+
+def test_issue8_6_reschedule_beyond_the_budget_is_504_then_replayed_after_the_siu(env: Hl7Env) -> None:
+    """A reschedule whose SRR never arrives (both attempts dropped after the filler moved it, its S13 held back) is
+    504 and journaled; the S13 settles it, and the retry with the same Idempotency-Key gets the moved appointment
+    without sending the S02 again."""
+    booked, resource = _booked_with_siu_settled(env, "client-m")
+    set_faults(env, drop=2, drop_type="SRM", drop_after_apply=True, out_of_order_siu=1)
+    failure(env.book(resource=resource, client="client-m", key="key-m"), 504, "timeout", "being confirmed")
+    assert env.journal_intents() == 1
+    sent = sum(b"SRM^S02" in m for m in env.sim.sim.received)
+    env.sim.call(env.sim.sim.front_desk_book("DOC2", next_weekday(2).replace(hour=9), 20))  # releases the S13
+    env.settle_siu()
+    env.wait_for(lambda: env.journal_intents() == 0, "the unknown reschedule to be settled from the SIU feed")
+    moved = success(env.book(resource=resource, client="client-m", key="key-m"), "booked")
+    assert moved["id"] == booked["id"] and (moved["start"], moved["end"]) == (resource["start"], resource["end"])
+    assert sum(b"SRM^S02" in m for m in env.sim.sim.received) == sent, "the settled reschedule was sent again"
+    [in_sim] = [a for a in env.sim.booked() if a.practitioner == "DOC1"]
+    assert in_sim.filler_id == booked["id"] and in_sim.start == dt.datetime.fromisoformat(resource["start"])
+    env.assert_agreement()
+
+
+def test_issue8_6_cancel_beyond_the_budget_is_504_then_replayed_after_the_siu(env: Hl7Env) -> None:
+    booked, resource = _booked_with_siu_settled(env, "client-c")
+    cancel = {**resource, "status": "cancelled", "start": booked["start"], "end": booked["end"]}
+    set_faults(env, drop=2, drop_type="SRM", drop_after_apply=True, out_of_order_siu=1)
+    failure(env.book(resource=cancel, client="client-c", key="key-c"), 504, "timeout", "being confirmed")
+    assert env.journal_intents() == 1
+    sent = sum(b"SRM^S04" in m for m in env.sim.sim.received)
+    env.sim.call(env.sim.sim.front_desk_book("DOC2", next_weekday(2).replace(hour=9), 20))  # releases the S15
+    env.settle_siu()
+    env.wait_for(lambda: env.journal_intents() == 0, "the unknown cancel to be settled from the SIU feed")
+    cancelled = success(env.book(resource=cancel, client="client-c", key="key-c"), "cancelled")
+    assert cancelled["id"] == booked["id"]
+    assert sum(b"SRM^S04" in m for m in env.sim.sim.received) == sent, "the settled cancel was sent again"
+    assert [a.practitioner for a in env.sim.booked()] == ["DOC2"]
     env.assert_agreement()
