@@ -518,7 +518,7 @@ def _bulk_cursor(conn: DbConnection) -> Any:
         try:
             if str(getinfo(_SQL_DBMS_NAME)).lower().startswith("postgres"):
                 cur.fast_executemany = True
-        except Exception:
+        except Exception:  # a driver without the info type: seed with plain executemany (slower, same rows)
             pass
     return cur
 
