@@ -118,6 +118,9 @@ def demo_config(
     data["server"].pop("base_url", None)
     data["backend"]["database_url"] = database_url or f"sqlite:///{var / 'clinicware.sqlite'}"
     data.setdefault("state", {})["path"] = str(var / "adapter-state.sqlite")
+    if database_url:
+        # One host: the bench's ODBC database is not shared with other adapters.
+        data["state"]["single_host"] = True
     sec = data.setdefault("security", {})
     sec.pop("signing_secret", None)
     sec["signing_secret_file"] = str(var / "signing-secret")
