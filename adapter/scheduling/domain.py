@@ -120,18 +120,127 @@ class AvailabilityQuery:
     minutes: int | None = None
 
 
-@dataclass(slots=True)
-class ResourceAvailability:
-    """What one practitioner can offer at one location within the query window."""
+Span = tuple[int, int]
+"""[start, end) in whole seconds since the Unix epoch: the form the domain computes candidate slots in."""
 
-    practitioner_id: str
-    location_id: str
-    free: list[Interval]  # working time minus absences (or explicit free slots); sorted, non-overlapping
-    busy: list[Interval] = field(default_factory=list)  # blocking appointments
-    # Where the slot grid of each working-time period (or listed free slot) starts: its unclipped
-    # start, sorted. A candidate starts at anchor + k * step of the period it lies in (issue 7.3).
-    # Empty: the grid starts at each free interval's start (a backend without periods).
-    anchors: list[dt.datetime] = field(default_factory=list)
+
+class ResourceAvailability:
+    """What one practitioner can offer at one location within the query window.
+
+    ``free``: working time minus absences (or explicit free slots); sorted, non-overlapping. ``busy``: blocking
+    appointments. ``anchors``: where the slot grid of each working-time period (or listed free slot) starts, its
+    unclipped start, sorted; a candidate starts at anchor + k * step of the period it lies in (issue 7.3). Empty:
+    the grid starts at each free interval's start (a backend without periods).
+
+    Two equivalent forms, whichever the backend has: Intervals (``ResourceAvailability(p, l, free, busy,
+    anchors)``) or whole epoch seconds (``ResourceAvailability.in_seconds(...)``); ``spans()`` gives the second,
+    the attributes the first, each derived on first use. Why: the domain computes candidates on epoch seconds
+    (``adapter.scheduling.candidates``), and a SQL backend reads thousands of busy rows per ``$find``: building
+    two datetimes and an Interval per row only to turn them back into integers cost more than the query itself.
+    Once the Interval form has been read it is the one that counts (callers may change those lists in place),
+    and ``spans()`` is computed from it.
+    """
+
+    __slots__ = ("practitioner_id", "location_id", "_free", "_busy", "_anchors", "_spans")
+
+    def __init__(
+        self,
+        practitioner_id: str,
+        location_id: str,
+        free: list[Interval],
+        busy: list[Interval] | None = None,
+        anchors: list[dt.datetime] | None = None,
+    ) -> None:
+        self.practitioner_id = practitioner_id
+        self.location_id = location_id
+        self._free: list[Interval] | None = free
+        self._busy: list[Interval] | None = [] if busy is None else busy
+        self._anchors: list[dt.datetime] | None = [] if anchors is None else anchors
+        self._spans: tuple[list[Span], list[Span], list[int]] | None = None
+
+    @classmethod
+    def in_seconds(
+        cls, practitioner_id: str, location_id: str, free: list[Span], busy: list[Span], anchors: list[int]
+    ) -> ResourceAvailability:
+        """The same answer as epoch-second spans (``free`` sorted and disjoint, ``anchors`` sorted)."""
+        ra = cls.__new__(cls)
+        ra.practitioner_id = practitioner_id
+        ra.location_id = location_id
+        ra._free = ra._busy = ra._anchors = None
+        ra._spans = (free, busy, anchors)
+        return ra
+
+    def spans(self) -> tuple[list[Span], list[Span], list[int]]:
+        """(free, busy, anchors) in whole epoch seconds (sub-second parts are dropped, as ``int()`` does)."""
+        if self._spans is not None:
+            return self._spans
+        return (
+            [(int(iv.start.timestamp()), int(iv.end.timestamp())) for iv in self.free],
+            [(int(iv.start.timestamp()), int(iv.end.timestamp())) for iv in self.busy],
+            [int(a.timestamp()) for a in self.anchors],
+        )
+
+    def _as_intervals(self) -> None:
+        if self._spans is None:
+            return
+        free, busy, anchors = self._spans
+        at, utc = dt.datetime.fromtimestamp, dt.UTC
+        self._free = [Interval(at(s, utc), at(e, utc)) for s, e in free]
+        self._busy = [Interval(at(s, utc), at(e, utc)) for s, e in busy]
+        self._anchors = [at(a, utc) for a in anchors]
+        self._spans = None  # from now on the Interval lists are the answer
+
+    @property
+    def free(self) -> list[Interval]:
+        self._as_intervals()
+        assert self._free is not None
+        return self._free
+
+    @free.setter
+    def free(self, value: list[Interval]) -> None:
+        self._as_intervals()
+        self._free = value
+
+    @property
+    def busy(self) -> list[Interval]:
+        self._as_intervals()
+        assert self._busy is not None
+        return self._busy
+
+    @busy.setter
+    def busy(self, value: list[Interval]) -> None:
+        self._as_intervals()
+        self._busy = value
+
+    @property
+    def anchors(self) -> list[dt.datetime]:
+        self._as_intervals()
+        assert self._anchors is not None
+        return self._anchors
+
+    @anchors.setter
+    def anchors(self, value: list[dt.datetime]) -> None:
+        self._as_intervals()
+        self._anchors = value
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ResourceAvailability):
+            return NotImplemented
+        return (self.practitioner_id, self.location_id, self.free, self.busy, self.anchors) == (
+            other.practitioner_id,
+            other.location_id,
+            other.free,
+            other.busy,
+            other.anchors,
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like the dataclass it replaced
+
+    def __repr__(self) -> str:
+        return (
+            f"ResourceAvailability(practitioner_id={self.practitioner_id!r}, location_id={self.location_id!r}, "
+            f"free={self.free!r}, busy={self.busy!r}, anchors={self.anchors!r})"
+        )
 
 
 @dataclass(frozen=True, slots=True)

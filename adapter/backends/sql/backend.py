@@ -39,13 +39,16 @@ mappings/README.md, "Writes").
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import itertools
 import logging
+import math
 import re
 import sqlite3
 import time
 import unicodedata
-from collections.abc import Iterable, Mapping as ReadOnlyMap, Sequence
+from collections.abc import Iterable, Iterator, Mapping as ReadOnlyMap, Sequence
+from operator import itemgetter
 from typing import Any, Literal
 
 from adapter.backends.protocol import (
@@ -74,18 +77,21 @@ from adapter.backends.protocol import (
     SlotRequest,
     VisitType,
 )
-from adapter.backends.sql.db import CommitOutcomeUnknown, Database, LockNotTaken, _first_line, execute, query
-from adapter.intervals import subtract
+from adapter.backends.sql.db import CommitOutcomeUnknown, Database, LockNotTaken, _first_line, bind, execute, query
+from adapter.intervals import merge_spans, subtract_spans
 from adapter.mapping.codes import UnknownCode, fallback_notes
 from adapter.mapping.expressions import ExpressionError, attach_zone, render_template
 from adapter.mapping.ids import InvalidKey, to_fhir_id, to_legacy_key
 from adapter.mapping.loader import Mapping
 from adapter.mapping.model import IdRule, WritesSpec
+from adapter.scheduling.domain import Span
 from adapter.text import fold
 
 log = logging.getLogger("adapter.backends.sql")
 
 _CACHE_SECONDS = 60.0
+# Bound on each memo of the availability read (entries; cleared when full): a few MB at most.
+_MEMO_LIMIT = 100_000
 
 
 def _latin_accents() -> tuple[str, str]:
@@ -138,6 +144,10 @@ class SqlBackend:
             )
         self._actor_cache: dict[str, tuple[float, dict[str, Actor]]] = {}
         self._visit_types: tuple[float, list[VisitType]] | None = None
+        # $find's hot path (see _busy_spans, _anchor_seconds): per column layout of the busy query, its
+        # converter (None: the general path); grid anchors by period start.
+        self._busy_rows: dict[tuple[str, ...], _BusyRows | None] = {}
+        self._anchors: dict[int, int] = {}
 
     # -- actors ------------------------------------------------------------------------------
     def _actor_from_row(self, kind: ActorKind, row: dict[str, Any]) -> Actor:
@@ -285,13 +295,23 @@ class SqlBackend:
         prac_keys = [to_legacy_key(self.doc.actors["Practitioner"].id, p) for p in q.practitioner_ids]
         return await self.db.run(lambda conn: self._availability(conn, q.window, prac_keys, set(q.location_ids)))
 
-    def _run_section(self, conn: Any, section: str, window: Interval, prac_keys: list[Any]) -> list[dict[str, Any]]:
+    def _section_values(self, section: str, window: Interval, prac_keys: list[Any]) -> dict[str, Any]:
         spec = getattr(self.doc.availability, section)
         m, ctx = self.mapping, self._ctx
         env = {"window_start": window.start, "window_end": window.end, "practitioner_keys": prac_keys}
         values = {name: m.expr(f"availability.{section}.binds.{name}").evaluate(env, ctx) for name in spec.binds}
         values["practitioner_keys"] = prac_keys
-        rows = query(conn, spec.sql, values)
+        return values
+
+    def _run_section(self, conn: Any, section: str, window: Interval, prac_keys: list[Any]) -> list[dict[str, Any]]:
+        spec = getattr(self.doc.availability, section)
+        rows = query(conn, spec.sql, self._section_values(section, window, prac_keys))
+        return self._map_section(section, rows, window)
+
+    def _map_section(self, section: str, rows: list[dict[str, Any]], window: Interval) -> list[dict[str, Any]]:
+        """Query rows -> one dict of the section's fields per row (per occurrence, for a ``repeat``)."""
+        spec = getattr(self.doc.availability, section)
+        m, ctx = self.mapping, self._ctx
         base = f"availability.{section}.fields"
         exprs = [m.expr(f"{base}.{name}") for name in spec.fields]
         if spec.repeat is not None:
@@ -313,75 +333,126 @@ class SqlBackend:
     def _availability(
         self, conn: Any, window: Interval, prac_keys: list[Any], location_ids: set[str]
     ) -> list[ResourceAvailability]:
+        """Working time minus absences, and busy time, per (practitioner, location), as epoch-second spans.
+
+        Seconds, not datetimes: ``$find`` computes on them, and a long window has thousands of busy rows
+        (see ``_busy_spans``). The answer is what the datetime arithmetic gave (``adapter.intervals``), with
+        legacy times cut to whole seconds before the arithmetic instead of after it.
+        """
         if not prac_keys:
             return []
         av = self.doc.availability
         zone = self._ctx.zone
-        free: dict[tuple[str, str], list[Interval]] = {}
-        anchors: dict[tuple[str, str], list[dt.datetime]] = {}
+        free: dict[tuple[str, str], list[Span]] = {}
+        anchors: dict[tuple[str, str], list[int]] = {}
         rows = self._run_section(conn, "working_time", window, prac_keys)
         if av.working_time.kind == "weekly":
-            first = window.start.astimezone(zone).date()
-            last = window.end.astimezone(zone).date()
-            for r in rows:
-                loc = str(r["location"])
-                if location_ids and loc not in location_ids:
-                    continue
-                day = first
-                while day <= last:
-                    if (
-                        day.isoweekday() == r["weekday"]
-                        and (r.get("valid_from") is None or r["valid_from"] <= day)
-                        and (r.get("valid_to") is None or day <= r["valid_to"])
-                    ):
-                        midnight = dt.datetime.combine(day, dt.time())
-                        period = attach_zone(midnight + r["start_time"], zone).astimezone(dt.UTC)
-                        end = attach_zone(midnight + r["end_time"], zone).astimezone(dt.UTC)
-                        start, end = max(period, window.start), min(end, window.end)
-                        if start < end:
-                            free.setdefault((str(r["practitioner"]), loc), []).append(Interval(start, end))
-                            anchors.setdefault((str(r["practitioner"]), loc), []).append(self._grid_anchor(period))
-                    day += dt.timedelta(days=1)
-        elif av.working_time.kind == "markers":
-            for key, iv in _marker_periods(rows, zone):
+            self._weekly_periods(rows, window, location_ids, free, anchors)
+        else:
+            periods: Iterable[tuple[tuple[str, str], Interval]]
+            if av.working_time.kind == "markers":
+                periods = _marker_periods(rows, zone)  # anchored where the office opens
+            else:  # free_slots: the legacy system lists bookable slots itself
+                periods = (((str(r["practitioner"]), str(r["location"])), Interval(r["start"], r["end"])) for r in rows)
+            for key, iv in periods:
                 if location_ids and key[1] not in location_ids:
                     continue
                 start, end = max(iv.start, window.start), min(iv.end, window.end)
                 if start < end:
-                    free.setdefault(key, []).append(Interval(start, end))
-                    anchors.setdefault(key, []).append(self._grid_anchor(iv.start))  # where the office opens
-        else:  # free_slots: the legacy system lists bookable slots itself
-            for r in rows:
-                loc = str(r["location"])
-                if location_ids and loc not in location_ids:
-                    continue
-                start, end = max(r["start"], window.start), min(r["end"], window.end)
-                if start < end:
-                    free.setdefault((str(r["practitioner"]), loc), []).append(Interval(start, end))
-                    anchors.setdefault((str(r["practitioner"]), loc), []).append(self._grid_anchor(r["start"]))
+                    free.setdefault(key, []).append((int(start.timestamp()), int(end.timestamp())))
+                    anchors.setdefault(key, []).append(self._anchor_seconds(int(iv.start.timestamp())))
 
-        absences: dict[str, list[Interval]] = {}
+        absences: dict[str, list[Span]] = {}
         if av.absences is not None:
             for r in self._run_section(conn, "absences", window, prac_keys):
                 if r.get("start") is None and r.get("date") is not None:
-                    absences.setdefault(str(r["practitioner"]), []).append(_whole_days(r, zone))
+                    iv = _whole_days(r, zone)
                 elif r.get("start") is not None:
-                    end = r.get("end") or r["start"] + dt.timedelta(minutes=int(r["minutes"]))
-                    absences.setdefault(str(r["practitioner"]), []).append(Interval(r["start"], end))
-        busy = self._busy(conn, window, prac_keys)
+                    iv = Interval(r["start"], r.get("end") or r["start"] + dt.timedelta(minutes=int(r["minutes"])))
+                else:
+                    continue
+                absences.setdefault(str(r["practitioner"]), []).append(
+                    (int(iv.start.timestamp()), int(iv.end.timestamp()))
+                )
+        busy = self._busy_spans(conn, window, prac_keys)
 
         result = []
-        for (prac, loc), intervals in sorted(free.items()):
-            intervals = subtract(sorted(intervals, key=lambda i: i.start), absences.get(prac, []))
-            if intervals:
+        for (prac, loc), spans in sorted(free.items()):
+            bookable = subtract_spans(merge_spans(spans), absences.get(prac, ()))
+            if bookable:
                 result.append(
-                    ResourceAvailability(
-                        prac, loc, intervals, [b for _, b in busy.get(prac, [])], sorted(anchors.get((prac, loc), []))
+                    ResourceAvailability.in_seconds(
+                        prac, loc, bookable, busy.get(prac, []), sorted(anchors.get((prac, loc), []))
                     )
                 )
         return result
 
+    def _weekly_periods(
+        self,
+        rows: list[dict[str, Any]],
+        window: Interval,
+        location_ids: set[str],
+        free: dict[tuple[str, str], list[Span]],
+        anchors: dict[tuple[str, str], list[int]],
+    ) -> None:
+        """Weekly template rows -> the window's working-time periods (``working_time.kind: weekly``).
+
+        A 90-day window of 20 practitioners has ~1,500 periods: each local day is turned into an instant
+        once (``_local_day``), and a period's bounds are that plus the time of day, in integers. Only a day
+        on which the zone changes its offset (or a time of day that is not a whole second in 0..24 h) takes
+        the zone arithmetic per period (``_wall_clock``), which handles skipped and repeated hours.
+        """
+        zone = self._ctx.zone
+        first = window.start.astimezone(zone).date()
+        last = window.end.astimezone(zone).date()
+        w_start_s, w_end_s = int(window.start.timestamp()), int(window.end.timestamp())
+        by_weekday: dict[Any, list[tuple[Any, Any, tuple[str, str], Any, Any, int | None, int | None]]] = {}
+        for r in rows:
+            loc = str(r["location"])
+            if location_ids and loc not in location_ids:
+                continue
+            start_time, end_time = r["start_time"], r["end_time"]
+            by_weekday.setdefault(r["weekday"], []).append(
+                (
+                    r.get("valid_from"),
+                    r.get("valid_to"),
+                    (str(r["practitioner"]), loc),
+                    start_time,
+                    end_time,
+                    _seconds_in_day(start_time),
+                    _seconds_in_day(end_time),
+                )
+            )
+        by_midnight = self.doc.visit_types.slot_alignment != "period"
+        day = first
+        one_day = dt.timedelta(days=1)
+        while day <= last:
+            periods = by_weekday.get(day.isoweekday())
+            if periods:
+                midnight_s, uniform = _local_day(day, zone)
+                for valid_from, valid_to, key, start_time, end_time, start_off, end_off in periods:
+                    if (valid_from is not None and day < valid_from) or (valid_to is not None and valid_to < day):
+                        continue
+                    if uniform and start_off is not None and end_off is not None:
+                        period_s, end_s = midnight_s + start_off, midnight_s + end_off
+                    else:
+                        period_s, end_s = _wall_clock(day, start_time, zone), _wall_clock(day, end_time, zone)
+                    start_s = period_s if period_s >= w_start_s else w_start_s
+                    if end_s > w_end_s:
+                        end_s = w_end_s
+                    if start_s < end_s:
+                        free.setdefault(key, []).append((start_s, end_s))
+                        if not by_midnight:
+                            anchor = period_s
+                        elif uniform and start_off is not None and start_off < 86400:
+                            anchor = midnight_s
+                        else:
+                            anchor = self._anchor_seconds(period_s)
+                        anchors.setdefault(key, []).append(anchor)
+            day += one_day
+
     def _busy(self, conn: Any, window: Interval, prac_keys: list[Any]) -> dict[str, list[tuple[str | None, Interval]]]:
+        """Blocking appointments with their ids (the re-check of a write)."""
         out: dict[str, list[tuple[str | None, Interval]]] = {}
         w_start, w_end = window.start, window.end
         for r in self._run_section(conn, "busy", window, prac_keys):
@@ -389,6 +460,52 @@ class SqlBackend:
             end = r.get("end") or start + dt.timedelta(minutes=r["minutes"])
             if start < w_end and w_start < end:
                 out.setdefault(str(r["practitioner"]), []).append((r.get("appointment"), Interval(start, end)))
+        return out
+
+    def _busy_spans(self, conn: Any, window: Interval, prac_keys: list[Any]) -> dict[str, list[Span]]:
+        """Busy time per practitioner, as sorted epoch-second spans: the read behind every ``$find``.
+
+        A long window returns thousands of rows; the general path (a dict per row, every field of the
+        mapping evaluated, an Interval of two datetimes) cost ~5 us per row, several times the query.
+        Here each row goes from the driver's tuple to ``(practitioner, start, end)`` through a converter
+        made once per column layout (``_BusyRows``): the mapping's expressions are pure functions of
+        their input columns, so each distinct set of input values is converted once and remembered,
+        across requests (legacy calendars repeat the same few thousand dates, times and durations).
+        Mappings the converter cannot take (``repeat``, ``python:`` converters, inputs that are not
+        columns) go the general way; the answer is the same.
+        """
+        spec = self.doc.availability.busy
+        w_start_s = int(window.start.timestamp())
+        w_end_s = math.ceil(window.end.timestamp())  # so the overlap test below is exact for whole seconds
+        out: dict[str, list[Span]] = {}
+        if spec.repeat is None:
+            text, params = bind(spec.sql, self._section_values("busy", window, prac_keys))
+            cur = conn.cursor()
+            cur.execute(text, params)
+            names = tuple(d[0] for d in cur.description)
+            converter = self._busy_rows.get(names)
+            if converter is None:
+                converter = self._busy_rows[names] = _BusyRows.build(self.mapping, names)
+            rows = cur.fetchall()
+            if converter is not None:
+                for prac, start, end, span in converter.convert(rows, self._ctx):
+                    if start < w_end_s and w_start_s < end:
+                        try:
+                            out[prac].append(span)
+                        except KeyError:
+                            out[prac] = [span]
+                for spans in out.values():
+                    spans.sort()
+                return out
+            mapped = self._map_section("busy", [dict(zip(names, row, strict=False)) for row in rows], window)
+        else:
+            mapped = self._run_section(conn, "busy", window, prac_keys)
+        for r in mapped:
+            start_s, end_s = _busy_span(r)
+            if start_s < w_end_s and w_start_s < end_s:
+                out.setdefault(str(r["practitioner"]), []).append((start_s, end_s))
+        for spans in out.values():
+            spans.sort()
         return out
 
     # -- writes ------------------------------------------------------------------------------
@@ -558,6 +675,17 @@ class SqlBackend:
         zone = self._ctx.zone
         midnight = dt.datetime.combine(period_start.astimezone(zone).date(), dt.time())
         return attach_zone(midnight, zone).astimezone(dt.UTC)
+
+    def _anchor_seconds(self, period_start: int) -> int:
+        """``_grid_anchor`` in epoch seconds, remembered by period start (a window has hundreds of periods
+        on a few dozen distinct days and times; the zone arithmetic costs microseconds each)."""
+        anchor = self._anchors.get(period_start)
+        if anchor is None:
+            if len(self._anchors) >= _MEMO_LIMIT:
+                self._anchors.clear()
+            instant = dt.datetime.fromtimestamp(period_start, dt.UTC)
+            anchor = self._anchors[period_start] = int(self._grid_anchor(instant).timestamp())
+        return anchor
 
     def _slot_env(self, slot: SlotRequest) -> dict[str, Any]:
         return {
@@ -916,6 +1044,100 @@ def _in_mapping_case(rows: list[dict[str, Any]], names: set[str]) -> list[dict[s
     if not rename:
         return rows
     return [{rename.get(key, key): value for key, value in row.items()} for row in rows]
+
+
+def _busy_span(r: dict[str, Any]) -> Span:
+    """A mapped busy row's time: ``start`` .. ``end``, or ``start`` + ``minutes``."""
+    start = r["start"]
+    end = r.get("end") or start + dt.timedelta(minutes=r["minutes"])
+    return int(start.timestamp()), int(end.timestamp())
+
+
+class _BusyRows:
+    """The busy query's rows -> (practitioner, start, end, (start, end)), for one column layout.
+
+    Made once from the mapping (which expressions, which columns feed them, at which positions); each
+    distinct tuple of input values is converted by the mapping's own expressions exactly once and
+    remembered (``memo``), so a row costs one tuple and one dict lookup.
+    """
+
+    __slots__ = ("fields", "inputs", "key_of", "single", "memo")
+
+    def __init__(self, fields: dict[str, Any], inputs: tuple[str, ...], positions: list[int]) -> None:
+        self.fields = fields
+        self.inputs = inputs
+        self.key_of = itemgetter(*positions)
+        self.single = len(positions) == 1
+        self.memo: dict[Any, tuple[str, int, int, Span]] = {}
+
+    @classmethod
+    def build(cls, mapping: Mapping, names: tuple[str, ...]) -> _BusyRows | None:
+        """The converter for rows with columns ``names``; None when only the general path can map them."""
+        spec = mapping.doc.availability.busy
+        fields = {
+            name: mapping.expr(f"availability.busy.fields.{name}")
+            for name in spec.fields
+            if name in ("practitioner", "start", "end", "minutes")
+        }
+        if "practitioner" not in fields or "start" not in fields:
+            return None
+        if any("python" in e.source for e in fields.values()):
+            return None  # a python: converter need not be a pure function of its inputs: evaluated per row
+        inputs = tuple(dict.fromkeys(name for e in fields.values() for name in e.inputs))
+        by_lower = {n.lower(): i for i, n in reversed(list(enumerate(names)))}
+        positions = []
+        for name in inputs:
+            position = names.index(name) if name in names else by_lower.get(name.lower())
+            if position is None:
+                return None  # not a column of the query (the general path reports it)
+            positions.append(position)
+        return cls(fields, inputs, positions) if positions else None
+
+    def convert(self, rows: Iterable[Sequence[Any]], ctx: Any) -> Iterator[tuple[str, int, int, Span]]:
+        memo, key_of = self.memo, self.key_of
+        for row in rows:
+            key = key_of(row)
+            try:
+                yield memo[key]
+            except KeyError:
+                value = self._convert(key, ctx)
+                if len(memo) >= _MEMO_LIMIT:
+                    memo.clear()
+                memo[key] = value
+                yield value
+            except TypeError:  # an unhashable driver value: converted every time
+                yield self._convert(key, ctx)
+
+    def _convert(self, key: Any, ctx: Any) -> tuple[str, int, int, Span]:
+        row = dict(zip(self.inputs, (key,) if self.single else key, strict=True))
+        mapped = {name: expr.evaluate(row, ctx) for name, expr in self.fields.items()}
+        span = _busy_span(mapped)
+        return str(mapped["practitioner"]), span[0], span[1], span
+
+
+@functools.lru_cache(maxsize=8192)
+def _wall_clock(day: dt.date, offset: dt.timedelta, zone: dt.tzinfo) -> int:
+    """Local ``day`` + ``offset`` (a time of day; 24:00 is the next midnight) as an epoch second."""
+    return int(attach_zone(dt.datetime.combine(day, dt.time()) + offset, zone).timestamp())
+
+
+@functools.lru_cache(maxsize=4096)
+def _local_day(day: dt.date, zone: dt.tzinfo) -> tuple[int, bool]:
+    """The epoch second of local midnight starting ``day``, and whether the day is 24 hours long, i.e.
+    the zone keeps one offset from this midnight to the next (then local ``day`` + ``t`` is that
+    second + ``t`` for every ``t`` in 0..24 h; zones change their offset at most once a day)."""
+    midnight = _wall_clock(day, dt.timedelta(0), zone)
+    return midnight, _wall_clock(day, dt.timedelta(days=1), zone) - midnight == 86400
+
+
+def _seconds_in_day(offset: Any) -> int | None:
+    """A time of day (timedelta) as whole seconds in 0..86400, else None (then it takes the zone arithmetic)."""
+    if not isinstance(offset, dt.timedelta) or offset.microseconds or not dt.timedelta(0) <= offset <= _ONE_DAY:
+        return None
+    return offset.days * 86400 + offset.seconds
+
+
+_ONE_DAY = dt.timedelta(days=1)
 
 
 def _whole_days(row: dict[str, Any], zone: Any) -> Interval:
