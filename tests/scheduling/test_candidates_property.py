@@ -18,6 +18,7 @@ from zoneinfo import ZoneInfo
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from adapter.intervals import merge, merge_spans, subtract, subtract_spans
 from adapter.scheduling.candidates import (
     Interval,
     ResourceAvailability,
@@ -162,6 +163,7 @@ def scenarios(draw: st.DrawFn) -> dict:
         "limit": draw(st.integers(0, 25)),
         "latest": latest,
         "ranked": draw(st.booleans()),
+        "in_seconds": draw(st.booleans()),  # the SQL backend answers in epoch seconds, others with Intervals
     }
 
 
@@ -175,7 +177,17 @@ def scenarios(draw: st.DrawFn) -> dict:
 def test_issue14_1_count_and_page_equal_enumerating_every_option(sc: dict) -> None:
     plans = []
     for ra in sc["availability"]:
-        ft = free_time(ra)
+        seconds = [(int(i.start.timestamp()), int(i.end.timestamp())) for i in ra.free]
+        if sc["in_seconds"]:
+            busy = [(int(i.start.timestamp()), int(i.end.timestamp())) for i in ra.busy]
+            anchors = [int(a.timestamp()) for a in ra.anchors]
+            ft = free_time(ResourceAvailability.in_seconds(ra.practitioner_id, ra.location_id, seconds, busy, anchors))
+        else:
+            ft = free_time(ra)
+        # Bookable time is the datetime arithmetic of adapter.intervals, whichever form the backend used.
+        assert merge_spans(ft.spans) == [
+            (int(i.start.timestamp()), int(i.end.timestamp())) for i in subtract(ra.free, ra.busy)
+        ]
         for vt_rank, vt in enumerate(sc["visit_types"]):
             rank = (PRACS.index(ra.practitioner_id) if sc["ranked"] else 0, LOCS.index(ra.location_id), vt_rank, 0)
             plans.append(ResourcePlan(ft, vt, rank))
@@ -194,3 +206,26 @@ def test_issue14_1_count_and_page_equal_enumerating_every_option(sc: dict) -> No
     assert total == want_total
     got = [(c.practitioner_id, c.location_id, c.visit_type.key, c.interval.start, c.interval.end, c.rank) for c in page]
     assert got == want_page
+
+
+@settings(max_examples=300, derandomize=True, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 500), st.integers(1, 120)), max_size=12),
+    st.lists(st.tuples(st.integers(0, 500), st.integers(1, 120)), max_size=12),
+)
+def test_issue14_span_merge_and_subtraction_equal_the_interval_functions(
+    free_raw: list[tuple[int, int]], taken_raw: list[tuple[int, int]]
+) -> None:
+    """``merge_spans``/``subtract_spans`` (epoch seconds, the $find path) answer what ``merge``/``subtract`` do."""
+    base = 1_790_000_000
+    free = [(base + s * 60, base + (s + n) * 60) for s, n in free_raw]
+    taken = [(base + s * 60, base + (s + n) * 60) for s, n in taken_raw]
+
+    def intervals(spans: list[tuple[int, int]]) -> list[Interval]:
+        return [Interval(_utc(s), _utc(e)) for s, e in spans]
+
+    def seconds(ivs: list[Interval]) -> list[tuple[int, int]]:
+        return [(int(i.start.timestamp()), int(i.end.timestamp())) for i in ivs]
+
+    assert merge_spans(free) == seconds(merge(intervals(free)))
+    assert subtract_spans(merge_spans(free), taken) == seconds(subtract(intervals(free), intervals(taken)))
