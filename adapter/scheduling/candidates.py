@@ -110,15 +110,43 @@ def _first_start(start: int, step: int, not_before: int) -> int:
     return start - ((start - not_before) // step) * step  # ceiling division
 
 
-def _count(spans: Sequence[Span], duration: int, step: int, not_before: int) -> int:
+def _offered(
+    spans: Sequence[Span], anchors: Sequence[int], step: int, duration: int, not_before: int, latest: int | None
+) -> tuple[list[Span], int]:
+    """The spans candidates are cut from, and how many candidates they hold, in one pass.
+
+    What ``snap_spans``, the booking horizon (no start after ``latest``) and counting (no start before
+    ``not_before``) do one after the other, fused: this runs for every free span of every request (a
+    20-practitioner, 90-day window has ~5,000), and three passes that each built a new list cost three
+    times as much. Spans that can hold no candidate any more (all in the past) are left out.
+    """
+    out: list[Span] = []
     total = 0
-    for start, end in spans:
-        if start < not_before:  # _first_start, inlined: this loop runs for every free span
+    i, n = 0, len(anchors)
+    last_end = latest + duration if latest is not None else 0
+    earliest_end = not_before + duration
+    for span in spans:
+        start, end = span
+        if n:
+            while i < n and anchors[i] <= start:
+                i += 1
+            if i:
+                anchor = anchors[i - 1]
+                start = anchor - ((anchor - start) // step) * step  # up to the period's grid
+        if start >= end or end < earliest_end:
+            continue
+        if latest is not None:
+            if start > latest:
+                continue
+            if end > last_end:
+                end = last_end
+        out.append(span if start == span[0] and end == span[1] else (start, end))
+        if start < not_before:  # _first_start, inlined
             start -= ((start - not_before) // step) * step
         room = end - start - duration
         if room >= 0:
             total += room // step + 1
-    return total
+    return out, total
 
 
 def _starts(spans: Sequence[Span], duration: int, step: int, not_before: int) -> Iterator[int]:
@@ -161,12 +189,10 @@ def find_candidates(
         spans = ft.spans
         if ft.practitioner_id in held_spans:
             spans = subtract_spans(spans, held_spans[ft.practitioner_id])
-        spans = snap_spans(spans, ft.anchors, step)
-        if latest_s is not None:
-            spans = [(s, min(e, latest_s + duration)) for s, e in spans if s <= latest_s]
+        spans, count = _offered(spans, ft.anchors, step, duration, now_s, latest_s)
         if not spans:
             continue
-        total += _count(spans, duration, step, now_s)
+        total += count
         tie = (ft.practitioner_id, ft.location_id, plan.visit_type.key)
         streams.append(_tagged(plan.rank, tie, plan, _starts(spans, duration, step, now_s)))
     page: list[Candidate] = []

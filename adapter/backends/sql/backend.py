@@ -77,7 +77,15 @@ from adapter.backends.protocol import (
     SlotRequest,
     VisitType,
 )
-from adapter.backends.sql.db import CommitOutcomeUnknown, Database, LockNotTaken, _first_line, bind, execute, query
+from adapter.backends.sql.db import (
+    CommitOutcomeUnknown,
+    Database,
+    LockNotTaken,
+    _first_line,
+    dict_rows,
+    execute,
+    query,
+)
 from adapter.intervals import merge_spans, subtract_spans
 from adapter.mapping.codes import UnknownCode, fallback_notes
 from adapter.mapping.expressions import ExpressionError, attach_zone, render_template
@@ -305,7 +313,7 @@ class SqlBackend:
 
     def _run_section(self, conn: Any, section: str, window: Interval, prac_keys: list[Any]) -> list[dict[str, Any]]:
         spec = getattr(self.doc.availability, section)
-        rows = query(conn, spec.sql, self._section_values(section, window, prac_keys))
+        rows = dict_rows(self.db.select(conn, spec.sql, self._section_values(section, window, prac_keys)))
         return self._map_section(section, rows, window)
 
     def _map_section(self, section: str, rows: list[dict[str, Any]], window: Interval) -> list[dict[str, Any]]:
@@ -479,9 +487,7 @@ class SqlBackend:
         w_end_s = math.ceil(window.end.timestamp())  # so the overlap test below is exact for whole seconds
         out: dict[str, list[Span]] = {}
         if spec.repeat is None:
-            text, params = bind(spec.sql, self._section_values("busy", window, prac_keys))
-            cur = conn.cursor()
-            cur.execute(text, params)
+            cur = self.db.select(conn, spec.sql, self._section_values("busy", window, prac_keys))
             names = tuple(d[0] for d in cur.description)
             converter = self._busy_rows.get(names)
             if converter is None:

@@ -60,6 +60,9 @@ except ImportError:  # pragma: no cover - not POSIX: SQLite's own busy handler i
 
 T = TypeVar("T")
 
+# Kept cursors per connection (``Database.select``): the availability queries, each IN-list length once.
+_KEPT_STATEMENTS = 64
+
 
 class LockNotTaken(Exception):
     """The mapping's ``writes.lock`` statement locked no row (misdeclared lock or unknown resource)."""
@@ -200,9 +203,47 @@ class Database:
         if conn is None:
             conn = self._connect()
             self._local.conn = conn
+            self._local.statements = {}
         return conn
 
+    def select(self, conn: Any, sql: str, values: dict[str, Any]) -> Any:
+        """Run a SELECT with named binds; returns the cursor to fetch its rows from.
+
+        ODBC: the cursor is kept with this thread's connection, one per statement text, and reused by the
+        next unit that runs the same text. psqlODBC prepares a statement once per cursor (a named server-side
+        statement, for which PostgreSQL settles on a generic plan), and MariaDB Connector/ODBC likewise: a
+        fresh cursor per call parsed and planned the availability queries of every ``$find`` again (~0.15 ms
+        per query on PostgreSQL, on a server that shares the CPU with the adapter). sqlite3 keeps its own
+        statement cache per connection.
+        """
+        text, params = bind(sql, values)
+        cur = self._statement(conn, text)
+        cur.execute(text, params)
+        return cur
+
+    def _statement(self, conn: Any, text: str) -> Any:
+        new_cursor = conn.cursor
+        if self.kind != "pyodbc" or getattr(self._local, "conn", None) is not conn:
+            return new_cursor()
+        statements: dict[str, Any] = self._local.statements
+        cur = statements.get(text)
+        if cur is None:
+            if len(statements) >= _KEPT_STATEMENTS:  # e.g. IN lists of every length: start over
+                self._forget_statements()
+                statements = self._local.statements
+            cur = statements[text] = new_cursor()
+        return cur
+
+    def _forget_statements(self) -> None:
+        for cur in getattr(self._local, "statements", {}).values():
+            try:
+                cur.close()
+            except Exception:  # the connection may be gone already
+                pass
+        self._local.statements = {}
+
     def _discard(self) -> None:
+        self._forget_statements()
         conn = getattr(self._local, "conn", None)
         self._local.conn = None
         if conn is not None:
@@ -275,6 +316,7 @@ class Database:
                 conn.commit()  # end the unit of work: MariaDB would serve stale snapshots otherwise
             return result
         except BaseException as exc:
+            self._forget_statements()  # a kept cursor that saw an error is not trusted again
             try:
                 if self.kind == "pyodbc":
                     conn.rollback()
@@ -568,6 +610,11 @@ def query(cur_or_conn: Any, sql: str, values: dict[str, Any]) -> list[dict[str, 
         cur_or_conn.cursor() if hasattr(cur_or_conn, "cursor") and not hasattr(cur_or_conn, "fetchall") else cur_or_conn
     )
     cur.execute(text, params)
+    return dict_rows(cur)
+
+
+def dict_rows(cur: Any) -> list[dict[str, Any]]:
+    """The rows of an executed cursor as dicts keyed by the column names."""
     names = [d[0] for d in cur.description]
     return [dict(zip(names, row, strict=False)) for row in cur.fetchall()]
 
