@@ -255,3 +255,32 @@ def test_issue14_resource_availability_in_seconds_reads_as_intervals_and_back() 
     assert ra.spans()[1] == [(t0 + 600, t0 + 1200), (t0 + 1800, t0 + 1900)]
     ra.free = []
     assert ra.spans()[0] == [] and ra != as_intervals
+
+
+def test_issue14_postgresql_prepares_each_availability_query_once_per_connection(pg_demo_dsn: str) -> None:
+    """Each ``$find`` runs the same three availability statements: they are kept prepared on the connection
+    (one server-side statement each, executed again and again) instead of parsed and planned per call."""
+    import asyncio
+
+    from adapter.backends.protocol import AvailabilityQuery
+    from adapter.backends.sql.db import query
+
+    backend = SqlBackend(load_mapping(DEMO_MAPPING), Database("odbc:" + pg_demo_dsn, pool_size=1))
+    start = dt.datetime.combine(dt.date.today() + dt.timedelta(days=1), dt.time(), tzinfo=UTC)
+    q = AvailabilityQuery(Interval(start, start + dt.timedelta(days=14)), ("SPEARSB", "OKAFORC"), ())
+
+    async def run() -> list[dict[str, Any]]:
+        first = [(ra.practitioner_id, ra.location_id, ra.spans()) for ra in await backend.availability(q)]
+        assert first
+        for _ in range(7):
+            assert [(ra.practitioner_id, ra.location_id, ra.spans()) for ra in await backend.availability(q)] == first
+        sql = "SELECT statement, generic_plans + custom_plans AS runs FROM pg_prepared_statements"
+        try:
+            return await backend.db.run(lambda conn: query(conn, sql, {}))
+        finally:
+            await backend.close()
+
+    prepared = asyncio.run(run())
+    for table in ("PROV_TEMPLATE", "PROV_BLOCK", "FROM APPT"):
+        runs = [r["runs"] for r in prepared if table in r["statement"]]
+        assert runs == [8], prepared

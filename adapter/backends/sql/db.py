@@ -217,25 +217,27 @@ class Database:
         statement cache per connection.
         """
         text, params = bind(sql, values)
-        cur = self._statement(conn, text)
+        cur, text = self._statement(conn, text)
         cur.execute(text, params)
         return cur
 
-    def _statement(self, conn: Any, text: str) -> Any:
+    def _statement(self, conn: Any, text: str) -> tuple[Any, str]:
+        """The cursor to run ``text`` on, and ``text`` as that cursor was first given it: pyodbc skips the
+        prepare step only when it gets the very same string object again, not merely an equal one."""
         new_cursor = conn.cursor
         if self.kind != "pyodbc" or getattr(self._local, "conn", None) is not conn:
-            return new_cursor()
-        statements: dict[str, Any] = self._local.statements
-        cur = statements.get(text)
-        if cur is None:
+            return new_cursor(), text
+        statements: dict[str, tuple[Any, str]] = self._local.statements
+        kept = statements.get(text)
+        if kept is None:
             if len(statements) >= _KEPT_STATEMENTS:  # e.g. IN lists of every length: start over
                 self._forget_statements()
                 statements = self._local.statements
-            cur = statements[text] = new_cursor()
-        return cur
+            kept = statements[text] = (new_cursor(), text)
+        return kept
 
     def _forget_statements(self) -> None:
-        for cur in getattr(self._local, "statements", {}).values():
+        for cur, _text in getattr(self._local, "statements", {}).values():
             try:
                 cur.close()
             except Exception:  # the connection may be gone already
