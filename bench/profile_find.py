@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import gc
 import inspect
 import io
 import json
@@ -152,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         config, data = bench.demo_config(Path(tmp), 8080, cache_seconds=0 if args.uncached else None)
         env = bench.clean_env()
         app = build_app(load_settings(config, env))
+        gc.freeze()  # what serve's startup does (adapter/server.py): the startup heap stays out of full GC passes
         zone = ZoneInfo(load_mapping(Path(data["backend"]["mapping"])).doc.system.timezone)
         json_h = [(b"content-type", bench.CONTENT_TYPE.encode()), (b"accept", bench.CONTENT_TYPE.encode())]
 

@@ -43,7 +43,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from adapter.backends.protocol import AvailabilityQuery, Interval, SchedulingBackend
-from adapter.scheduling.candidates import FreeTime, Span, anchor_of, free_time, subtract_spans, to_spans
+from adapter.scheduling.candidates import FreeTime, Span, anchor_of, free_time, subtract_spans
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +156,9 @@ class AvailabilityCache:
             fetched = await self.backend.availability(AvailabilityQuery(span, practitioners, ()))
             for ra in fetched:
                 # Stored already minus the bookings: per request only holds remain to subtract.
-                bookable = subtract_spans(to_spans(ra.free), to_spans(ra.busy))
-                anchors = sorted(int(a.timestamp()) for a in ra.anchors)
+                free, busy, anchor_seconds = ra.spans()  # epoch seconds as the SQL backend has them
+                bookable = subtract_spans(free, busy)
+                anchors = sorted(anchor_seconds)
                 for start, end in bookable:
                     # Each piece keeps the anchor of its period, which may lie on an earlier day.
                     anchor = anchor_of(anchors, start)
