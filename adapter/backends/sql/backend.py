@@ -47,7 +47,7 @@ import re
 import sqlite3
 import time
 import unicodedata
-from collections.abc import Iterable, Iterator, Mapping as ReadOnlyMap, Sequence
+from collections.abc import Iterable, Mapping as ReadOnlyMap, Sequence
 from operator import itemgetter
 from typing import Any, Literal
 
@@ -494,15 +494,7 @@ class SqlBackend:
                 converter = self._busy_rows[names] = _BusyRows.build(self.mapping, names)
             rows = cur.fetchall()
             if converter is not None:
-                for prac, start, end, span in converter.convert(rows, self._ctx):
-                    if start < w_end_s and w_start_s < end:
-                        try:
-                            out[prac].append(span)
-                        except KeyError:
-                            out[prac] = [span]
-                for spans in out.values():
-                    spans.sort()
-                return out
+                return converter.by_practitioner(rows, self._ctx, w_start_s, w_end_s)
             mapped = self._map_section("busy", [dict(zip(names, row, strict=False)) for row in rows], window)
         else:
             mapped = self._run_section(conn, "busy", window, prac_keys)
@@ -1099,20 +1091,32 @@ class _BusyRows:
             positions.append(position)
         return cls(fields, inputs, positions) if positions else None
 
-    def convert(self, rows: Iterable[Sequence[Any]], ctx: Any) -> Iterator[tuple[str, int, int, Span]]:
+    def by_practitioner(
+        self, rows: Iterable[Sequence[Any]], ctx: Any, window_start: int, window_end: int
+    ) -> dict[str, list[Span]]:
+        """The rows' busy spans that overlap [window_start, window_end), per practitioner, sorted."""
         memo, key_of = self.memo, self.key_of
+        out: dict[str, list[Span]] = {}
         for row in rows:
             key = key_of(row)
             try:
-                yield memo[key]
+                prac, start, end, span = memo[key]
             except KeyError:
-                value = self._convert(key, ctx)
+                prac, start, end, span = value = self._convert(key, ctx)
                 if len(memo) >= _MEMO_LIMIT:
                     memo.clear()
                 memo[key] = value
-                yield value
             except TypeError:  # an unhashable driver value: converted every time
-                yield self._convert(key, ctx)
+                prac, start, end, span = self._convert(key, ctx)
+            if start < window_end and window_start < end:
+                spans = out.get(prac)
+                if spans is None:
+                    out[prac] = [span]
+                else:
+                    spans.append(span)
+        for spans in out.values():
+            spans.sort()
+        return out
 
     def _convert(self, key: Any, ctx: Any) -> tuple[str, int, int, Span]:
         row = dict(zip(self.inputs, (key,) if self.single else key, strict=True))
