@@ -171,7 +171,9 @@ class ResourceAvailability:
         return ra
 
     def spans(self) -> tuple[list[Span], list[Span], list[int]]:
-        """(free, busy, anchors) in whole epoch seconds (sub-second parts are dropped, as ``int()`` does)."""
+        """(free, busy, anchors) in whole epoch seconds (sub-second parts are dropped, as ``int()`` does).
+
+        Read-only: a backend may share one busy list between a practitioner's locations."""
         if self._spans is not None:
             return self._spans
         return (
