@@ -284,3 +284,38 @@ def test_issue14_postgresql_prepares_each_availability_query_once_per_connection
     for table in ("PROV_TEMPLATE", "PROV_BLOCK", "FROM APPT"):
         runs = [r["runs"] for r in prepared if table in r["statement"]]
         assert runs == [8], prepared
+
+
+def test_issue14_kept_statements_survive_a_refusal_and_are_dropped_after_a_driver_error(pg_demo_dsn: str) -> None:
+    import asyncio
+
+    from adapter.backends.protocol import SlotConflict
+
+    db = Database("odbc:" + pg_demo_dsn, pool_size=1)
+
+    def kept(conn: Any) -> int:
+        return len(db._local.statements)
+
+    def refuse(conn: Any) -> None:
+        db.select(conn, "SELECT 1 AS one WHERE 1 = :x", {"x": 1}).fetchall()
+        raise SlotConflict("taken")
+
+    def broken(conn: Any) -> None:
+        db.select(conn, "SELECT no_such_column FROM PROVIDER", {}).fetchall()
+
+    async def run() -> list[int]:
+        counts = []
+        try:
+            with pytest.raises(SlotConflict):
+                await db.run(refuse)
+            counts.append(await db.run(kept))  # a refusal of the domain's: the cursor stays prepared
+            with pytest.raises(Exception, match="no_such_column"):
+                await db.run(broken)
+            counts.append(await db.run(kept))  # the driver failed: every kept cursor is let go
+            rows = await db.run(lambda conn: db.select(conn, "SELECT 1 AS one WHERE 1 = :x", {"x": 1}).fetchall())
+            counts.append(len(rows))
+        finally:
+            await db.close()
+        return counts
+
+    assert asyncio.run(run()) == [1, 0, 1]

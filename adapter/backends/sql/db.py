@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, TypeVar
 
-from adapter.backends.protocol import BackendUnavailable
+from adapter.backends.protocol import BackendError, BackendUnavailable
 from adapter.deadline import Deadline, bounded, current as current_deadline
 from adapter.sqlite_wal import enable_wal
 from adapter.text import SQL_NAMED_BIND, fold
@@ -318,7 +318,6 @@ class Database:
                 conn.commit()  # end the unit of work: MariaDB would serve stale snapshots otherwise
             return result
         except BaseException as exc:
-            self._forget_statements()  # a kept cursor that saw an error is not trusted again
             try:
                 if self.kind == "pyodbc":
                     conn.rollback()
@@ -326,6 +325,8 @@ class Database:
                     conn.execute("ROLLBACK")
             except Exception:
                 self._discard()
+            if not isinstance(exc, BackendError) or isinstance(exc, BackendUnavailable):
+                self._forget_statements()  # a kept cursor that may have seen the error is not trusted again
             if isinstance(exc, BackendUnavailable):
                 if not isinstance(exc, LegacyBusy):  # waiting for our own lock says nothing about the link
                     self._discard()
