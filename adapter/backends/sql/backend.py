@@ -156,6 +156,7 @@ class SqlBackend:
         # converter (None: the general path); grid anchors by period start.
         self._busy_rows: dict[tuple[str, ...], _BusyRows | None] = {}
         self._anchors: dict[int, int] = {}
+        self._field_memos: dict[str, dict[str, dict[Any, Any]]] = {}  # per availability section (_map_rows)
 
     # -- actors ------------------------------------------------------------------------------
     def _actor_from_row(self, kind: ActorKind, row: dict[str, Any]) -> Actor:
@@ -327,7 +328,8 @@ class SqlBackend:
         rows = _in_mapping_case(rows, {name for e in exprs for name in e.inputs})
         fields = [(name, e.evaluate) for name, e in zip(spec.fields, exprs, strict=False)]
         if spec.repeat is None:
-            return _map_rows(rows, list(zip(spec.fields, exprs, strict=False)), ctx)
+            memos = self._field_memos.setdefault(section, {})
+            return _map_rows(rows, list(zip(spec.fields, exprs, strict=False)), ctx, memos)
         # A recurring legacy row stands for one occurrence per date the mapping's `repeat` expression
         # yields inside the window; each occurrence is evaluated with its date as input `occurrence`.
         repeat = m.expr(f"availability.{section}.repeat")
@@ -991,11 +993,17 @@ def apply_fold(condition: str, declared: ReadOnlyMap[Any, str], dialect: str, ki
     return _FOLD_CALL.sub(lambda m: template.replace("{}", m.group(1)), condition)
 
 
-def _map_rows(rows: list[dict[str, Any]], fields: list[tuple[str, Any]], ctx: Any) -> list[dict[str, Any]]:
+def _map_rows(
+    rows: list[dict[str, Any]],
+    fields: list[tuple[str, Any]],
+    ctx: Any,
+    memos: dict[str, dict[Any, Any]] | None = None,
+) -> list[dict[str, Any]]:
     """Evaluate each field of each row, once per distinct input: availability rows repeat the same
     practitioner, duration, time of day and date over and over (hundreds of rows, a few dozen
     distinct values), and a mapping expression is a pure function of its input columns (``python:``
-    converters excepted: those are evaluated for every row)."""
+    converters excepted: those are evaluated for every row). ``memos`` (by field name) keeps what
+    was evaluated for the next call with the same fields and context (bounded by ``_MEMO_LIMIT``)."""
     if not rows:
         return []
     first = rows[0]
@@ -1003,7 +1011,10 @@ def _map_rows(rows: list[dict[str, Any]], fields: list[tuple[str, Any]], ctx: An
     for name, expr in fields:
         inputs = expr.inputs
         pure = "python" not in expr.source and inputs and all(i in first for i in inputs)
-        plans.append((name, expr.evaluate, inputs if pure else None, {}))
+        memo: dict[Any, Any] = {} if memos is None else memos.setdefault(name, {})
+        if len(memo) >= _MEMO_LIMIT:
+            memo.clear()
+        plans.append((name, expr.evaluate, inputs if pure else None, memo))
     out: list[dict[str, Any]] = []
     for row in rows:
         mapped: dict[str, Any] = {}
