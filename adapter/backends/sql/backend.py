@@ -98,8 +98,9 @@ from adapter.text import fold
 log = logging.getLogger("adapter.backends.sql")
 
 _CACHE_SECONDS = 60.0
-# Bound on each memo of the availability read (entries; cleared when full): a few MB at most.
-_MEMO_LIMIT = 100_000
+# Bound on each memo of the availability read (entries; cleared when full). The busy memo holds one entry per
+# distinct appointment time (~300 bytes each): at most ~15 MB per worker, enough for 90 days of 20 busy diaries.
+_MEMO_LIMIT = 50_000
 
 
 def _latin_accents() -> tuple[str, str]:
