@@ -189,6 +189,10 @@ class SiuStore(Protocol):
         ...
 
 
+SIU_STORE_SCHEMES = ("sqlite:///", "postgresql://", "postgres://")
+"""The ``state.url`` schemes the SIU feed has a store for (``open_siu_store``)."""
+
+
 def open_siu_store(url: str, *, sqlite_path: str | Path | None = None, timeout_s: float = 30.0) -> SiuStore:
     """The ``SiuStore`` for ``state.url``: PostgreSQL keeps the feed in the state database (tables
     ``sched_hl7_*``); SQLite keeps it in ``sqlite_path`` (``hl7v2.inbox``), a file of its own beside the state
