@@ -65,6 +65,7 @@ from adapter.hl7v2.outbound import AvailabilityRequest, BookingRequest, PatientR
 from adapter.hl7v2.placer import Confirmed as SrrConfirmed, NotDelivered, Placer, Refused as SrrRefused, Unknown
 from adapter.hl7v2.store import (
     RECORD_INBOX_ID,
+    WAITING,
     ActorKind as MirrorActorKind,
     MirroredAppointment,
     SiuStore,
@@ -158,9 +159,11 @@ class Hl7v2Backend:
         await asyncio.to_thread(self.store.close)
 
     async def ping(self) -> None:
-        """The filler's MLLP port accepts a connection (nothing is sent), and the SIU listener runs."""
+        """The filler's MLLP port accepts a connection (nothing is sent), the SIU listener runs and its store
+        answers (without it no SIU can be acknowledged)."""
         if not self.feed.port:
             raise BackendUnavailable("the SIU listener is not running")
+        await self._db(lambda m: m.count_messages(WAITING))
         try:
             _, writer = await asyncio.wait_for(asyncio.open_connection(*self._peer), timeout=3.0)
         except (OSError, TimeoutError) as exc:
