@@ -44,6 +44,7 @@ from adapter.hl7v2.inbound import parse_siu  # noqa: E402
 from adapter.hl7v2.inbox import SiuInbox, SiuListener  # noqa: E402
 from adapter.hl7v2.mapping import load_hl7v2_mapping  # noqa: E402
 from adapter.hl7v2.mirror import InboxApplier  # noqa: E402
+from adapter.hl7v2.store import open_siu_store  # noqa: E402
 from adapter.mllp import FrameDecoder, MLLPServer, Peer, encode_frame  # noqa: E402
 
 SAMPLE = ROOT / "tests" / "data" / "hl7v2" / "SIU-S12-02.hl7"
@@ -169,7 +170,7 @@ async def book_rate(seconds: float, tmp: Path) -> tuple[float, int]:
         load_hl7v2_mapping(MAPPING),
         peer_host="127.0.0.1",
         peer_port=simulator.port,
-        inbox_path=tmp / "book.sqlite",
+        store=open_siu_store(f"sqlite:///{tmp / 'book.sqlite'}"),
         listen_port=0,
     )
 
@@ -211,8 +212,6 @@ async def shared_store_phases(args: argparse.Namespace, nxt: Callable[[], bytes]
     import secrets
 
     import psycopg
-
-    from adapter.hl7v2.store import open_siu_store
 
     base, _, _ = args.state_url.rpartition("/")
     name = f"sched_bench_hl7_{secrets.token_hex(4)}"

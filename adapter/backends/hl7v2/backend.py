@@ -26,7 +26,6 @@ import datetime as dt
 import logging
 import re
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, TypeVar
 
 from adapter.backends.protocol import (
@@ -71,7 +70,6 @@ from adapter.hl7v2.store import (
     SiuStore,
     SiuStoreUnavailable,
 )
-from adapter.hl7v2.store_sqlite import SqliteSiuStore
 from adapter.mllp import MLLPError
 
 log = logging.getLogger("adapter.backends.hl7v2")
@@ -107,8 +105,7 @@ class Hl7v2Backend:
         *,
         peer_host: str,
         peer_port: int,
-        inbox_path: str | Path | None = None,
-        store: SiuStore | None = None,
+        store: SiuStore,
         listen_host: str = "127.0.0.1",
         listen_port: int = 2575,
         mode: str = "query",
@@ -134,10 +131,6 @@ class Hl7v2Backend:
         )
         self.placer = Placer(mapping, peer_host, peer_port)
         self._peer = (peer_host, peer_port)
-        if store is None:
-            if inbox_path is None:
-                raise ValueError("Hl7v2Backend needs a SiuStore or the path of its SQLite file")
-            store = SqliteSiuStore(inbox_path)
         # The backend owns the store: the feed writes it, the backend's reads and confirmed SRRs use it.
         self.store = store
         self.feed = SiuFeed(store, mapping, host=listen_host, port=listen_port, poll_seconds=0.5)
