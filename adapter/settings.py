@@ -237,9 +237,8 @@ class Settings(BaseSettings):
         # Every worker process would bind hl7v2.listen_port for the SIU feed; only one can.
         if self.backend.kind == "hl7v2" and self.server.workers != 1:
             raise ValueError("backend.kind = 'hl7v2' needs server.workers = 1 (one SIU listener per adapter process)")
-        if self.backend.kind == "hl7v2" and self.state.url and not self.state.url.startswith("sqlite:"):
-            # The SIU inbox and mirror are files of this host: a second replica would have no feed.
-            raise ValueError("backend.kind = 'hl7v2' runs on one host: state.url must be sqlite:///... (or unset)")
+        # Any state.url holds the SIU inbox and mirror too (adapter.hl7v2.store.open_siu_store): SQLite on this
+        # host, Redis or PostgreSQL shared by replicas, each replica with its own listener on one shared feed.
         return self
 
 

@@ -9,7 +9,9 @@ function every implementation calls.
 Implementations, chosen by ``open_siu_store`` from ``state.url`` (no other module knows which one is in use):
 
 * ``sqlite:///...``: ``SqliteSiuStore``, one host-local file (``hl7v2.inbox``, default beside ``state.path``);
-* ``postgresql://...``: ``PostgresSiuStore``, tables ``sched_hl7_*`` in the state database, shared by replicas.
+* ``postgresql://...``: ``PostgresSiuStore``, tables ``sched_hl7_*`` in the state database, shared by replicas;
+* ``redis://...``, ``rediss://...``, ``redis+sentinel://...``: ``RedisSiuStore`` (``store_redis.py``), keys
+  ``<key_prefix>siu:*`` beside the scheduling state, shared by replicas.
 
 Every method is synchronous and may block: call it from a worker thread, never the event loop. One store object
 is safe to use from several threads at once; several store objects (several replicas) may share one database.
@@ -193,4 +195,8 @@ def open_siu_store(url: str, *, sqlite_path: str | Path | None = None, timeout_s
         from adapter.hl7v2.store_sqlite import SqliteSiuStore
 
         return SqliteSiuStore(sqlite_path if sqlite_path is not None else url[len("sqlite:///") :])
-    raise ValueError(f"state.url {url!r}: the HL7v2 feed needs sqlite:///path or postgresql://...")
+    if url.startswith(("redis://", "rediss://", "redis+sentinel://", "unix://")):
+        from adapter.hl7v2.store_redis import RedisSiuStore
+
+        return RedisSiuStore(url, timeout_s=timeout_s)
+    raise ValueError(f"state.url {url!r}: the HL7v2 feed needs sqlite:///path, redis://... or postgresql://...")
