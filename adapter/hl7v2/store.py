@@ -36,6 +36,10 @@ RECORD_INBOX_ID = 0
 """The inbox id of a mirror write that comes from a confirmed SRR rather than from an inbox message."""
 
 
+class SiuStoreUnavailable(Exception):
+    """The store cannot answer now (unreachable, timed out); the caller may try again later."""
+
+
 @dataclass(frozen=True, slots=True)
 class MirroredAppointment:
     filler_id: str
@@ -195,6 +199,10 @@ def open_siu_store(url: str, *, sqlite_path: str | Path | None = None, timeout_s
         from adapter.hl7v2.store_sqlite import SqliteSiuStore
 
         return SqliteSiuStore(sqlite_path if sqlite_path is not None else url[len("sqlite:///") :])
+    if url.startswith(("postgresql://", "postgres://")):
+        from adapter.hl7v2.store_postgres import PostgresSiuStore
+
+        return PostgresSiuStore(url, timeout_s=timeout_s)
     if url.startswith(("redis://", "rediss://", "redis+sentinel://", "unix://")):
         from adapter.hl7v2.store_redis import RedisSiuStore
 

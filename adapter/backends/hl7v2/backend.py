@@ -68,6 +68,7 @@ from adapter.hl7v2.store import (
     ActorKind as MirrorActorKind,
     MirroredAppointment,
     SiuStore,
+    SiuStoreUnavailable,
 )
 from adapter.hl7v2.store_sqlite import SqliteSiuStore
 from adapter.mllp import MLLPError
@@ -186,14 +187,21 @@ class Hl7v2Backend:
 
     # -- the mirror (the SiuStore; used from worker threads) ----------------------------------------
     async def _db(self, fn: Callable[[SiuStore], T]) -> T:
-        return await asyncio.to_thread(fn, self.store)
+        try:
+            return await asyncio.to_thread(fn, self.store)
+        except SiuStoreUnavailable as exc:
+            raise BackendUnavailable(f"the appointment mirror cannot be read: {exc}") from None
 
     def _record(self, data: AppointmentData, trigger: str) -> None:
         """Write a confirmed SRR's appointment into the mirror, versioned by now: a later SIU still wins."""
         event = SiuEvent(trigger, "SRR", "srr", self.mapping.interface.version, dt.datetime.now(dt.UTC), data, (), "")
         write = mirror_write(event, RECORD_INBOX_ID)
         if write is not None:
-            self.store.record(write)
+            try:
+                self.store.record(write)
+            except SiuStoreUnavailable as exc:
+                # The booking is made; the SIU the filler sends for it will bring it into the mirror.
+                log.warning("a confirmed SRR (filler id %s) was not written to the mirror: %s", data.filler_id, exc)
 
     def _appointment(self, m: MirroredAppointment) -> Appointment:
         d = self.directory
