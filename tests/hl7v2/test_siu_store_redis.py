@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import random
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +24,7 @@ from hl7v2util import demo_mapping, run, siu
 from stateutil import drop_redis_keys, redis_state_url
 
 from adapter.hl7v2.feed import SiuFeed
+from adapter.hl7v2.inbox import SiuInbox, SiuListener
 from adapter.hl7v2.mirror import InboxApplier
 from adapter.hl7v2.store import (
     APPLIED,
@@ -34,7 +36,7 @@ from adapter.hl7v2.store import (
     supersedes,
 )
 from adapter.hl7v2.store_redis import BYTES_LE, RedisSiuStore, persistence_problem
-from adapter.mllp import read_msa
+from adapter.mllp import MLLPServer, encode_frame, read_msa
 from adapter.redis_connect import split_url
 
 T0 = dt.datetime(2030, 5, 6, 9, 0, tzinfo=dt.UTC)
@@ -267,5 +269,27 @@ def test_issue10_two_replicas_on_one_redis_state_url_share_the_siu_feed(siu_url:
             for feed in feeds:
                 await feed.stop()
                 await asyncio.to_thread(feed.store.close)
+
+    run(main())
+
+
+def test_issue10_unreachable_redis_means_no_ack() -> None:
+    """Nothing answers at the Redis address: the listener closes the connection without an ACK (the sender
+    resends later), as for a full disk with SQLite."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # closed again at once: nothing listens there
+
+    async def main() -> None:
+        store = RedisSiuStore(f"redis://127.0.0.1:{port}/0", timeout_s=1)
+        inbox = SiuInbox(store)
+        async with MLLPServer(SiuListener(inbox).handle) as server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(encode_frame(siu("DOWN1", "S12")))
+            await writer.drain()
+            assert await reader.read() == b""
+            writer.close()
+            await writer.wait_closed()
+        await inbox.close()
 
     run(main())
