@@ -191,9 +191,21 @@ class SiuStore(Protocol):
         ...
 
 
+SIU_STORE_SCHEMES = (
+    "sqlite:///",
+    "postgresql://",
+    "postgres://",
+    "redis://",
+    "rediss://",
+    "redis+sentinel://",
+    "unix://",
+)
+"""The ``state.url`` schemes the SIU feed has a store for (``open_siu_store``)."""
+
+
 def open_siu_store(url: str, *, sqlite_path: str | Path | None = None, timeout_s: float = 30.0) -> SiuStore:
     """The ``SiuStore`` for ``state.url``: PostgreSQL keeps the feed in the state database (tables
-    ``sched_hl7_*``); SQLite keeps it in ``sqlite_path`` (``hl7v2.inbox``), a file of its own beside the state
+    ``sched_hl7_*``), Redis under ``<key_prefix>siu:``; SQLite keeps it in ``sqlite_path`` (``hl7v2.inbox``), a file of its own beside the state
     file, or in the state file itself when no path is given."""
     if url.startswith("sqlite:///"):
         from adapter.hl7v2.store_sqlite import SqliteSiuStore
