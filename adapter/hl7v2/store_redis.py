@@ -96,6 +96,8 @@ return 1
 # KEYS: siu:waiting, siu:claimed. ARGV: prefix, batch token, limit, visibility (ms). Claims whose deadline
 # passed come first, then waiting ids in arrival order. Returns {id, raw, id, raw, ...}.
 _CLAIM = """
+-- TIME before writes: Redis < 5 replicates scripts verbatim unless told to replicate their effects.
+if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local limit, deadline = tonumber(ARGV[3]), now + tonumber(ARGV[4])
