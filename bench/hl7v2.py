@@ -22,12 +22,12 @@ with its HTTP traffic), one connection, each message waiting for its ACK:
 Every message gets a unique MSH-10 and filler id (SCH-2). Targets (one worker): >= 2,000 SIU/s acknowledged,
 >= 1,200 SIU/s applied sustained. Exit 0 once measured.
 
-``--state-url redis://127.0.0.1:6379/0`` (or ``postgresql://...``) runs phases 3-6 on that shared ``SiuStore``
-(``open_siu_store``, under a key prefix / in tables of its own) instead of a SQLite file; the floor of phase 4 is
-then ``store_message`` called in a loop, without MLLP.
+``--state-url`` runs phases 3-6 on a shared ``SiuStore`` instead of a SQLite file: ``redis://...`` under a key
+prefix of its own (deleted after the run; the floor of phase 4 is then ``store_message`` in a loop, without MLLP),
+``postgresql://.../db`` in a scratch database made (and dropped) on that server (phases 3, 5, 6).
 
 Usage: ``.venv/bin/python bench/hl7v2.py [--seconds 30] [--phase-seconds 5] [--book-seconds 5] [--only echo,book]
-[--state-url URL]``
+[--state-url redis://127.0.0.1:6379/0 | postgresql://postgres@127.0.0.1:5432/postgres]``
 """
 
 from __future__ import annotations
@@ -242,9 +242,58 @@ async def book_rate(seconds: float, tmp: Path) -> tuple[float, int]:
     return rate, done
 
 
+async def shared_store_phases(args: argparse.Namespace, nxt: Callable[[], bytes]) -> None:
+    """Phases 3, 5 and 6 on a ``PostgresSiuStore`` in a scratch database made on the server of ``--state-url``
+    (dropped at the end): what acknowledging costs when the inbox is shared by replicas."""
+    import secrets
+
+    import psycopg
+
+    from adapter.hl7v2.store import open_siu_store
+
+    base, _, _ = args.state_url.rpartition("/")
+    name = f"sched_bench_hl7_{secrets.token_hex(4)}"
+    with psycopg.connect(args.state_url, autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    try:
+        store = open_siu_store(f"{base}/{name}")
+        inbox = SiuInbox(store)
+        await inbox.open()
+        listener = SiuListener(inbox)
+        ack_rate = await measure(listener.handle, args.phase_seconds, nxt)
+        print(f"SIU acknowledged (PostgreSQL)  {ack_rate:10,.0f} msg/s")
+        applier = InboxApplier(store, load_hl7v2_mapping(MAPPING))
+        t0 = time.perf_counter()
+        applied_n = await asyncio.to_thread(applier.drain)
+        print(
+            f"SIU applied (PostgreSQL)       {applied_n / (time.perf_counter() - t0):10,.0f} msg/s   ({applied_n} msgs)"
+        )
+        listener.on_stored = applier.wake
+        applier.start(poll_seconds=0.2)
+        t0 = time.perf_counter()
+        async with MLLPServer(listener.handle) as server:
+            acked = await load(server.port, args.seconds, nxt)
+        elapsed = time.perf_counter() - t0
+        applied = applier.stats.applied - applied_n
+        await applier.stop()
+        backlog = await inbox.count(0)
+        await inbox.close()
+        await asyncio.to_thread(store.close)
+        print(
+            f"sustained {args.seconds:.0f} s (PostgreSQL): acknowledged {acked / elapsed:,.0f} msg/s, "
+            f"applied {applied / elapsed:,.0f} msg/s (backlog {backlog} at end)"
+        )
+    finally:
+        with psycopg.connect(args.state_url, autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
 async def main_async(args: argparse.Namespace) -> None:
     nxt = messages()
     only = set(args.only.split(",")) if args.only else set()
+    if args.state_url.startswith(("postgresql://", "postgres://")):
+        await shared_store_phases(args, nxt)
+        return
 
     async def echo(message: bytes, peer: Peer) -> bytes:
         return message
@@ -319,7 +368,12 @@ def main() -> None:
     parser.add_argument("--apply-messages", type=int, default=20000, help="messages drained in the apply phase")
     parser.add_argument("--book-seconds", type=float, default=5.0, help="duration of the $book round-trip phase")
     parser.add_argument("--only", default="", help="comma list of phases to run alone: echo,book")
-    parser.add_argument("--state-url", default="", help="run the SIU phases on this shared store (redis://...)")
+    parser.add_argument(
+        "--state-url",
+        default="",
+        help="redis://... (a key prefix of its own) or postgresql://.../db (a scratch database made and dropped on "
+        "that server): run the ack, apply and sustained phases on that shared SIU store instead",
+    )
     asyncio.run(main_async(parser.parse_args()))
 
 

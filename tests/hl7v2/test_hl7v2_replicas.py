@@ -1,23 +1,30 @@
 """Issue 10: the HL7v2 backend on two hosts sharing one PostgreSQL or Redis ``state.url``.
 
 Two full adapters (each its own data directory, FHIR server, MLLP listener on its own port and applier) in front of
-one legacy scheduler simulator, whose SIU feed goes to replica A. The SIU inbox, its de-duplication and the
-appointment mirror live in the shared state store, so what reaches either listener is visible through both. Each
-test runs on PostgreSQL (a fresh database) and on Redis (a key prefix of its own, db 13, see ``tests/stateutil.py``).
+one legacy scheduler simulator, whose SIU feed goes to replica A: in one process, and as two ``sched-adapter serve``
+processes one of which is killed. The SIU inbox, its de-duplication and the appointment mirror live in the shared
+state store, so what reaches either listener is visible through both. Each test runs on PostgreSQL (a fresh
+database) and on Redis (a key prefix of its own, db 13, see ``tests/stateutil.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
-from backendutil import Hl7Env
-from hl7v2util import siu
+from backendutil import Hl7Env, SimulatorThread
+from hl7v2util import DEMO_MAPPING, siu
+from serverutil import ProcessServers, free_port, process_log
 from stateutil import drop_redis_keys, pg_state_url, redis_state_url
 
-from adapter.hl7v2.store import WAITING
+from adapter.hl7v2.store import WAITING, open_siu_store
 from adapter.mllp import MLLPClient
 
 
@@ -115,3 +122,108 @@ def test_issue10_bookings_through_either_replica_appear_in_both(replicas: tuple[
     assert {x["id"] for x in b.search("patient=Patient/PAT1")} == {id_a[0], id_b[0]}
     a.assert_agreement()
     b.assert_agreement()
+
+
+# --------------------------------------------------------------------------------------------------
+# Real processes: two ``sched-adapter serve`` hosts; one dies, the other applies what it left waiting.
+# --------------------------------------------------------------------------------------------------
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _serve_config(home: Path, port: int, mllp_port: int, peer_port: int, state: str) -> Path:
+    path = home / "replica.toml"
+    path.write_text(
+        f"""
+[server]
+host = "127.0.0.1"
+port = {port}
+workers = 1
+log_level = "warning"
+
+[backend]
+kind = "hl7v2"
+mapping = '{DEMO_MAPPING}'
+
+[hl7v2]
+peer_host = "127.0.0.1"
+peer_port = {peer_port}
+listen_host = "127.0.0.1"
+listen_port = {mllp_port}
+timeout_seconds = 2
+retries = 1
+
+[state]
+url = '{state}'
+path = "state.sqlite"
+
+[audit]
+sinks = []
+
+[security]
+auth = "off"
+signing_secret_from_state = true
+""",
+        encoding="utf-8",
+    )
+    return path
+
+
+def test_issue10_two_serve_processes_and_one_dies_the_other_applies_what_it_left(
+    tmp_path: Path, state_url: str
+) -> None:
+    state = state_url
+    mllp = [free_port(), free_port()]
+    sim = SimulatorThread(mllp[0])  # the scheduler's SIU feed goes to host A
+    servers = ProcessServers()
+    try:
+        procs = []
+        for i, name in enumerate("ab"):
+            home = tmp_path / name
+            home.mkdir()
+            port = free_port()
+            config = _serve_config(home, port, mllp[i], sim.sim.port, state)
+            procs.append(
+                servers.start(
+                    [sys.executable, "-m", "adapter.cli", "serve", "--config", str(config)],
+                    env={"PYTHONPATH": str(REPO)},
+                    port=port,
+                    cwd=str(home),
+                    timeout=90,
+                )
+            )
+        host_a, host_b = (httpx.Client(base_url=p.base_url + "/fhir", timeout=60) for p in procs)
+        with host_a, host_b:
+
+            def search(client: httpx.Client) -> list[str]:
+                resp = client.get("/Appointment?patient=Patient/PAT1", headers={"Accept": "application/fhir+json"})
+                assert resp.status_code == 200, resp.text
+                return sorted(e["resource"]["id"] for e in resp.json().get("entry", []))
+
+            def wait_for(check: Callable[[], bool], what: str) -> None:
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline:
+                    if check():
+                        return
+                    time.sleep(0.05)
+                raise AssertionError(f"timed out waiting for {what}\n{process_log(procs[1])}")
+
+            assert send(mllp[0], siu("P-1", "S12", filler="LEG-1", placer="LEG-1")) == "AA"
+            wait_for(lambda: search(host_b) == ["LEG-1"], "B to find the SIU A acknowledged")
+
+            os.killpg(procs[0].pid, signal.SIGKILL)  # host A vanishes
+            procs[0].wait(10)
+            # What A stored just before it died, acknowledged but never applied: it waits in the shared inbox.
+            left = siu("P-2", "S12", filler="LEG-2", placer="LEG-2", start="20260110100000+0100")
+            store = open_siu_store(state)
+            try:
+                assert store.store_message("LEGACY|FAC", "P-2", "SIU", left) is True
+                wait_for(lambda: search(host_b) == ["LEG-1", "LEG-2"], "B's applier to apply what A left")
+                # The scheduler never got A's ACK and resends through the load balancer, which now picks B.
+                assert send(mllp[1], left) == "AA"
+                assert store.count_messages() == 2 and store.count_messages(WAITING) == 0
+            finally:
+                store.close()
+            assert search(host_b) == ["LEG-1", "LEG-2"]
+    finally:
+        servers.stop_all()
+        sim.stop()
