@@ -9,6 +9,7 @@ nothing; two feeds (two replicas' listeners and appliers) on one ``redis://`` st
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import random
 import socket
@@ -293,3 +294,19 @@ def test_issue10_unreachable_redis_means_no_ack() -> None:
         await inbox.close()
 
     run(main())
+
+
+def test_issue10_non_ascii_names_and_ids_survive_the_lua_json_round_trip(stores: Callable[..., RedisSiuStore]) -> None:
+    store = stores()
+    a = dataclasses.replace(
+        appointment("FÜ-1", event_version(T0, 0)),
+        patient_family="Müller-Świątek",
+        patient_given="Zoë",
+        practitioner_ids=("DR-Øst",),
+        patient_ids=("PAT-ß",),
+        reason="Kontrolle \u201cnach OP\u201d",
+    )
+    assert store.record(MirrorWrite(a, "MSH|^~\\&|Ä", 0)) == "applied"
+    assert store.by_filler_id("FÜ-1") == a
+    assert store.for_actor("practitioner", "DR-Øst", T0, T0 + dt.timedelta(minutes=1)) == [a]
+    assert store.patient_names() == {"PAT-ß": ("Müller-Świątek", "Zoë")}
