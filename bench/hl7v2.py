@@ -206,7 +206,7 @@ async def book_rate(seconds: float, tmp: Path) -> tuple[float, int]:
         load_hl7v2_mapping(MAPPING),
         peer_host="127.0.0.1",
         peer_port=simulator.port,
-        inbox_path=tmp / "book.sqlite",
+        store=open_siu_store(f"sqlite:///{tmp / 'book.sqlite'}"),
         listen_port=0,
     )
 
@@ -248,8 +248,6 @@ async def shared_store_phases(args: argparse.Namespace, nxt: Callable[[], bytes]
     import secrets
 
     import psycopg
-
-    from adapter.hl7v2.store import open_siu_store
 
     base, _, _ = args.state_url.rpartition("/")
     name = f"sched_bench_hl7_{secrets.token_hex(4)}"

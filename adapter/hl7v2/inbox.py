@@ -14,13 +14,14 @@ All store calls run on one dedicated thread, never on the event loop.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
-from adapter.hl7v2.store import APPLIED, FAILED, WAITING, SiuStore
+from adapter.hl7v2.store import APPLIED, FAILED, WAITING, SiuStore, SiuStoreUnavailable
 from adapter.hl7v2.store_sqlite import INBOX_SCHEMA as SCHEMA, SqliteSiuStore, connect
 from adapter.mllp.ack import build_ack, read_msh
 from adapter.mllp.server import Peer
@@ -28,6 +29,7 @@ from adapter.mllp.server import Peer
 __all__ = ["APPLIED", "FAILED", "SCHEMA", "WAITING", "SiuInbox", "SiuListener", "connect"]
 
 T = TypeVar("T")
+log = logging.getLogger("adapter.hl7v2.inbox")
 
 
 class SiuInbox:
@@ -52,8 +54,12 @@ class SiuInbox:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
     async def open(self) -> None:
-        """Connect (and create the tables) now rather than on the first message."""
-        await self._run(lambda: self.siu_store.count_messages(WAITING))
+        """Connect (and create the tables) now rather than on the first message. A shared store that cannot be
+        reached yet is not fatal: until it is back, messages are not acknowledged and the sender resends them."""
+        try:
+            await self._run(lambda: self.siu_store.count_messages(WAITING))
+        except SiuStoreUnavailable as exc:
+            log.warning("SIU inbox: the store is not available yet (%s); no ACK until it is", exc)
 
     def store_sync(self, sender: str, control_id: str, message_type: str, raw: bytes) -> bool:
         """Store and commit; True if new, False for a duplicate (sender, MSH-10)."""

@@ -131,10 +131,14 @@ def _load(cur: psycopg.Cursor[Any], rows: Sequence[Sequence[Any]]) -> list[Mirro
     return out
 
 
-def _apply(cur: psycopg.Cursor[Any], write: MirrorWrite) -> ApplyResult:
-    """One mirror write inside the caller's transaction; takes the mirror's advisory lock (held to commit)."""
-    a = write.appointment
+def _lock_mirror(cur: psycopg.Cursor[Any]) -> None:
+    """Wait for the mirror's advisory lock; held until the transaction ends."""
     cur.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (_MIRROR_LOCK,))
+
+
+def _apply(cur: psycopg.Cursor[Any], write: MirrorWrite) -> ApplyResult:
+    """One mirror write inside the caller's transaction, which holds the mirror's advisory lock."""
+    a = write.appointment
     cur.execute("SELECT version FROM sched_hl7_appointment WHERE filler_id = %s", (a.filler_id,))
     row = cur.fetchone()
     if not supersedes(a.version, None if row is None else str(row[0])):
@@ -214,8 +218,12 @@ class _PostgresBatch:
         self.cur = cur
         self.messages: Sequence[InboxMessage] = messages
         self.marks: list[tuple[int, str | None, int]] = []
+        self.locked = False
 
     def apply(self, write: MirrorWrite) -> ApplyResult:
+        if not self.locked:  # taken at the first write only: a batch of stale or failed messages does not wait
+            _lock_mirror(self.cur)
+            self.locked = True
         return _apply(self.cur, write)
 
     def mark_applied(self, inbox_id: int) -> None:
@@ -300,6 +308,7 @@ class PostgresSiuStore:
     @_unavailable_on_error
     def record(self, write: MirrorWrite) -> ApplyResult:
         with self._apply.use() as conn, conn.transaction(), conn.cursor() as cur:
+            _lock_mirror(cur)
             return _apply(cur, write)
 
     # --- reads ---

@@ -30,10 +30,13 @@ replica reads the same mirror.
 Keys are under the URL's ``key_prefix`` (default ``sched:``). The scripts compute keys from the prefix, which Redis
 Cluster does not allow: a standalone server or a Sentinel-managed primary is what this store supports (as for the
 scheduling state in Redis). Messages and the mirror are kept without expiry, as the SQLite store keeps its rows.
+Redis "cannot now" errors (unreachable, timed out, loading, a read-only replica) are raised as
+``SiuStoreUnavailable``; the client reconnects on the next call.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -41,12 +44,13 @@ import os
 import secrets
 import socket
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any, ParamSpec, TypeVar, cast
 
 import redis
+import redis.sentinel
 
 from adapter.hl7v2.store import (
     APPLIED,
@@ -57,6 +61,7 @@ from adapter.hl7v2.store import (
     InboxMessage,
     MirroredAppointment,
     MirrorWrite,
+    SiuStoreUnavailable,
     supersedes,
     utc_text,
 )
@@ -260,6 +265,38 @@ return out
 """
 
 
+P = ParamSpec("P")
+T = TypeVar("T")
+
+# Redis "cannot now": unreachable, timed out, loading its data, a read-only replica after a failover.
+_UNAVAILABLE = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.BusyLoadingError,
+    redis.ReadOnlyError,
+    redis.sentinel.MasterNotFoundError,
+)
+
+
+@contextmanager
+def _unavailable() -> Iterator[None]:
+    try:
+        yield
+    except _UNAVAILABLE as exc:
+        raise SiuStoreUnavailable(f"the SIU store (Redis) is not available: {exc}") from exc
+
+
+def _guarded(method: Callable[P, T]) -> Callable[P, T]:
+    """Redis "cannot now" errors become ``SiuStoreUnavailable`` (the listener then sends no ACK)."""
+
+    @functools.wraps(method)
+    def guarded(*args: P.args, **kwargs: P.kwargs) -> T:
+        with _unavailable():
+            return method(*args, **kwargs)
+
+    return guarded
+
+
 def persistence_problem(client: redis.Redis) -> str | None:
     """What Redis's persistence settings leave of store-before-ACK, or None if acknowledged means on disk.
 
@@ -428,11 +465,13 @@ class RedisSiuStore:
     def _k(self, name: str) -> str:
         return f"{self.prefix}siu:{name}"
 
+    @_guarded
     def _stored_version(self, filler_id: str) -> str | None:
         version = cast("bytes | None", self.r.hget(self._k(f"appt:{filler_id}"), "v"))
         return None if version is None else version.decode("ascii")
 
     # --- the inbox ---------------------------------------------------------------------------------------------
+    @_guarded
     def store_message(self, sender: str, control_id: str, message_type: str, raw: bytes) -> bool:
         new = self._store(
             keys=[self._k(f"seen:{sender}\n{control_id}"), self._k("seq"), self._k("waiting")],
@@ -440,6 +479,7 @@ class RedisSiuStore:
         )
         return bool(new)
 
+    @_guarded
     def count_messages(self, state: int | None = None) -> int:
         with self.r.pipeline(transaction=True) as pipe:
             pipe.get(self._k("seq"))
@@ -459,13 +499,14 @@ class RedisSiuStore:
     @contextmanager
     def claim(self, limit: int) -> Iterator[_RedisBatch]:
         token = self._token()
-        flat = cast(
-            "list[bytes]",
-            self._claim(
-                keys=[self._k("waiting"), self._k("claimed")],
-                args=[self.prefix, token, limit, self.visibility_ms],
-            ),
-        )
+        with _unavailable():
+            flat = cast(
+                "list[bytes]",
+                self._claim(
+                    keys=[self._k("waiting"), self._k("claimed")],
+                    args=[self.prefix, token, limit, self.visibility_ms],
+                ),
+            )
         messages = sorted(
             (InboxMessage(int(flat[i]), bytes(flat[i + 1])) for i in range(0, len(flat), 2)),
             key=lambda m: m.inbox_id,
@@ -483,16 +524,18 @@ class RedisSiuStore:
             except redis.RedisError as exc:  # the claims run out by themselves
                 log.warning("SIU inbox on Redis: could not give back a failed batch's claims: %s", exc)
             raise
-        results = self._commit(
-            keys=[self._k("claimed"), self._k("waiting"), self._k("n")],
-            args=[self.prefix, token, ids, json.dumps(batch.ops)],
-        )
+        with _unavailable():  # the claims, still held, run out: the messages are claimed again later
+            results = self._commit(
+                keys=[self._k("claimed"), self._k("waiting"), self._k("n")],
+                args=[self.prefix, token, ids, json.dumps(batch.ops)],
+            )
         if b"lost" in results:
             log.warning(
                 "SIU inbox on Redis: a batch outlived its claims (%d ms); another applier took its messages",
                 self.visibility_ms,
             )
 
+    @_guarded
     def record(self, write: MirrorWrite) -> ApplyResult:
         result = self._record(
             args=[
@@ -505,14 +548,17 @@ class RedisSiuStore:
         return cast("ApplyResult", result.decode())
 
     # --- the mirror's reads ------------------------------------------------------------------------------------
+    @_guarded
     def by_filler_id(self, filler_id: str) -> MirroredAppointment | None:
         fields = cast("dict[bytes, bytes]", self.r.hgetall(self._k(f"appt:{filler_id}")))
         return _appointment(fields) if fields else None
 
+    @_guarded
     def by_placer_id(self, placer_id: str) -> list[MirroredAppointment]:
         replies = self._by_placer(keys=[self._k(f"pl:{placer_id}")], args=[self.prefix])
         return [_appointment(r) for r in replies if r]
 
+    @_guarded
     def for_actor(
         self,
         kind: ActorKind,
@@ -541,6 +587,7 @@ class RedisSiuStore:
             out = [a for a in out if a.status in statuses]
         return out
 
+    @_guarded
     def all_appointments(self) -> list[MirroredAppointment]:
         out: list[MirroredAppointment] = []
         chunk: list[str] = []
@@ -560,6 +607,7 @@ class RedisSiuStore:
             load()
         return out
 
+    @_guarded
     def patient_names(self) -> dict[str, tuple[str, str]]:
         names: dict[str, tuple[str, str]] = {}
         for a in sorted(self.all_appointments(), key=lambda a: a.version):
@@ -567,9 +615,11 @@ class RedisSiuStore:
                 names[pid] = (a.patient_family, a.patient_given)
         return names
 
+    @_guarded
     def count(self) -> int:
         return int(cast("int", self.r.scard(self._k("appts"))))
 
+    @_guarded
     def stale_count(self) -> int:
         return int(cast("int", self.r.hlen(self._k("stale"))))
 

@@ -324,3 +324,33 @@ def test_siu_store_a_closed_store_connects_again(shared: SharedState) -> None:
     store.close()
     assert store.count_messages() == 1
     assert store.store_message("S", "C2", "SIU", b"m") is True
+
+
+def test_siu_store_postgresql_unreachable_means_no_ack_and_the_listener_keeps_running() -> None:
+    """The shared store down: the listener starts anyway, and a message gets no ACK (the sender resends)."""
+    import asyncio
+
+    from serverutil import free_port
+
+    from adapter.hl7v2.inbox import SiuInbox, SiuListener
+    from adapter.hl7v2.store import SiuStoreUnavailable
+    from adapter.mllp import MLLPServer, encode_frame
+
+    store = open_siu_store(f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere", timeout_s=1)
+    with pytest.raises(SiuStoreUnavailable):
+        store.count_messages()
+
+    async def main() -> None:
+        inbox = SiuInbox(store)
+        await inbox.open()  # logged, not raised
+        async with MLLPServer(SiuListener(inbox).handle) as server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(encode_frame(siu("C1", "S12")))
+            await writer.drain()
+            assert await reader.read() == b""  # closed without an ACK
+            writer.close()
+            await writer.wait_closed()
+        await inbox.close()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+    store.close()

@@ -32,6 +32,7 @@ from adapter.hl7v2.store import (
     WAITING,
     MirroredAppointment,
     MirrorWrite,
+    SiuStoreUnavailable,
     event_version,
     open_siu_store,
     supersedes,
@@ -274,16 +275,22 @@ def test_issue10_two_replicas_on_one_redis_state_url_share_the_siu_feed(siu_url:
     run(main())
 
 
-def test_issue10_unreachable_redis_means_no_ack() -> None:
-    """Nothing answers at the Redis address: the listener closes the connection without an ACK (the sender
-    resends later), as for a full disk with SQLite."""
+def test_issue10_unreachable_redis_means_no_ack_and_the_listener_keeps_running() -> None:
+    """Nothing answers at the Redis address: the store says ``SiuStoreUnavailable``, the listener starts anyway and
+    closes each connection without an ACK (the sender resends later), as for a full disk with SQLite."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]  # closed again at once: nothing listens there
 
+    store = RedisSiuStore(f"redis://127.0.0.1:{port}/0", timeout_s=1)
+    with pytest.raises(SiuStoreUnavailable):
+        store.count_messages()
+    with pytest.raises(SiuStoreUnavailable), store.claim(10):
+        pass
+
     async def main() -> None:
-        store = RedisSiuStore(f"redis://127.0.0.1:{port}/0", timeout_s=1)
         inbox = SiuInbox(store)
+        await inbox.open()  # logged, not raised: the listener starts and answers once Redis is back
         async with MLLPServer(SiuListener(inbox).handle) as server:
             reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
             writer.write(encode_frame(siu("DOWN1", "S12")))
@@ -294,6 +301,7 @@ def test_issue10_unreachable_redis_means_no_ack() -> None:
         await inbox.close()
 
     run(main())
+    store.close()
 
 
 def test_issue10_non_ascii_names_and_ids_survive_the_lua_json_round_trip(stores: Callable[..., RedisSiuStore]) -> None:

@@ -26,7 +26,6 @@ import datetime as dt
 import logging
 import re
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, TypeVar
 
 from adapter.backends.protocol import (
@@ -65,12 +64,12 @@ from adapter.hl7v2.outbound import AvailabilityRequest, BookingRequest, PatientR
 from adapter.hl7v2.placer import Confirmed as SrrConfirmed, NotDelivered, Placer, Refused as SrrRefused, Unknown
 from adapter.hl7v2.store import (
     RECORD_INBOX_ID,
+    WAITING,
     ActorKind as MirrorActorKind,
     MirroredAppointment,
     SiuStore,
     SiuStoreUnavailable,
 )
-from adapter.hl7v2.store_sqlite import SqliteSiuStore
 from adapter.mllp import MLLPError
 
 log = logging.getLogger("adapter.backends.hl7v2")
@@ -106,8 +105,7 @@ class Hl7v2Backend:
         *,
         peer_host: str,
         peer_port: int,
-        inbox_path: str | Path | None = None,
-        store: SiuStore | None = None,
+        store: SiuStore,
         listen_host: str = "127.0.0.1",
         listen_port: int = 2575,
         mode: str = "query",
@@ -133,10 +131,6 @@ class Hl7v2Backend:
         )
         self.placer = Placer(mapping, peer_host, peer_port)
         self._peer = (peer_host, peer_port)
-        if store is None:
-            if inbox_path is None:
-                raise ValueError("Hl7v2Backend needs a SiuStore or the path of its SQLite file")
-            store = SqliteSiuStore(inbox_path)
         # The backend owns the store: the feed writes it, the backend's reads and confirmed SRRs use it.
         self.store = store
         self.feed = SiuFeed(store, mapping, host=listen_host, port=listen_port, poll_seconds=0.5)
@@ -158,9 +152,11 @@ class Hl7v2Backend:
         await asyncio.to_thread(self.store.close)
 
     async def ping(self) -> None:
-        """The filler's MLLP port accepts a connection (nothing is sent), and the SIU listener runs."""
+        """The filler's MLLP port accepts a connection (nothing is sent), the SIU listener runs and its store
+        answers (without it no SIU can be acknowledged)."""
         if not self.feed.port:
             raise BackendUnavailable("the SIU listener is not running")
+        await self._db(lambda m: m.count_messages(WAITING))
         try:
             _, writer = await asyncio.wait_for(asyncio.open_connection(*self._peer), timeout=3.0)
         except (OSError, TimeoutError) as exc:
