@@ -85,7 +85,7 @@ class Hl7v2Settings(_Section):
     inbox: Path | None = Field(
         None,
         description="SQLite file of the SIU inbox and mirror; default beside state.path (unused with a shared "
-        "state.url: the feed then lives in the state database)",
+        "state.url: the feed then lives in the state store, PostgreSQL or Redis)",
     )
 
 
