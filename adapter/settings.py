@@ -85,7 +85,7 @@ class Hl7v2Settings(_Section):
     inbox: Path | None = Field(
         None,
         description="SQLite file of the SIU inbox and mirror; default beside state.path (unused with a shared "
-        "state.url: the feed then lives in the state database)",
+        "state.url: the feed then lives in the state store, PostgreSQL or Redis)",
     )
 
 
@@ -247,7 +247,8 @@ class Settings(BaseSettings):
             # The SIU inbox and mirror live in the state store; where the feed has no store, it cannot be shared.
             raise ValueError(
                 "backend.kind = 'hl7v2' runs on one host with state.url sqlite:///... (or unset), or on several "
-                f"sharing state.url postgresql://...; the SIU feed has no store for {self.state.url.split(':', 1)[0]}"
+                "sharing state.url postgresql://... or redis://...; the SIU feed has no store for "
+                f"{self.state.url.split(':', 1)[0]}"
             )
         return self
 

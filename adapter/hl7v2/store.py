@@ -9,7 +9,9 @@ function every implementation calls.
 Implementations, chosen by ``open_siu_store`` from ``state.url`` (no other module knows which one is in use):
 
 * ``sqlite:///...``: ``SqliteSiuStore``, one host-local file (``hl7v2.inbox``, default beside ``state.path``);
-* ``postgresql://...``: ``PostgresSiuStore``, tables ``sched_hl7_*`` in the state database, shared by replicas.
+* ``postgresql://...``: ``PostgresSiuStore``, tables ``sched_hl7_*`` in the state database, shared by replicas;
+* ``redis://...``, ``rediss://...``, ``redis+sentinel://...``: ``RedisSiuStore`` (``store_redis.py``), keys
+  ``<key_prefix>siu:*`` beside the scheduling state, shared by replicas.
 
 Every method is synchronous and may block: call it from a worker thread, never the event loop. One store object
 is safe to use from several threads at once; several store objects (several replicas) may share one database.
@@ -189,13 +191,21 @@ class SiuStore(Protocol):
         ...
 
 
-SIU_STORE_SCHEMES = ("sqlite:///", "postgresql://", "postgres://")
+SIU_STORE_SCHEMES = (
+    "sqlite:///",
+    "postgresql://",
+    "postgres://",
+    "redis://",
+    "rediss://",
+    "redis+sentinel://",
+    "unix://",
+)
 """The ``state.url`` schemes the SIU feed has a store for (``open_siu_store``)."""
 
 
 def open_siu_store(url: str, *, sqlite_path: str | Path | None = None, timeout_s: float = 30.0) -> SiuStore:
     """The ``SiuStore`` for ``state.url``: PostgreSQL keeps the feed in the state database (tables
-    ``sched_hl7_*``); SQLite keeps it in ``sqlite_path`` (``hl7v2.inbox``), a file of its own beside the state
+    ``sched_hl7_*``), Redis under ``<key_prefix>siu:``; SQLite keeps it in ``sqlite_path`` (``hl7v2.inbox``), a file of its own beside the state
     file, or in the state file itself when no path is given."""
     if url.startswith("sqlite:///"):
         from adapter.hl7v2.store_sqlite import SqliteSiuStore
@@ -205,4 +215,8 @@ def open_siu_store(url: str, *, sqlite_path: str | Path | None = None, timeout_s
         from adapter.hl7v2.store_postgres import PostgresSiuStore
 
         return PostgresSiuStore(url, timeout_s=timeout_s)
-    raise ValueError(f"state.url {url!r}: the HL7v2 feed needs sqlite:///path or postgresql://...")
+    if url.startswith(("redis://", "rediss://", "redis+sentinel://", "unix://")):
+        from adapter.hl7v2.store_redis import RedisSiuStore
+
+        return RedisSiuStore(url, timeout_s=timeout_s)
+    raise ValueError(f"state.url {url!r}: the HL7v2 feed needs sqlite:///path, redis://... or postgresql://...")

@@ -174,6 +174,18 @@ class Hl7Env:
             with psycopg.connect(url) as pg:
                 row = pg.execute("SELECT count(*) FROM sched_journal WHERE state = 'intent'").fetchone()
                 return int(row[0]) if row else 0
+        if url.startswith("redis://"):
+            import redis
+
+            from adapter.redis_connect import split_url
+
+            plain, prefix = split_url(url)
+            client = redis.Redis.from_url(plain)
+            try:  # the journal's tokens in `ji` whose hash is still an intent (see redis_store's key list)
+                tokens = client.zrange(f"{prefix}ji", 0, -1)
+                return sum(client.hget(f"{prefix}j:{t.decode()}", "state") == b"intent" for t in tokens)
+            finally:
+                client.close()
         conn = sqlite3.connect(self.settings.state.path)
         try:
             return int(conn.execute("SELECT count(*) FROM journal WHERE state = 'intent'").fetchone()[0])

@@ -1,9 +1,10 @@
-"""Issue 10: the HL7v2 backend on two hosts sharing one PostgreSQL ``state.url``.
+"""Issue 10: the HL7v2 backend on two hosts sharing one PostgreSQL or Redis ``state.url``.
 
 Two full adapters (each its own data directory, FHIR server, MLLP listener on its own port and applier) in front of
 one legacy scheduler simulator, whose SIU feed goes to replica A: in one process, and as two ``sched-adapter serve``
-processes one of which is killed. The SIU inbox, its de-duplication and the
-appointment mirror live in the shared state database, so what reaches either listener is visible through both.
+processes one of which is killed. The SIU inbox, its de-duplication and the appointment mirror live in the shared
+state store, so what reaches either listener is visible through both. Each test runs on PostgreSQL (a fresh
+database) and on Redis (a key prefix of its own, db 13, see ``tests/stateutil.py``).
 """
 
 from __future__ import annotations
@@ -21,16 +22,26 @@ import pytest
 from backendutil import Hl7Env, SimulatorThread
 from hl7v2util import DEMO_MAPPING, siu
 from serverutil import ProcessServers, free_port, process_log
-from stateutil import pg_state_url
+from stateutil import drop_redis_keys, pg_state_url, redis_state_url
 
 from adapter.hl7v2.store import WAITING, open_siu_store
 from adapter.mllp import MLLPClient
 
 
+@pytest.fixture(params=["postgresql", "redis"])
+def state_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    if request.param == "postgresql":
+        yield pg_state_url(request.getfixturevalue("fresh_db")("postgresql", "hl7rep"))
+        return
+    url = redis_state_url(request.getfixturevalue("redis_url"), request.node.name)
+    yield url
+    drop_redis_keys(url)
+
+
 @pytest.fixture
-def replicas(tmp_path: Path, fresh_db: Callable[..., str]) -> Iterator[tuple[Hl7Env, Hl7Env]]:
+def replicas(tmp_path: Path, state_url: str) -> Iterator[tuple[Hl7Env, Hl7Env]]:
     shared = {
-        "state": {"url": pg_state_url(fresh_db("postgresql", "hl7rep"))},
+        "state": {"url": state_url},
         # One signing secret for both: an id proposed by one replica is valid on the other.
         "security": {"signing_secret_from_state": True},
     }
@@ -158,9 +169,9 @@ signing_secret_from_state = true
 
 
 def test_issue10_two_serve_processes_and_one_dies_the_other_applies_what_it_left(
-    tmp_path: Path, fresh_db: Callable[..., str]
+    tmp_path: Path, state_url: str
 ) -> None:
-    state = pg_state_url(fresh_db("postgresql", "hl7proc"))
+    state = state_url
     mllp = [free_port(), free_port()]
     sim = SimulatorThread(mllp[0])  # the scheduler's SIU feed goes to host A
     servers = ProcessServers()

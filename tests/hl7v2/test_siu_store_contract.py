@@ -1,7 +1,8 @@
 """One contract, every ``SiuStore`` (issue 10): the SIU inbox and mirror behave the same on each store.
 
 Each test runs against each kind in ``SIU_STORE_KINDS``, with several store objects standing for several hosts
-(separate connections) on one shared state: a SQLite file, a fresh PostgreSQL database per test. Another store
+(separate connections) on one shared state: a SQLite file, a fresh PostgreSQL database per test, a key prefix of
+its own per test on the Redis at 127.0.0.1:6379 (db 13, see ``tests/stateutil.py``). Another store
 joins by adding its kind to ``SIU_STORE_KINDS`` and a branch to ``open_shared_state``.
 """
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from hl7v2util import demo_mapping, siu
-from stateutil import pg_state_url
+from stateutil import drop_redis_keys, pg_state_url, redis_state_url
 
 from adapter.hl7v2.inbound import parse_siu
 from adapter.hl7v2.mirror import InboxApplier, mirror_write
@@ -29,7 +30,7 @@ from adapter.hl7v2.store import (
     supersedes,
 )
 
-SIU_STORE_KINDS = ["sqlite", "postgresql"]
+SIU_STORE_KINDS = ["sqlite", "postgresql", "redis"]
 
 
 class SharedState:
@@ -49,6 +50,8 @@ class SharedState:
     def close_all(self) -> None:
         for store in self.opened:
             store.close()
+        if self.url.startswith("redis://"):
+            drop_redis_keys(self.url)
 
 
 def open_shared_state(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> SharedState:
@@ -56,6 +59,8 @@ def open_shared_state(kind: str, request: pytest.FixtureRequest, tmp_path: Path)
         return SharedState(f"sqlite:///{tmp_path / 'state.sqlite'}", tmp_path / "hl7v2-inbox.sqlite", claims_wait=True)
     if kind == "postgresql":
         return SharedState(pg_state_url(request.getfixturevalue("fresh_db")("postgresql", "siu")), None)
+    if kind == "redis":
+        return SharedState(redis_state_url(request.getfixturevalue("redis_url"), request.node.name), None)
     raise AssertionError(f"no shared state for {kind!r}")
 
 

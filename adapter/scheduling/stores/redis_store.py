@@ -42,12 +42,12 @@ import logging
 import secrets
 from collections.abc import Callable, Iterable
 from typing import Any, ParamSpec, TypeVar, cast
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
 import redis.sentinel
 
 from adapter.backends.protocol import Interval
+from adapter.redis_connect import connect, split_url
 from adapter.scheduling.state import (
     DEFAULT_LEASE_SECONDS,
     DEFAULT_TIMEOUT_SECONDS,
@@ -460,38 +460,6 @@ def _dt(s: bytes | str | float) -> dt.datetime:
 
 def _client_json(client: str | None) -> str:
     return json.dumps(client)
-
-
-def split_url(url: str) -> tuple[str, str]:
-    """``(url without key_prefix, key_prefix)``: the prefix is ours, redis-py would reject it."""
-    parts = urlsplit(url)
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    prefix = next((v for k, v in query if k == "key_prefix"), "sched:")
-    rest = urlencode([(k, v) for k, v in query if k != "key_prefix"])
-    return urlunsplit(parts._replace(query=rest)), prefix
-
-
-def connect(url: str, timeout_s: float) -> redis.Redis:
-    """A client for ``redis://``, ``rediss://``, ``unix://`` or ``redis+sentinel://[:pw@]h1:p1,h2:p2/service/db``."""
-    options: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
-    if not url.startswith("redis+sentinel://"):
-        return redis.Redis.from_url(url, **options)
-    parts = urlsplit(url)
-    netloc = parts.netloc.rpartition("@")[2]
-    password = parts.password
-    hosts = []
-    for item in netloc.split(","):
-        host, _, port = item.partition(":")
-        hosts.append((host, int(port or 26379)))
-    path = [p for p in parts.path.split("/") if p]
-    if not path:
-        raise ValueError("a redis+sentinel:// URL names the monitored service: redis+sentinel://h:26379/mymaster/0")
-    service, db = path[0], int(path[1]) if len(path) > 1 else 0
-    # redis-py leaves Sentinel's constructor and master_for unannotated; what they return is documented.
-    make_sentinel = cast("Callable[..., redis.sentinel.Sentinel]", redis.sentinel.Sentinel)
-    sentinel = make_sentinel(hosts, sentinel_kwargs=options, password=password, db=db, **options)
-    master_for = cast("Callable[[str], redis.Redis]", sentinel.master_for)
-    return master_for(service)
 
 
 class RedisStateStore:
