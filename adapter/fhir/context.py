@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 from starlette.requests import Request
@@ -17,6 +19,39 @@ def utc_now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+class ResponseMemo:
+    """A small LRU of finished answers (body bytes and media type) by a key that names everything they depend on.
+
+    An entry is served for at most ``max_age`` seconds of this process's monotonic clock whatever the key says, so
+    an injected request clock that stands still cannot stretch it. ``fhir.find`` builds the keys (its docstring says
+    what goes in them).
+    """
+
+    def __init__(self, max_entries: int = 1024, max_age: float = 1.0) -> None:
+        self.max_entries = max_entries
+        self.max_age = max_age
+        self._entries: OrderedDict[Hashable, tuple[float, bytes, str]] = OrderedDict()
+
+    def get(self, key: Hashable) -> tuple[bytes, str] | None:
+        found = self._entries.get(key)
+        if found is None:
+            return None
+        if time.monotonic() - found[0] >= self.max_age:
+            del self._entries[key]
+            return None
+        self._entries.move_to_end(key)
+        return found[1], found[2]
+
+    def put(self, key: Hashable, body: bytes, media_type: str) -> None:
+        self._entries[key] = (time.monotonic(), body, media_type)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 @dataclass(slots=True)
 class FhirContext:
     service: SchedulingService
@@ -27,6 +62,7 @@ class FhirContext:
     auth_enabled: bool
     software_name: str = "sched-adapter"
     now: Callable[[], dt.datetime] = field(default=utc_now)
+    find_memo: ResponseMemo = field(default_factory=ResponseMemo)  # fhir.find: repeated $find within a second
 
 
 async def read_body(request: Request) -> bytes:

@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any, ParamSpec, Protocol, TypeVar
 
 from adapter.deadline import Deadline, bounded, remaining
+from adapter.scheduling.change_counters import CALENDAR, HOLDS, ChangeCounters, FileCounters
 from adapter.scheduling.domain import Interval, SlotConflict
 from adapter.sqlite_wal import enable_wal
 
@@ -265,6 +266,8 @@ class StateStore(Protocol):
     async def intents_overlapping(self, window: Interval) -> list[tuple[str, Interval, tuple[str, ...]]]: ...
     async def calendar_version(self) -> int: ...
     async def bump_calendar_version(self) -> None: ...
+    @property
+    def counters(self) -> ChangeCounters: ...
     async def journal_done(self, token: str, appointment_id: str, now: dt.datetime, *, release_hold: bool) -> None: ...
     async def journal_abandon(self, token: str, now: dt.datetime) -> None: ...
     async def journal_drop(self, token: str) -> None: ...
@@ -293,6 +296,8 @@ class SyncStateStore(StateGate, Protocol):
     def journal_get(self, token: str) -> JournalEntry | None: ...
     def calendar_version(self) -> int: ...
     def bump_calendar_version(self) -> None: ...
+    @property
+    def counters(self) -> ChangeCounters: ...
     def journal_done(self, token: str, appointment_id: str, now: dt.datetime, *, release_hold: bool) -> None: ...
     def journal_abandon(self, token: str, now: dt.datetime) -> None: ...
     def journal_drop(self, token: str) -> None: ...
@@ -369,6 +374,8 @@ class SqliteStateStore:
         self._guard = threading.Lock()
         self._writing = threading.Lock()  # one write transaction per process at a time (see _Tx)
         self.owner = f"{_HOST}:{os.getpid()}:{secrets.token_hex(6)}"
+        # Beside the state file, shared by every process that opens it (scheduling.change_counters).
+        self._counters = FileCounters(self.path + ".counters")
         with _LIVE_GUARD:
             _LIVE_INSTANCES.add(self.owner)
         with self._tx() as c:  # one process at a time creates and migrates the schema
@@ -402,6 +409,11 @@ class SqliteStateStore:
 
     def _tx(self) -> _Tx:
         return _Tx(self._conn(), self._writing, self.timeout_s)
+
+    @property
+    def counters(self) -> FileCounters:
+        """Bumped right after each commit that changed holds or the calendar, before the caller answers."""
+        return self._counters
 
     def _stale(self, owner: str | None, updated_s: float, now: dt.datetime) -> bool:
         return owner is None or not owner_alive(owner) or updated_s <= _ts(now) - self.lease_seconds
@@ -553,12 +565,15 @@ class SqliteStateStore:
                     "|" + "|".join(patient_ids) + "|" if patient_ids else None,
                 ),
             )
+        self._counters.bump(HOLDS)
         return hold
 
     @_unavailable_on_error
     def release(self, hold_id: str) -> None:
         with self._tx() as conn:
-            conn.execute("DELETE FROM holds WHERE id = ?", (hold_id,))
+            gone = conn.execute("DELETE FROM holds WHERE id = ?", (hold_id,)).rowcount
+        if gone:
+            self._counters.bump(HOLDS)
 
     @_unavailable_on_error
     def sweep(self, now: dt.datetime) -> int:
@@ -651,6 +666,7 @@ class SqliteStateStore:
             conn.execute(
                 "INSERT INTO calendar (id, version) VALUES (1, 1) ON CONFLICT (id) DO UPDATE SET version = version + 1"
             )
+        self._counters.bump(CALENDAR)
 
     def _row_to_entry(self, row: tuple[Any, ...]) -> JournalEntry:
         token, client, request_key, payload, state, appt_id, owner, created_s, updated_s = row
@@ -742,8 +758,9 @@ class SqliteStateStore:
                 "UPDATE journal SET state = 'done', appointment_id = ?, owner = ?, updated_s = ? WHERE token = ?",
                 (appointment_id, self.owner, _ts(now), token),
             )
-            if release_hold:
-                conn.execute("DELETE FROM holds WHERE id = ?", (token,))
+            gone = conn.execute("DELETE FROM holds WHERE id = ?", (token,)).rowcount if release_hold else 0
+        if gone:
+            self._counters.bump(HOLDS)
 
     @_unavailable_on_error
     def journal_abandon(self, token: str, now: dt.datetime) -> None:
@@ -784,6 +801,7 @@ class SqliteStateStore:
     def close(self) -> None:
         with _LIVE_GUARD:
             _LIVE_INSTANCES.discard(self.owner)
+        self._counters.close()
         with self._guard:
             conns, self._all = self._all, []
         for conn in conns:
@@ -847,6 +865,10 @@ class ThreadedStateStore:
     @property
     def gate(self) -> SyncStateStore:
         return self._store
+
+    @property
+    def counters(self) -> ChangeCounters:
+        return self._store.counters
 
     async def _run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         deadline = Deadline.after(self.timeout_s)
