@@ -86,10 +86,11 @@ async def find_endpoint(request: Request) -> Response:
     fmt = response_format(request)
     now = ctx.now()
     body = await read_body(request) if request.method == "POST" else b""
-    # Read before the answer is computed: a change meanwhile stores this answer under the old key only.
-    fingerprint = ctx.service.find_fingerprint()
-    memo_key = None if fingerprint is None else _memo_key(request, body, fingerprint, now)
-    if memo_key is not None and (hit := ctx.find_memo.get(memo_key)) is not None:
+    # The counters are read before the answer is computed (a change meanwhile leaves it under the old key only),
+    # the cache's generation after it (see ``SchedulingService.find_fingerprint``).
+    counters = ctx.service.find_fingerprint()
+    memo_key = None if counters is None else _memo_key(request, body, counters, now)
+    if memo_key is not None and (hit := ctx.find_memo.get((memo_key, ctx.service.availability.generation))):
         return Response(hit[0], media_type=hit[1])
     if request.method == "POST":
         params = ParamList.from_resource(parse_body(request.headers.get("content-type"), body))
@@ -102,11 +103,11 @@ async def find_endpoint(request: Request) -> Response:
     bundle = _bundle(ctx, req, result, notices, request, link_criteria)
     response = render(bundle, fmt)
     if memo_key is not None and response.media_type is not None:
-        ctx.find_memo.put(memo_key, bytes(response.body), response.media_type)
+        ctx.find_memo.put((memo_key, ctx.service.availability.generation), bytes(response.body), response.media_type)
     return response
 
 
-def _memo_key(request: Request, body: bytes, fingerprint: Hashable, now: dt.datetime) -> Hashable:
+def _memo_key(request: Request, body: bytes, counters: Hashable, now: dt.datetime) -> Hashable:
     """Everything a ``$find`` answer depends on (module docstring: the response memo)."""
     headers = request.headers
     principal = request.scope.get("sched.principal")
@@ -124,7 +125,7 @@ def _memo_key(request: Request, body: bytes, fingerprint: Hashable, now: dt.date
         headers.get("accept"),
         headers.get("prefer"),
         caller,
-        fingerprint,
+        counters,
         int(now.timestamp()),
     )
 

@@ -254,14 +254,16 @@ class SchedulingService:
         return await self.resolve(ActorRef(kind, id=actor_id))
 
     # -- ITI-115 -------------------------------------------------------------------------------
-    def find_fingerprint(self) -> tuple[int, int, tuple[int, int]] | None:
-        """What, besides the request and the whole second of ``now``, a ``$find`` answer depends on: the calendar
-        and holds change counters and the availability cache's generation; None when that is not all of it.
+    def find_fingerprint(self) -> tuple[int, int] | None:
+        """What, besides the request, the whole second of ``now`` and the availability cache's ``generation``, a
+        ``$find`` answer depends on: the calendar and holds change counters; None when that is not all of it.
 
         Within one second the same request then gets the same answer (proposed ids carry their issue second), as
-        long as this fingerprint does not move: a hold placed or released, a booking or a legacy notice moves a
-        counter (in every worker at once: ``change_counters.exact``), and a load of the availability cache moves
-        its generation. None when a memoised answer could hide something: counters only eventually consistent
+        long as these do not move: a hold placed or released, a booking or a legacy notice moves a counter (in
+        every worker at once: ``change_counters.exact``), and a load of the availability cache moves its
+        generation. Read the counters BEFORE computing an answer (a change meanwhile must leave it under the old
+        key) and the generation AFTER (the load the answer itself caused must not make the next request miss).
+        None when a memoised answer could hide something: counters only eventually consistent
         (Redis, PostgreSQL: another host's hold must be read from the store), bookings in flight read from the
         journal (a backend that cannot lock), availability per visit type (not cached), or a cache younger than
         a second (a memo would stretch its staleness bound).
@@ -274,7 +276,7 @@ class SchedulingService:
             or self.capabilities.availability_per_visit_type
         ):
             return None
-        return (counters.calendar(), counters.holds(), self.availability.generation)
+        return (counters.calendar(), counters.holds())
 
     async def find(self, req: FindRequest, now: dt.datetime) -> FindResult:
         notices: list[Notice] = []

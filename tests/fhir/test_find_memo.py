@@ -1,0 +1,155 @@
+"""The ``$find`` response memo (issue 14, ``adapter/fhir/find.py``): same request, same second, same answer,
+byte for byte; anything that changes the answer (a hold, a booking, a legacy change once the cache's TTL has
+run out, another caller, another format) is never hidden by it. Real app, real SQLite demo database; the
+request clock is fixed so that every request falls in one second unless a test says otherwise."""
+
+from __future__ import annotations
+
+import datetime as dt
+import sqlite3
+import time
+from collections.abc import Hashable
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+from starlette.testclient import TestClient
+
+from adapter.demo.seed import ensure_demo_database
+from adapter.fhir.context import FhirContext, ResponseMemo
+from adapter.server import build_app
+from tests.apputil import appointments, local_midnight, make_settings, parameters
+
+NY = ZoneInfo("America/New_York")
+FIND = "/fhir/Appointment/$find"
+HEADERS = {"Content-Type": "application/fhir+json"}
+
+
+class CountingMemo(ResponseMemo):
+    """The real memo, counting the answers it served."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hits = 0
+
+    def get(self, key: Hashable) -> tuple[bytes, str] | None:
+        found = super().get(key)
+        self.hits += found is not None
+        return found
+
+
+@pytest.fixture
+def demo_db(tmp_path: Path) -> Path:
+    path = tmp_path / "clinicware.sqlite"
+    ensure_demo_database(path, today=dt.date.today())
+    return path
+
+
+def _client(tmp_path: Path, demo_db: Path, now: dt.datetime, **find: Any) -> tuple[TestClient, CountingMemo]:
+    settings = make_settings(tmp_path, f"sqlite:///{demo_db}", find=find)
+    app = build_app(settings, clock=lambda: now)
+    ctx: FhirContext = app.state.fhir
+    memo = CountingMemo()
+    ctx.find_memo = memo
+    return TestClient(app, raise_server_exceptions=False), memo
+
+
+def _body(count: int = 20) -> dict[str, Any]:
+    start = local_midnight(1)
+    return parameters(
+        ("start", "valueDateTime", start.isoformat()),
+        ("end", "valueDateTime", (start + dt.timedelta(days=3)).isoformat()),
+        ("practitioner", "valueReference", {"reference": "Practitioner/SPEARSB"}),
+        ("_count", "valueInteger", count),
+    )
+
+
+def _slots(content: bytes | dict[str, Any]) -> set[tuple[str, str]]:
+    import orjson
+
+    bundle = orjson.loads(content) if isinstance(content, bytes) else content
+    return {(a["start"], a["participant"][0]["actor"]["reference"]) for a in appointments(bundle)}
+
+
+NOW = dt.datetime.now(dt.UTC).replace(microsecond=250_000)
+
+
+def test_issue14_memo_answer_is_byte_identical_to_a_fresh_computation(tmp_path: Path, demo_db: Path) -> None:
+    client, memo = _client(tmp_path, demo_db, NOW)
+    with client:
+        first = client.post(FIND, json=_body(), headers=HEADERS)
+        again = client.post(FIND, json=_body(), headers=HEADERS)
+        assert first.status_code == again.status_code == 200
+        assert memo.hits == 1
+        memo._entries.clear()  # the same request computed afresh, in the same second
+        fresh = client.post(FIND, json=_body(), headers=HEADERS)
+        assert memo.hits == 1
+    assert again.content == first.content == fresh.content
+    assert again.headers["content-type"] == first.headers["content-type"] == fresh.headers["content-type"]
+    assert again.headers["content-length"] == first.headers["content-length"]
+
+
+def test_issue14_memo_keys_on_format_caller_and_body(tmp_path: Path, demo_db: Path) -> None:
+    client, memo = _client(tmp_path, demo_db, NOW)
+    with client:
+        json_answer = client.post(FIND, json=_body(), headers=HEADERS)
+        xml_answer = client.post(FIND, json=_body(), headers={**HEADERS, "Accept": "application/fhir+xml"})
+        assert xml_answer.headers["content-type"].startswith("application/fhir+xml")
+        client.post(FIND, json=_body(), headers={**HEADERS, "X-Client-Id": "other"})
+        other_count = client.post(FIND, json=_body(count=5), headers=HEADERS)
+        assert memo.hits == 0
+        assert len(appointments(other_count.json())) == 5
+        assert client.post(FIND, json=_body(), headers=HEADERS).content == json_answer.content
+        assert memo.hits == 1
+
+
+def test_issue14_a_hold_placed_in_the_same_second_is_never_offered_from_the_memo(tmp_path: Path, demo_db: Path) -> None:
+    client, memo = _client(tmp_path, demo_db, NOW)
+    with client:
+        before = client.post(FIND, json=_body(), headers=HEADERS)
+        first = appointments(before.json())[0]
+        held = client.post(
+            "/fhir/Appointment/$hold",
+            json=parameters(("appointment-reference", "valueReference", {"reference": f"Appointment/{first['id']}"})),
+            headers={**HEADERS, "X-Client-Id": "a"},
+        )
+        assert held.status_code == 200
+        after = client.post(FIND, json=_body(), headers=HEADERS)
+        assert memo.hits == 0  # the holds counter moved: a new key
+        assert (first["start"], first["participant"][0]["actor"]["reference"]) not in _slots(after.content)
+        assert client.post(FIND, json=_body(), headers=HEADERS).content == after.content
+        assert memo.hits == 1
+
+
+def test_issue14_a_legacy_change_shows_once_the_cache_ttl_has_run_out_even_in_the_same_second(
+    tmp_path: Path, demo_db: Path
+) -> None:
+    """The memo holds an answer for at most one second of monotonic time, whatever the request clock says, and a
+    reload of the availability cache moves its generation: the staleness bound stays ``find.cache_seconds``."""
+    client, memo = _client(tmp_path, demo_db, NOW, cache_seconds=1)
+    with client:
+        before = client.post(FIND, json=_body(), headers=HEADERS)
+        first = appointments(before.json())[0]
+        start = dt.datetime.fromisoformat(first["start"]).astimezone(NY)
+        conn = sqlite3.connect(demo_db)
+        conn.execute(
+            "INSERT INTO APPT (APPT_ID, PAT_ID, PROV_ID, FAC_ID, APPT_DT, APPT_TM, DUR_MIN, TYPE_CD, STATUS_CD) "
+            "VALUES (990001, 7, 'SPEARSB ', 1, ?, ?, ?, 'FOLLOW', 'S')",
+            (int(start.strftime("%Y%m%d")), start.hour * 100 + start.minute, first["minutesDuration"]),
+        )
+        conn.commit()
+        conn.close()
+        time.sleep(1.1)  # past the cache's TTL (and the memo's second); the request clock has not moved
+        after = client.post(FIND, json=_body(), headers=HEADERS)
+        assert memo.hits == 0
+    assert (first["start"], "Practitioner/SPEARSB") not in _slots(after.content)
+
+
+def test_issue14_no_memo_when_the_cache_is_off_or_shorter_than_a_second(tmp_path: Path, demo_db: Path) -> None:
+    for seconds in (0, 0.5):
+        client, memo = _client(tmp_path / str(seconds), demo_db, NOW, cache_seconds=seconds)
+        with client:
+            answers = {client.post(FIND, json=_body(), headers=HEADERS).content for _ in range(3)}
+        assert memo.hits == 0 and len(memo) == 0
+        assert len(answers) == 1  # the same second and nothing changed: the same answer anyway
