@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import time
 from collections import OrderedDict
@@ -31,6 +32,30 @@ class ResponseMemo:
         self.max_entries = max_entries
         self.max_age = max_age
         self._entries: OrderedDict[Hashable, tuple[float, bytes, str]] = OrderedDict()
+        # Answers being computed, by key: a burst of the same request (every connection of a portal at the turn
+        # of a second) waits for one computation instead of running the whole $find once per connection.
+        self._computing: dict[Hashable, asyncio.Future[tuple[bytes, str]]] = {}
+
+    def computing(self, key: Hashable) -> asyncio.Future[tuple[bytes, str]] | None:
+        """The answer to ``key`` that another request is computing now, if any."""
+        return self._computing.get(key)
+
+    def begin(self, key: Hashable) -> asyncio.Future[tuple[bytes, str]]:
+        """This request computes ``key``; others may wait for it (``computing``) until ``end``."""
+        future: asyncio.Future[tuple[bytes, str]] = asyncio.get_running_loop().create_future()
+        self._computing[key] = future
+        return future
+
+    def end(self, key: Hashable, future: asyncio.Future[tuple[bytes, str]], answer: tuple[bytes, str] | None) -> None:
+        """The computation of ``key`` is over: ``answer``, or None when it failed (the waiters compute their own)."""
+        if self._computing.get(key) is future:
+            del self._computing[key]
+        if future.done():
+            return
+        if answer is None:
+            future.cancel()
+        else:
+            future.set_result(answer)
 
     def get(self, key: Hashable) -> tuple[bytes, str] | None:
         found = self._entries.get(key)

@@ -26,6 +26,7 @@ that second; ``$hold`` refuses it as it would a second later.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import functools
 import re
@@ -89,9 +90,33 @@ async def find_endpoint(request: Request) -> Response:
     # The counters are read before the answer is computed (a change meanwhile leaves it under the old key only),
     # the cache's generation after it (see ``SchedulingService.find_fingerprint``).
     counters = ctx.service.find_fingerprint()
-    memo_key = None if counters is None else _memo_key(request, body, counters, now)
-    if memo_key is not None and (hit := ctx.find_memo.get((memo_key, ctx.service.availability.generation))):
+    if counters is None:
+        return await _find(ctx, request, body, fmt, now)
+    memo = ctx.find_memo
+    key = _memo_key(request, body, counters, now)
+    if (hit := memo.get((key, ctx.service.availability.generation))) is not None:
         return Response(hit[0], media_type=hit[1])
+    if (computing := memo.computing(key)) is not None:
+        try:
+            shared = await asyncio.shield(computing)
+            return Response(shared[0], media_type=shared[1])
+        except asyncio.CancelledError:
+            if not computing.cancelled():
+                raise  # this request itself was cancelled
+            # the computation failed or was abandoned: compute this request's own answer
+    future = memo.begin(key)
+    answer: tuple[bytes, str] | None = None
+    try:
+        response = await _find(ctx, request, body, fmt, now)
+        if response.media_type is not None:
+            answer = (bytes(response.body), response.media_type)
+            memo.put((key, ctx.service.availability.generation), *answer)
+        return response
+    finally:
+        memo.end(key, future, answer)
+
+
+async def _find(ctx: FhirContext, request: Request, body: bytes, fmt: str, now: dt.datetime) -> Response:
     if request.method == "POST":
         params = ParamList.from_resource(parse_body(request.headers.get("content-type"), body))
     else:
@@ -101,10 +126,7 @@ async def find_endpoint(request: Request) -> Response:
     result = await ctx.service.find(req, now)
     link_criteria = await _link_criteria(ctx, req, result)
     bundle = _bundle(ctx, req, result, notices, request, link_criteria)
-    response = render(bundle, fmt)
-    if memo_key is not None and response.media_type is not None:
-        ctx.find_memo.put((memo_key, ctx.service.availability.generation), bytes(response.body), response.media_type)
-    return response
+    return render(bundle, fmt)
 
 
 def _memo_key(request: Request, body: bytes, counters: Hashable, now: dt.datetime) -> Hashable:

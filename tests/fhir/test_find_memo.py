@@ -5,14 +5,16 @@ request clock is fixed so that every request falls in one second unless a test s
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import sqlite3
 import time
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import httpx
 import pytest
 from starlette.testclient import TestClient
 
@@ -27,16 +29,21 @@ HEADERS = {"Content-Type": "application/fhir+json"}
 
 
 class CountingMemo(ResponseMemo):
-    """The real memo, counting the answers it served."""
+    """The real memo, counting the answers it served and the computations it was told of."""
 
     def __init__(self) -> None:
         super().__init__()
         self.hits = 0
+        self.computed = 0
 
     def get(self, key: Hashable) -> tuple[bytes, str] | None:
         found = super().get(key)
         self.hits += found is not None
         return found
+
+    def begin(self, key: Hashable) -> asyncio.Future[tuple[bytes, str]]:
+        self.computed += 1
+        return super().begin(key)
 
 
 @pytest.fixture
@@ -153,3 +160,25 @@ def test_issue14_no_memo_when_the_cache_is_off_or_shorter_than_a_second(tmp_path
             answers = {client.post(FIND, json=_body(), headers=HEADERS).content for _ in range(3)}
         assert memo.hits == 0 and len(memo) == 0
         assert len(answers) == 1  # the same second and nothing changed: the same answer anyway
+
+
+def test_issue14_a_burst_of_the_same_find_is_computed_once(
+    tmp_path: Path, demo_db: Path, live_server: Callable[..., str]
+) -> None:
+    """Every connection of a portal sends the same $find at the turn of a second: one computation, the others
+    wait for it and get the same bytes."""
+    settings = make_settings(tmp_path, f"sqlite:///{demo_db}")
+    app = build_app(settings, clock=lambda: NOW)
+    memo = CountingMemo()
+    app.state.fhir.find_memo = memo
+    base = live_server(app)
+
+    async def burst() -> list[bytes]:
+        async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=16)) as c:
+            answers = await asyncio.gather(*(c.post(base + FIND, json=_body(), headers=HEADERS) for _ in range(16)))
+        assert {r.status_code for r in answers} == {200}
+        return [r.content for r in answers]
+
+    contents = asyncio.run(burst())
+    assert len(set(contents)) == 1
+    assert memo.computed == 1
