@@ -48,6 +48,7 @@ import secrets
 import socket
 import sqlite3
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -440,6 +441,25 @@ class SqliteStateStore:
         for prac, s, e in rows:
             out.setdefault(prac, []).append(Interval(_dt(s), _dt(e)))
         return out
+
+    @_unavailable_on_error
+    def hold_rows(self, practitioner_ids: Iterable[str], window: Interval) -> list[tuple[str, float, float, float]]:
+        """(practitioner, start, end, expiry) of every hold of ``practitioner_ids`` in ``window``, expired or not:
+        what ``ThreadedStateStore`` caches until the holds counter moves, filtering by ``now`` itself."""
+        ids = list(practitioner_ids)
+        if not ids:
+            return []
+        marks = ",".join("?" * len(ids))
+        rows: list[tuple[str, float, float, float]] = (
+            self._conn()
+            .execute(
+                f"SELECT practitioner_id, start_s, end_s, expires_s FROM holds WHERE practitioner_id IN ({marks}) "
+                "AND start_s < ? AND end_s > ?",
+                [*ids, _ts(window.end), _ts(window.start)],
+            )
+            .fetchall()
+        )
+        return rows
 
     def _row_to_hold(self, row: tuple[Any, ...]) -> Hold:
         hid, prac, loc, s, e, x, client, payload = row[:8]
@@ -846,6 +866,10 @@ class _Tx:
             self.writing.release()
 
 
+HoldRow = tuple[str, float, float, float]  # practitioner, start, end, expiry (epoch seconds)
+_HOLD_ROWS_CACHED = 256
+
+
 class ThreadedStateStore:
     """A ``StateStore`` over a blocking store: each call runs in a small pool of its own threads.
 
@@ -861,6 +885,8 @@ class ThreadedStateStore:
         self._store = store
         self.timeout_s = timeout_s
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="adapter-state")
+        # (practitioners, window) -> (holds counter when read, the rows with their expiry); see holds_by_practitioner.
+        self._hold_rows: OrderedDict[tuple[tuple[str, ...], float, float], tuple[int, list[HoldRow]]] = OrderedDict()
 
     @property
     def gate(self) -> SyncStateStore:
@@ -893,7 +919,35 @@ class ThreadedStateStore:
     async def holds_by_practitioner(
         self, practitioner_ids: Iterable[str], window: Interval, now: dt.datetime
     ) -> dict[str, list[Interval]]:
-        return await self._run(self._store.holds_by_practitioner, tuple(practitioner_ids), window, now)
+        """The active holds, without a thread hop while nothing changed (issue 14).
+
+        With exact change counters (one host: ``FileCounters``) the rows of a (practitioners, window) are kept with
+        their expiry until the holds counter moves, which every placement, release and booking does in every
+        worker before its answer goes out; expiry is filtered here by ``now``, exactly as the SQL does, so a held
+        slot is never offered (ITI-115 SHALL). Shared stores (Redis, PostgreSQL) read the store on every call:
+        another host's hold must not wait for a message.
+        """
+        rows_of = getattr(self._store, "hold_rows", None)
+        counters = self._store.counters
+        if rows_of is None or not counters.exact:
+            return await self._run(self._store.holds_by_practitioner, tuple(practitioner_ids), window, now)
+        ids = tuple(practitioner_ids)
+        key = (ids, window.start.timestamp(), window.end.timestamp())
+        version = counters.holds()  # before the read: a change meanwhile leaves the rows under the old version
+        cached = self._hold_rows.get(key)
+        if cached is None or cached[0] != version:
+            cached = (version, await self._run(rows_of, ids, window))
+            self._hold_rows[key] = cached
+            while len(self._hold_rows) > _HOLD_ROWS_CACHED:
+                self._hold_rows.popitem(last=False)
+        else:
+            self._hold_rows.move_to_end(key)
+        t = _ts(now)
+        out: dict[str, list[Interval]] = {}
+        for prac, start_s, end_s, expires_s in cached[1]:
+            if expires_s > t:
+                out.setdefault(prac, []).append(Interval(_dt(start_s), _dt(end_s)))
+        return out
 
     async def get_hold(self, hold_id: str, now: dt.datetime) -> Hold | None:
         return await self._run(self._store.get_hold, hold_id, now)
