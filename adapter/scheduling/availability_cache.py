@@ -7,8 +7,9 @@ portals ask for overlapping windows all day long, so a day-granular cache helps 
 not only repeated identical requests.
 
 Why it is safe:
-* holds are never cached (the service reads them from the shared state store on every call), so
-  a held slot is never offered (ITI-115 SHALL);
+* holds are never cached here (the service reads them from the state store on every call; on one
+  host ``ThreadedStateStore`` keeps what it read only until the holds counter moves), so a held slot
+  is never offered (ITI-115 SHALL);
 * every change made through the adapter (book, reschedule, cancel) bumps a calendar version in the
   shared state store; every worker compares it on each call and drops its cache when it moved, so
   the adapter's own bookings are visible immediately to all workers;
