@@ -182,3 +182,25 @@ def test_issue14_a_burst_of_the_same_find_is_computed_once(
     contents = asyncio.run(burst())
     assert len(set(contents)) == 1
     assert memo.computed == 1
+
+
+def test_issue14_no_memo_with_a_shared_state_store_every_find_reads_the_holds(
+    tmp_path: Path, demo_db: Path, redis_url: str
+) -> None:
+    """Redis (and PostgreSQL) counters are only eventually consistent across hosts: another host's hold must not
+    wait for a message, so nothing is memoised and each $find reads the holds from the store."""
+    from stateutil import drop_redis_keys, redis_state_url
+
+    url = redis_state_url(redis_url, "memo-off")
+    settings = make_settings(tmp_path, f"sqlite:///{demo_db}", state={"url": url, "single_host": True})
+    app = build_app(settings, clock=lambda: NOW)
+    memo = CountingMemo()
+    app.state.fhir.find_memo = memo
+    try:
+        with TestClient(app, raise_server_exceptions=False) as client:
+            assert app.state.fhir.service.find_fingerprint() is None
+            answers = [client.post(FIND, json=_body(), headers=HEADERS) for _ in range(3)]
+            assert {r.status_code for r in answers} == {200}
+            assert memo.hits == 0 and memo.computed == 0 and len(memo) == 0
+    finally:
+        drop_redis_keys(url)
