@@ -28,10 +28,12 @@ class ResponseMemo:
     what goes in them).
     """
 
-    def __init__(self, max_entries: int = 1024, max_age: float = 1.0) -> None:
+    def __init__(self, max_entries: int = 1024, max_age: float = 1.0, max_bytes: int = 64 * 1024 * 1024) -> None:
         self.max_entries = max_entries
         self.max_age = max_age
+        self.max_bytes = max_bytes  # 1,024 answers of 500 entries would be ~700 MB: bounded by size as well
         self._entries: OrderedDict[Hashable, tuple[float, bytes, str]] = OrderedDict()
+        self._bytes = 0
         # Answers being computed, by key: a burst of the same request (every connection of a portal at the turn
         # of a second) waits for one computation instead of running the whole $find once per connection.
         self._computing: dict[Hashable, asyncio.Future[tuple[bytes, str]]] = {}
@@ -62,16 +64,22 @@ class ResponseMemo:
         if found is None:
             return None
         if time.monotonic() - found[0] >= self.max_age:
-            del self._entries[key]
+            self._drop(key)
             return None
         self._entries.move_to_end(key)
         return found[1], found[2]
 
     def put(self, key: Hashable, body: bytes, media_type: str) -> None:
+        self._drop(key)
         self._entries[key] = (time.monotonic(), body, media_type)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+        self._bytes += len(body)
+        while self._entries and (len(self._entries) > self.max_entries or self._bytes > self.max_bytes):
+            self._drop(next(iter(self._entries)))
+
+    def _drop(self, key: Hashable) -> None:
+        gone = self._entries.pop(key, None)
+        if gone is not None:
+            self._bytes -= len(gone[1])
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -13,7 +13,7 @@ second of the request clock, the same request gets byte for byte the same answer
 depends on moved: proposed ids carry their issue second, and ``SchedulingService.find_fingerprint``
 names the rest (calendar and holds change counters, read without I/O and bumped in every worker before a
 ``$hold``/``$book`` answer goes out; the availability cache's generation). So the finished body is kept
-(``FhirContext.find_memo``, LRU of 1,024, at most one second) under a key of: method, the exact body
+(``FhirContext.find_memo``, LRU of 1,024 answers or 64 MB, at most one second) under a key of: method, the exact body
 bytes, the query string, Host, Content-Type, Accept, Prefer, the caller (token principal or
 ``X-Client-Id``), the fingerprint and the second. It runs after authentication, authorization, rate
 limiting and audit (the security middleware), which see every request. Off when the fingerprint is None

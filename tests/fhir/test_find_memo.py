@@ -204,3 +204,17 @@ def test_issue14_no_memo_with_a_shared_state_store_every_find_reads_the_holds(
             assert memo.hits == 0 and memo.computed == 0 and len(memo) == 0
     finally:
         drop_redis_keys(url)
+
+
+def test_issue14_memo_is_bounded_by_entries_bytes_and_one_second() -> None:
+    async def scenario() -> None:
+        memo = ResponseMemo(max_entries=3, max_age=0.2, max_bytes=250)
+        for n in range(4):
+            memo.put(n, bytes(50), "application/fhir+json")
+        assert len(memo) == 3 and memo.get(0) is None and memo.get(3) is not None  # the oldest went
+        memo.put("big", bytes(200), "application/fhir+json")
+        assert memo.get("big") is not None and memo.get(1) is None and len(memo) <= 2  # bytes bounded too
+        await asyncio.sleep(0.25)
+        assert memo.get("big") is None and memo.get(3) is None  # older than max_age: never served
+
+    asyncio.run(scenario())
