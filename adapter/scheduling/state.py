@@ -461,6 +461,24 @@ class SqliteStateStore:
         )
         return rows
 
+    @_unavailable_on_error
+    def patient_hold_rows(self, patient_ids: Iterable[str], window: Interval) -> list[tuple[str, float, float, float]]:
+        """(patient, start, end, expiry) of the holds for ``patient_ids`` in ``window``, expired or not (see
+        ``hold_rows``), in the order ``holds_by_patient`` gives them."""
+        out: list[tuple[str, float, float, float]] = []
+        for pid in patient_ids:
+            rows = (
+                self._conn()
+                .execute(
+                    "SELECT start_s, end_s, expires_s FROM holds WHERE instr(patients, ?) > 0 "
+                    "AND start_s < ? AND end_s > ?",
+                    (f"|{pid}|", _ts(window.end), _ts(window.start)),
+                )
+                .fetchall()
+            )
+            out.extend((pid, s, e, x) for s, e, x in rows)
+        return out
+
     def _row_to_hold(self, row: tuple[Any, ...]) -> Hold:
         hid, prac, loc, s, e, x, client, payload = row[:8]
         return Hold(hid, prac, loc, Interval(_dt(s), _dt(e)), _dt(x), client, json.loads(payload))
@@ -886,7 +904,9 @@ class ThreadedStateStore:
         self.timeout_s = timeout_s
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="adapter-state")
         # (practitioners, window) -> (holds counter when read, the rows with their expiry); see holds_by_practitioner.
-        self._hold_rows: OrderedDict[tuple[tuple[str, ...], float, float], tuple[int, list[HoldRow]]] = OrderedDict()
+        self._hold_rows: OrderedDict[tuple[str, tuple[str, ...], float, float], tuple[int, list[HoldRow]]] = (
+            OrderedDict()
+        )
 
     @property
     def gate(self) -> SyncStateStore:
@@ -927,24 +947,13 @@ class ThreadedStateStore:
         slot is never offered (ITI-115 SHALL). Shared stores (Redis, PostgreSQL) read the store on every call:
         another host's hold must not wait for a message.
         """
-        rows_of = getattr(self._store, "hold_rows", None)
-        counters = self._store.counters
-        if rows_of is None or not counters.exact:
-            return await self._run(self._store.holds_by_practitioner, tuple(practitioner_ids), window, now)
         ids = tuple(practitioner_ids)
-        key = (ids, window.start.timestamp(), window.end.timestamp())
-        version = counters.holds()  # before the read: a change meanwhile leaves the rows under the old version
-        cached = self._hold_rows.get(key)
-        if cached is None or cached[0] != version:
-            cached = (version, await self._run(rows_of, ids, window))
-            self._hold_rows[key] = cached
-            while len(self._hold_rows) > _HOLD_ROWS_CACHED:
-                self._hold_rows.popitem(last=False)
-        else:
-            self._hold_rows.move_to_end(key)
+        rows = await self._cached_rows("hold_rows", ids, window)
+        if rows is None:
+            return await self._run(self._store.holds_by_practitioner, ids, window, now)
         t = _ts(now)
         out: dict[str, list[Interval]] = {}
-        for prac, start_s, end_s, expires_s in cached[1]:
+        for prac, start_s, end_s, expires_s in rows:
             if expires_s > t:
                 out.setdefault(prac, []).append(Interval(_dt(start_s), _dt(end_s)))
         return out
@@ -953,7 +962,31 @@ class ThreadedStateStore:
         return await self._run(self._store.get_hold, hold_id, now)
 
     async def holds_by_patient(self, patient_ids: Iterable[str], window: Interval, now: dt.datetime) -> list[Interval]:
-        return await self._run(self._store.holds_by_patient, tuple(patient_ids), window, now)
+        """The active holds of these patients; cached like ``holds_by_practitioner`` (same rules)."""
+        rows = await self._cached_rows("patient_hold_rows", tuple(patient_ids), window)
+        if rows is None:
+            return await self._run(self._store.holds_by_patient, tuple(patient_ids), window, now)
+        t = _ts(now)
+        return [Interval(_dt(start_s), _dt(end_s)) for _, start_s, end_s, expires_s in rows if expires_s > t]
+
+    async def _cached_rows(self, reader: str, ids: tuple[str, ...], window: Interval) -> list[HoldRow] | None:
+        """Rows of ``reader`` (a method of the store) for ``ids``, from this process's cache while the holds counter
+        stands still; None when the store has no exact counters (a shared store: read it every time)."""
+        read = getattr(self._store, reader, None)
+        counters = self._store.counters
+        if read is None or not counters.exact:
+            return None
+        key = (reader, ids, window.start.timestamp(), window.end.timestamp())
+        version = counters.holds()  # before the read: a change meanwhile leaves the rows under the old version
+        cached = self._hold_rows.get(key)
+        if cached is None or cached[0] != version:
+            cached = (version, await self._run(read, ids, window))
+            self._hold_rows[key] = cached
+            while len(self._hold_rows) > _HOLD_ROWS_CACHED:
+                self._hold_rows.popitem(last=False)
+        else:
+            self._hold_rows.move_to_end(key)
+        return cached[1]
 
     async def release(self, hold_id: str) -> None:
         await self._run(self._store.release, hold_id)

@@ -463,3 +463,35 @@ def test_issue14_cached_holds_answer_like_the_store_and_see_every_worker_change_
     finally:
         asyncio.run(a.close())
         b.close()
+
+
+def test_issue14_cached_patient_holds_answer_like_the_store(tmp_path: Path) -> None:
+    path = tmp_path / "state.sqlite"
+    raw_a, b = SqliteStateStore(path), SqliteStateStore(path)
+    a = ThreadedStateStore(raw_a)
+    window = Interval(NOW, NOW + dt.timedelta(days=1))
+
+    def for_patient(hid: str, start_min: int, expires_in: int = 300) -> Hold:
+        h = hold(hid, start_min, expires_in=expires_in, prac=f"P-{hid}")
+        return Hold(h.id, h.practitioner_id, h.location_id, h.interval, h.expires_at, h.client, {"patient_ids": ["7"]})
+
+    async def read(now: dt.datetime) -> list[Interval]:
+        got = await a.holds_by_patient(("7", "8"), window, now)
+        assert got == b.holds_by_patient(("7", "8"), window, now)
+        return got
+
+    async def scenario() -> None:
+        assert await read(NOW) == []
+        b.place_hold(for_patient("h1", 0, expires_in=60), NOW)
+        assert len(await read(NOW)) == 1  # another worker's hold: seen at once
+        b.place_hold(for_patient("h2", 60), NOW)
+        assert len(await read(NOW)) == 2
+        assert len(await read(NOW + dt.timedelta(seconds=61))) == 1  # h1 ran out
+        b.release("h2")
+        assert await read(NOW) == [Interval(NOW + dt.timedelta(hours=1), NOW + dt.timedelta(hours=1, minutes=20))]
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        asyncio.run(a.close())
+        b.close()
