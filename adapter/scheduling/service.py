@@ -186,7 +186,7 @@ class SchedulingService:
         max_days_ahead: float = 365,
     ) -> None:
         self.backend = backend
-        self.availability = AvailabilityCache(backend, state.calendar_version, availability_cache_seconds)
+        self.availability = AvailabilityCache(backend, state.counters.calendar, availability_cache_seconds)
         self.state = state
         self.proposals = proposals
         self.hold_ttl = hold_ttl
@@ -257,6 +257,30 @@ class SchedulingService:
         return await self.resolve(ActorRef(kind, id=actor_id))
 
     # -- ITI-115 -------------------------------------------------------------------------------
+    def find_fingerprint(self) -> tuple[int, int] | None:
+        """What, besides the request, the whole second of ``now`` and the availability cache's ``generation``, a
+        ``$find`` answer depends on: the calendar and holds change counters; None when that is not all of it.
+
+        Within one second the same request then gets the same answer (proposed ids carry their issue second), as
+        long as these do not move: a hold placed or released, a booking or a legacy notice moves a counter (in
+        every worker at once: ``change_counters.exact``), and a load of the availability cache moves its
+        generation. Read the counters BEFORE computing an answer (a change meanwhile must leave it under the old
+        key) and the generation AFTER (the load the answer itself caused must not make the next request miss).
+        None when a memoised answer could hide something: counters only eventually consistent
+        (Redis, PostgreSQL: another host's hold must be read from the store), bookings in flight read from the
+        journal (a backend that cannot lock), availability per visit type (not cached), or a cache younger than
+        a second (a memo would stretch its staleness bound).
+        """
+        counters = self.state.counters
+        if (
+            not counters.exact
+            or self.availability.ttl < 1
+            or not self.capabilities.can_lock
+            or self.capabilities.availability_per_visit_type
+        ):
+            return None
+        return (counters.calendar(), counters.holds())
+
     async def find(self, req: FindRequest, now: dt.datetime) -> FindResult:
         notices: list[Notice] = []
         empty = FindResult(0, [], [], notices, req.window, {})
