@@ -2,7 +2,8 @@
 
 Every state store keeps two counters: ``calendar`` (bumped after every change the adapter makes to the legacy
 calendar, and on every legacy change notice) and ``holds`` (bumped after every hold placed, released or turned into
-a booking; an expiry needs no bump because every read of holds filters by ``now``). Readers compare them with what
+a booking, and every booking in flight recorded or ended, since those are busy time too for a backend without a
+lock; an expiry needs no bump because every read of holds filters by ``now``). Readers compare them with what
 they saw last to know whether what they derived from the state (an availability cache, a memoised ``$find`` answer)
 still holds. Reading them is a memory read: it may run on the event loop.
 

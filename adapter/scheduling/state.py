@@ -728,6 +728,7 @@ class SqliteStateStore:
                 "INSERT OR REPLACE INTO journal VALUES (?, ?, ?, ?, 'intent', NULL, ?, ?, ?)",
                 (token, client, request_key, json.dumps(payload), self.owner, _ts(now), _ts(now)),
             )
+        self._counters.bump(HOLDS)  # a booking in flight is busy time for $find (see journal_intent_exclusive)
 
     @staticmethod
     def _intent_rows(conn: sqlite3.Connection) -> list[tuple[str, str, Interval, tuple[str, ...]]]:
@@ -786,6 +787,7 @@ class SqliteStateStore:
                 "INSERT OR REPLACE INTO journal VALUES (?, ?, ?, ?, 'intent', NULL, ?, ?, ?)",
                 (token, client, request_key, json.dumps(payload), self.owner, _ts(now), _ts(now)),
             )
+        self._counters.bump(HOLDS)  # a booking in flight is busy time for $find (see journal_intent_exclusive)
 
     @_unavailable_on_error
     def journal_done(self, token: str, appointment_id: str, now: dt.datetime, *, release_hold: bool) -> None:
@@ -796,9 +798,9 @@ class SqliteStateStore:
                 "UPDATE journal SET state = 'done', appointment_id = ?, owner = ?, updated_s = ? WHERE token = ?",
                 (appointment_id, self.owner, _ts(now), token),
             )
-            gone = conn.execute("DELETE FROM holds WHERE id = ?", (token,)).rowcount if release_hold else 0
-        if gone:
-            self._counters.bump(HOLDS)
+            if release_hold:
+                conn.execute("DELETE FROM holds WHERE id = ?", (token,))
+        self._counters.bump(HOLDS)  # its hold, and its time as a booking in flight, are gone
 
     @_unavailable_on_error
     def journal_abandon(self, token: str, now: dt.datetime) -> None:
@@ -812,7 +814,9 @@ class SqliteStateStore:
     def journal_drop(self, token: str) -> None:
         """The legacy write certainly did not happen: forget the intent."""
         with self._tx() as conn:
-            conn.execute("DELETE FROM journal WHERE token = ? AND state = 'intent'", (token,))
+            gone = conn.execute("DELETE FROM journal WHERE token = ? AND state = 'intent'", (token,)).rowcount
+        if gone:
+            self._counters.bump(HOLDS)
 
     @_unavailable_on_error
     def journal_claim(self, token: str, now: dt.datetime) -> JournalEntry | None:

@@ -269,3 +269,30 @@ def test_issue8_1_a_cancel_is_journaled_before_its_srm_leaves(env: Hl7Env) -> No
     success(answers[0], "cancelled")
     assert env.journal_intents() == 0
     env.assert_agreement()
+
+
+def test_issue8_1_a_booking_in_flight_is_busy_for_the_very_next_find_even_within_the_memo_second(
+    env: Hl7Env,
+) -> None:
+    """The one-second ``$find`` memo must not hide a booking whose SRR is still outstanding: recording the intent
+    moves the change counters, so the same ``$find`` asked again in the same second is computed afresh."""
+    import threading
+    import time
+
+    time.sleep(1 - time.time() % 1 + 0.01)  # start of a second: both $find calls below fall in the same one
+    before = env.find(day=1, patient="PAT2")
+    first = env.find(day=1)[0]
+    assert slot(first) in {slot(a) for a in before}
+    set_faults(env, delay=1, delay_type="SRM", delay_seconds=0.8)
+    answers: list[Any] = []
+    booker = threading.Thread(target=lambda: answers.append(env.book(first["id"], "client-f")))
+    booker.start()
+    try:
+        env.wait_for(lambda: env.journal_intents() == 1, "the booking's intent before its SRR")
+        # (This $find may wait for the outstanding SRR on the filler connection; busy either way.)
+        after = env.find(day=1, patient="PAT2")
+    finally:
+        booker.join(15)
+    assert slot(first) not in {slot(a) for a in after}, "a booking in flight was offered from the memo"
+    success(answers[0], "booked")
+    env.assert_agreement()

@@ -960,3 +960,30 @@ def _owners(kind: str, url: str) -> set[str]:
 
     with psycopg.connect(url) as conn:
         return {row[0] for row in conn.execute("SELECT owner FROM sched_owners").fetchall()}
+
+
+def test_issue8_1_exact_counters_move_when_a_booking_in_flight_starts_and_ends(stores: Stores) -> None:
+    """For a backend without a lock a booking in flight is busy time for ``$find``, which a one-host worker derives
+    from the holds counter (its cached holds, the ``$find`` memo): recording an intent, and ending it (done or
+    dropped), must move that counter in every process. (Shared stores' counters are not exact; there ``$find``
+    reads the intents every time.)"""
+    a, b = stores.open(), stores.open()
+    exact = a.counters.exact
+    for end in ("done", "drop", "exclusive-done"):
+        before = b.counters.holds()
+        if end.startswith("exclusive"):
+            span = exclusive(a, "t-" + end, 0)
+        else:
+            payload, span = booking(0)
+            a.journal_intent("t-" + end, client="a", request_key=None, payload=payload, now=NOW)
+        if exact:
+            assert b.counters.holds() > before, f"intent recorded ({end})"
+        assert [p for p, _, _ in b.intents_overlapping(span)] == ["P1"], f"intent busy ({end})"
+        before = b.counters.holds()
+        if end.endswith("done"):
+            a.journal_done("t-" + end, "appt-" + end, NOW, release_hold=False)
+        else:
+            a.journal_drop("t-" + end)
+        if exact:
+            assert b.counters.holds() > before, f"intent ended ({end})"
+        assert b.intents_overlapping(span) == [], f"intent no longer busy ({end})"
