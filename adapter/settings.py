@@ -113,6 +113,11 @@ class FindSettings(_Section):
     max_count: int = Field(500, ge=1)
     proposal_ttl_seconds: int = Field(3600, ge=10, description="how long a proposed id can be held/booked")
     cache_seconds: float = Field(2.0, ge=0, description="per-worker cache of the legacy calendar; 0 = off")
+    memo: bool = Field(
+        True,
+        description="answer a $find repeated within the same second from a per-worker memo (one host, a backend "
+        "with a lock, cache_seconds >= 1); false: every $find is computed",
+    )
     max_days_ahead: float = Field(365, gt=0, description="booking horizon: nothing later is offered or booked")
 
 

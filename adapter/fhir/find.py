@@ -89,7 +89,7 @@ async def find_endpoint(request: Request) -> Response:
     body = await read_body(request) if request.method == "POST" else b""
     # The counters are read before the answer is computed (a change meanwhile leaves it under the old key only),
     # the cache's generation after it (see ``SchedulingService.find_fingerprint``).
-    counters = ctx.service.find_fingerprint()
+    counters = ctx.service.find_fingerprint() if ctx.find.memo else None
     if counters is None:
         return await _find(ctx, request, body, fmt, now)
     memo = ctx.find_memo

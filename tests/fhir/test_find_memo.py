@@ -162,6 +162,20 @@ def test_issue14_no_memo_when_the_cache_is_off_or_shorter_than_a_second(tmp_path
         assert len(answers) == 1  # the same second and nothing changed: the same answer anyway
 
 
+def test_issue14_find_memo_false_computes_every_find(tmp_path: Path, demo_db: Path) -> None:
+    """``find.memo = false``: the operator's switch (and the bench's "computed" row): no answer comes from the memo,
+    and the answers are the same as with it."""
+    client, memo = _client(tmp_path, demo_db, NOW, memo=False)
+    with client:
+        answers = {client.post(FIND, json=_body(), headers=HEADERS).content for _ in range(3)}
+    assert memo.hits == 0 and memo.computed == 0 and len(memo) == 0
+    assert len(answers) == 1
+    with_memo, counting = _client(tmp_path / "memo", demo_db, NOW)
+    with with_memo:
+        assert {with_memo.post(FIND, json=_body(), headers=HEADERS).content for _ in range(3)} == answers
+    assert counting.hits == 2
+
+
 def test_issue14_a_burst_of_the_same_find_is_computed_once(
     tmp_path: Path, demo_db: Path, live_server: Callable[..., str]
 ) -> None:
