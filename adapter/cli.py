@@ -65,7 +65,12 @@ def _serve(config: Path, overrides: dict[str, str]) -> int:
     )
     logging.getLogger("apscheduler").setLevel(logging.WARNING)  # one line per sweep is noise
     try:
-        load_mapping(settings.backend.mapping)
+        if settings.backend.kind == "hl7v2":
+            from adapter.hl7v2.mapping import load_hl7v2_mapping
+
+            load_hl7v2_mapping(settings.backend.mapping)
+        else:
+            load_mapping(settings.backend.mapping)
     except MappingError as exc:
         print(f"sched-adapter: {exc}", file=sys.stderr)
         return 2

@@ -25,7 +25,7 @@ from adapter.fhir.search import search_endpoint
 from adapter.mapping.loader import Mapping, MappingError, load_mapping
 from adapter.scheduling.proposals import ProposalCodec
 from adapter.scheduling.service import SchedulingService
-from adapter.scheduling.stores import open_state_store, secret_from_store, state_url
+from adapter.scheduling.stores import is_shared, open_state_store, secret_from_store, state_url
 from adapter.security.setup import build_security
 from adapter.settings import Settings
 from adapter.tools.check import live_check
@@ -92,16 +92,22 @@ def _backend(settings: Settings) -> tuple[SchedulingBackend, str | None, int | N
     if settings.backend.kind == "hl7v2":
         from adapter.backends.hl7v2.backend import Hl7v2Backend
         from adapter.hl7v2.mapping import load_hl7v2_mapping
+        from adapter.hl7v2.store import open_siu_store
 
         h = settings.hl7v2
         hmap = load_hl7v2_mapping(settings.backend.mapping)
         inbox = h.inbox or settings.state.path.with_name("hl7v2-inbox.sqlite")
-        inbox.parent.mkdir(parents=True, exist_ok=True)
+        url = state_url(settings.state.url, settings.state.path)
+        if not is_shared(url):
+            inbox.parent.mkdir(parents=True, exist_ok=True)
+        store = open_siu_store(
+            url, sqlite_path=inbox, timeout_s=settings.state.timeout_seconds or settings.backend.timeout_seconds
+        )
         hl7 = Hl7v2Backend(
             hmap,
             peer_host=h.peer_host,
             peer_port=h.peer_port,
-            inbox_path=inbox,
+            store=store,
             listen_host=h.listen_host,
             listen_port=h.listen_port,
             mode=h.mode,

@@ -21,6 +21,8 @@ import pydantic_settings
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
+from adapter.hl7v2.store import SIU_STORE_SCHEMES
+
 ENV_PREFIX = "SCHED_"
 CONFIG_FILE_VARIABLE = "SCHED_CONFIG_FILE"  # names the settings file for uvicorn workers; not itself a setting
 
@@ -80,7 +82,11 @@ class Hl7v2Settings(_Section):
     )
     timeout_seconds: float | None = Field(None, gt=0, description="wait per SRM/SQM answer; default the mapping's")
     retries: int | None = Field(None, ge=0, description="resends (same MSH-10) before unknown; default the mapping's")
-    inbox: Path | None = Field(None, description="SQLite file of the SIU inbox and mirror; default beside state.path")
+    inbox: Path | None = Field(
+        None,
+        description="SQLite file of the SIU inbox and mirror; default beside state.path (unused with a shared "
+        "state.url: the feed then lives in the state store, PostgreSQL or Redis)",
+    )
 
 
 class StateSettings(_Section):
@@ -107,6 +113,11 @@ class FindSettings(_Section):
     max_count: int = Field(500, ge=1)
     proposal_ttl_seconds: int = Field(3600, ge=10, description="how long a proposed id can be held/booked")
     cache_seconds: float = Field(2.0, ge=0, description="per-worker cache of the legacy calendar; 0 = off")
+    memo: bool = Field(
+        True,
+        description="answer a $find repeated within the same second from a per-worker memo (one host, a backend "
+        "with a lock, cache_seconds >= 1); false: every $find is computed",
+    )
     max_days_ahead: float = Field(365, gt=0, description="booking horizon: nothing later is offered or booked")
 
 
@@ -237,9 +248,13 @@ class Settings(BaseSettings):
         # Every worker process would bind hl7v2.listen_port for the SIU feed; only one can.
         if self.backend.kind == "hl7v2" and self.server.workers != 1:
             raise ValueError("backend.kind = 'hl7v2' needs server.workers = 1 (one SIU listener per adapter process)")
-        if self.backend.kind == "hl7v2" and self.state.url and not self.state.url.startswith("sqlite:"):
-            # The SIU inbox and mirror are files of this host: a second replica would have no feed.
-            raise ValueError("backend.kind = 'hl7v2' runs on one host: state.url must be sqlite:///... (or unset)")
+        if self.backend.kind == "hl7v2" and self.state.url and not self.state.url.startswith(SIU_STORE_SCHEMES):
+            # The SIU inbox and mirror live in the state store; where the feed has no store, it cannot be shared.
+            raise ValueError(
+                "backend.kind = 'hl7v2' runs on one host with state.url sqlite:///... (or unset), or on several "
+                "sharing state.url postgresql://... or redis://...; the SIU feed has no store for "
+                f"{self.state.url.split(':', 1)[0]}"
+            )
         return self
 
 

@@ -22,13 +22,19 @@ with its HTTP traffic), one connection, each message waiting for its ACK:
 Every message gets a unique MSH-10 and filler id (SCH-2). Targets (one worker): >= 2,000 SIU/s acknowledged,
 >= 1,200 SIU/s applied sustained. Exit 0 once measured.
 
-Usage: ``.venv/bin/python bench/hl7v2.py [--seconds 30] [--phase-seconds 5] [--book-seconds 5] [--only echo,book]``
+``--state-url`` runs phases 3-6 on a shared ``SiuStore`` instead of a SQLite file: ``redis://...`` under a key
+prefix of its own (deleted after the run; the floor of phase 4 is then ``store_message`` in a loop, without MLLP),
+``postgresql://.../db`` in a scratch database made (and dropped) on that server (phases 3, 5, 6).
+
+Usage: ``.venv/bin/python bench/hl7v2.py [--seconds 30] [--phase-seconds 5] [--book-seconds 5] [--only echo,book]
+[--state-url redis://127.0.0.1:6379/0 | postgresql://postgres@127.0.0.1:5432/postgres]``
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import secrets
 import sys
 import tempfile
 import time
@@ -42,6 +48,7 @@ from adapter.hl7v2.inbound import parse_siu  # noqa: E402
 from adapter.hl7v2.inbox import SiuInbox, SiuListener  # noqa: E402
 from adapter.hl7v2.mapping import load_hl7v2_mapping  # noqa: E402
 from adapter.hl7v2.mirror import InboxApplier  # noqa: E402
+from adapter.hl7v2.store import SiuStore, open_siu_store  # noqa: E402
 from adapter.mllp import FrameDecoder, MLLPServer, Peer, encode_frame  # noqa: E402
 
 SAMPLE = ROOT / "tests" / "data" / "hl7v2" / "SIU-S12-02.hl7"
@@ -101,9 +108,24 @@ def commit_floor(path: Path, seconds: float, nxt: Callable[[], bytes]) -> float:
     return rate
 
 
+def store_floor(store: SiuStore, seconds: float, nxt: Callable[[], bytes]) -> float:
+    """``store_message`` in a loop, no network between sender and adapter: the ceiling of a shared store."""
+    n = 0
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        store.store_message("FLOOR|F", str(n), "SIU", nxt())
+        n += 1
+    return n / (time.perf_counter() - t0)
+
+
 def prefill(inbox: SiuInbox, count: int, nxt: Callable[[], bytes]) -> None:
     """Store ``count`` messages in one transaction (setup for the apply phase, not measured)."""
     from adapter.hl7v2.inbox import connect
+
+    if inbox.path is None:  # a shared store: one message at a time
+        for i in range(count):
+            inbox.store_sync("PREFILL|F", str(i), "SIU", nxt())
+        return
 
     conn = connect(inbox.path)
     conn.execute("BEGIN")
@@ -114,6 +136,23 @@ def prefill(inbox: SiuInbox, count: int, nxt: Callable[[], bytes]) -> None:
         )
     conn.execute("COMMIT")
     conn.close()
+
+
+def bench_url(url: str) -> str:
+    """A Redis URL gets a key prefix of its own, so the run neither meets old keys nor leaves any."""
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        return url
+    sep = "&" if "?" in url else "?"
+    return f"{url}{sep}key_prefix=bench-hl7v2:{secrets.token_hex(4)}:"
+
+
+def drop_bench_state(store: SiuStore) -> None:
+    client, prefix = getattr(store, "r", None), getattr(store, "prefix", "")
+    if client is not None and prefix.startswith("bench-hl7v2:"):
+        keys = list(client.scan_iter(match=prefix + "*", count=1000))
+        for i in range(0, len(keys), 500):
+            client.delete(*keys[i : i + 500])
+    store.close()
 
 
 async def load(port: int, seconds: float, next_message: Callable[[], bytes]) -> int:
@@ -167,7 +206,7 @@ async def book_rate(seconds: float, tmp: Path) -> tuple[float, int]:
         load_hl7v2_mapping(MAPPING),
         peer_host="127.0.0.1",
         peer_port=simulator.port,
-        inbox_path=tmp / "book.sqlite",
+        store=open_siu_store(f"sqlite:///{tmp / 'book.sqlite'}"),
         listen_port=0,
     )
 
@@ -203,9 +242,56 @@ async def book_rate(seconds: float, tmp: Path) -> tuple[float, int]:
     return rate, done
 
 
+async def shared_store_phases(args: argparse.Namespace, nxt: Callable[[], bytes]) -> None:
+    """Phases 3, 5 and 6 on a ``PostgresSiuStore`` in a scratch database made on the server of ``--state-url``
+    (dropped at the end): what acknowledging costs when the inbox is shared by replicas."""
+    import secrets
+
+    import psycopg
+
+    base, _, _ = args.state_url.rpartition("/")
+    name = f"sched_bench_hl7_{secrets.token_hex(4)}"
+    with psycopg.connect(args.state_url, autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    try:
+        store = open_siu_store(f"{base}/{name}")
+        inbox = SiuInbox(store)
+        await inbox.open()
+        listener = SiuListener(inbox)
+        ack_rate = await measure(listener.handle, args.phase_seconds, nxt)
+        print(f"SIU acknowledged (PostgreSQL)  {ack_rate:10,.0f} msg/s")
+        applier = InboxApplier(store, load_hl7v2_mapping(MAPPING))
+        t0 = time.perf_counter()
+        applied_n = await asyncio.to_thread(applier.drain)
+        print(
+            f"SIU applied (PostgreSQL)       {applied_n / (time.perf_counter() - t0):10,.0f} msg/s   ({applied_n} msgs)"
+        )
+        listener.on_stored = applier.wake
+        applier.start(poll_seconds=0.2)
+        t0 = time.perf_counter()
+        async with MLLPServer(listener.handle) as server:
+            acked = await load(server.port, args.seconds, nxt)
+        elapsed = time.perf_counter() - t0
+        applied = applier.stats.applied - applied_n
+        await applier.stop()
+        backlog = await inbox.count(0)
+        await inbox.close()
+        await asyncio.to_thread(store.close)
+        print(
+            f"sustained {args.seconds:.0f} s (PostgreSQL): acknowledged {acked / elapsed:,.0f} msg/s, "
+            f"applied {applied / elapsed:,.0f} msg/s (backlog {backlog} at end)"
+        )
+    finally:
+        with psycopg.connect(args.state_url, autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
 async def main_async(args: argparse.Namespace) -> None:
     nxt = messages()
     only = set(args.only.split(",")) if args.only else set()
+    if args.state_url.startswith(("postgresql://", "postgres://")):
+        await shared_store_phases(args, nxt)
+        return
 
     async def echo(message: bytes, peer: Peer) -> bytes:
         return message
@@ -228,16 +314,21 @@ async def main_async(args: argparse.Namespace) -> None:
     mapping = load_hl7v2_mapping(MAPPING)
     with tempfile.TemporaryDirectory() as tmp:
         db = Path(tmp) / "hl7.sqlite"
-        inbox = SiuInbox(db)
+        shared = open_siu_store(bench_url(args.state_url)) if args.state_url else None
+        inbox = SiuInbox(shared or db)
         await inbox.open()
         listener = SiuListener(inbox)
         ack_rate = await measure(listener.handle, args.phase_seconds, nxt)
         print(f"SIU acknowledged (store+dedup) {ack_rate:10,.0f} msg/s   ({ack_rate / echo_rate:.2f} of echo)")
 
-        floor = await asyncio.to_thread(commit_floor, Path(tmp) / "floor.sqlite", args.phase_seconds, nxt)
-        print(f"durable commit floor (no net)  {floor:10,.0f} commits/s")
+        if shared is None:
+            floor = await asyncio.to_thread(commit_floor, Path(tmp) / "floor.sqlite", args.phase_seconds, nxt)
+            print(f"durable commit floor (no net)  {floor:10,.0f} commits/s")
+        else:
+            floor = await asyncio.to_thread(store_floor, shared, args.phase_seconds, nxt)
+            print(f"store_message floor (no MLLP)  {floor:10,.0f} msg/s   ({args.state_url.split('://')[0]})")
 
-        applier = InboxApplier(db, mapping)
+        applier = InboxApplier(shared or db, mapping)
         await asyncio.to_thread(prefill, inbox, args.apply_messages, nxt)
         t0 = time.perf_counter()
         applied_n = await asyncio.to_thread(applier.drain)
@@ -256,6 +347,8 @@ async def main_async(args: argparse.Namespace) -> None:
         await applier.stop()
         backlog = await inbox.count(0)
         await inbox.close()
+        if shared is not None:
+            await asyncio.to_thread(drop_bench_state, shared)
         print(
             f"sustained {args.seconds:.0f} s: acknowledged {acked / elapsed:,.0f} msg/s, "
             f"applied {applied / elapsed:,.0f} msg/s (backlog {backlog_start} at start, {backlog} at end)"
@@ -273,6 +366,12 @@ def main() -> None:
     parser.add_argument("--apply-messages", type=int, default=20000, help="messages drained in the apply phase")
     parser.add_argument("--book-seconds", type=float, default=5.0, help="duration of the $book round-trip phase")
     parser.add_argument("--only", default="", help="comma list of phases to run alone: echo,book")
+    parser.add_argument(
+        "--state-url",
+        default="",
+        help="redis://... (a key prefix of its own) or postgresql://.../db (a scratch database made and dropped on "
+        "that server): run the ack, apply and sustained phases on that shared SIU store instead",
+    )
     asyncio.run(main_async(parser.parse_args()))
 
 

@@ -141,6 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--uncached", action="store_true", help="find.cache_seconds = 0: every call reads the legacy system"
     )
+    ap.add_argument(
+        "--no-memo",
+        action="store_true",
+        help="keep nothing in the $find response memo: every call computes its answer (the memo's miss path)",
+    )
     ap.add_argument("--practitioners", type=int, default=5, help="practitioners in the request (default 5)")
     ap.add_argument("--days", type=int, default=None, help="window length in days (default: bench/find.py's)")
     args = ap.parse_args(argv)
@@ -153,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
         config, data = bench.demo_config(Path(tmp), 8080, cache_seconds=0 if args.uncached else None)
         env = bench.clean_env()
         app = build_app(load_settings(config, env))
+        if args.no_memo:
+            from adapter.fhir.context import ResponseMemo
+
+            app.state.fhir.find_memo = ResponseMemo(max_entries=0)
         gc.freeze()  # what serve's startup does (adapter/server.py): the startup heap stays out of full GC passes
         zone = ZoneInfo(load_mapping(Path(data["backend"]["mapping"])).doc.system.timezone)
         json_h = [(b"content-type", bench.CONTENT_TYPE.encode()), (b"accept", bench.CONTENT_TYPE.encode())]

@@ -134,5 +134,31 @@ def test_issue8_hl7v2_backend_runs_one_worker() -> None:
     assert load_settings(None, env).server.workers == 1
     with pytest.raises(SettingsError, match=r"server\.workers = 1"):
         load_settings(None, {**env, "SCHED_SERVER__WORKERS": "2"})
-    with pytest.raises(SettingsError, match="runs on one host"):
-        load_settings(None, {**env, "SCHED_STATE__URL": "redis://127.0.0.1:6379/0"})
+    with pytest.raises(SettingsError, match="runs on one host.*no store for mongodb"):
+        load_settings(None, {**env, "SCHED_STATE__URL": "mongodb://db/state"})
+
+
+def test_issue10_hl7v2_backend_runs_on_several_hosts_with_a_postgresql_state_store() -> None:
+    """The SIU inbox and mirror live in the shared state database: each replica runs one listener over it."""
+    env = {
+        "SCHED_BACKEND__KIND": "hl7v2",
+        "SCHED_BACKEND__MAPPING": "/m.yaml",
+        "SCHED_SECURITY__AUTH": "off",
+        "SCHED_SECURITY__SIGNING_SECRET": "0123456789abcdef0123",
+        "SCHED_STATE__URL": "postgresql://postgres@127.0.0.1:5432/state",
+    }
+    assert load_settings(None, env).state.url == "postgresql://postgres@127.0.0.1:5432/state"
+    with pytest.raises(SettingsError, match=r"server\.workers = 1"):
+        load_settings(None, {**env, "SCHED_SERVER__WORKERS": "2"})
+
+
+def test_issue10_hl7v2_backend_accepts_a_shared_redis_state_store() -> None:
+    """The SIU inbox and mirror live in the state store: replicas share them through redis://."""
+    env = {
+        "SCHED_BACKEND__KIND": "hl7v2",
+        "SCHED_BACKEND__MAPPING": "/m.yaml",
+        "SCHED_SECURITY__AUTH": "off",
+        "SCHED_SECURITY__SIGNING_SECRET": "0123456789abcdef0123",
+    }
+    for url in ("redis://127.0.0.1:6379/0", "redis+sentinel://s1:26379,s2:26379/mymaster/0"):
+        assert load_settings(None, {**env, "SCHED_STATE__URL": url}).state.url == url

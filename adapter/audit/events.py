@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import datetime as dt
+import functools
 import uuid
 from typing import Any
 from urllib.parse import parse_qsl
@@ -93,10 +94,9 @@ def outcome_code(status: int) -> str:
 
 def build_events(record: AuditRecord, server: ServerIdentity) -> list[dict[str, Any]]:
     """The AuditEvents for one transaction: one, or for a search one per patient in the results."""
-    response = _parse(record.response_type, record.response_body)
+    response, appointments, in_response = _read_response(record.response_type, record.response_body)
     request = _parse(record.request_type, record.request_body) if record.request_body else None
-    appointments = _appointments(response)
-    patients = _patients_in(appointments)
+    patients = list(in_response)
     if not patients:
         patients = _patients_in_request(record, request, response)
     ok = record.status < 400
@@ -237,6 +237,34 @@ def _client_agent(record: AuditRecord, *, has_user: bool) -> dict[str, Any]:
     if record.address:
         agent["network"] = {"address": record.address, "type": "2"}
     return agent
+
+
+_RESPONSE_CACHE_MAX_BYTES = 512 * 1024  # keeps the cache of parsed answers below 32 MB
+
+
+def _read_response(
+    content_type: str | None, body: bytes | None
+) -> tuple[dict[str, Any] | None, list[dict[str, Any]], tuple[str, ...]]:
+    """The parsed response, its Appointments and the patients they name: read once per distinct answer (issue 14).
+
+    A busy ``$find`` answers the same bytes many times a second (the response memo of ``fhir.find`` hands out the
+    very same bytes object, whose hash Python keeps), and parsing a 50-entry Bundle cost more than the request
+    itself. What comes back is shared between calls: read only.
+    """
+    if body is not None and len(body) > _RESPONSE_CACHE_MAX_BYTES:
+        return _read_response_uncached(content_type, body)
+    return _read_response_cached(content_type, body)
+
+
+def _read_response_uncached(
+    content_type: str | None, body: bytes | None
+) -> tuple[dict[str, Any] | None, list[dict[str, Any]], tuple[str, ...]]:
+    response = _parse(content_type, body)
+    appointments = _appointments(response)
+    return response, appointments, tuple(_patients_in(appointments))
+
+
+_read_response_cached = functools.lru_cache(maxsize=64)(_read_response_uncached)
 
 
 def _parse(content_type: str | None, body: bytes | None) -> dict[str, Any] | None:

@@ -7,14 +7,30 @@ Decisions where the IG is open (docs/conformance.md#d4 to #d10):
 * no options: ``total`` 0 and exactly one information OperationOutcome entry;
 * ``referral-identifier``, ``timing``, ``insurance-reference`` and ``reason`` are accepted and do
   not narrow the result with this backend; an information issue says so.
+
+The response memo (issue 14): portals send the same ``$find`` many times a second. Within one whole
+second of the request clock, the same request gets byte for byte the same answer as long as nothing it
+depends on moved: proposed ids carry their issue second, and ``SchedulingService.find_fingerprint``
+names the rest (calendar and holds change counters, read without I/O and bumped in every worker before a
+``$hold``/``$book`` answer goes out; the availability cache's generation). So the finished body is kept
+(``FhirContext.find_memo``, LRU of 1,024 answers or 64 MB, at most one second) under a key of: method, the exact body
+bytes, the query string, Host, Content-Type, Accept, Prefer, the caller (token principal or
+``X-Client-Id``), the fingerprint and the second. It runs after authentication, authorization, rate
+limiting and audit (the security middleware), which see every request. Off when the fingerprint is None
+(``find.cache_seconds`` below 1, a shared Redis/PostgreSQL state store, a backend that cannot lock).
+Staleness is unchanged: a legacy change shows within ``find.cache_seconds`` (the memo holds an answer
+for at most one second, and a reload of the availability cache moves the generation), an adapter change
+at once. A slot starting within the very second of the memoised answer may be offered to the end of
+that second; ``$hold`` refuses it as it would a second later.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import functools
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlencode
 
@@ -22,7 +38,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from adapter.backends.protocol import Actor, Coding, Identifier, Interval, VisitType
-from adapter.fhir.context import FhirContext, read_body
+from adapter.fhir.context import FhirContext, client_id, read_body
 from adapter.fhir.formats import parse_body, render, response_format
 from adapter.fhir.outcome import issue, operation_outcome
 from adapter.fhir.parameters import (
@@ -70,8 +86,39 @@ async def find_endpoint(request: Request) -> Response:
     ctx: FhirContext = request.app.state.fhir
     fmt = response_format(request)
     now = ctx.now()
+    body = await read_body(request) if request.method == "POST" else b""
+    # The counters are read before the answer is computed (a change meanwhile leaves it under the old key only),
+    # the cache's generation after it (see ``SchedulingService.find_fingerprint``).
+    counters = ctx.service.find_fingerprint() if ctx.find.memo else None
+    if counters is None:
+        return await _find(ctx, request, body, fmt, now)
+    memo = ctx.find_memo
+    key = _memo_key(request, body, counters, now)
+    if (hit := memo.get((key, ctx.service.availability.generation))) is not None:
+        return Response(hit[0], media_type=hit[1])
+    if (computing := memo.computing(key)) is not None:
+        try:
+            shared = await asyncio.shield(computing)
+            return Response(shared[0], media_type=shared[1])
+        except asyncio.CancelledError:
+            if not computing.cancelled():
+                raise  # this request itself was cancelled
+            # the computation failed or was abandoned: compute this request's own answer
+    future = memo.begin(key)
+    answer: tuple[bytes, str] | None = None
+    try:
+        response = await _find(ctx, request, body, fmt, now)
+        if response.media_type is not None:
+            answer = (bytes(response.body), response.media_type)
+            memo.put((key, ctx.service.availability.generation), *answer)
+        return response
+    finally:
+        memo.end(key, future, answer)
+
+
+async def _find(ctx: FhirContext, request: Request, body: bytes, fmt: str, now: dt.datetime) -> Response:
     if request.method == "POST":
-        params = ParamList.from_resource(parse_body(request.headers.get("content-type"), await read_body(request)))
+        params = ParamList.from_resource(parse_body(request.headers.get("content-type"), body))
     else:
         params = _params_from_query(request)
     notices: list[dict[str, Any]] = []
@@ -80,6 +127,29 @@ async def find_endpoint(request: Request) -> Response:
     link_criteria = await _link_criteria(ctx, req, result)
     bundle = _bundle(ctx, req, result, notices, request, link_criteria)
     return render(bundle, fmt)
+
+
+def _memo_key(request: Request, body: bytes, counters: Hashable, now: dt.datetime) -> Hashable:
+    """Everything a ``$find`` answer depends on (module docstring: the response memo)."""
+    headers = request.headers
+    principal = request.scope.get("sched.principal")
+    caller = (
+        (principal.subject, principal.client_id, principal.scopes, principal.patient, principal.issuer)
+        if principal is not None
+        else client_id(request)
+    )
+    return (
+        request.method,
+        body,
+        request.scope.get("query_string", b""),
+        headers.get("host"),
+        headers.get("content-type"),
+        headers.get("accept"),
+        headers.get("prefer"),
+        caller,
+        counters,
+        int(now.timestamp()),
+    )
 
 
 def _find_request(

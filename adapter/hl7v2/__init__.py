@@ -5,7 +5,9 @@
 * ``inbound``  - ``parse_siu`` / ``parse_srr`` / ``parse_sqr`` -> ``SiuEvent`` / ``SrrResult`` / ``SqrResult``.
 * ``er7``      - the tolerant split-based reader, field paths, HL7 timestamps; ``escaping`` - ``\\F\\ \\S\\ ...``.
 * ``inbox``    - ``SiuInbox`` (durable, de-duplicated raw store) and ``SiuListener`` (the MLLP handler: store, ACK).
-* ``mirror``   - ``AppointmentMirror`` (queries) and ``InboxApplier`` (parse and apply after the ACK, versioned).
+* ``mirror``   - ``InboxApplier`` (parse and apply after the ACK, versioned) and ``mirror_write`` (event -> write).
+* ``store``    - ``SiuStore``, the inbox + mirror state (``open_siu_store(state.url)``), the version rule
+  ``supersedes``; ``store_sqlite`` - one host-local file.
 * ``feed``     - ``SiuFeed``: inbox + listener + applier with start()/stop(); ``placer`` - ``Placer``: SQM/SRM with
   Confirmed / Refused / Unknown outcomes.
 """

@@ -1,17 +1,20 @@
-"""The inbound SIU feed as one start/stop unit: durable inbox + MLLP listener + applier, over one SQLite file.
+"""The inbound SIU feed as one start/stop unit: durable inbox + MLLP listener + applier, over one ``SiuStore``.
 
-``SiuFeed.mirror()`` opens a separate read connection for queries (one per caller thread; SQLite WAL lets readers
-run beside the applier).
+The store is a SQLite file (one host) or shared by replicas (``adapter.hl7v2.store.open_siu_store``): each
+replica then runs its own listener and applier over it, and ``SiuFeed.mirror()`` reads what any of them applied.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ssl as ssl_module
 from pathlib import Path
 
 from adapter.hl7v2.inbox import SiuInbox, SiuListener
 from adapter.hl7v2.mapping import Hl7v2Mapping
-from adapter.hl7v2.mirror import AppointmentMirror, InboxApplier
+from adapter.hl7v2.mirror import InboxApplier
+from adapter.hl7v2.store import SiuStore
+from adapter.hl7v2.store_sqlite import SqliteSiuStore
 from adapter.mllp import MLLPServer
 from adapter.mllp.framing import DEFAULT_MAX_MESSAGE_SIZE
 
@@ -19,7 +22,7 @@ from adapter.mllp.framing import DEFAULT_MAX_MESSAGE_SIZE
 class SiuFeed:
     def __init__(
         self,
-        path: str | Path,
+        store: SiuStore | str | Path,
         mapping: Hl7v2Mapping,
         *,
         host: str = "127.0.0.1",
@@ -28,9 +31,11 @@ class SiuFeed:
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         poll_seconds: float = 1.0,
     ) -> None:
-        self.path = Path(path)
-        self.inbox = SiuInbox(self.path)
-        self.applier = InboxApplier(self.path, mapping)
+        # A path: a SQLite file of the feed's own (opened, shared by inbox and applier, closed at stop).
+        self._owned = isinstance(store, str | Path)
+        self.store: SiuStore = SqliteSiuStore(store) if isinstance(store, str | Path) else store
+        self.inbox = SiuInbox(self.store)
+        self.applier = InboxApplier(self.store, mapping)
         self.listener = SiuListener(self.inbox, on_stored=self.applier.wake)
         self.server = MLLPServer(self.listener.handle, host=host, port=port, ssl=ssl, max_message_size=max_message_size)
         self._poll = poll_seconds
@@ -48,7 +53,9 @@ class SiuFeed:
         await self.server.stop()
         await self.applier.stop()
         await self.inbox.close()
+        if self._owned:
+            await asyncio.to_thread(self.store.close)
 
-    def mirror(self) -> AppointmentMirror:
-        """A new read connection to the mirror (synchronous: use it from a worker thread)."""
-        return AppointmentMirror(self.path)
+    def mirror(self) -> SiuStore:
+        """The store, for the mirror's reads (synchronous: use it from a worker thread)."""
+        return self.store

@@ -1,89 +1,69 @@
 """The durable SIU inbox: store first, acknowledge second, parse and apply later.
 
 ``SiuListener.handle`` is the ``MLLPServer`` handler. For each inbound message it reads only MSH (sender, MSH-10,
-type, ack mode: microseconds), inserts the raw message into SQLite (WAL, ``synchronous=FULL``, one commit per
-message, ``INSERT OR IGNORE`` on (sender, MSH-10)) and only then returns the ACK. If the store fails, the handler
-raises, the listener closes the connection without an ACK and the sender resends: no message is acknowledged
-that is not on disk. A duplicate (same sender and MSH-10) is acknowledged again and not stored twice.
+type, ack mode: microseconds), stores the raw message in the ``SiuStore`` (committed before it returns,
+de-duplicated on (sender, MSH-10) across every replica sharing the store) and only then returns the ACK. If the
+store fails, the handler raises, the listener closes the connection without an ACK and the sender resends: no
+message is acknowledged that is not stored. A duplicate (same sender and MSH-10) is acknowledged again and not
+stored twice.
 
 Parsing and applying to the mirror happens after the ACK (``adapter.hl7v2.mirror.InboxApplier``).
-All SQLite work runs on one dedicated writer thread, never on the event loop.
+All store calls run on one dedicated thread, never on the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-import sqlite3
+import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
+from adapter.hl7v2.store import APPLIED, FAILED, WAITING, SiuStore, SiuStoreUnavailable
+from adapter.hl7v2.store_sqlite import INBOX_SCHEMA as SCHEMA, SqliteSiuStore, connect
 from adapter.mllp.ack import build_ack, read_msh
 from adapter.mllp.server import Peer
-from adapter.sqlite_wal import enable_wal
+
+__all__ = ["APPLIED", "FAILED", "SCHEMA", "WAITING", "SiuInbox", "SiuListener", "connect"]
 
 T = TypeVar("T")
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS hl7_inbox (
-    id INTEGER PRIMARY KEY,
-    sender TEXT NOT NULL,
-    control_id TEXT NOT NULL,
-    message_type TEXT NOT NULL,
-    received_at TEXT NOT NULL,
-    raw BLOB NOT NULL,
-    state INTEGER NOT NULL DEFAULT 0,  -- 0 waiting, 1 applied, 2 failed (see error)
-    error TEXT,
-    UNIQUE (sender, control_id)
-);
-CREATE INDEX IF NOT EXISTS hl7_inbox_waiting ON hl7_inbox (state, id);
-"""
-
-WAITING, APPLIED, FAILED = 0, 1, 2
-
-
-def connect(path: str | Path) -> sqlite3.Connection:
-    """A connection with the durability settings the inbox relies on."""
-    conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30)
-    enable_wal(conn)
-    # FULL: the commit is on disk (WAL fsync) before store() returns, so the ACK never precedes durability.
-    conn.execute("PRAGMA synchronous=FULL")
-    conn.execute("PRAGMA busy_timeout=30000")
-    return conn
+log = logging.getLogger("adapter.hl7v2.inbox")
 
 
 class SiuInbox:
-    """Durable store of raw inbound messages, de-duplicated by (sender, MSH-10)."""
+    """Durable store of raw inbound messages, de-duplicated by (sender, MSH-10).
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+    ``store`` is the feed's ``SiuStore``, or the path of a SQLite file (then the inbox opens, owns and closes
+    its own ``SqliteSiuStore``)."""
+
+    def __init__(self, store: SiuStore | str | Path) -> None:
+        self._owned = isinstance(store, str | Path)
+        if isinstance(store, str | Path):
+            self.path: Path | None = Path(store)
+            self.siu_store: SiuStore = SqliteSiuStore(store)
+        else:
+            self.path = getattr(store, "path", None)
+            self.siu_store = store
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hl7-inbox")
-        self._conn: sqlite3.Connection | None = None
         self.stored = 0
         self.duplicates = 0
-
-    def _db(self) -> sqlite3.Connection:
-        if self._conn is None:
-            self._conn = connect(self.path)
-            self._conn.executescript(SCHEMA)
-        return self._conn
 
     async def _run(self, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
     async def open(self) -> None:
-        await self._run(self._db)
+        """Connect (and create the tables) now rather than on the first message. A shared store that cannot be
+        reached yet is not fatal: until it is back, messages are not acknowledged and the sender resends them."""
+        try:
+            await self._run(lambda: self.siu_store.count_messages(WAITING))
+        except SiuStoreUnavailable as exc:
+            log.warning("SIU inbox: the store is not available yet (%s); no ACK until it is", exc)
 
     def store_sync(self, sender: str, control_id: str, message_type: str, raw: bytes) -> bool:
-        """Insert and commit; True if new, False for a duplicate (sender, MSH-10)."""
-        cur = self._db().execute(
-            "INSERT OR IGNORE INTO hl7_inbox (sender, control_id, message_type, received_at, raw) "
-            "VALUES (?, ?, ?, ?, ?)",
-            (sender, control_id, message_type, datetime.now(UTC).isoformat(), raw),
-        )
-        return cur.rowcount == 1
+        """Store and commit; True if new, False for a duplicate (sender, MSH-10)."""
+        return self.siu_store.store_message(sender, control_id, message_type, raw)
 
     async def store(self, sender: str, control_id: str, message_type: str, raw: bytes) -> bool:
         new = await self._run(lambda: self.store_sync(sender, control_id, message_type, raw))
@@ -94,22 +74,14 @@ class SiuInbox:
         return new
 
     def count_sync(self, state: int | None = None) -> int:
-        if state is None:
-            row = self._db().execute("SELECT count(*) FROM hl7_inbox").fetchone()
-        else:
-            row = self._db().execute("SELECT count(*) FROM hl7_inbox WHERE state = ?", (state,)).fetchone()
-        return int(row[0])
+        return self.siu_store.count_messages(state)
 
     async def count(self, state: int | None = None) -> int:
         return await self._run(lambda: self.count_sync(state))
 
     async def close(self) -> None:
-        def _close() -> None:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-        await self._run(_close)
+        if self._owned:
+            await self._run(self.siu_store.close)
         self._executor.shutdown(wait=True)
 
 

@@ -7,8 +7,9 @@ portals ask for overlapping windows all day long, so a day-granular cache helps 
 not only repeated identical requests.
 
 Why it is safe:
-* holds are never cached (the service reads them from the shared state store on every call), so
-  a held slot is never offered (ITI-115 SHALL);
+* holds are never cached here (the service reads them from the state store on every call; on one
+  host ``ThreadedStateStore`` keeps what it read only until the holds counter moves), so a held slot
+  is never offered (ITI-115 SHALL);
 * every change made through the adapter (book, reschedule, cancel) bumps a calendar version in the
   shared state store; every worker compares it on each call and drops its cache when it moved, so
   the adapter's own bookings are visible immediately to all workers;
@@ -31,12 +32,19 @@ Loading (issue 14.2):
 * a load that was running when the calendar version moved answers its own request but is not stored,
   so an adapter write is never hidden by a load that read the calendar before it.
 
+The version is read without I/O (issue 14): ``version`` is the state store's change counter
+(``scheduling.change_counters``), a memory read; an awaitable version function is still accepted.
+``generation`` moves whenever what this cache would answer may have changed (its days dropped, or a
+load stored): whoever memoises answers derived from it (the ``$find`` response memo of the FHIR layer)
+keys them by it, so a memoised answer is never older than what this cache would serve.
+
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -64,7 +72,7 @@ class AvailabilityCache:
     def __init__(
         self,
         backend: SchedulingBackend,
-        version: Callable[[], Awaitable[int]],
+        version: Callable[[], int | Awaitable[int]],
         ttl_seconds: float,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -79,6 +87,12 @@ class AvailabilityCache:
         self._refreshing: set[asyncio.Task[dict[Key, _DayEntry]]] = set()
         # Bumped whenever the stored days are dropped: a load started before keeps its answer to itself.
         self._generation = 0
+        self._stored_loads = 0  # loads stored since the cache began (see ``generation``)
+
+    @property
+    def generation(self) -> tuple[int, int]:
+        """Changes whenever an answer of this cache may differ from an earlier one (days dropped or loaded)."""
+        return (self._generation, self._stored_loads)
 
     def clear(self) -> None:
         self._days.clear()
@@ -89,7 +103,9 @@ class AvailabilityCache:
         """Bookable time (working time minus absences minus bookings; holds are the caller's)."""
         if self.ttl <= 0 or not q.practitioner_ids:
             return [free_time(ra) for ra in await self.backend.availability(q)]
-        version = await self._version()
+        version = self._version()
+        if inspect.isawaitable(version):
+            version = await version
         if version != self._seen_version or len(self._days) > _MAX_ENTRIES:
             self.clear()
             self._seen_version = version
@@ -173,6 +189,7 @@ class AvailabilityCache:
                         day += _DAY
             if generation == self._generation:
                 self._days.update(loaded)
+                self._stored_loads += 1
             return loaded
         finally:
             if generation == self._generation:

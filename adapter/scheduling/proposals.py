@@ -34,6 +34,7 @@ _ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
 _VERSION = "2"
 _VERSIONS = {"1": 60, "2": 1}  # version -> seconds per unit of ``issued``
 _MAC_LEN = 11
+_MACS_KEPT = 16_384
 
 
 class ProposalError(LookupError):
@@ -89,15 +90,24 @@ class ProposalCodec:
             raise ValueError("the proposal signing secret must be at least 16 bytes")
         self._secret = secret
         self._hmac = hmac.new(secret, digestmod="sha256")  # keyed state, copied per MAC (cheaper than re-keying)
+        self._macs: dict[str, str] = {}
         self._store = store
         self.ttl = ttl
 
     def _mac(self, body: str) -> str:
         # 64 bits as 11 base-64 characters over exactly the FHIR id alphabet (A-Za-z0-9 - .),
         # encoded in C. It may contain '.', so tokens split it off by position, not by separator.
-        h = self._hmac.copy()
-        h.update(body.encode("utf-8"))
-        return base64.b64encode(h.digest()[:8], altchars=b"-.").decode("ascii")[:_MAC_LEN]
+        # Kept by body (issue 14): a body names its issue second, so the same slots offered again within one
+        # second (another caller, another format, the next page) are signed once; the dict is emptied when full.
+        mac = self._macs.get(body)
+        if mac is None:
+            h = self._hmac.copy()
+            h.update(body.encode("utf-8"))
+            mac = base64.b64encode(h.digest()[:8], altchars=b"-.").decode("ascii")[:_MAC_LEN]
+            if len(self._macs) >= _MACS_KEPT:
+                self._macs.clear()
+            self._macs[body] = mac
+        return mac
 
     def mac(self, purpose: str, body: str) -> str:
         """A MAC with the server secret for another signed token (e.g. search cursors): 16 hex

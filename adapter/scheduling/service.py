@@ -37,9 +37,12 @@ or patient) is in flight, so the adapter's own unanswered requests are busy time
 ``$find`` leaves them out too. The legacy answer is an outcome: ``Refused`` becomes 409 (time taken) or 422 with
 the legacy reason; ``Pending`` (no answer within the retry budget) keeps the intent, answers 504 ("being
 confirmed") and is settled by ``reconcile`` from the legacy system's next change notice or query; a retry of the
-same booking (same client or Idempotency-Key) then gets the settled answer. A reschedule or cancel that ends
-``Pending`` is journaled too (key ``chg:<appointment id>:<request digest>``), settled when the mirror shows the
-change (or rules it out), and a retry with the same Idempotency-Key gets the changed appointment.
+same booking (same client or Idempotency-Key) then gets the settled answer. A reschedule or cancel is journaled
+the same way (key ``chg:<appointment id>:<request digest>``) before its message leaves (a reschedule exclusively,
+like a booking), so a crash between sending and answering leaves an entry the housekeeping job settles; an entry
+left ``Pending`` is settled when the mirror shows the change (or rules it out), and a retry with the same
+Idempotency-Key gets the changed appointment. (A backend with a lock commits a change in one legacy transaction and
+journals only an unknown outcome.)
 
 The FHIR layer reaches the backend only through this service (``find_actors``, ``visit_types``,
 ``identifier_systems``, ``get``, ``search``), so a backend whose appointments live in a mirror fits unchanged.
@@ -51,7 +54,7 @@ import asyncio
 import datetime as dt
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -183,7 +186,7 @@ class SchedulingService:
         max_days_ahead: float = 365,
     ) -> None:
         self.backend = backend
-        self.availability = AvailabilityCache(backend, state.calendar_version, availability_cache_seconds)
+        self.availability = AvailabilityCache(backend, state.counters.calendar, availability_cache_seconds)
         self.state = state
         self.proposals = proposals
         self.hold_ttl = hold_ttl
@@ -254,6 +257,30 @@ class SchedulingService:
         return await self.resolve(ActorRef(kind, id=actor_id))
 
     # -- ITI-115 -------------------------------------------------------------------------------
+    def find_fingerprint(self) -> tuple[int, int] | None:
+        """What, besides the request, the whole second of ``now`` and the availability cache's ``generation``, a
+        ``$find`` answer depends on: the calendar and holds change counters; None when that is not all of it.
+
+        Within one second the same request then gets the same answer (proposed ids carry their issue second), as
+        long as these do not move: a hold placed or released, a booking or a legacy notice moves a counter (in
+        every worker at once: ``change_counters.exact``), and a load of the availability cache moves its
+        generation. Read the counters BEFORE computing an answer (a change meanwhile must leave it under the old
+        key) and the generation AFTER (the load the answer itself caused must not make the next request miss).
+        None when a memoised answer could hide something: counters only eventually consistent
+        (Redis, PostgreSQL: another host's hold must be read from the store), bookings in flight read from the
+        journal (a backend that cannot lock), availability per visit type (not cached), or a cache younger than
+        a second (a memo would stretch its staleness bound).
+        """
+        counters = self.state.counters
+        if (
+            not counters.exact
+            or self.availability.ttl < 1
+            or not self.capabilities.can_lock
+            or self.capabilities.availability_per_visit_type
+        ):
+            return None
+        return (counters.calendar(), counters.holds())
+
     async def find(self, req: FindRequest, now: dt.datetime) -> FindResult:
         notices: list[Notice] = []
         empty = FindResult(0, [], [], notices, req.window, {})
@@ -885,16 +912,42 @@ class SchedulingService:
             (current.patient_id,) if current.patient_id else (),
         )
 
+        ask = {"change": "reschedule", "practitioner_id": new_prac, "location_id": new_loc}
+        payload = _change_payload(ask, appointment_id, interval, slot.patient_ids)
+        recorded: list[bool] = []
+
         def gate(slots: Sequence[SlotRequest]) -> None:
+            if not self.capabilities.can_lock:
+                # As for a new booking: the intent is the lock, recorded before the message leaves, so a crash or a
+                # lost answer leaves a journal entry that the legacy feed settles, and the new time is busy meanwhile.
+                try:
+                    for s in slots:
+                        self.state.gate.journal_intent_exclusive(
+                            token,
+                            client=client,
+                            request_key=request_key,
+                            payload=payload,
+                            now=now,
+                            practitioner_id=s.practitioner_id,
+                            patient_ids=s.patient_ids,
+                            interval=s.interval,
+                        )
+                except HoldConflict as exc:
+                    raise SlotConflict(exc.describe(self.zone)) from None
+                recorded.append(True)
+                return
             self._check_holds(slots, now, own_hold=None, client=client)
 
-        outcome = await self.backend.reschedule(
-            appointment_id, slot, gate, comment, booked_by=client or "sched-adapter"
+        outcome = await self._journaled_change(
+            token,
+            recorded,
+            now,
+            self.backend.reschedule(appointment_id, slot, gate, comment, booked_by=client or "sched-adapter"),
         )
-        if isinstance(outcome, Pending):
-            ask = {"change": "reschedule", "practitioner_id": new_prac, "location_id": new_loc}
-            await self._change_pending(token, appointment_id, ask, interval, slot.patient_ids, client, request_key, now)
+        if isinstance(outcome, Pending) and not recorded:
+            await self._change_pending(token, appointment_id, payload, client, request_key, now)
         appt = _confirmed(outcome, appointment_id)
+        await self._change_done(token, recorded, appt, now)
         await self._calendar_changed()
         return appt
 
@@ -937,36 +990,76 @@ class SchedulingService:
             raise SlotConflict(
                 f"Appointment/{appointment_id} is {current.status} and can no longer be cancelled; nothing was changed"
             )
-        outcome = await self.backend.cancel(appointment_id, reason, reason_text, booked_by=client or "sched-adapter")
-        if isinstance(outcome, Pending):
-            patients = (current.patient_id,) if current.patient_id else ()
-            ask = {"change": "cancel", "practitioner_id": current.practitioner_id or "", "location_id": ""}
-            await self._change_pending(token, appointment_id, ask, current.interval, patients, client, request_key, now)
+        patients = (current.patient_id,) if current.patient_id else ()
+        ask = {"change": "cancel", "practitioner_id": current.practitioner_id or "", "location_id": ""}
+        payload = _change_payload(ask, appointment_id, current.interval, patients)
+        recorded: list[bool] = []
+        if not self.capabilities.can_lock:
+            # Recorded before the message leaves (see reschedule); the time stays busy until the cancel is settled.
+            await asyncio.to_thread(
+                self.state.gate.journal_intent, token, client=client, request_key=request_key, payload=payload, now=now
+            )
+            recorded.append(True)
+        outcome = await self._journaled_change(
+            token,
+            recorded,
+            now,
+            self.backend.cancel(appointment_id, reason, reason_text, booked_by=client or "sched-adapter"),
+        )
+        if isinstance(outcome, Pending) and not recorded:
+            await self._change_pending(token, appointment_id, payload, client, request_key, now)
         appt = _confirmed(outcome, appointment_id)
+        await self._change_done(token, recorded, appt, now)
         await self._calendar_changed()
         return appt
+
+    async def _journaled_change(
+        self, token: str, recorded: list[bool], now: dt.datetime, send: Awaitable[BookingOutcome]
+    ) -> BookingOutcome:
+        """Run a reschedule/cancel whose intent may have been journaled (``recorded``) and settle the journal entry
+        by what is known: refused before any legacy write -> dropped; unknown (no answer, broken connection, crash
+        of this request) -> given up at once, so the legacy feed or the housekeeping job settles it."""
+        try:
+            outcome = await send
+        except BackendError as exc:
+            if recorded:
+                if isinstance(exc, BackendUnavailable):
+                    await self.state.journal_abandon(token, now)
+                else:
+                    await self.state.journal_drop(token)
+            raise
+        except Exception:
+            if recorded:
+                await self.state.journal_abandon(token, now)
+            raise
+        if recorded:
+            if isinstance(outcome, Pending):
+                await self.state.journal_abandon(token, now)
+                log.warning("change %s: outcome unknown (%s); being confirmed", token, outcome.detail)
+            elif not isinstance(outcome, Confirmed):
+                await self.state.journal_drop(token)
+        return outcome
+
+    async def _change_done(self, token: str, recorded: list[bool], appt: Appointment, now: dt.datetime) -> None:
+        if not recorded:
+            return
+        try:
+            await self.state.journal_done(token, appt.id, now, release_hold=False)
+        except Exception:  # the change stands; the intent is settled later from the legacy feed
+            log.exception("change journal: cannot record Appointment/%s for %s; it will be reconciled", appt.id, token)
 
     async def _change_pending(
         self,
         token: str,
         appointment_id: str,
-        ask: dict[str, str],
-        interval: Interval,
-        patient_ids: tuple[str, ...],
+        payload: dict[str, Any],
         client: str | None,
         request_key: str | None,
         now: dt.datetime,
     ) -> None:
-        """A reschedule or cancel was sent but not answered: journal what was asked so that the legacy feed settles
-        it and a retry of the same request gets the settled answer; the payload also carries the time it occupies
-        (the new slot, or the appointment being cancelled) in the fields every state store reads as busy time."""
-        payload: dict[str, Any] = ask | {
-            "appointment_id": appointment_id,
-            "start": interval.start.isoformat(),
-            "end": interval.end.isoformat(),
-            "minutes": int((interval.end - interval.start) / dt.timedelta(minutes=1)),
-            "patient_ids": list(patient_ids),
-        }
+        """A reschedule or cancel of a backend with a lock was sent but not answered (a backend without one journals
+        before sending): journal what was asked so that the legacy feed settles it and a retry of the same request
+        gets the settled answer."""
         try:
             # The gate's synchronous write, in a thread: the state store has no async "intent" of its own because a
             # booking records it inside the backend's lock; a change records it only once its outcome is unknown.
@@ -1063,6 +1156,20 @@ _SETTLED_STATUSES = ("arrived", "checked-in", "fulfilled", "noshow", "entered-in
 _CHANGE_PREFIX = "chg:"
 # The filler announces every change it makes by SIU: a change no notice showed in this time did not happen.
 _CHANGE_UNSEEN_AFTER = dt.timedelta(minutes=5)
+
+
+def _change_payload(
+    ask: dict[str, str], appointment_id: str, interval: Interval, patient_ids: tuple[str, ...]
+) -> dict[str, Any]:
+    """What a change's journal entry keeps: what was asked, and the time it occupies (the new slot, or the appointment
+    being cancelled) in the fields every state store reads as busy time."""
+    return ask | {
+        "appointment_id": appointment_id,
+        "start": interval.start.isoformat(),
+        "end": interval.end.isoformat(),
+        "minutes": int((interval.end - interval.start) / dt.timedelta(minutes=1)),
+        "patient_ids": list(patient_ids),
+    }
 
 
 def change_token(appointment_id: str, asked: str, client: str | None, request_key: str | None) -> str:

@@ -48,6 +48,7 @@ import secrets
 import socket
 import sqlite3
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -55,6 +56,7 @@ from pathlib import Path
 from typing import Any, ParamSpec, Protocol, TypeVar
 
 from adapter.deadline import Deadline, bounded, remaining
+from adapter.scheduling.change_counters import CALENDAR, HOLDS, ChangeCounters, FileCounters
 from adapter.scheduling.domain import Interval, SlotConflict
 from adapter.sqlite_wal import enable_wal
 
@@ -265,6 +267,8 @@ class StateStore(Protocol):
     async def intents_overlapping(self, window: Interval) -> list[tuple[str, Interval, tuple[str, ...]]]: ...
     async def calendar_version(self) -> int: ...
     async def bump_calendar_version(self) -> None: ...
+    @property
+    def counters(self) -> ChangeCounters: ...
     async def journal_done(self, token: str, appointment_id: str, now: dt.datetime, *, release_hold: bool) -> None: ...
     async def journal_abandon(self, token: str, now: dt.datetime) -> None: ...
     async def journal_drop(self, token: str) -> None: ...
@@ -293,6 +297,8 @@ class SyncStateStore(StateGate, Protocol):
     def journal_get(self, token: str) -> JournalEntry | None: ...
     def calendar_version(self) -> int: ...
     def bump_calendar_version(self) -> None: ...
+    @property
+    def counters(self) -> ChangeCounters: ...
     def journal_done(self, token: str, appointment_id: str, now: dt.datetime, *, release_hold: bool) -> None: ...
     def journal_abandon(self, token: str, now: dt.datetime) -> None: ...
     def journal_drop(self, token: str) -> None: ...
@@ -369,6 +375,8 @@ class SqliteStateStore:
         self._guard = threading.Lock()
         self._writing = threading.Lock()  # one write transaction per process at a time (see _Tx)
         self.owner = f"{_HOST}:{os.getpid()}:{secrets.token_hex(6)}"
+        # Beside the state file, shared by every process that opens it (scheduling.change_counters).
+        self._counters = FileCounters(self.path + ".counters")
         with _LIVE_GUARD:
             _LIVE_INSTANCES.add(self.owner)
         with self._tx() as c:  # one process at a time creates and migrates the schema
@@ -403,6 +411,11 @@ class SqliteStateStore:
     def _tx(self) -> _Tx:
         return _Tx(self._conn(), self._writing, self.timeout_s)
 
+    @property
+    def counters(self) -> FileCounters:
+        """Bumped right after each commit that changed holds or the calendar, before the caller answers."""
+        return self._counters
+
     def _stale(self, owner: str | None, updated_s: float, now: dt.datetime) -> bool:
         return owner is None or not owner_alive(owner) or updated_s <= _ts(now) - self.lease_seconds
 
@@ -427,6 +440,43 @@ class SqliteStateStore:
         out: dict[str, list[Interval]] = {}
         for prac, s, e in rows:
             out.setdefault(prac, []).append(Interval(_dt(s), _dt(e)))
+        return out
+
+    @_unavailable_on_error
+    def hold_rows(self, practitioner_ids: Iterable[str], window: Interval) -> list[tuple[str, float, float, float]]:
+        """(practitioner, start, end, expiry) of every hold of ``practitioner_ids`` in ``window``, expired or not:
+        what ``ThreadedStateStore`` caches until the holds counter moves, filtering by ``now`` itself."""
+        ids = list(practitioner_ids)
+        if not ids:
+            return []
+        marks = ",".join("?" * len(ids))
+        rows: list[tuple[str, float, float, float]] = (
+            self._conn()
+            .execute(
+                f"SELECT practitioner_id, start_s, end_s, expires_s FROM holds WHERE practitioner_id IN ({marks}) "
+                "AND start_s < ? AND end_s > ?",
+                [*ids, _ts(window.end), _ts(window.start)],
+            )
+            .fetchall()
+        )
+        return rows
+
+    @_unavailable_on_error
+    def patient_hold_rows(self, patient_ids: Iterable[str], window: Interval) -> list[tuple[str, float, float, float]]:
+        """(patient, start, end, expiry) of the holds for ``patient_ids`` in ``window``, expired or not (see
+        ``hold_rows``), in the order ``holds_by_patient`` gives them."""
+        out: list[tuple[str, float, float, float]] = []
+        for pid in patient_ids:
+            rows = (
+                self._conn()
+                .execute(
+                    "SELECT start_s, end_s, expires_s FROM holds WHERE instr(patients, ?) > 0 "
+                    "AND start_s < ? AND end_s > ?",
+                    (f"|{pid}|", _ts(window.end), _ts(window.start)),
+                )
+                .fetchall()
+            )
+            out.extend((pid, s, e, x) for s, e, x in rows)
         return out
 
     def _row_to_hold(self, row: tuple[Any, ...]) -> Hold:
@@ -553,12 +603,15 @@ class SqliteStateStore:
                     "|" + "|".join(patient_ids) + "|" if patient_ids else None,
                 ),
             )
+        self._counters.bump(HOLDS)
         return hold
 
     @_unavailable_on_error
     def release(self, hold_id: str) -> None:
         with self._tx() as conn:
-            conn.execute("DELETE FROM holds WHERE id = ?", (hold_id,))
+            gone = conn.execute("DELETE FROM holds WHERE id = ?", (hold_id,)).rowcount
+        if gone:
+            self._counters.bump(HOLDS)
 
     @_unavailable_on_error
     def sweep(self, now: dt.datetime) -> int:
@@ -651,6 +704,7 @@ class SqliteStateStore:
             conn.execute(
                 "INSERT INTO calendar (id, version) VALUES (1, 1) ON CONFLICT (id) DO UPDATE SET version = version + 1"
             )
+        self._counters.bump(CALENDAR)
 
     def _row_to_entry(self, row: tuple[Any, ...]) -> JournalEntry:
         token, client, request_key, payload, state, appt_id, owner, created_s, updated_s = row
@@ -674,6 +728,7 @@ class SqliteStateStore:
                 "INSERT OR REPLACE INTO journal VALUES (?, ?, ?, ?, 'intent', NULL, ?, ?, ?)",
                 (token, client, request_key, json.dumps(payload), self.owner, _ts(now), _ts(now)),
             )
+        self._counters.bump(HOLDS)  # a booking in flight is busy time for $find (see journal_intent_exclusive)
 
     @staticmethod
     def _intent_rows(conn: sqlite3.Connection) -> list[tuple[str, str, Interval, tuple[str, ...]]]:
@@ -732,6 +787,7 @@ class SqliteStateStore:
                 "INSERT OR REPLACE INTO journal VALUES (?, ?, ?, ?, 'intent', NULL, ?, ?, ?)",
                 (token, client, request_key, json.dumps(payload), self.owner, _ts(now), _ts(now)),
             )
+        self._counters.bump(HOLDS)  # a booking in flight is busy time for $find (see journal_intent_exclusive)
 
     @_unavailable_on_error
     def journal_done(self, token: str, appointment_id: str, now: dt.datetime, *, release_hold: bool) -> None:
@@ -744,6 +800,7 @@ class SqliteStateStore:
             )
             if release_hold:
                 conn.execute("DELETE FROM holds WHERE id = ?", (token,))
+        self._counters.bump(HOLDS)  # its hold, and its time as a booking in flight, are gone
 
     @_unavailable_on_error
     def journal_abandon(self, token: str, now: dt.datetime) -> None:
@@ -757,7 +814,9 @@ class SqliteStateStore:
     def journal_drop(self, token: str) -> None:
         """The legacy write certainly did not happen: forget the intent."""
         with self._tx() as conn:
-            conn.execute("DELETE FROM journal WHERE token = ? AND state = 'intent'", (token,))
+            gone = conn.execute("DELETE FROM journal WHERE token = ? AND state = 'intent'", (token,)).rowcount
+        if gone:
+            self._counters.bump(HOLDS)
 
     @_unavailable_on_error
     def journal_claim(self, token: str, now: dt.datetime) -> JournalEntry | None:
@@ -784,6 +843,7 @@ class SqliteStateStore:
     def close(self) -> None:
         with _LIVE_GUARD:
             _LIVE_INSTANCES.discard(self.owner)
+        self._counters.close()
         with self._guard:
             conns, self._all = self._all, []
         for conn in conns:
@@ -828,6 +888,10 @@ class _Tx:
             self.writing.release()
 
 
+HoldRow = tuple[str, float, float, float]  # practitioner, start, end, expiry (epoch seconds)
+_HOLD_ROWS_CACHED = 256
+
+
 class ThreadedStateStore:
     """A ``StateStore`` over a blocking store: each call runs in a small pool of its own threads.
 
@@ -843,10 +907,18 @@ class ThreadedStateStore:
         self._store = store
         self.timeout_s = timeout_s
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="adapter-state")
+        # (practitioners, window) -> (holds counter when read, the rows with their expiry); see holds_by_practitioner.
+        self._hold_rows: OrderedDict[tuple[str, tuple[str, ...], float, float], tuple[int, list[HoldRow]]] = (
+            OrderedDict()
+        )
 
     @property
     def gate(self) -> SyncStateStore:
         return self._store
+
+    @property
+    def counters(self) -> ChangeCounters:
+        return self._store.counters
 
     async def _run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         deadline = Deadline.after(self.timeout_s)
@@ -871,13 +943,54 @@ class ThreadedStateStore:
     async def holds_by_practitioner(
         self, practitioner_ids: Iterable[str], window: Interval, now: dt.datetime
     ) -> dict[str, list[Interval]]:
-        return await self._run(self._store.holds_by_practitioner, tuple(practitioner_ids), window, now)
+        """The active holds, without a thread hop while nothing changed (issue 14).
+
+        With exact change counters (one host: ``FileCounters``) the rows of a (practitioners, window) are kept with
+        their expiry until the holds counter moves, which every placement, release and booking does in every
+        worker before its answer goes out; expiry is filtered here by ``now``, exactly as the SQL does, so a held
+        slot is never offered (ITI-115 SHALL). Shared stores (Redis, PostgreSQL) read the store on every call:
+        another host's hold must not wait for a message.
+        """
+        ids = tuple(practitioner_ids)
+        rows = await self._cached_rows("hold_rows", ids, window)
+        if rows is None:
+            return await self._run(self._store.holds_by_practitioner, ids, window, now)
+        t = _ts(now)
+        out: dict[str, list[Interval]] = {}
+        for prac, start_s, end_s, expires_s in rows:
+            if expires_s > t:
+                out.setdefault(prac, []).append(Interval(_dt(start_s), _dt(end_s)))
+        return out
 
     async def get_hold(self, hold_id: str, now: dt.datetime) -> Hold | None:
         return await self._run(self._store.get_hold, hold_id, now)
 
     async def holds_by_patient(self, patient_ids: Iterable[str], window: Interval, now: dt.datetime) -> list[Interval]:
-        return await self._run(self._store.holds_by_patient, tuple(patient_ids), window, now)
+        """The active holds of these patients; cached like ``holds_by_practitioner`` (same rules)."""
+        rows = await self._cached_rows("patient_hold_rows", tuple(patient_ids), window)
+        if rows is None:
+            return await self._run(self._store.holds_by_patient, tuple(patient_ids), window, now)
+        t = _ts(now)
+        return [Interval(_dt(start_s), _dt(end_s)) for _, start_s, end_s, expires_s in rows if expires_s > t]
+
+    async def _cached_rows(self, reader: str, ids: tuple[str, ...], window: Interval) -> list[HoldRow] | None:
+        """Rows of ``reader`` (a method of the store) for ``ids``, from this process's cache while the holds counter
+        stands still; None when the store has no exact counters (a shared store: read it every time)."""
+        read = getattr(self._store, reader, None)
+        counters = self._store.counters
+        if read is None or not counters.exact:
+            return None
+        key = (reader, ids, window.start.timestamp(), window.end.timestamp())
+        version = counters.holds()  # before the read: a change meanwhile leaves the rows under the old version
+        cached = self._hold_rows.get(key)
+        if cached is None or cached[0] != version:
+            cached = (version, await self._run(read, ids, window))
+            self._hold_rows[key] = cached
+            while len(self._hold_rows) > _HOLD_ROWS_CACHED:
+                self._hold_rows.popitem(last=False)
+        else:
+            self._hold_rows.move_to_end(key)
+        return cached[1]
 
     async def release(self, hold_id: str) -> None:
         await self._run(self._store.release, hold_id)

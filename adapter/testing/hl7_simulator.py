@@ -66,6 +66,7 @@ class Faults:
     drop_type: str = ""
     delay: int = 0
     delay_seconds: float = 2.0
+    delay_type: str = ""  # as ``drop_type``, for ``delay``
     twice: int = 0
     ae: int = 0
     ar: int = 0
@@ -385,7 +386,9 @@ class LegacySchedulerSimulator:
                 response = build_ack(msh, "AR", control_id=f"R{next(self._ids)}", text="unsupported", error="200")
         if drop:
             raise CloseConnection()
-        delay, self.faults.delay = Faults.take(self.faults.delay)
+        delay = False
+        if not self.faults.delay_type or msh.message_type == self.faults.delay_type:
+            delay, self.faults.delay = Faults.take(self.faults.delay)
         if delay:
             await asyncio.sleep(self.faults.delay_seconds)
         twice, self.faults.twice = Faults.take(self.faults.twice)

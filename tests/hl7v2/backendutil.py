@@ -16,6 +16,8 @@ import httpx
 from hl7v2util import DEMO_MAPPING
 from serverutil import ThreadServer, free_port
 
+from adapter.hl7v2.store import WAITING, SiuStore, open_siu_store
+from adapter.scheduling.stores import state_url
 from adapter.server import build_app
 from adapter.testing.hl7_demo import demo_settings
 from adapter.testing.hl7_simulator import LegacySchedulerSimulator, SimAppointment, demo_templates
@@ -57,9 +59,13 @@ class SimulatorThread:
 
 
 class Hl7Env:
-    def __init__(self, tmp: Path, **sections: dict[str, Any]) -> None:
+    """One adapter (a "host") in front of the simulator. ``sim``: another replica's simulator to share (its SIU
+    feed keeps going to that replica's listener); by default a simulator of its own, feeding this one."""
+
+    def __init__(self, tmp: Path, sim: SimulatorThread | None = None, **sections: dict[str, Any]) -> None:
         self.mllp_port = free_port()
-        self.sim = SimulatorThread(self.mllp_port)
+        self._own_sim = sim is None
+        self.sim = sim if sim is not None else SimulatorThread(self.mllp_port)
         hl7 = {"timeout_seconds": 1.0, "retries": 1, **sections.pop("hl7v2", {})}
         self.settings = demo_settings(
             port=8080,
@@ -78,7 +84,8 @@ class Hl7Env:
     def close(self) -> None:
         self.http.close()
         self.server.stop()
-        self.sim.stop()
+        if self._own_sim:
+            self.sim.stop()
 
     # -- FHIR ------------------------------------------------------------------------------------
     def post(
@@ -144,18 +151,41 @@ class Hl7Env:
         self.sim.call(self.sim.sim.siu_idle())
         self.wait_for(lambda: self.inbox_waiting() == 0, "the SIU inbox to be applied")
 
-    def inbox_waiting(self) -> int:
-        import sqlite3
+    def siu_store(self) -> SiuStore:
+        """Another connection to this adapter's SIU store (the caller closes it)."""
+        return open_siu_store(
+            state_url(self.settings.state.url, self.settings.state.path), sqlite_path=self.settings.hl7v2.inbox
+        )
 
-        conn = sqlite3.connect(self.settings.hl7v2.inbox)  # type: ignore[arg-type]  # always set by demo_settings
+    def inbox_waiting(self) -> int:
+        store = self.siu_store()
         try:
-            return int(conn.execute("SELECT count(*) FROM hl7_inbox WHERE state = 0").fetchone()[0])
+            return store.count_messages(WAITING)
         finally:
-            conn.close()
+            store.close()
 
     def journal_intents(self) -> int:
         import sqlite3
 
+        url = self.settings.state.url or ""
+        if url.startswith("postgresql://"):
+            import psycopg
+
+            with psycopg.connect(url) as pg:
+                row = pg.execute("SELECT count(*) FROM sched_journal WHERE state = 'intent'").fetchone()
+                return int(row[0]) if row else 0
+        if url.startswith("redis://"):
+            import redis
+
+            from adapter.redis_connect import split_url
+
+            plain, prefix = split_url(url)
+            client = redis.Redis.from_url(plain)
+            try:  # the journal's tokens in `ji` whose hash is still an intent (see redis_store's key list)
+                tokens = client.zrange(f"{prefix}ji", 0, -1)
+                return sum(client.hget(f"{prefix}j:{t.decode()}", "state") == b"intent" for t in tokens)
+            finally:
+                client.close()
         conn = sqlite3.connect(self.settings.state.path)
         try:
             return int(conn.execute("SELECT count(*) FROM journal WHERE state = 'intent'").fetchone()[0])

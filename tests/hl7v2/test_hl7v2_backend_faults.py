@@ -223,3 +223,76 @@ def test_issue8_6_cancel_beyond_the_budget_is_504_then_replayed_after_the_siu(en
     assert sum(b"SRM^S04" in m for m in env.sim.sim.received) == sent, "the settled cancel was sent again"
     assert [a.practitioner for a in env.sim.booked()] == ["DOC2"]
     env.assert_agreement()
+
+
+def test_issue8_1_a_reschedule_is_journaled_before_its_srm_leaves_and_its_new_time_is_busy(env: Hl7Env) -> None:
+    """No lock at the filler: the reschedule's intent is recorded before the SRM^S02 is sent (a crash while it is
+    in flight leaves a journal entry for the housekeeping job, not a change nobody knows about), and while the SRR
+    is outstanding the new time is busy for everybody else (another patient's booking of it is 409)."""
+    import threading
+
+    booked, resource = _booked_with_siu_settled(env, "client-r")
+    other = next(
+        a for a in env.find(day=2, patient="PAT2") if (a["start"], a["end"]) == (resource["start"], resource["end"])
+    )
+    # The SQM and the SRM^S02 each answered 0.8 s late (within the 1 s per-attempt timeout).
+    set_faults(env, delay=2, delay_seconds=0.8)
+    answers: list[Any] = []
+    mover = threading.Thread(target=lambda: answers.append(env.book(resource=resource, client="client-r")))
+    mover.start()
+    try:
+        env.wait_for(lambda: env.journal_intents() == 1, "the reschedule's intent before its SRR")
+        assert not answers, "the reschedule answered before its SRR"
+        failure(env.book(other["id"], "client-other"), 409, "conflict")
+    finally:
+        mover.join(15)
+    moved = success(answers[0], "booked")
+    assert moved["id"] == booked["id"] and moved["start"] == resource["start"]
+    assert env.journal_intents() == 0, "a confirmed reschedule leaves no intent behind"
+    env.assert_agreement()
+
+
+def test_issue8_1_a_cancel_is_journaled_before_its_srm_leaves(env: Hl7Env) -> None:
+    import threading
+
+    booked, resource = _booked_with_siu_settled(env, "client-k")
+    cancel = {**resource, "status": "cancelled", "start": booked["start"], "end": booked["end"]}
+    set_faults(env, delay=1, delay_seconds=0.8)
+    answers: list[Any] = []
+    canceller = threading.Thread(target=lambda: answers.append(env.book(resource=cancel, client="client-k")))
+    canceller.start()
+    try:
+        env.wait_for(lambda: env.journal_intents() == 1, "the cancel's intent before its SRR")
+        assert not answers, "the cancel answered before its SRR"
+    finally:
+        canceller.join(15)
+    success(answers[0], "cancelled")
+    assert env.journal_intents() == 0
+    env.assert_agreement()
+
+
+def test_issue8_1_a_booking_in_flight_is_busy_for_the_very_next_find_even_within_the_memo_second(
+    env: Hl7Env,
+) -> None:
+    """The one-second ``$find`` memo must not hide a booking whose SRR is still outstanding: recording the intent
+    moves the change counters, so the same ``$find`` asked again in the same second is computed afresh."""
+    import threading
+    import time
+
+    time.sleep(1 - time.time() % 1 + 0.01)  # start of a second: both $find calls below fall in the same one
+    before = env.find(day=1, patient="PAT2")
+    first = env.find(day=1)[0]
+    assert slot(first) in {slot(a) for a in before}
+    set_faults(env, delay=1, delay_type="SRM", delay_seconds=0.8)
+    answers: list[Any] = []
+    booker = threading.Thread(target=lambda: answers.append(env.book(first["id"], "client-f")))
+    booker.start()
+    try:
+        env.wait_for(lambda: env.journal_intents() == 1, "the booking's intent before its SRR")
+        # (This $find may wait for the outstanding SRR on the filler connection; busy either way.)
+        after = env.find(day=1, patient="PAT2")
+    finally:
+        booker.join(15)
+    assert slot(first) not in {slot(a) for a in after}, "a booking in flight was offered from the memo"
+    success(answers[0], "booked")
+    env.assert_agreement()

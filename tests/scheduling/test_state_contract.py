@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -390,6 +391,87 @@ def test_issue10_1_calendar_version_is_shared(stores: Stores) -> None:
     a.bump_calendar_version()
     a.bump_calendar_version()
     assert b.calendar_version() == start + 2
+
+
+def _eventually(check: Callable[[], bool], within: float) -> bool:
+    """``check`` true within ``within`` seconds (a listener thread of another replica catching up)."""
+    deadline = time.monotonic() + within
+    while True:
+        if check():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+
+
+# A shared store's listener hears a bump within milliseconds; a lost message is made good by the 1 s re-read.
+COUNTER_BOUND_SECONDS = 3.0
+
+
+def test_issue14_change_counters_see_every_holds_and_calendar_change_of_any_replica(stores: Stores) -> None:
+    """A bump by replica A is seen by replica B through its counters: at once on one host (SQLite: exact, the
+    same mapped file), within a bound on Redis and PostgreSQL (pub/sub / LISTEN, 1 s re-read); A sees its own
+    at once everywhere (read-your-writes). Reading the counters does no I/O (see ``change_counters``)."""
+    a, b = stores.open(), stores.open()
+    assert a.counters.exact is (stores.kind == "sqlite")
+    bound = 0.0 if stores.kind == "sqlite" else COUNTER_BOUND_SECONDS
+
+    def moved(read: Callable[[], int], before: int) -> bool:
+        return _eventually(lambda: read() > before, bound)
+
+    steps: list[tuple[str, Callable[[], object]]] = [
+        ("holds", lambda: a.place_hold(hold("h1", 0), NOW)),
+        ("holds", lambda: a.release("h1")),
+        ("holds", lambda: a.place_hold(hold("h2", 30), NOW)),
+        ("calendar", a.bump_calendar_version),
+    ]
+    for which, change in steps:
+        before_a, before_b = getattr(a.counters, which)(), getattr(b.counters, which)()
+        change()
+        assert getattr(a.counters, which)() > before_a, which  # own change: at once
+        assert moved(getattr(b.counters, which), before_b), which
+    # Booking a held slot releases its hold in the same call: a holds change as well.
+    a.journal_intent("h2", client="a", request_key=None, payload={"x": 1}, now=NOW)
+    before_b = b.counters.holds()
+    a.journal_done("h2", "appt-1", NOW, release_hold=True)
+    assert moved(b.counters.holds, before_b)
+    # An expiry needs no bump (every read filters by ``now``), and a hold refused for a conflict makes none.
+    a.place_hold(hold("h3", 60), NOW)
+    held = a.counters.holds()
+    with pytest.raises(HoldConflict):
+        b.place_hold(hold("h4", 60), NOW)
+    assert a.counters.holds() == held and b.counters.holds() <= held
+    # A replica opened later starts from the store's values, not from zero.
+    c = stores.open()
+    assert _eventually(lambda: c.counters.holds() == a.counters.holds(), bound)
+    assert _eventually(lambda: c.counters.calendar() == a.counters.calendar(), bound)
+
+
+@pytest.mark.parametrize("kind", ["redis", "postgresql"])
+def test_issue14_a_lost_change_message_is_made_good_by_the_periodic_re_read(
+    kind: str, request: pytest.FixtureRequest
+) -> None:
+    """A bump whose message nobody heard (written straight into the store, no PUBLISH/NOTIFY) still reaches
+    the local counters within the re-read period (1 s) plus a margin. (SQLite's counters are the shared file
+    itself: no message to lose.)"""
+    if kind == "redis":
+        url = redis_state_url(request.getfixturevalue("redis_url"), "lost-message")
+    else:
+        url = pg_state_url(request.getfixturevalue("fresh_db")("postgresql", "lost"))
+    stores = Stores(kind, url)
+    request.addfinalizer(stores.close_all)
+    if kind == "redis":
+        request.addfinalizer(lambda: drop_redis_keys(url))
+    a = stores.open()
+    before = a.counters.calendar()
+    if kind == "redis":
+        a.r.incr(a._k("calendar"))
+    else:
+        with a._tx() as cur:
+            cur.execute("UPDATE sched_calendar SET version = version + 1 WHERE id = 1")
+            if cur.rowcount == 0:
+                cur.execute("INSERT INTO sched_calendar (id, version) VALUES (1, 1)")
+    assert _eventually(lambda: a.counters.calendar() > before, COUNTER_BOUND_SECONDS)
 
 
 @pytest.mark.parametrize("kind", ["redis", "postgresql"])
@@ -878,3 +960,30 @@ def _owners(kind: str, url: str) -> set[str]:
 
     with psycopg.connect(url) as conn:
         return {row[0] for row in conn.execute("SELECT owner FROM sched_owners").fetchall()}
+
+
+def test_issue8_1_exact_counters_move_when_a_booking_in_flight_starts_and_ends(stores: Stores) -> None:
+    """For a backend without a lock a booking in flight is busy time for ``$find``, which a one-host worker derives
+    from the holds counter (its cached holds, the ``$find`` memo): recording an intent, and ending it (done or
+    dropped), must move that counter in every process. (Shared stores' counters are not exact; there ``$find``
+    reads the intents every time.)"""
+    a, b = stores.open(), stores.open()
+    exact = a.counters.exact
+    for end in ("done", "drop", "exclusive-done"):
+        before = b.counters.holds()
+        if end.startswith("exclusive"):
+            span = exclusive(a, "t-" + end, 0)
+        else:
+            payload, span = booking(0)
+            a.journal_intent("t-" + end, client="a", request_key=None, payload=payload, now=NOW)
+        if exact:
+            assert b.counters.holds() > before, f"intent recorded ({end})"
+        assert [p for p, _, _ in b.intents_overlapping(span)] == ["P1"], f"intent busy ({end})"
+        before = b.counters.holds()
+        if end.endswith("done"):
+            a.journal_done("t-" + end, "appt-" + end, NOW, release_hold=False)
+        else:
+            a.journal_drop("t-" + end)
+        if exact:
+            assert b.counters.holds() > before, f"intent ended ({end})"
+        assert b.intents_overlapping(span) == [], f"intent no longer busy ({end})"

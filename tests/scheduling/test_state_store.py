@@ -412,3 +412,86 @@ def test_issue7_5_the_gate_waits_no_longer_than_the_write_unit_has_left(tmp_path
             store.journal_intent("t", client=None, request_key=None, payload={}, now=NOW)
         assert time.monotonic() - started < 1.0
     store.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Issue 14: holds read without a thread hop while the holds counter stands still
+# --------------------------------------------------------------------------------------------------
+def test_issue14_cached_holds_answer_like_the_store_and_see_every_worker_change_at_once(tmp_path: Path) -> None:
+    """Worker A reads holds through its ``ThreadedStateStore`` (cached by the holds counter); worker B (another
+    store on the same file) places, releases and books holds. Every read of A equals what the SQL gives at that
+    ``now``, a change by B shows in A's very next read, and an expiry shows by ``now`` alone (no bump)."""
+    path = tmp_path / "state.sqlite"
+    raw_a, b = SqliteStateStore(path), SqliteStateStore(path)
+    a = ThreadedStateStore(raw_a)
+    window = Interval(NOW, NOW + dt.timedelta(days=1))
+    hops = 0
+    rows_of = raw_a.hold_rows
+
+    def counted(*args: Any) -> Any:
+        nonlocal hops
+        hops += 1
+        return rows_of(*args)
+
+    raw_a.hold_rows = counted  # type: ignore[method-assign]  # the real read, counted
+
+    async def read(now: dt.datetime) -> dict[str, list[Interval]]:
+        got = await a.holds_by_practitioner(("P1", "P2"), window, now)
+        assert got == b.holds_by_practitioner(("P1", "P2"), window, now)  # what the store itself answers
+        return got
+
+    async def scenario() -> None:
+        assert await read(NOW) == {}
+        assert await read(NOW) == {} and hops == 1  # nothing changed: no second read of the file
+        b.place_hold(hold("h1", 0, expires_in=60), NOW)
+        assert [i.start for i in (await read(NOW))["P1"]] == [NOW + dt.timedelta(hours=1)]
+        b.place_hold(hold("h2", 30, prac="P2"), NOW)
+        assert set(await read(NOW)) == {"P1", "P2"}
+        hops_before = hops
+        assert set(await read(NOW + dt.timedelta(seconds=61))) == {"P2"}  # h1 ran out: by now, no bump
+        assert hops == hops_before
+        b.release("h2")
+        assert await read(NOW + dt.timedelta(seconds=61)) == {}
+        b.place_hold(hold("h3", 60), NOW)
+        b.journal_intent("h3", client="a", request_key=None, payload={"x": 1}, now=NOW)
+        assert set(await read(NOW)) == {"P1"}
+        b.journal_done("h3", "appt-1", NOW, release_hold=True)
+        assert "P1" not in await read(NOW + dt.timedelta(seconds=61))
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        asyncio.run(a.close())
+        b.close()
+
+
+def test_issue14_cached_patient_holds_answer_like_the_store(tmp_path: Path) -> None:
+    path = tmp_path / "state.sqlite"
+    raw_a, b = SqliteStateStore(path), SqliteStateStore(path)
+    a = ThreadedStateStore(raw_a)
+    window = Interval(NOW, NOW + dt.timedelta(days=1))
+
+    def for_patient(hid: str, start_min: int, expires_in: int = 300) -> Hold:
+        h = hold(hid, start_min, expires_in=expires_in, prac=f"P-{hid}")
+        return Hold(h.id, h.practitioner_id, h.location_id, h.interval, h.expires_at, h.client, {"patient_ids": ["7"]})
+
+    async def read(now: dt.datetime) -> list[Interval]:
+        got = await a.holds_by_patient(("7", "8"), window, now)
+        assert got == b.holds_by_patient(("7", "8"), window, now)
+        return got
+
+    async def scenario() -> None:
+        assert await read(NOW) == []
+        b.place_hold(for_patient("h1", 0, expires_in=60), NOW)
+        assert len(await read(NOW)) == 1  # another worker's hold: seen at once
+        b.place_hold(for_patient("h2", 60), NOW)
+        assert len(await read(NOW)) == 2
+        assert len(await read(NOW + dt.timedelta(seconds=61))) == 1  # h1 ran out
+        b.release("h2")
+        assert await read(NOW) == [Interval(NOW + dt.timedelta(hours=1), NOW + dt.timedelta(hours=1, minutes=20))]
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        asyncio.run(a.close())
+        b.close()

@@ -7,7 +7,9 @@
   appointment, its filler id SCH-2 becomes the Appointment id and identifier); AE is ``Refused`` as a conflict
   (409), AR as a rule (422), with the filler's reason; no answer after the retry budget is ``Pending``: the domain
   keeps the booking intent and settles it through ``find_booked`` (mirror by placer id, then SQM).
-* Reads, ITI-118 search and conflict checks serve from the SIU-fed mirror (``adapter.hl7v2.mirror``); a confirmed
+* Reads, ITI-118 search and conflict checks serve from the SIU-fed mirror (``adapter.hl7v2.store.SiuStore``: a
+  SQLite file on one host, or the shared state database, where every replica's listener stores and any replica's
+  applier applies); a confirmed
   SRR is written to the mirror at once (versioned by receipt time, so any later SIU still wins) so that a read
   right after ``$book`` finds the appointment.
 * No lock: ``capabilities.can_lock`` is False, so the domain records each booking intent atomically against the
@@ -23,9 +25,7 @@ import dataclasses
 import datetime as dt
 import logging
 import re
-import threading
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, TypeVar
 
 from adapter.backends.protocol import (
@@ -59,9 +59,17 @@ from adapter.backends.protocol import (
 from adapter.hl7v2.feed import SiuFeed
 from adapter.hl7v2.inbound import AppointmentData, SiuEvent
 from adapter.hl7v2.mapping import DirectoryActor, DirectoryPatient, Hl7v2Mapping
-from adapter.hl7v2.mirror import _COLUMNS, ActorKind as MirrorActorKind, AppointmentMirror, MirroredAppointment
+from adapter.hl7v2.mirror import mirror_write
 from adapter.hl7v2.outbound import AvailabilityRequest, BookingRequest, PatientRef, SrmTrigger
 from adapter.hl7v2.placer import Confirmed as SrrConfirmed, NotDelivered, Placer, Refused as SrrRefused, Unknown
+from adapter.hl7v2.store import (
+    RECORD_INBOX_ID,
+    WAITING,
+    ActorKind as MirrorActorKind,
+    MirroredAppointment,
+    SiuStore,
+    SiuStoreUnavailable,
+)
 from adapter.mllp import MLLPError
 
 log = logging.getLogger("adapter.backends.hl7v2")
@@ -97,7 +105,7 @@ class Hl7v2Backend:
         *,
         peer_host: str,
         peer_port: int,
-        inbox_path: str | Path,
+        store: SiuStore,
         listen_host: str = "127.0.0.1",
         listen_port: int = 2575,
         mode: str = "query",
@@ -123,9 +131,9 @@ class Hl7v2Backend:
         )
         self.placer = Placer(mapping, peer_host, peer_port)
         self._peer = (peer_host, peer_port)
-        self.feed = SiuFeed(inbox_path, mapping, host=listen_host, port=listen_port, poll_seconds=0.5)
-        self._mirror: AppointmentMirror | None = None
-        self._mirror_lock = threading.Lock()
+        # The backend owns the store: the feed writes it, the backend's reads and confirmed SRRs use it.
+        self.store = store
+        self.feed = SiuFeed(store, mapping, host=listen_host, port=listen_port, poll_seconds=0.5)
         self._publish: ChangePublisher | None = None
         self._queries = 0
 
@@ -141,12 +149,14 @@ class Hl7v2Backend:
     async def stop(self) -> None:
         await self.placer.close()
         await self.feed.stop()
-        await asyncio.to_thread(self._close_mirror)
+        await asyncio.to_thread(self.store.close)
 
     async def ping(self) -> None:
-        """The filler's MLLP port accepts a connection (nothing is sent), and the SIU listener runs."""
+        """The filler's MLLP port accepts a connection (nothing is sent), the SIU listener runs and its store
+        answers (without it no SIU can be acknowledged)."""
         if not self.feed.port:
             raise BackendUnavailable("the SIU listener is not running")
+        await self._db(lambda m: m.count_messages(WAITING))
         try:
             _, writer = await asyncio.wait_for(asyncio.open_connection(*self._peer), timeout=3.0)
         except (OSError, TimeoutError) as exc:
@@ -156,12 +166,6 @@ class Hl7v2Backend:
 
     async def close(self) -> None:
         await self.stop()
-
-    def _close_mirror(self) -> None:
-        with self._mirror_lock:
-            if self._mirror is not None:
-                self._mirror.close()
-                self._mirror = None
 
     async def _on_applied(self, events: list[SiuEvent]) -> None:
         if self._publish is None:
@@ -177,40 +181,23 @@ class Hl7v2Backend:
         ]
         await self._publish(changes)
 
-    # -- the mirror (SQLite; used from worker threads) ----------------------------------------------
-    async def _db(self, fn: Callable[[AppointmentMirror], T]) -> T:
-        def run() -> T:
-            with self._mirror_lock:
-                if self._mirror is None:
-                    self._mirror = self.feed.mirror()
-                return fn(self._mirror)
-
-        return await asyncio.to_thread(run)
-
-    @staticmethod
-    def _all(m: AppointmentMirror) -> list[MirroredAppointment]:
-        rows = m.conn.execute(f"SELECT {_COLUMNS} FROM hl7_mirror_appointment").fetchall()
-        return m._load(rows)
+    # -- the mirror (the SiuStore; used from worker threads) ----------------------------------------
+    async def _db(self, fn: Callable[[SiuStore], T]) -> T:
+        try:
+            return await asyncio.to_thread(fn, self.store)
+        except SiuStoreUnavailable as exc:
+            raise BackendUnavailable(f"the appointment mirror cannot be read: {exc}") from None
 
     def _record(self, data: AppointmentData, trigger: str) -> None:
         """Write a confirmed SRR's appointment into the mirror, versioned by now: a later SIU still wins."""
-
-        def write(m: AppointmentMirror) -> None:
-            event = SiuEvent(
-                trigger, "SRR", "srr", self.mapping.interface.version, dt.datetime.now(dt.UTC), data, (), ""
-            )
-            m.conn.execute("BEGIN IMMEDIATE")
+        event = SiuEvent(trigger, "SRR", "srr", self.mapping.interface.version, dt.datetime.now(dt.UTC), data, (), "")
+        write = mirror_write(event, RECORD_INBOX_ID)
+        if write is not None:
             try:
-                m.apply(event, 0)
-                m.conn.execute("COMMIT")
-            except BaseException:
-                m.conn.execute("ROLLBACK")
-                raise
-
-        with self._mirror_lock:
-            if self._mirror is None:
-                self._mirror = self.feed.mirror()
-            write(self._mirror)
+                self.store.record(write)
+            except SiuStoreUnavailable as exc:
+                # The booking is made; the SIU the filler sends for it will bring it into the mirror.
+                log.warning("a confirmed SRR (filler id %s) was not written to the mirror: %s", data.filler_id, exc)
 
     def _appointment(self, m: MirroredAppointment) -> Appointment:
         d = self.directory
@@ -300,20 +287,12 @@ class Hl7v2Backend:
             location_ids=tuple(e.locations),
         )
 
-    def _patient_names(self, m: AppointmentMirror) -> dict[str, tuple[str, str]]:
-        """The latest name each patient has in the SIU feed (the legacy system's own spelling)."""
-        rows = m.conn.execute(
-            "SELECT x.actor_id, a.patient_family, a.patient_given FROM hl7_mirror_actor x "
-            "JOIN hl7_mirror_appointment a ON a.filler_id = x.filler_id WHERE x.kind = 'patient' ORDER BY a.version"
-        ).fetchall()
-        return {str(r[0]): (str(r[1]), str(r[2])) for r in rows}
-
     async def find_actors(self, query: ActorQuery) -> list[Actor]:
         d = self.directory
         names: dict[str, tuple[str, str]] = {}
         entries: list[DirectoryActor | DirectoryPatient]
         if query.kind == "Patient":
-            names = await self._db(self._patient_names)
+            names = await self._db(lambda m: m.patient_names())
             entries = list(d.patients)
             known = {p.id for p in d.patients}
             entries += [
@@ -414,7 +393,7 @@ class Hl7v2Backend:
                 ra.anchors.append(start)
             day += dt.timedelta(days=1)
 
-        def busy(m: AppointmentMirror) -> dict[str, list[Interval]]:
+        def busy(m: SiuStore) -> dict[str, list[Interval]]:
             found: dict[str, list[Interval]] = {}
             for prac in {p for p, _ in out}:
                 for a in m.for_actor("practitioner", prac, query.window.start, query.window.end, statuses=_BLOCKING):
@@ -431,7 +410,7 @@ class Hl7v2Backend:
 
     # -- conflict checks from the mirror ----------------------------------------------------------
     async def _check_mirror(self, slots: Sequence[SlotRequest], ignore: str = "") -> None:
-        def clash(m: AppointmentMirror) -> str | None:
+        def clash(m: SiuStore) -> str | None:
             for s in slots:
                 checks: list[tuple[MirrorActorKind, str]] = [("practitioner", s.practitioner_id)]
                 checks += [("patient", p) for p in s.patient_ids]
@@ -578,7 +557,7 @@ class Hl7v2Backend:
         )
 
     async def search_appointments(self, query: AppointmentQuery) -> AppointmentPage:
-        rows = await self._db(self._all)
+        rows = await self._db(lambda m: m.all_appointments())
         appts = [self._appointment(r) for r in rows]
         statuses = set(query.statuses)
 

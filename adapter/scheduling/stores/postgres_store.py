@@ -14,8 +14,13 @@ How the guarantees of ``SqliteStateStore`` carry over:
 * Expiry: rows carry their expiry; reads compare it with the caller's ``now`` (an injected clock
   works), the sweep deletes what has run out.
 * Lock-owner liveness: leases (``stores.leases``) in ``sched_owners``.
-* Calendar version: one row, bumped in the transaction that records the change; every bump also
-  sends ``NOTIFY sched_calendar`` for whoever wants to listen.
+* Change counters (``scheduling.change_counters``): ``sched_calendar`` and ``sched_holds_version``, one row
+  each, bumped in the transaction that records the change (a calendar change; a hold placed, released or
+  booked), which also sends ``NOTIFY sched_calendar`` / ``NOTIFY sched_holds``. A listener connection per
+  process (LISTEN, in a thread) keeps local copies (``counters``), re-read on every (re)connection and every
+  second; this process's own bumps are visible here at once. A cached ``$find`` reads the local copy; holds
+  themselves are still read from PostgreSQL on every ``$find``, so another host's hold is never offered during
+  a notification's delay.
 * Waits: every transaction sets ``lock_timeout`` and ``statement_timeout`` to what is left of the
   caller's unit of work (``adapter.deadline``), so a lock held elsewhere ends in ``StateUnavailable``.
 
@@ -39,6 +44,7 @@ import psycopg
 
 from adapter.backends.protocol import Interval
 from adapter.deadline import remaining
+from adapter.scheduling.change_counters import CALENDAR, HOLDS, WatchedCounters
 from adapter.scheduling.state import (
     DEFAULT_LEASE_SECONDS,
     DEFAULT_TIMEOUT_SECONDS,
@@ -89,6 +95,7 @@ END $$""",
   appointment_id TEXT, owner TEXT, created_s DOUBLE PRECISION NOT NULL, updated_s DOUBLE PRECISION NOT NULL)""",
     "CREATE INDEX IF NOT EXISTS sched_journal_state ON sched_journal (state, updated_s)",
     "CREATE TABLE IF NOT EXISTS sched_calendar (id INTEGER PRIMARY KEY CHECK (id = 1), version BIGINT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS sched_holds_version (id INTEGER PRIMARY KEY CHECK (id = 1), version BIGINT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS sched_owners (owner TEXT PRIMARY KEY, expires_s DOUBLE PRECISION NOT NULL)",
     "CREATE TABLE IF NOT EXISTS sched_secrets (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
 ]
@@ -151,6 +158,37 @@ class PostgresStateStore:
         except StateUnavailable as exc:  # down at startup: not ready (503) until it is back
             log.warning("%s", exc)
         self.leases = LeaseKeeper(self._renew_lease, owner_lease_seconds, clock)
+        self._counters = WatchedCounters(self._fetch_counters, self._watch_counters, name="postgres")
+
+    @property
+    def counters(self) -> WatchedCounters:
+        return self._counters
+
+    def _fetch_counters(self) -> tuple[int, int]:
+        rows = self._read(
+            "SELECT (SELECT version FROM sched_calendar WHERE id = 1), (SELECT version FROM sched_holds_version WHERE id = 1)"
+        )
+        return int(rows[0][0] or 0), int(rows[0][1] or 0)
+
+    def _watch_counters(self, on_message: Callable[[], None], stop: threading.Event) -> None:
+        with psycopg.connect(self.url, autocommit=True, connect_timeout=max(1, int(self.timeout_s))) as conn:
+            conn.execute("LISTEN sched_calendar")
+            conn.execute("LISTEN sched_holds")
+            on_message()  # listening: re-read, a bump may have gone by while nobody listened
+            while not stop.is_set():
+                for _ in conn.notifies(timeout=0.5, stop_after=1):
+                    on_message()
+
+    @staticmethod
+    def _bump_holds(cur: psycopg.Cursor[Any]) -> int:
+        """In the transaction that changed holds: the holds counter, and a notice to every listener."""
+        cur.execute(
+            "INSERT INTO sched_holds_version (id, version) VALUES (1, 1) "
+            "ON CONFLICT (id) DO UPDATE SET version = sched_holds_version.version + 1 RETURNING version"
+        )
+        row = cur.fetchone()
+        cur.execute("NOTIFY sched_holds")
+        return int(row[0]) if row else 0
 
     # -- connections -----------------------------------------------------------------------------
     # A small bounded pool shared by every thread of the process (the state pool, the backend's DB
@@ -381,12 +419,16 @@ class PostgresStateStore:
                     patient_ids,
                 ),
             )
+            version = self._bump_holds(cur)
+        self._counters.seen(HOLDS, version)
         return hold
 
     @_unavailable_on_error
     def release(self, hold_id: str) -> None:
         with self._tx() as cur:
             cur.execute("DELETE FROM sched_holds WHERE id = %s", (hold_id,))
+            version = self._bump_holds(cur) if cur.rowcount else 0
+        self._counters.seen(HOLDS, version)
 
     @_unavailable_on_error
     def sweep(self, now: dt.datetime) -> int:
@@ -484,9 +526,11 @@ class PostgresStateStore:
         with self._tx() as cur:
             cur.execute(
                 "INSERT INTO sched_calendar (id, version) VALUES (1, 1) "
-                "ON CONFLICT (id) DO UPDATE SET version = sched_calendar.version + 1"
+                "ON CONFLICT (id) DO UPDATE SET version = sched_calendar.version + 1 RETURNING version"
             )
+            row = cur.fetchone()
             cur.execute("NOTIFY sched_calendar")
+        self._counters.seen(CALENDAR, int(row[0]) if row else 0)
 
     # -- signing secret ------------------------------------------------------------------------
     @_unavailable_on_error
@@ -606,8 +650,11 @@ class PostgresStateStore:
                 "WHERE token = %s",
                 (appointment_id, self.owner, now.timestamp(), token),
             )
+            version = 0
             if release_hold:
                 cur.execute("DELETE FROM sched_holds WHERE id = %s", (token,))
+                version = self._bump_holds(cur) if cur.rowcount else 0
+        self._counters.seen(HOLDS, version)
 
     @_unavailable_on_error
     def journal_abandon(self, token: str, now: dt.datetime) -> None:
@@ -651,6 +698,7 @@ class PostgresStateStore:
 
     def close(self) -> None:
         self.leases.stop()
+        self._counters.close()
         try:
             with self._tx() as cur:  # our leftovers are stale at once
                 cur.execute("DELETE FROM sched_owners WHERE owner = %s", (self.owner,))

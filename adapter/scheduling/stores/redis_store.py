@@ -13,8 +13,12 @@ How the guarantees of ``SqliteStateStore`` carry over:
   life plus a grace period, so nothing outlives its use even if no sweep ever runs. Idempotency
   records and settled journal entries expire after a day (the SQLite store's retention).
 * Lock-owner liveness: leases (``stores.leases``), one hash field per process instance.
-* Calendar version: an ``INCR``ed counter read on every cached ``$find``; each bump is also
-  PUBLISHed on ``<prefix>calendar`` for whoever wants to listen.
+* Change counters (``scheduling.change_counters``): ``calendar`` and ``holds`` are ``INCR``ed after every
+  calendar change and every hold placed/released/booked, and each bump is PUBLISHed on ``<prefix>calendar``
+  (``calendar`` or ``holds``). A listener thread per process subscribes to it and keeps local copies
+  (``counters``), re-read on every (re)subscription and every second; this process's own bumps are visible
+  here at once. A cached ``$find`` reads the local copy (no round trip); holds themselves are still read from
+  Redis on every ``$find``, so another host's hold is never offered during a message's delay.
 
 Keys (all under ``key_prefix``, default ``sched:``): ``h:<id>`` hold hash, ``hp:<practitioner>``
 zset of hold ids by start, ``hx`` zset of ``practitioner\\n id`` by expiry, ``hpat:<patient>``
@@ -40,14 +44,16 @@ import functools
 import json
 import logging
 import secrets
+import threading
 from collections.abc import Callable, Iterable
 from typing import Any, ParamSpec, TypeVar, cast
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
 import redis.sentinel
 
 from adapter.backends.protocol import Interval
+from adapter.redis_connect import connect, split_url
+from adapter.scheduling.change_counters import CALENDAR, HOLDS, WatchedCounters
 from adapter.scheduling.state import (
     DEFAULT_LEASE_SECONDS,
     DEFAULT_TIMEOUT_SECONDS,
@@ -462,38 +468,6 @@ def _client_json(client: str | None) -> str:
     return json.dumps(client)
 
 
-def split_url(url: str) -> tuple[str, str]:
-    """``(url without key_prefix, key_prefix)``: the prefix is ours, redis-py would reject it."""
-    parts = urlsplit(url)
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    prefix = next((v for k, v in query if k == "key_prefix"), "sched:")
-    rest = urlencode([(k, v) for k, v in query if k != "key_prefix"])
-    return urlunsplit(parts._replace(query=rest)), prefix
-
-
-def connect(url: str, timeout_s: float) -> redis.Redis:
-    """A client for ``redis://``, ``rediss://``, ``unix://`` or ``redis+sentinel://[:pw@]h1:p1,h2:p2/service/db``."""
-    options: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
-    if not url.startswith("redis+sentinel://"):
-        return redis.Redis.from_url(url, **options)
-    parts = urlsplit(url)
-    netloc = parts.netloc.rpartition("@")[2]
-    password = parts.password
-    hosts = []
-    for item in netloc.split(","):
-        host, _, port = item.partition(":")
-        hosts.append((host, int(port or 26379)))
-    path = [p for p in parts.path.split("/") if p]
-    if not path:
-        raise ValueError("a redis+sentinel:// URL names the monitored service: redis+sentinel://h:26379/mymaster/0")
-    service, db = path[0], int(path[1]) if len(path) > 1 else 0
-    # redis-py leaves Sentinel's constructor and master_for unannotated; what they return is documented.
-    make_sentinel = cast("Callable[..., redis.sentinel.Sentinel]", redis.sentinel.Sentinel)
-    sentinel = make_sentinel(hosts, sentinel_kwargs=options, password=password, db=db, **options)
-    master_for = cast("Callable[[str], redis.Redis]", sentinel.master_for)
-    return master_for(service)
-
-
 class RedisStateStore:
     """The state in Redis (see the module docstring). Blocking: use it through ``ThreadedStateStore``.
 
@@ -534,6 +508,34 @@ class RedisStateStore:
         self._intent = self.r.register_script(_JOURNAL_INTENT)
         self._intent_exclusive = self.r.register_script(_JOURNAL_INTENT_EXCLUSIVE)
         self.leases = LeaseKeeper(self._renew_lease, owner_lease_seconds, clock)
+        self._counters = WatchedCounters(self._fetch_counters, self._watch_counters, name="redis")
+
+    @property
+    def counters(self) -> WatchedCounters:
+        return self._counters
+
+    def _fetch_counters(self) -> tuple[int, int]:
+        cal, holds = cast("list[bytes | None]", self.r.mget([self._k("calendar"), self._k("holds")]))
+        return int(cal or 0), int(holds or 0)
+
+    def _watch_counters(self, on_message: Callable[[], None], stop: threading.Event) -> None:
+        pubsub = self.r.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+        try:
+            pubsub.subscribe(self._k("calendar"))
+            on_message()  # subscribed: re-read, a bump may have gone by while nobody listened
+            while not stop.is_set():
+                if pubsub.get_message(timeout=0.5) is not None:
+                    on_message()
+        finally:
+            pubsub.close()
+
+    def _bump(self, which: int) -> None:
+        name = "calendar" if which == CALENDAR else "holds"
+        with self.r.pipeline(transaction=False) as pipe:
+            pipe.incr(self._k(name))
+            pipe.publish(self._k("calendar"), name)
+            value, _ = pipe.execute()
+        self._counters.seen(which, int(value))
 
     def _k(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
@@ -654,11 +656,13 @@ class RedisStateStore:
             raise HoldConflict(hold.practitioner_id, Interval(_dt(result[1]), _dt(result[2])))
         if result[0] == 3:
             raise HoldConflict(_s(result[1]) or "", Interval(_dt(result[2]), _dt(result[3])), patient_id=_s(result[4]))
+        self._bump(HOLDS)
         return hold
 
     @_unavailable_on_error
     def release(self, hold_id: str) -> None:
         self._release(keys=[], args=[self.prefix, hold_id])
+        self._bump(HOLDS)
 
     @_unavailable_on_error
     def sweep(self, now: dt.datetime) -> int:
@@ -717,8 +721,7 @@ class RedisStateStore:
 
     @_unavailable_on_error
     def bump_calendar_version(self) -> None:
-        self.r.incr(self._k("calendar"))
-        self.r.publish(self._k("calendar"), "bump")
+        self._bump(CALENDAR)
 
     # -- signing secret ------------------------------------------------------------------------
     @_unavailable_on_error
@@ -860,6 +863,8 @@ class RedisStateStore:
                 RETENTION_SECONDS,
             ],
         )
+        if release_hold:
+            self._bump(HOLDS)
 
     @_unavailable_on_error
     def journal_abandon(self, token: str, now: dt.datetime) -> None:
@@ -891,6 +896,7 @@ class RedisStateStore:
 
     def close(self) -> None:
         self.leases.stop()
+        self._counters.close()
         try:
             self.r.hdel(self._k("owners"), self.owner)  # our leftovers are stale at once
         except redis.RedisError as exc:

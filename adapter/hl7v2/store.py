@@ -1,0 +1,222 @@
+"""``SiuStore``: where the SIU feed keeps its state (the durable inbox and the appointment mirror).
+
+The listener stores each raw message here before it acknowledges it; the applier claims waiting messages, applies
+them to the mirror and marks them done; the backend reads the mirror and writes a confirmed SRR's appointment into
+it. Nothing here parses HL7: the applier hands over ``MirrorWrite`` values built from parsed events
+(``adapter.hl7v2.mirror.mirror_write``), and the rule that decides which event wins (``supersedes``) is one pure
+function every implementation calls.
+
+Implementations, chosen by ``open_siu_store`` from ``state.url`` (no other module knows which one is in use):
+
+* ``sqlite:///...``: ``SqliteSiuStore``, one host-local file (``hl7v2.inbox``, default beside ``state.path``);
+* ``postgresql://...``: ``PostgresSiuStore``, tables ``sched_hl7_*`` in the state database, shared by replicas;
+* ``redis://...``, ``rediss://...``, ``redis+sentinel://...``: ``RedisSiuStore`` (``store_redis.py``), keys
+  ``<key_prefix>siu:*`` beside the scheduling state, shared by replicas.
+
+Every method is synchronous and may block: call it from a worker thread, never the event loop. One store object
+is safe to use from several threads at once; several store objects (several replicas) may share one database.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal, Protocol
+
+WAITING, APPLIED, FAILED = 0, 1, 2
+"""Inbox message states: waiting to be applied, applied (or recorded stale), failed (cannot be parsed)."""
+
+ActorKind = Literal["practitioner", "location", "patient"]
+ApplyResult = Literal["applied", "stale", "ignored"]
+
+RECORD_INBOX_ID = 0
+"""The inbox id of a mirror write that comes from a confirmed SRR rather than from an inbox message."""
+
+
+class SiuStoreUnavailable(Exception):
+    """The store cannot answer now (unreachable, timed out); the caller may try again later."""
+
+
+@dataclass(frozen=True, slots=True)
+class MirroredAppointment:
+    filler_id: str
+    placer_id: str
+    status: str | None
+    legacy_status: str
+    status_reason: str | None
+    start: datetime | None  # with the offset the sender wrote
+    end: datetime | None
+    service: str
+    reason: str
+    patient_family: str
+    patient_given: str
+    version: str
+    last_trigger: str
+    last_control_id: str
+    sender: str
+    practitioner_ids: tuple[str, ...]
+    location_ids: tuple[str, ...]
+    patient_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorWrite:
+    """One event's effect on the mirror: the appointment as the event tells it (``appointment.version`` is the
+    event's version, see ``event_version``), the raw message, and the inbox message it came from."""
+
+    appointment: MirroredAppointment
+    raw: str
+    inbox_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class InboxMessage:
+    inbox_id: int
+    raw: bytes
+
+
+def utc_text(moment: datetime | None) -> str | None:
+    """The sortable UTC text every store keeps times in (so that text order is time order)."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ") if moment is not None else None
+
+
+def event_version(message_time: datetime | None, inbox_id: int) -> str:
+    """The version of an event: MSH-7 in UTC, then the inbox id (arrival order) for events of the same second."""
+    return f"{utc_text(message_time) or '0000'}#{inbox_id:012d}"
+
+
+def supersedes(version: str, stored: str | None) -> bool:
+    """The version rule: an event changes the mirror only if it is newer than what the mirror holds.
+
+    So an S14 that arrives before its S12 is not overwritten by the late S12, and a late S12 never resurrects an
+    appointment an S15 or S17 ended (S17 leaves a tombstone). Equal versions (the same event again) are stale.
+    """
+    return stored is None or version > stored
+
+
+class SiuBatch(Protocol):
+    """Waiting inbox messages claimed by one applier, and the mirror writes made for them, as one unit.
+
+    Leaving the ``with`` block normally makes the writes and the marks durable together; an exception discards
+    them and the messages are waiting again (applying is idempotent, so a crash re-applies, never loses).
+    """
+
+    messages: Sequence[InboxMessage]
+    """The claimed messages in inbox (arrival) order; no other batch holds any of them while this one is open."""
+
+    def apply(self, write: MirrorWrite) -> ApplyResult:
+        """Apply one event: if ``supersedes(write version, stored version)`` replace the appointment and its
+        actors and answer "applied"; else record (inbox id, filler id, trigger, version) as stale and answer
+        "stale"."""
+        ...
+
+    def mark_applied(self, inbox_id: int) -> None:
+        """The message is done (applied, stale or ignored); it is not claimed again."""
+        ...
+
+    def mark_failed(self, inbox_id: int, error: str) -> None:
+        """The message cannot be applied (``error`` says why); it is kept, not claimed again."""
+        ...
+
+
+class SiuStore(Protocol):
+    # --- the inbox (the ACK path) ----------------------------------------------------------------------------------
+
+    def store_message(self, sender: str, control_id: str, message_type: str, raw: bytes) -> bool:
+        """Store a raw message durably (committed on return, on every replica's view) as waiting; True if new,
+        False if (sender, control_id) is already stored (by this or any other store object): then nothing
+        changes. Raises if it cannot store: the caller must then not acknowledge the message."""
+        ...
+
+    def count_messages(self, state: int | None = None) -> int:
+        """How many inbox messages there are in ``state`` (``WAITING``, ``APPLIED``, ``FAILED``), or in all."""
+        ...
+
+    # --- the applier ----------------------------------------------------------------------------------------------
+
+    def claim(self, limit: int) -> AbstractContextManager[SiuBatch]:
+        """Claim up to ``limit`` waiting messages, oldest first, for applying. Two claims open at the same time
+        (threads, processes, hosts) never hold the same message; a message marked in a batch that completed is
+        never claimed again. The batch may be empty."""
+        ...
+
+    def record(self, write: MirrorWrite) -> ApplyResult:
+        """Apply one mirror write outside any batch, durably (a confirmed SRR's appointment, with
+        ``inbox_id = RECORD_INBOX_ID``); the same version rule as ``SiuBatch.apply``."""
+        ...
+
+    # --- the mirror's reads ---------------------------------------------------------------------------------------
+
+    def by_filler_id(self, filler_id: str) -> MirroredAppointment | None:
+        """The mirrored appointment with this filler id (SCH-2), whatever its status."""
+        ...
+
+    def by_placer_id(self, placer_id: str) -> list[MirroredAppointment]:
+        """The mirrored appointments with this placer id (SCH-1), whatever their status."""
+        ...
+
+    def for_actor(
+        self,
+        kind: ActorKind,
+        actor_id: str,
+        start: datetime,
+        end: datetime,
+        *,
+        statuses: frozenset[str] | None = None,
+    ) -> list[MirroredAppointment]:
+        """Appointments of one actor overlapping [start, end), by start time; optionally only some statuses."""
+        ...
+
+    def all_appointments(self) -> list[MirroredAppointment]:
+        """Every mirrored appointment (tombstones included), in no particular order."""
+        ...
+
+    def patient_names(self) -> dict[str, tuple[str, str]]:
+        """patient id -> (family, given) as the newest appointment (by version) naming the patient spells it."""
+        ...
+
+    def count(self) -> int:
+        """How many appointments the mirror holds."""
+        ...
+
+    def stale_count(self) -> int:
+        """How many stale events were recorded (at most one per inbox message)."""
+        ...
+
+    def close(self) -> None:
+        """Release connections. The store stays usable: a later call connects again."""
+        ...
+
+
+SIU_STORE_SCHEMES = (
+    "sqlite:///",
+    "postgresql://",
+    "postgres://",
+    "redis://",
+    "rediss://",
+    "redis+sentinel://",
+    "unix://",
+)
+"""The ``state.url`` schemes the SIU feed has a store for (``open_siu_store``)."""
+
+
+def open_siu_store(url: str, *, sqlite_path: str | Path | None = None, timeout_s: float = 30.0) -> SiuStore:
+    """The ``SiuStore`` for ``state.url``: PostgreSQL keeps the feed in the state database (tables
+    ``sched_hl7_*``), Redis under ``<key_prefix>siu:``; SQLite keeps it in ``sqlite_path`` (``hl7v2.inbox``), a file of its own beside the state
+    file, or in the state file itself when no path is given."""
+    if url.startswith("sqlite:///"):
+        from adapter.hl7v2.store_sqlite import SqliteSiuStore
+
+        return SqliteSiuStore(sqlite_path if sqlite_path is not None else url[len("sqlite:///") :])
+    if url.startswith(("postgresql://", "postgres://")):
+        from adapter.hl7v2.store_postgres import PostgresSiuStore
+
+        return PostgresSiuStore(url, timeout_s=timeout_s)
+    if url.startswith(("redis://", "rediss://", "redis+sentinel://", "unix://")):
+        from adapter.hl7v2.store_redis import RedisSiuStore
+
+        return RedisSiuStore(url, timeout_s=timeout_s)
+    raise ValueError(f"state.url {url!r}: the HL7v2 feed needs sqlite:///path, redis://... or postgresql://...")
