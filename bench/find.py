@@ -102,15 +102,23 @@ def dump_toml(data: dict[str, Any], prefix: str = "") -> str:
 
 
 def demo_config(
-    workdir: Path, port: int, *, cache_seconds: float | None = None, database_url: str | None = None
+    workdir: Path,
+    port: int,
+    *,
+    cache_seconds: float | None = None,
+    database_url: str | None = None,
+    memo: bool | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """A copy of the demo settings with its own var dir, port, 2 workers and warning logs.
 
     ``cache_seconds``: ``find.cache_seconds`` (0: every $find reads the legacy system); ``database_url``:
-    another legacy database than the demo SQLite file (an ODBC one)."""
+    another legacy database than the demo SQLite file (an ODBC one); ``memo``: ``find.memo`` (False: every
+    $find is computed, none answered from the one-second memo)."""
     data = tomllib.loads(DEMO_TOML.read_text(encoding="utf-8"))
     if cache_seconds is not None:
         data.setdefault("find", {})["cache_seconds"] = cache_seconds
+    if memo is not None:
+        data.setdefault("find", {})["memo"] = memo
     data["backend"]["mapping"] = str(DEMO_MAPPING)  # the demo command supplies it; so does this copy
     var = workdir / "var"
     var.mkdir()
@@ -230,15 +238,15 @@ def uvicorn_options(port: int) -> list[str]:
     ]
 
 
-def start_adapter(config: Path, port: int, workdir: Path) -> Server:
+def start_adapter(config: Path, port: int, workdir: Path, name: str = "adapter") -> Server:
     exe = Path(sys.executable).parent / "sched-adapter"
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "adapter.cli"]
     return start_server(
-        "adapter",
+        name,
         cmd + ["serve", "--config", str(config)],
         port,
         clean_env(),
-        workdir / "adapter.log",
+        workdir / f"{name}.log",
         "/fhir/metadata",
     )
 
@@ -599,6 +607,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sequential", type=int, default=200, help="requests for the unloaded p50 (default 200)")
     ap.add_argument("--uncached", action="store_true", help="the adapter-vs-floor run with find.cache_seconds = 0")
     ap.add_argument(
+        "--no-computed",
+        dest="computed",
+        action="store_false",
+        help="skip the row of the same adapter with find.memo = false (every $find computed)",
+    )
+    ap.add_argument(
         "--engines",
         default=",".join(ENGINES),
         help="legacy engines measured cached and uncached after the floor comparison (default sqlite,postgresql,"
@@ -656,6 +670,18 @@ def _run(args: argparse.Namespace) -> int:
             status, fb = http_request(f_port, "POST", FIND_PATH, body=body, headers={"Content-Type": CONTENT_TYPE})
             if status != 200 or fb != saved:
                 raise BenchError(f"the floor answered {status} with {len(fb)} bytes; expected the saved {len(saved)}")
+            targets = [adapter, floor]
+            if args.computed:
+                # The same adapter with find.memo = false: what a $find costs when it is not a repeat within the
+                # second (another patient, another window), reported beside the memo's figure.
+                c_dir = workdir / "computed"
+                c_dir.mkdir()
+                c_port = free_port()
+                c_config, _ = demo_config(c_dir, c_port, cache_seconds=0 if args.uncached else None, memo=False)
+                computed = start_adapter(c_config, c_port, c_dir, name="computed")
+                servers.append(computed)
+                check_find(c_port, body)
+                targets.insert(1, computed)
 
             print(f"sched-adapter $find bench: {_versions()}")
             print(
@@ -669,7 +695,7 @@ def _run(args: argparse.Namespace) -> int:
             )
 
             results: dict[str, tuple[LoadResult, float, int]] = {}
-            for server in (adapter, floor):
+            for server in targets:
                 run_wrk(wrk, lua, server.port, args.warmup, args.connections, args.threads)
                 load = run_wrk(wrk, lua, server.port, args.duration, args.connections, args.threads)
                 p50, failures = sequential_p50(server.port, body, n=args.sequential)
@@ -682,7 +708,7 @@ def _run(args: argparse.Namespace) -> int:
 
         print()
         print(f"{'target':<22}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'unloaded p50 ms':>18}{'errors':>9}")
-        labels = {"adapter": "$find (adapter)", "floor": "HTTP floor (prebuilt)"}
+        labels = {"adapter": "$find (adapter)", "computed": "$find (memo off)", "floor": "HTTP floor (prebuilt)"}
         for name, (load, p50, failures) in results.items():
             errors = load.non_2xx + failures
             print(f"{labels[name]:<22}{load.rps:>10.0f}{load.p50_ms:>10.2f}{load.p99_ms:>10.2f}{p50:>18.2f}{errors:>9}")
@@ -696,6 +722,12 @@ def _run(args: argparse.Namespace) -> int:
             f"ratio $find/floor req/s = {ratio:.3f}  (target >= {RATIO_TARGET:.2f}: "
             f"{'met' if ratio >= RATIO_TARGET else 'NOT met'})"
         )
+        if "computed" in results and floor_load.rps:
+            c_load, c_p50, _ = results["computed"]
+            print(
+                f"ratio $find (memo off: every request computed)/floor req/s = {c_load.rps / floor_load.rps:.3f}, "
+                f"unloaded p50 {c_p50:.2f} ms  (reported, not targeted)"
+            )
         print(
             f"unloaded $find p50 = {find_p50:.2f} ms  (target <= {UNLOADED_P50_TARGET_MS:g} ms: "
             f"{'met' if find_p50 <= UNLOADED_P50_TARGET_MS else 'NOT met'})"
