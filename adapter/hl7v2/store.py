@@ -72,6 +72,32 @@ class MirrorWrite:
     inbox_id: int
 
 
+def mirror_row(write: MirrorWrite) -> tuple[str | None, ...]:
+    """The values of one mirror row in the column order every SQL store uses (``filler_id`` .. ``sender``, ``raw``):
+    times both in UTC text (for ordering and windows) and as the sender wrote them (for reading back)."""
+    a = write.appointment
+    return (
+        a.filler_id,
+        a.placer_id,
+        a.status,
+        a.legacy_status,
+        a.status_reason,
+        utc_text(a.start),
+        utc_text(a.end),
+        a.start.isoformat() if a.start else None,
+        a.end.isoformat() if a.end else None,
+        a.service,
+        a.reason,
+        a.patient_family,
+        a.patient_given,
+        a.version,
+        a.last_trigger,
+        a.last_control_id,
+        a.sender,
+        write.raw,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class InboxMessage:
     inbox_id: int

@@ -39,6 +39,7 @@ from adapter.hl7v2.store import (
     MirroredAppointment,
     MirrorWrite,
     SiuStoreUnavailable,
+    mirror_row,
     supersedes,
     utc_text,
 )
@@ -148,26 +149,7 @@ def _apply(cur: psycopg.Cursor[Any], write: MirrorWrite) -> ApplyResult:
             (write.inbox_id, _text(a.filler_id), _text(a.last_trigger), a.version),
         )
         return "stale"
-    values = [
-        a.filler_id,
-        a.placer_id,
-        a.status,
-        a.legacy_status,
-        a.status_reason,
-        utc_text(a.start),
-        utc_text(a.end),
-        a.start.isoformat() if a.start else None,
-        a.end.isoformat() if a.end else None,
-        a.service,
-        a.reason,
-        a.patient_family,
-        a.patient_given,
-        a.version,
-        a.last_trigger,
-        a.last_control_id,
-        a.sender,
-        write.raw,
-    ]
+    values = mirror_row(write)
     cur.execute(
         f"INSERT INTO sched_hl7_appointment ({COLUMNS}, raw) VALUES ({', '.join(['%s'] * 18)}) "
         f"ON CONFLICT (filler_id) DO UPDATE SET {_UPDATE}",

@@ -25,6 +25,7 @@ from adapter.hl7v2.store import (
     InboxMessage,
     MirroredAppointment,
     MirrorWrite,
+    mirror_row,
     supersedes,
     utc_text,
 )
@@ -145,26 +146,7 @@ def apply_write(conn: sqlite3.Connection, write: MirrorWrite) -> ApplyResult:
             (write.inbox_id, a.filler_id, a.last_trigger, a.version),
         )
         return "stale"
-    values = (
-        a.filler_id,
-        a.placer_id,
-        a.status,
-        a.legacy_status,
-        a.status_reason,
-        utc_text(a.start),
-        utc_text(a.end),
-        a.start.isoformat() if a.start else None,
-        a.end.isoformat() if a.end else None,
-        a.service,
-        a.reason,
-        a.patient_family,
-        a.patient_given,
-        a.version,
-        a.last_trigger,
-        a.last_control_id,
-        a.sender,
-        write.raw,
-    )
+    values = mirror_row(write)
     conn.execute(
         f"INSERT OR REPLACE INTO hl7_mirror_appointment ({COLUMNS}, raw) VALUES ({', '.join('?' * 18)})", values
     )

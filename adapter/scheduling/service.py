@@ -632,20 +632,7 @@ class SchedulingService:
             if not self.capabilities.can_lock:
                 # No legacy lock: the check of holds and in-flight bookings and the intent are one state
                 # transaction, so the intent itself is the lock (issue 8.1).
-                try:
-                    for s in slots:
-                        self.state.gate.journal_intent_exclusive(
-                            token,
-                            client=client,
-                            request_key=request_key,
-                            payload=payload,
-                            now=now,
-                            practitioner_id=s.practitioner_id,
-                            patient_ids=s.patient_ids,
-                            interval=s.interval,
-                        )
-                except HoldConflict as exc:
-                    raise SlotConflict(exc.describe(self.zone)) from None
+                self._intent_exclusive(token, slots, client, request_key, payload, now)
                 recorded.append(True)
                 return
             self._check_holds(slots, now, own_hold=token, client=client)
@@ -695,6 +682,32 @@ class SchedulingService:
         except Exception:  # the booking stands; the intent is settled later from the legacy system
             log.exception("booking journal: cannot record Appointment/%s for %s; it will be reconciled", appt.id, token)
         return BookResult(appt, replayed=False)
+
+    def _intent_exclusive(
+        self,
+        token: str,
+        slots: Sequence[SlotRequest],
+        client: str | None,
+        request_key: str | None,
+        payload: dict[str, Any],
+        now: dt.datetime,
+    ) -> None:
+        """In a gate of a backend without a lock: record the intent of ``token`` unless a foreign hold or another
+        booking in flight overlaps one of ``slots`` (then 409)."""
+        try:
+            for s in slots:
+                self.state.gate.journal_intent_exclusive(
+                    token,
+                    client=client,
+                    request_key=request_key,
+                    payload=payload,
+                    now=now,
+                    practitioner_id=s.practitioner_id,
+                    patient_ids=s.patient_ids,
+                    interval=s.interval,
+                )
+        except HoldConflict as exc:
+            raise SlotConflict(exc.describe(self.zone)) from None
 
     def _check_holds(
         self, slots: Sequence[SlotRequest], now: dt.datetime, *, own_hold: str | None, client: str | None
@@ -920,20 +933,7 @@ class SchedulingService:
             if not self.capabilities.can_lock:
                 # As for a new booking: the intent is the lock, recorded before the message leaves, so a crash or a
                 # lost answer leaves a journal entry that the legacy feed settles, and the new time is busy meanwhile.
-                try:
-                    for s in slots:
-                        self.state.gate.journal_intent_exclusive(
-                            token,
-                            client=client,
-                            request_key=request_key,
-                            payload=payload,
-                            now=now,
-                            practitioner_id=s.practitioner_id,
-                            patient_ids=s.patient_ids,
-                            interval=s.interval,
-                        )
-                except HoldConflict as exc:
-                    raise SlotConflict(exc.describe(self.zone)) from None
+                self._intent_exclusive(token, slots, client, request_key, payload, now)
                 recorded.append(True)
                 return
             self._check_holds(slots, now, own_hold=None, client=client)
