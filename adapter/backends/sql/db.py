@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import math
 import os
 import re
@@ -62,6 +63,8 @@ T = TypeVar("T")
 
 # Kept cursors per connection (``Database.select``): the availability queries, each IN-list length once.
 _KEPT_STATEMENTS = 64
+
+log = logging.getLogger("adapter.backends.sql")
 
 
 class LockNotTaken(Exception):
@@ -240,8 +243,8 @@ class Database:
         for cur, _text in getattr(self._local, "statements", {}).values():
             try:
                 cur.close()
-            except Exception:  # the connection may be gone already
-                pass
+            except Exception as exc:  # the connection may be gone already: nothing left to release
+                log.debug("legacy database: closing a kept cursor failed (%s)", exc)
         self._local.statements = {}
 
     def _discard(self) -> None:
