@@ -188,6 +188,9 @@ class Database:
                     # every text parameter longer than 127 characters (a note, an OpenEMR pc_recurrspec).
                     conn.setencoding(encoding="utf-8")
                     conn.setdecoding(pyodbc.SQL_CHAR, encoding="utf-8")
+                    # Text columns come as SQL_WCHAR from the Unicode driver; fetched as UTF-8 (SQL_C_CHAR) instead
+                    # of UTF-16 they decode in one step: the availability read's fetch ~1.17 -> ~0.75 ms (issue 14).
+                    conn.setdecoding(pyodbc.SQL_WCHAR, encoding="utf-8")
                     # Read committed: a fresh snapshot per statement, as a booking re-check needs.
                     cur = conn.cursor()
                     cur.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
