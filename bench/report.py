@@ -118,16 +118,19 @@ def servers(
             bases.append(f"http://{HOST}:{port}/fhir")
         for proc, base in zip(procs, bases, strict=True):
             deadline = time.monotonic() + 90
+            last = "no answer yet"
             while True:
                 if proc.poll() is not None:
                     raise BenchError(f"a server exited; see {folder}/server-*.log")
                 try:
-                    if httpx.get(base.removesuffix("/fhir") + "/readyz", timeout=5).status_code == 200:
+                    ready = httpx.get(base.removesuffix("/fhir") + "/readyz", timeout=5)
+                    if ready.status_code == 200:
                         break
-                except httpx.HTTPError:
-                    pass
+                    last = f"/readyz answered {ready.status_code}"
+                except httpx.HTTPError as exc:  # still starting: not listening yet
+                    last = f"{type(exc).__name__}: {exc}"
                 if time.monotonic() > deadline:
-                    raise BenchError("a server did not become ready within 90 s")
+                    raise BenchError(f"a server did not become ready within 90 s ({last}); see {folder}/server-*.log")
                 time.sleep(0.1)
         yield bases
     finally:

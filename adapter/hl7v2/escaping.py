@@ -68,8 +68,6 @@ def unescape(text: str, d: Delimiters = DEFAULT) -> str:
                 out.append(text[i : end + 1])
         elif code in (".br", ".sp"):
             out.append("\n")
-        else:
-            # Formatting escapes (\H\, \N\, \.in\ ...) carry no text.
-            pass
+        # Any other code is a formatting escape (\H\, \N\, \.in\ ...): it carries no text, so nothing is appended.
         i = end + 1
     return "".join(out)

@@ -296,29 +296,44 @@ def test_issue7_1_holds_by_patient(stores: Stores) -> None:
     assert b.holds_by_patient(["5", "6"], day, later(400)) == []
 
 
-def test_issue7_1_concurrent_holds_of_one_patient_exactly_one_wins(stores: Stores) -> None:
-    """Eight replicas race to hold one patient with eight practitioners at overlapping times."""
-    replicas = [stores.open() for _ in range(8)]
+def race(
+    replicas: list[Any], attempt: Callable[[int, Any], object], lost: type[BaseException] = HoldConflict
+) -> list[str | BaseException]:
+    """Every replica runs ``attempt(i, replica)`` at the same instant, each in its own thread: per replica "won",
+    "lost" (it raised ``lost``) or what else it raised."""
     barrier = threading.Barrier(len(replicas))
     outcome: list[str | BaseException] = ["none"] * len(replicas)
 
-    def claim(i: int, replica: Any) -> None:
-        h = hold(f"p{i}", i % 3 * 5, prac=f"P{i}", client=f"c{i}", patients=("5",))
+    def run(i: int, replica: Any) -> None:
         try:
             barrier.wait(10)
-            replica.place_hold(h, NOW)
+            attempt(i, replica)
             outcome[i] = "won"
-        except HoldConflict:
+        except lost:
             outcome[i] = "lost"
         except BaseException as exc:
             outcome[i] = exc
 
-    threads = [threading.Thread(target=claim, args=(i, r)) for i, r in enumerate(replicas)]
+    threads = [threading.Thread(target=run, args=(i, r)) for i, r in enumerate(replicas)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(30)
-    assert sorted(map(str, outcome)) == ["lost"] * (len(replicas) - 1) + ["won"], outcome
+    return outcome
+
+
+def exactly_one_won(outcome: list[str | BaseException]) -> bool:
+    return sorted(map(str, outcome)) == ["lost"] * (len(outcome) - 1) + ["won"]
+
+
+def test_issue7_1_concurrent_holds_of_one_patient_exactly_one_wins(stores: Stores) -> None:
+    """Eight replicas race to hold one patient with eight practitioners at overlapping times."""
+    replicas = [stores.open() for _ in range(8)]
+    outcome = race(
+        replicas,
+        lambda i, r: r.place_hold(hold(f"p{i}", i % 3 * 5, prac=f"P{i}", client=f"c{i}", patients=("5",)), NOW),
+    )
+    assert exactly_one_won(outcome), outcome
     assert len(replicas[0].holds_by_patient(["5"], Interval(NOW, later(86400)), NOW)) == 1
 
 
@@ -326,26 +341,12 @@ def test_issue10_1_concurrent_claims_exactly_one_wins(stores: Stores) -> None:
     """Eight replicas (own connections, own threads) race for overlapping holds: exactly one wins."""
     replicas = [stores.open() for _ in range(8)]
     for rnd in range(3):
-        barrier = threading.Barrier(len(replicas))
-        outcome: list[str | BaseException] = ["none"] * len(replicas)
-
-        def claim(i: int, replica: Any, rnd: int, barrier: threading.Barrier, outcome: list[Any]) -> None:
-            h = hold(f"r{rnd}-{i}", rnd * 100 + i % 3 * 5, client=f"c{i}")
-            try:
-                barrier.wait(10)
-                replica.place_hold(h, NOW)
-                outcome[i] = "won"
-            except SlotConflict:
-                outcome[i] = "lost"
-            except BaseException as exc:
-                outcome[i] = exc
-
-        threads = [threading.Thread(target=claim, args=(i, r, rnd, barrier, outcome)) for i, r in enumerate(replicas)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(30)
-        assert sorted(map(str, outcome)) == ["lost"] * (len(replicas) - 1) + ["won"], outcome
+        outcome = race(
+            replicas,
+            lambda i, r, rnd=rnd: r.place_hold(hold(f"r{rnd}-{i}", rnd * 100 + i % 3 * 5, client=f"c{i}"), NOW),
+            lost=SlotConflict,
+        )
+        assert exactly_one_won(outcome), outcome
         window = Interval(NOW, later(86400))
         assert len(replicas[0].holds_by_practitioner(["P1"], window, NOW)["P1"]) == rnd + 1
 
@@ -744,26 +745,13 @@ def test_issue8_1_concurrent_exclusive_intents_for_one_slot_exactly_one_wins(sto
     """Eight replicas (own connections, own threads) race to book overlapping times of one practitioner, or
     of one patient with eight practitioners: exactly one intent is recorded."""
     replicas = [stores.open() for _ in range(8)]
-    barrier = threading.Barrier(len(replicas))
-    outcome: list[str | BaseException] = ["none"] * len(replicas)
 
     def claim(i: int, replica: Any) -> None:
         prac, patients = ("P1", (f"{i}",)) if shared == "practitioner" else (f"P{i}", ("5",))
-        try:
-            barrier.wait(10)
-            exclusive(replica, f"t{i}", i % 3 * 5, prac=prac, patients=patients, client=f"c{i}")
-            outcome[i] = "won"
-        except HoldConflict:
-            outcome[i] = "lost"
-        except BaseException as exc:
-            outcome[i] = exc
+        exclusive(replica, f"t{i}", i % 3 * 5, prac=prac, patients=patients, client=f"c{i}")
 
-    threads = [threading.Thread(target=claim, args=(i, r)) for i, r in enumerate(replicas)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    assert sorted(map(str, outcome)) == ["lost"] * (len(replicas) - 1) + ["won"], outcome
+    outcome = race(replicas, claim)
+    assert exactly_one_won(outcome), outcome
     assert len(replicas[0].intents_overlapping(DAY)) == 1
 
 
