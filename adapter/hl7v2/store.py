@@ -19,7 +19,7 @@ is safe to use from several threads at once; several store objects (several repl
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -95,6 +95,32 @@ def mirror_row(write: MirrorWrite) -> tuple[str | None, ...]:
         a.last_control_id,
         a.sender,
         write.raw,
+    )
+
+
+def appointment_from_row(row: Sequence[object], actors: Mapping[str, Sequence[str]]) -> MirroredAppointment:
+    """The inverse of ``mirror_row`` for a row of the SQL stores' columns (``raw`` not included), with the actor ids
+    by kind (``practitioner``, ``location``, ``patient``) in the order the event named them."""
+    r = row
+    return MirroredAppointment(
+        filler_id=str(r[0]),
+        placer_id=str(r[1]),
+        status=None if r[2] is None else str(r[2]),
+        legacy_status=str(r[3]),
+        status_reason=None if r[4] is None else str(r[4]),
+        start=datetime.fromisoformat(str(r[7])) if r[7] else None,
+        end=datetime.fromisoformat(str(r[8])) if r[8] else None,
+        service=str(r[9]),
+        reason=str(r[10]),
+        patient_family=str(r[11]),
+        patient_given=str(r[12]),
+        version=str(r[13]),
+        last_trigger=str(r[14]),
+        last_control_id=str(r[15]),
+        sender=str(r[16]),
+        practitioner_ids=tuple(actors.get("practitioner", ())),
+        location_ids=tuple(actors.get("location", ())),
+        patient_ids=tuple(actors.get("patient", ())),
     )
 
 

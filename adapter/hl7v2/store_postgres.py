@@ -39,6 +39,7 @@ from adapter.hl7v2.store import (
     MirroredAppointment,
     MirrorWrite,
     SiuStoreUnavailable,
+    appointment_from_row,
     mirror_row,
     supersedes,
     utc_text,
@@ -104,32 +105,7 @@ def _load(cur: psycopg.Cursor[Any], rows: Sequence[Sequence[Any]]) -> list[Mirro
     actors: dict[str, dict[str, list[str]]] = {}
     for fid, kind, actor in cur.fetchall():
         actors.setdefault(fid, {}).setdefault(kind, []).append(actor)
-    out = []
-    for r in rows:
-        by_kind = actors.get(str(r[0]), {})
-        out.append(
-            MirroredAppointment(
-                filler_id=str(r[0]),
-                placer_id=str(r[1]),
-                status=None if r[2] is None else str(r[2]),
-                legacy_status=str(r[3]),
-                status_reason=None if r[4] is None else str(r[4]),
-                start=datetime.fromisoformat(str(r[7])) if r[7] else None,
-                end=datetime.fromisoformat(str(r[8])) if r[8] else None,
-                service=str(r[9]),
-                reason=str(r[10]),
-                patient_family=str(r[11]),
-                patient_given=str(r[12]),
-                version=str(r[13]),
-                last_trigger=str(r[14]),
-                last_control_id=str(r[15]),
-                sender=str(r[16]),
-                practitioner_ids=tuple(by_kind.get("practitioner", ())),
-                location_ids=tuple(by_kind.get("location", ())),
-                patient_ids=tuple(by_kind.get("patient", ())),
-            )
-        )
-    return out
+    return [appointment_from_row(r, actors.get(str(r[0]), {})) for r in rows]
 
 
 def _lock_mirror(cur: psycopg.Cursor[Any]) -> None:

@@ -25,6 +25,7 @@ from adapter.hl7v2.store import (
     InboxMessage,
     MirroredAppointment,
     MirrorWrite,
+    appointment_from_row,
     mirror_row,
     supersedes,
     utc_text,
@@ -111,28 +112,7 @@ def load(conn: sqlite3.Connection, rows: Sequence[Sequence[object]]) -> list[Mir
         by_kind: dict[str, list[str]] = {"practitioner": [], "location": [], "patient": []}
         for kind, actor in actors:
             by_kind[kind].append(actor)
-        out.append(
-            MirroredAppointment(
-                filler_id=fid,
-                placer_id=str(r[1]),
-                status=None if r[2] is None else str(r[2]),
-                legacy_status=str(r[3]),
-                status_reason=None if r[4] is None else str(r[4]),
-                start=datetime.fromisoformat(str(r[7])) if r[7] else None,
-                end=datetime.fromisoformat(str(r[8])) if r[8] else None,
-                service=str(r[9]),
-                reason=str(r[10]),
-                patient_family=str(r[11]),
-                patient_given=str(r[12]),
-                version=str(r[13]),
-                last_trigger=str(r[14]),
-                last_control_id=str(r[15]),
-                sender=str(r[16]),
-                practitioner_ids=tuple(by_kind["practitioner"]),
-                location_ids=tuple(by_kind["location"]),
-                patient_ids=tuple(by_kind["patient"]),
-            )
-        )
+        out.append(appointment_from_row(r, by_kind))
     return out
 
 
