@@ -150,7 +150,9 @@ class Database:
         self._local = threading.local()
         # Reads and write units have their own threads (and so their own connections): a write unit
         # may wait for a lock up to the timeout, and reads must not queue behind waiting writers.
-        self._readers = ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix="legacy-read")
+        self._readers = ThreadPoolExecutor(
+            max_workers=pool_size, thread_name_prefix="legacy-read", initializer=self._mark_reader_thread
+        )
         self._writers = ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix="legacy-write")
         self._all: list[Any] = []
         self._lock = threading.Lock()
@@ -160,6 +162,9 @@ class Database:
         self._queues: dict[str, threading.Lock] = {}  # server databases: one per booking lock key (see write)
 
     # -- connections -------------------------------------------------------------------------
+    def _mark_reader_thread(self) -> None:
+        self._local.reader = True
+
     def _connect(self) -> Any:
         try:
             if self.kind == "sqlite3":
@@ -173,7 +178,13 @@ class Database:
             else:
                 import pyodbc  # imported lazily: the embedded default needs no ODBC manager
 
-                conn = pyodbc.connect(self._odbc, autocommit=False, timeout=int(self.timeout_s))
+                # Reader threads' connections run in autocommit: at READ COMMITTED (both servers here) every
+                # statement takes its own snapshot anyway, so a transaction around a read unit bought nothing
+                # but round trips and server work: psqlODBC wrapped each statement in a SAVEPOINT/RELEASE
+                # (its statement-level rollback) and ended the unit with a COMMIT; MariaDB a COMMIT. An
+                # uncached `$find` ran 8 statements on PostgreSQL for its 3 queries (issue 14).
+                reader = getattr(self._local, "reader", False)
+                conn = pyodbc.connect(self._odbc, autocommit=reader, timeout=int(self.timeout_s))
                 try:
                     conn.timeout = int(self.timeout_s)  # per-statement timeout, where the driver has one
                 except pyodbc.Error:
@@ -320,7 +331,7 @@ class Database:
             raise BackendUnavailable(f"cannot connect to the legacy database: {_first_line(exc)}") from exc
         try:
             result = fn(conn)
-            if self.kind == "pyodbc":
+            if self.kind == "pyodbc" and not conn.autocommit:
                 conn.commit()  # end the unit of work: MariaDB would serve stale snapshots otherwise
             return result
         except BaseException as exc:
