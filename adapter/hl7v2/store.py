@@ -22,9 +22,9 @@ failed messages and the mirror are kept. A message resent after its first copy w
 duplicate any more: it is stored and applied again, with a new inbox id, and the version rule decides. Its version
 is ``event_version(MSH-7, new inbox id)``: the same MSH-7 as before, a higher arrival number. So:
 
-* if the appointment changed since, through an event with a later MSH-7 (or a confirmed SRR, versioned by its
-  receipt time, which is later than any MSH-7 of a message received before it), the resend is older and recorded
-  stale: no roll-back;
+* if the appointment changed since, through an event with a later MSH-7 (or a confirmed SRR, versioned by the
+  adapter's clock when it was received, later than the MSH-7 of a message received long before it unless the
+  sender's clock is that far ahead), the resend is older and recorded stale: no roll-back;
 * if the resent message is still the newest event of its appointment, it is applied again with the same content:
   the mirror does not change (the applier reports it as applied);
 * the one roll-back: the event that superseded the purged message carries the *same* MSH-7 (to the precision the
@@ -213,8 +213,9 @@ class SiuStore(Protocol):
         Waiting, claimed and failed messages are never deleted, nor is anything in the mirror (appointments,
         actors, tombstones). Safe while listeners store and appliers claim, on this and other store objects
         sharing the store: each call is one short unit of at most ``limit`` messages, so call it again until it
-        returns less than ``limit``. ``before`` is compared with the time the store recorded on receipt
-        (PostgreSQL: the database server's clock; SQLite and Redis: the storing host's clock)."""
+        returns less than ``limit``. ``before`` (timezone-aware) is compared with the time the store recorded on
+        receipt (PostgreSQL: the database server's clock; SQLite and Redis: the storing host's clock). Inbox ids
+        of messages stored later stay above every purged id (the version rule orders by them)."""
         ...
 
     # --- the applier ----------------------------------------------------------------------------------------------
@@ -265,7 +266,8 @@ class SiuStore(Protocol):
         ...
 
     def stale_count(self) -> int:
-        """How many stale events were recorded (at most one per inbox message)."""
+        """How many stale events are recorded (at most one per inbox message; ``purge_applied`` deletes a purged
+        message's)."""
         ...
 
     def close(self) -> None:
