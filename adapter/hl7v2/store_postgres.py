@@ -217,15 +217,32 @@ class PostgresSiuStore:
             options=f"-c statement_timeout={ms} -c lock_timeout={ms}",
         )
         if not self._schema_ready:
-            with conn.transaction(), conn.cursor() as cur:
-                cur.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (_SCHEMA_LOCK,))
-                # No statement timeout here: the first start after an upgrade builds sched_hl7_inbox_applied over
-                # an inbox that may hold millions of rows (once; a timed-out build would be retried forever).
-                cur.execute("SET LOCAL statement_timeout = 0")
-                for stmt in _SCHEMA:
-                    cur.execute(stmt)
+            try:
+                self._create_schema(conn)
+            except BaseException:
+                conn.close()
+                raise
             self._schema_ready = True
         return conn
+
+    @staticmethod
+    def _create_schema(conn: psycopg.Connection[Any]) -> None:
+        """The tables and indexes, if missing: one creator at a time (a session advisory lock), each statement
+        committed on its own. ``CREATE INDEX IF NOT EXISTS`` locks its table (SHARE) even when the index exists; in
+        one transaction that lock on the inbox would be held while waiting for the mirror tables, which another
+        replica's batch holds while it waits to mark inbox rows: a deadlock."""
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", (_SCHEMA_LOCK,))
+            try:
+                # No statement timeout here: the first start after an upgrade builds sched_hl7_inbox_applied over
+                # an inbox that may hold millions of rows (once; a timed-out build would be retried forever).
+                cur.execute("SET statement_timeout = 0")
+                for stmt in _SCHEMA:
+                    cur.execute(stmt)
+            finally:
+                if not conn.closed and not conn.broken:
+                    cur.execute("RESET statement_timeout")
+                    cur.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", (_SCHEMA_LOCK,))
 
     # --- inbox ---
     @_unavailable_on_error
