@@ -120,6 +120,8 @@ class InboxApplier:
         self.purged = 0
         self._purge_task: asyncio.Task[None] | None = None
         self._stopping = threading.Event()
+        # Not ``_lock``: the event loop takes that one (``_hand_over``) and must not wait for a purge batch.
+        self._purge_lock = threading.Lock()
 
     @property
     def mirror(self) -> SiuStore:
@@ -171,7 +173,7 @@ class InboxApplier:
         total = 0
         try:
             while not self._stopping.is_set():
-                with self._lock:  # closing waits for the batch in flight (as for ``drain``)
+                with self._purge_lock:  # closing waits for the batch in flight (as for ``drain``)
                     if self._stopping.is_set():
                         break
                     n = self.store.purge_applied(before, self.purge_limit)
@@ -242,6 +244,6 @@ class InboxApplier:
         await asyncio.to_thread(self._close)
 
     def _close(self) -> None:
-        with self._lock:
+        with self._lock, self._purge_lock:
             if self._owned:
                 self.store.close()
