@@ -113,6 +113,7 @@ def _backend(settings: Settings) -> tuple[SchedulingBackend, str | None, int | N
             mode=h.mode,
             timeout_seconds=h.timeout_seconds,
             retries=h.retries,
+            inbox_retention_days=h.inbox_retention_days,
         )
         d = hmap.directory
         return hl7, d.default_visit_type, d.slot_step_minutes, None, hmap.interface.timezone

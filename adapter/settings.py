@@ -87,6 +87,12 @@ class Hl7v2Settings(_Section):
         description="SQLite file of the SIU inbox and mirror; default beside state.path (unused with a shared "
         "state.url: the feed then lives in the state store, PostgreSQL or Redis)",
     )
+    inbox_retention_days: float = Field(
+        30,
+        ge=0,
+        description="how long applied SIU messages (raw bodies, de-duplication keys, stale records) stay in the "
+        "inbox; purged hourly by the applier, waiting and failed ones and the mirror are kept; 0 = keep forever",
+    )
 
 
 class StateSettings(_Section):

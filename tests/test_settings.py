@@ -162,3 +162,18 @@ def test_issue10_hl7v2_backend_accepts_a_shared_redis_state_store() -> None:
     }
     for url in ("redis://127.0.0.1:6379/0", "redis+sentinel://s1:26379,s2:26379/mymaster/0"):
         assert load_settings(None, {**env, "SCHED_STATE__URL": url}).state.url == url
+
+
+def test_retention_hl7v2_inbox_retention_days() -> None:
+    """Applied SIU messages are kept 30 days by default; 0 keeps them forever; a negative period is refused."""
+    env = {
+        "SCHED_BACKEND__KIND": "hl7v2",
+        "SCHED_BACKEND__MAPPING": "/m.yaml",
+        "SCHED_SECURITY__AUTH": "off",
+        "SCHED_SECURITY__SIGNING_SECRET": "0123456789abcdef0123",
+    }
+    assert load_settings(None, env).hl7v2.inbox_retention_days == 30
+    assert load_settings(None, {**env, "SCHED_HL7V2__INBOX_RETENTION_DAYS": "0"}).hl7v2.inbox_retention_days == 0
+    assert load_settings(None, {**env, "SCHED_HL7V2__INBOX_RETENTION_DAYS": "7.5"}).hl7v2.inbox_retention_days == 7.5
+    with pytest.raises(SettingsError, match="inbox_retention_days"):
+        load_settings(None, {**env, "SCHED_HL7V2__INBOX_RETENTION_DAYS": "-1"})

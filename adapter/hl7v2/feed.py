@@ -30,12 +30,13 @@ class SiuFeed:
         ssl: ssl_module.SSLContext | None = None,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         poll_seconds: float = 1.0,
+        retention_days: float = 0,
     ) -> None:
         # A path: a SQLite file of the feed's own (opened, shared by inbox and applier, closed at stop).
         self._owned = isinstance(store, str | Path)
         self.store: SiuStore = SqliteSiuStore(store) if isinstance(store, str | Path) else store
         self.inbox = SiuInbox(self.store)
-        self.applier = InboxApplier(self.store, mapping)
+        self.applier = InboxApplier(self.store, mapping, retention_days=retention_days)
         self.listener = SiuListener(self.inbox, on_stored=self.applier.wake)
         self.server = MLLPServer(self.listener.handle, host=host, port=port, ssl=ssl, max_message_size=max_message_size)
         self._poll = poll_seconds

@@ -9,6 +9,10 @@ Out-of-order events: every appointment carries the version of the event that wro
 id)`` (``adapter.hl7v2.store.event_version``). An event older than the stored version is recorded as stale and
 changes nothing (``supersedes``), so an S14 that arrives before its S12 is not overwritten by the late S12, and a
 late S12 never resurrects an appointment an S15 or S17 ended (S17 keeps a tombstone with status entered-in-error).
+
+Retention: with ``retention_days`` > 0 the applier also deletes applied inbox messages older than that
+(``SiuStore.purge_applied``, in batches of ``purge_limit`` until a batch comes back short), once when it starts and
+then every ``purge_every_seconds``, on a worker thread. A purge that fails is logged and tried again next time.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import logging
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from adapter.hl7v2.inbound import SiuEvent, parse_siu
@@ -87,6 +92,10 @@ class InboxApplier:
         *,
         batch_size: int = 500,
         coalesce_seconds: float = 0.02,
+        retention_days: float = 0,
+        purge_every_seconds: float = 3600,
+        purge_limit: int = 1000,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._owned = isinstance(store, str | Path)
         self.store: SiuStore = SqliteSiuStore(store) if isinstance(store, str | Path) else store
@@ -103,6 +112,16 @@ class InboxApplier:
         # Batches run on worker threads: a cancelled ``to_thread`` keeps running, so closing must wait for the
         # batch in flight.
         self._lock = threading.Lock()
+        # Retention: 0 keeps every message.
+        self.retention = timedelta(days=retention_days) if retention_days > 0 else None
+        self.purge_every_seconds = purge_every_seconds
+        self.purge_limit = purge_limit
+        self.clock = clock
+        self.purged = 0
+        self._purge_task: asyncio.Task[None] | None = None
+        self._stopping = threading.Event()
+        # Not ``_lock``: the event loop takes that one (``_hand_over``) and must not wait for a purge batch.
+        self._purge_lock = threading.Lock()
 
     @property
     def mirror(self) -> SiuStore:
@@ -144,6 +163,40 @@ class InboxApplier:
                 total += n
         return total
 
+    def purge(self, now: datetime | None = None) -> int:
+        """Delete the applied messages received before ``now`` (default: ``clock()``) minus the retention, in
+        batches of ``purge_limit`` until one comes back short; returns how many. Nothing without a retention.
+        Blocking: call it from a worker thread."""
+        if self.retention is None:
+            return 0
+        before = (now or self.clock()) - self.retention
+        total = 0
+        try:
+            while not self._stopping.is_set():
+                with self._purge_lock:  # closing waits for the batch in flight (as for ``drain``)
+                    if self._stopping.is_set():
+                        break
+                    n = self.store.purge_applied(before, self.purge_limit)
+                total += n
+                if n < self.purge_limit:
+                    break
+        finally:
+            self.purged += total
+            if total:
+                log.info("SIU inbox: purged %d applied message(s) received before %s", total, before.isoformat())
+        return total
+
+    async def run_purges(self) -> None:
+        """``purge`` now and then every ``purge_every_seconds``; a failure is logged and retried next time."""
+        while True:
+            try:
+                await asyncio.to_thread(self.purge)
+            except Exception:
+                log.exception(
+                    "SIU inbox: purging applied messages failed; retrying in %.0f s", self.purge_every_seconds
+                )
+            await asyncio.sleep(self.purge_every_seconds)
+
     async def _hand_over(self) -> None:
         if self.on_applied is None or not self._applied:
             return
@@ -175,17 +228,22 @@ class InboxApplier:
                 continue
 
     def start(self, poll_seconds: float = 1.0) -> None:
+        self._stopping.clear()
         self._task = asyncio.create_task(self.run(poll_seconds), name="hl7-inbox-applier")
+        if self.retention is not None:
+            self._purge_task = asyncio.create_task(self.run_purges(), name="hl7-inbox-purge")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        self._stopping.set()  # a purge running on a worker thread stops after its current batch
+        for task in (self._task, self._purge_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._task = self._purge_task = None
         await asyncio.to_thread(self._close)
 
     def _close(self) -> None:
-        with self._lock:
+        with self._lock, self._purge_lock:
             if self._owned:
                 self.store.close()

@@ -15,6 +15,23 @@ Implementations, chosen by ``open_siu_store`` from ``state.url`` (no other modul
 
 Every method is synchronous and may block: call it from a worker thread, never the event loop. One store object
 is safe to use from several threads at once; several store objects (several replicas) may share one database.
+
+Retention (``purge_applied``, run periodically by ``InboxApplier`` with ``hl7v2.inbox_retention_days``): applied
+messages older than the retention period are deleted with their de-duplication keys and stale records; waiting and
+failed messages and the mirror are kept. A message resent after its first copy was purged is therefore not a
+duplicate any more: it is stored and applied again, with a new inbox id, and the version rule decides. Its version
+is ``event_version(MSH-7, new inbox id)``: the same MSH-7 as before, a higher arrival number. So:
+
+* if the appointment changed since, through an event with a later MSH-7 (or a confirmed SRR, versioned by the
+  adapter's clock when it was received, later than the MSH-7 of a message received long before it unless the
+  sender's clock is that far ahead), the resend is older and recorded stale: no roll-back;
+* if the resent message is still the newest event of its appointment, it is applied again with the same content:
+  the mirror does not change (the applier reports it as applied);
+* the one roll-back: the event that superseded the purged message carries the *same* MSH-7 (to the precision the
+  sender writes it, or both lack MSH-7), so that arrival order decided between them, and the resend now arrives
+  last. This is the case the rule already orders by arrival (senders should write MSH-7 with sub-second precision),
+  and it needs a sender to resend a message older than the retention period (30 days by default), far beyond any
+  resend after a lost ACK.
 """
 
 from __future__ import annotations
@@ -184,7 +201,21 @@ class SiuStore(Protocol):
         ...
 
     def count_messages(self, state: int | None = None) -> int:
-        """How many inbox messages there are in ``state`` (``WAITING``, ``APPLIED``, ``FAILED``), or in all."""
+        """How many inbox messages there are in ``state`` (``WAITING``, ``APPLIED``, ``FAILED``), or in all
+        (messages deleted by ``purge_applied`` are not counted)."""
+        ...
+
+    def purge_applied(self, before: datetime, limit: int) -> int:
+        """Delete up to ``limit`` inbox messages in state ``APPLIED`` received before ``before``, oldest first,
+        together with their de-duplication keys (the same (sender, control_id) can then be stored again, as a new
+        message) and their stale records; return how many messages were deleted.
+
+        Waiting, claimed and failed messages are never deleted, nor is anything in the mirror (appointments,
+        actors, tombstones). Safe while listeners store and appliers claim, on this and other store objects
+        sharing the store: each call is one short unit of at most ``limit`` messages, so call it again until it
+        returns less than ``limit``. ``before`` (timezone-aware) is compared with the time the store recorded on
+        receipt (PostgreSQL: the database server's clock; SQLite and Redis: the storing host's clock). Inbox ids
+        of messages stored later stay above every purged id (the version rule orders by them)."""
         ...
 
     # --- the applier ----------------------------------------------------------------------------------------------
@@ -235,7 +266,8 @@ class SiuStore(Protocol):
         ...
 
     def stale_count(self) -> int:
-        """How many stale events were recorded (at most one per inbox message)."""
+        """How many stale events are recorded (at most one per inbox message; ``purge_applied`` deletes a purged
+        message's)."""
         ...
 
     def close(self) -> None:

@@ -11,6 +11,10 @@ so a message may reach any replica and any replica's reads see what any applier 
   messages are waiting again. Mirror writes (batches and confirmed SRRs alike) take one transaction-scoped
   advisory lock first: they take turns, so the read-decide-write of the version rule needs no retry and two
   batches never lock appointment rows in opposite orders (no deadlock).
+* Retention: ``purge_applied`` is one transaction that deletes applied messages (a partial index by
+  ``received_at``, the database server's clock) picked ``FOR UPDATE SKIP LOCKED``, with their stale records.
+  Applied is final (only a committed batch marks a message; a claim takes waiting rows only), so a purge never
+  meets a waiting or claimed message; purges of two replicas skip each other's rows instead of waiting.
 * Text columns cannot hold NUL in PostgreSQL: NUL characters in parsed text (not in the raw inbox message, kept as
   ``BYTEA``) are stored as U+FFFD.
 
@@ -58,6 +62,7 @@ _SCHEMA = [
   state SMALLINT NOT NULL DEFAULT 0,  -- 0 waiting, 1 applied, 2 failed (see error)
   error TEXT, UNIQUE (sender, control_id))""",
     "CREATE INDEX IF NOT EXISTS sched_hl7_inbox_waiting ON sched_hl7_inbox (id) WHERE state = 0",
+    "CREATE INDEX IF NOT EXISTS sched_hl7_inbox_applied ON sched_hl7_inbox (received_at, id) WHERE state = 1",
     """CREATE TABLE IF NOT EXISTS sched_hl7_appointment (
   filler_id TEXT PRIMARY KEY, placer_id TEXT NOT NULL, status TEXT, legacy_status TEXT NOT NULL,
   status_reason TEXT, start_utc TEXT, end_utc TEXT, start_local TEXT, end_local TEXT, service TEXT NOT NULL,
@@ -212,12 +217,32 @@ class PostgresSiuStore:
             options=f"-c statement_timeout={ms} -c lock_timeout={ms}",
         )
         if not self._schema_ready:
-            with conn.transaction(), conn.cursor() as cur:
-                cur.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (_SCHEMA_LOCK,))
-                for stmt in _SCHEMA:
-                    cur.execute(stmt)
+            try:
+                self._create_schema(conn)
+            except BaseException:
+                conn.close()
+                raise
             self._schema_ready = True
         return conn
+
+    @staticmethod
+    def _create_schema(conn: psycopg.Connection[Any]) -> None:
+        """The tables and indexes, if missing: one creator at a time (a session advisory lock), each statement
+        committed on its own. ``CREATE INDEX IF NOT EXISTS`` locks its table (SHARE) even when the index exists; in
+        one transaction that lock on the inbox would be held while waiting for the mirror tables, which another
+        replica's batch holds while it waits to mark inbox rows: a deadlock."""
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", (_SCHEMA_LOCK,))
+            try:
+                # No statement timeout here: the first start after an upgrade builds sched_hl7_inbox_applied over
+                # an inbox that may hold millions of rows (once; a timed-out build would be retried forever).
+                cur.execute("SET statement_timeout = 0")
+                for stmt in _SCHEMA:
+                    cur.execute(stmt)
+            finally:
+                if not conn.closed and not conn.broken:
+                    cur.execute("RESET statement_timeout")
+                    cur.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", (_SCHEMA_LOCK,))
 
     # --- inbox ---
     @_unavailable_on_error
@@ -238,6 +263,21 @@ class PostgresSiuStore:
             else:
                 row = conn.execute("SELECT count(*) FROM sched_hl7_inbox WHERE state = %s", (state,)).fetchone()
             return int(row[0]) if row else 0
+
+    @_unavailable_on_error
+    def purge_applied(self, before: datetime, limit: int) -> int:
+        with self._apply.use() as conn, conn.transaction(), conn.cursor() as cur:
+            # ``state = 1`` written out: the partial index sched_hl7_inbox_applied serves only that literal.
+            cur.execute(
+                f"DELETE FROM sched_hl7_inbox WHERE id IN (SELECT id FROM sched_hl7_inbox WHERE state = {APPLIED} "
+                "AND received_at < %s ORDER BY received_at, id LIMIT %s FOR UPDATE SKIP LOCKED) "
+                f"AND state = {APPLIED} RETURNING id",
+                (before, limit),
+            )
+            ids = [int(r[0]) for r in cur.fetchall()]
+            if ids:
+                cur.execute("DELETE FROM sched_hl7_stale WHERE inbox_id = ANY(%s)", (ids,))
+            return len(ids)
 
     # --- applier ---
     @contextmanager

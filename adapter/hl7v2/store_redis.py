@@ -25,11 +25,19 @@ replica reads the same mirror.
   wins, equal is stale) runs inside the commit script, comparing bytes (``bytes_le``), which is how Python
   compares these ASCII strings; ``tests/hl7v2/test_siu_store_redis.py`` checks both agree. An S17 leaves its
   appointment as a tombstone (status entered-in-error) whose version keeps a late S12 out.
-* ``siu:n`` counts applied and failed messages (a message changes state once), so counting is O(1).
+* ``siu:n`` counts applied and failed messages (a message changes state once) and, under ``purged``, the applied
+  messages ``purge_applied`` deleted, so counting is O(1): all messages are ``siu:seq`` minus ``purged``.
+* **Retention**: each message hash keeps its receipt time twice, ``at`` (ISO text) and ``ts`` (epoch microseconds,
+  the storing host's clock). Marking a message applied also adds its id to the sorted set ``siu:applied`` scored by
+  ``ts``, so ``purge_applied`` finds the oldest applied messages with one ``ZRANGEBYSCORE`` and deletes them, with
+  their ``siu:seen`` keys and ``siu:stale`` entries, in one script (nothing waiting or claimed is in that set).
+  Data written before retention existed: a message still waiting then has no ``ts`` and is scored by the time it is
+  marked applied (kept a little longer); a message already applied or failed then is not in ``siu:applied`` and is
+  never purged (it stays, counted, as before; delete such old ``siu:msg:<id>`` hashes by hand if they matter).
 
 Keys are under the URL's ``key_prefix`` (default ``sched:``). The scripts compute keys from the prefix, which Redis
 Cluster does not allow: a standalone server or a Sentinel-managed primary is what this store supports (as for the
-scheduling state in Redis). Messages and the mirror are kept without expiry, as the SQLite store keeps its rows.
+scheduling state in Redis). Nothing has a TTL: applied messages go only through ``purge_applied``, the mirror stays.
 Redis "cannot now" errors (unreachable, timed out, loading, a read-only replica) are raised as
 ``SiuStoreUnavailable``; the client reconnects on the next call.
 """
@@ -46,7 +54,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, ParamSpec, TypeVar, cast
 
 import redis
@@ -87,13 +95,13 @@ end
 """
 
 # KEYS: siu:seen:<sender>\n<control id>, siu:seq, siu:waiting. ARGV: prefix, sender, control id, type,
-# received_at, raw. Returns 1 stored, 0 duplicate.
+# received_at (ISO), raw, received_at (epoch microseconds). Returns 1 stored, 0 duplicate.
 _STORE = """
 if not redis.call('SET', KEYS[1], '', 'NX') then return 0 end
 local id = redis.call('INCR', KEYS[2])
 redis.call('SET', KEYS[1], id)
 redis.call('HSET', ARGV[1] .. 'siu:msg:' .. id, 'sender', ARGV[2], 'cid', ARGV[3], 'type', ARGV[4],
-           'at', ARGV[5], 'raw', ARGV[6], 'state', '0')
+           'at', ARGV[5], 'raw', ARGV[6], 'state', '0', 'ts', ARGV[7])
 redis.call('RPUSH', KEYS[3], id)
 return 1
 """
@@ -173,9 +181,10 @@ end
 """
 )
 
-# KEYS: siu:claimed, siu:waiting, siu:n. ARGV: prefix, batch token, the batch's ids (JSON list, inbox order),
-# ops (JSON list in call order: {w = inbox id, t = trigger, a = appointment} a mirror write, {m = inbox id,
-# s = 1 or 2, e = error} a mark). A write or mark of a message this batch no longer holds is skipped; claimed
+# KEYS: siu:claimed, siu:waiting, siu:n, siu:applied. ARGV: prefix, batch token, the batch's ids (JSON list, inbox
+# order), ops (JSON list in call order: {w = inbox id, t = trigger, a = appointment} a mirror write, {m = inbox id,
+# s = 1 or 2, e = error} a mark), now (epoch microseconds: the retention score of a message stored without ``ts``).
+# An applied message joins siu:applied scored by its receipt time. A write or mark of a message this batch no longer holds is skipped; claimed
 # messages left unmarked go back to the front of the waiting list. Returns each write's result, in order
 # ('lost' for a skipped one).
 _COMMIT = (
@@ -206,6 +215,9 @@ for _, op in ipairs(cjson.decode(ARGV[4])) do
       redis.call('HDEL', key, 'owner')
       redis.call('ZREM', KEYS[1], id)
       redis.call('HINCRBY', KEYS[3], op.s, 1)
+      if tostring(op.s) == '1' then
+        redis.call('ZADD', KEYS[4], redis.call('HGET', key, 'ts') or ARGV[5], id)
+      end
       mine[id] = nil
     end
   end
@@ -238,6 +250,31 @@ for i = #ids, 1, -1 do
   end
 end
 return 0
+"""
+
+# KEYS: siu:applied, siu:n, siu:stale. ARGV: prefix, before (epoch microseconds, exclusive), limit. Deletes the
+# oldest applied messages received before ``before`` with their de-duplication keys (only the one naming this
+# message) and stale records; returns how many.
+_PURGE = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[2], 'LIMIT', 0, tonumber(ARGV[3]))
+local n = 0
+for _, id in ipairs(ids) do
+  redis.call('ZREM', KEYS[1], id)
+  local key = ARGV[1] .. 'siu:msg:' .. id
+  local v = redis.call('HMGET', key, 'state', 'sender', 'cid')
+  if v[1] == '1' then
+    local seen = ARGV[1] .. 'siu:seen:' .. v[2] .. '\\n' .. v[3]
+    if redis.call('GET', seen) == id then redis.call('DEL', seen) end
+    redis.call('DEL', key)
+    redis.call('HDEL', KEYS[3], id)
+    n = n + 1
+  end
+end
+if n > 0 then
+  redis.call('HINCRBY', KEYS[2], '1', -n)
+  redis.call('HINCRBY', KEYS[2], 'purged', n)
+end
+return n
 """
 
 # ARGV: prefix, appointment (JSON), trigger, inbox id. A write outside any batch (a confirmed SRR).
@@ -324,6 +361,14 @@ def persistence_problem(client: redis.Redis) -> str | None:
             "SIU messages acknowledged in the last second (appendfsync always closes that window)"
         )
     return None
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def epoch_us(moment: datetime) -> int:
+    """A moment as whole microseconds since the epoch: the retention score (exact in a Redis score, a double)."""
+    return (moment - _EPOCH) // timedelta(microseconds=1)
 
 
 def _dedup(ids: Sequence[str]) -> list[str]:
@@ -451,6 +496,7 @@ class RedisSiuStore:
         self._claim = self.r.register_script(_CLAIM)
         self._commit = self.r.register_script(_COMMIT)
         self._give_back = self.r.register_script(_GIVE_BACK)
+        self._purge = self.r.register_script(_PURGE)
         self._record = self.r.register_script(_RECORD)
         self._for_actor = self.r.register_script(_FOR_ACTOR)
         self._by_placer = self.r.register_script(_BY_PLACER)
@@ -473,9 +519,10 @@ class RedisSiuStore:
     # --- the inbox ---------------------------------------------------------------------------------------------
     @_guarded
     def store_message(self, sender: str, control_id: str, message_type: str, raw: bytes) -> bool:
+        now = datetime.now(UTC)
         new = self._store(
             keys=[self._k(f"seen:{sender}\n{control_id}"), self._k("seq"), self._k("waiting")],
-            args=[self.prefix, sender, control_id, message_type, datetime.now(UTC).isoformat(), raw],
+            args=[self.prefix, sender, control_id, message_type, now.isoformat(), raw, epoch_us(now)],
         )
         return bool(new)
 
@@ -483,12 +530,22 @@ class RedisSiuStore:
     def count_messages(self, state: int | None = None) -> int:
         with self.r.pipeline(transaction=True) as pipe:
             pipe.get(self._k("seq"))
-            pipe.hmget(self._k("n"), [str(APPLIED), str(FAILED)])
-            total_raw, (applied_raw, failed_raw) = pipe.execute()
-        total, applied, failed = (int(x or 0) for x in (total_raw, applied_raw, failed_raw))
+            pipe.hmget(self._k("n"), [str(APPLIED), str(FAILED), "purged"])
+            seq_raw, (applied_raw, failed_raw, purged_raw) = pipe.execute()
+        seq, applied, failed, purged = (int(x or 0) for x in (seq_raw, applied_raw, failed_raw, purged_raw))
+        total = seq - purged
         if state is None:
             return total
         return {WAITING: total - applied - failed, APPLIED: applied, FAILED: failed}.get(state, 0)
+
+    @_guarded
+    def purge_applied(self, before: datetime, limit: int) -> int:
+        return int(
+            self._purge(
+                keys=[self._k("applied"), self._k("n"), self._k("stale")],
+                args=[self.prefix, epoch_us(before), limit],
+            )
+        )
 
     # --- the applier -------------------------------------------------------------------------------------------
     def _token(self) -> str:
@@ -526,8 +583,8 @@ class RedisSiuStore:
             raise
         with _unavailable():  # the claims, still held, run out: the messages are claimed again later
             results = self._commit(
-                keys=[self._k("claimed"), self._k("waiting"), self._k("n")],
-                args=[self.prefix, token, ids, json.dumps(batch.ops)],
+                keys=[self._k("claimed"), self._k("waiting"), self._k("n"), self._k("applied")],
+                args=[self.prefix, token, ids, json.dumps(batch.ops), epoch_us(datetime.now(UTC))],
             )
         if b"lost" in results:
             log.warning(

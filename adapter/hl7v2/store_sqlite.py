@@ -5,6 +5,18 @@ Three connections, each behind its own lock: the ACK path's (``synchronous=FULL`
 is derived from the inbox and each batch marks its inbox rows in the same transaction, so a power cut that loses
 the last batches reverts their rows to waiting together with the mirror) and the readers'. SQLite's file lock
 (``BEGIN IMMEDIATE``) keeps claims of other processes on the same file apart.
+
+``received_at`` is the storing host's clock in UTC as ``datetime.isoformat`` writes it
+(``2026-01-05T09:00:00.123456+00:00``, the fraction left out when it is zero): text order is time order, so
+``purge_applied`` compares it as text with ``before`` written the same way (``received_text``), through a partial
+index of the applied messages by receipt time (built when a connection first opens a file that lacks it). A purge
+is one ``BEGIN IMMEDIATE`` transaction of at most ``limit`` messages on the applier's connection: applied is final
+(only a committed batch marks a message), so it never meets a waiting or claimed one.
+
+Inbox ids must only grow (they order events of the same MSH-7, see ``event_version``), but SQLite numbers a row
+one above the largest id *in the table*: a purge that deleted the newest rows would let new messages take their ids
+again. So a purge records the highest id it deleted (``hl7_inbox_purged``) and ``store_message`` numbers a new
+message above both.
 """
 
 from __future__ import annotations
@@ -45,6 +57,11 @@ CREATE TABLE IF NOT EXISTS hl7_inbox (
     UNIQUE (sender, control_id)
 );
 CREATE INDEX IF NOT EXISTS hl7_inbox_waiting ON hl7_inbox (state, id);
+CREATE INDEX IF NOT EXISTS hl7_inbox_applied ON hl7_inbox (received_at, id) WHERE state = 1;
+CREATE TABLE IF NOT EXISTS hl7_inbox_purged (
+    one INTEGER PRIMARY KEY CHECK (one = 1),
+    last_id INTEGER NOT NULL  -- the highest inbox id purge_applied deleted: new ids stay above it
+);
 """
 
 MIRROR_SCHEMA = """
@@ -84,11 +101,22 @@ CREATE TABLE IF NOT EXISTS hl7_mirror_stale (
 );
 """
 
+_NEXT_ID = (
+    "max(coalesce((SELECT max(id) FROM hl7_inbox), 0), "
+    "coalesce((SELECT last_id FROM hl7_inbox_purged WHERE one = 1), 0)) + 1"
+)
+"""The id of a new inbox message: above every stored and every purged one (see the module docstring)."""
+
 COLUMNS = (
     "filler_id, placer_id, status, legacy_status, status_reason, start_utc, end_utc, start_local, end_local, "
     "service, reason, patient_family, patient_given, version, last_trigger, last_control_id, sender"
 )
 _A_COLUMNS = ", ".join("a." + c.strip() for c in COLUMNS.split(","))
+
+
+def received_text(moment: datetime) -> str:
+    """``hl7_inbox.received_at`` of a moment (UTC, ``isoformat``): compared as text, in time order."""
+    return moment.astimezone(UTC).isoformat()
 
 
 def connect(path: str | Path) -> sqlite3.Connection:
@@ -194,9 +222,9 @@ class SqliteSiuStore:
     def store_message(self, sender: str, control_id: str, message_type: str, raw: bytes) -> bool:
         with self._ack_lock:
             cur = self._ack_conn().execute(
-                "INSERT OR IGNORE INTO hl7_inbox (sender, control_id, message_type, received_at, raw) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (sender, control_id, message_type, datetime.now(UTC).isoformat(), raw),
+                "INSERT OR IGNORE INTO hl7_inbox (id, sender, control_id, message_type, received_at, raw) "
+                f"VALUES ({_NEXT_ID}, ?, ?, ?, ?, ?)",
+                (sender, control_id, message_type, received_text(datetime.now(UTC)), raw),
             )
             return cur.rowcount == 1
 
@@ -208,6 +236,34 @@ class SqliteSiuStore:
             else:
                 row = conn.execute("SELECT count(*) FROM hl7_inbox WHERE state = ?", (state,)).fetchone()
             return int(row[0])
+
+    def purge_applied(self, before: datetime, limit: int) -> int:
+        with self._apply_lock:
+            conn = self._apply_conn()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                # ``state = 1`` written out: the partial index hl7_inbox_applied serves only that literal.
+                ids = [
+                    (int(r[0]),)
+                    for r in conn.execute(
+                        f"SELECT id FROM hl7_inbox WHERE state = {APPLIED} AND received_at < ? "
+                        "ORDER BY received_at, id LIMIT ?",
+                        (received_text(before), limit),
+                    )
+                ]
+                conn.executemany("DELETE FROM hl7_mirror_stale WHERE inbox_id = ?", ids)
+                conn.executemany(f"DELETE FROM hl7_inbox WHERE id = ? AND state = {APPLIED}", ids)
+                if ids:
+                    conn.execute(
+                        "INSERT INTO hl7_inbox_purged (one, last_id) VALUES (1, ?) "
+                        "ON CONFLICT (one) DO UPDATE SET last_id = max(last_id, excluded.last_id)",
+                        (max(i for (i,) in ids),),
+                    )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            return len(ids)
 
     # --- applier ---
     @contextmanager

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -354,3 +354,170 @@ def test_siu_store_postgresql_unreachable_means_no_ack_and_the_listener_keeps_ru
 
     asyncio.run(asyncio.wait_for(main(), 30))
     store.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Retention: purge_applied
+# --------------------------------------------------------------------------------------------------
+LATER = timedelta(days=1)  # a ``before`` in the future: every applied message counts as old
+
+
+def apply_all(store: SiuStore) -> None:
+    """Claim every waiting message and mark it applied (no mirror writes)."""
+    while True:
+        with store.claim(100) as batch:
+            if not batch.messages:
+                return
+            for m in batch.messages:
+                batch.mark_applied(m.inbox_id)
+
+
+def test_retention_old_applied_messages_are_purged_with_their_dedup_keys(shared: SharedState) -> None:
+    a, b = shared.open(), shared.open()
+    for n in range(3):
+        a.store_message("S", f"OLD{n}", "SIU", b"old")
+    apply_all(a)
+    cut = datetime.now(UTC)  # the old messages were received before it, the recent ones after
+    for n in range(2):
+        a.store_message("S", f"NEW{n}", "SIU", b"new")
+    apply_all(a)
+    assert b.purge_applied(cut, 100) == 3
+    assert b.purge_applied(cut, 100) == 0
+    assert (a.count_messages(), a.count_messages(APPLIED), a.count_messages(WAITING)) == (2, 2, 0)
+    # The purged keys are free again (a new message), the kept ones still de-duplicate.
+    assert b.store_message("S", "OLD0", "SIU", b"old again") is True
+    assert a.store_message("S", "NEW0", "SIU", b"new again") is False
+    assert (a.count_messages(), a.count_messages(WAITING), a.count_messages(APPLIED)) == (3, 1, 2)
+    with a.claim(10) as batch:
+        assert [m.raw for m in batch.messages] == [b"old again"]
+        batch.mark_applied(batch.messages[0].inbox_id)
+    # A ``before`` in the past purges nothing; one in the future purges every applied message.
+    assert a.purge_applied(datetime.now(UTC) - LATER, 100) == 0
+    assert a.purge_applied(datetime.now(UTC) + LATER, 100) == 3
+    assert (a.count_messages(), a.count_messages(APPLIED), a.count_messages(FAILED)) == (0, 0, 0)
+
+
+def test_retention_waiting_and_failed_messages_and_the_mirror_are_kept(shared: SharedState) -> None:
+    store = shared.open()
+    store_siu(store, siu("C1", "S14", msg_time="20260105110000+0100"), siu("C2", "S12"))
+    applier(store).drain()  # C2 (older MSH-7) is recorded stale
+    assert (store.count(), store.stale_count()) == (1, 1)
+    store_siu(store, siu("C3", "S14", msg_time="20260105120000+0100"), siu("C4", "S15"), siu("C5", "S14"))
+    with store.claim(2) as batch:  # C3 failed, C4 claimed and given back, C5 never claimed: both waiting
+        batch.mark_failed(batch.messages[0].inbox_id, "cannot parse")
+    assert store.purge_applied(datetime.now(UTC) + LATER, 100) == 2
+    assert (store.count_messages(FAILED), store.count_messages(WAITING), store.count_messages(APPLIED)) == (1, 2, 0)
+    assert store.count_messages() == 3
+    assert store.stale_count() == 0  # purged with its message
+    found = store.by_filler_id("F1")
+    assert found is not None and found.last_trigger == "S14" and store.count() == 1
+    assert store_siu(store, siu("C3", "S14"), siu("C4", "S15"), siu("C5", "S14")) == [False, False, False]
+
+
+def test_retention_limit_is_honoured_oldest_first(shared: SharedState) -> None:
+    store = shared.open()
+    for n in range(5):
+        store.store_message("S", f"C{n}", "SIU", f"m{n}".encode())
+    apply_all(store)
+    before = datetime.now(UTC) + LATER
+    assert [store.purge_applied(before, 2) for _ in range(4)] == [2, 2, 1, 0]
+    store2 = shared.open()
+    for n in range(5):
+        store2.store_message("T", f"C{n}", "SIU", f"m{n}".encode())
+    apply_all(store2)
+    assert store2.purge_applied(before, 2) == 2
+    # The two oldest are gone (their keys are free), the rest are still de-duplicated.
+    assert [store.store_message("T", f"C{n}", "SIU", b"again") for n in range(5)] == [True, True, False, False, False]
+    assert (store.count_messages(), store.count_messages(APPLIED), store.count_messages(WAITING)) == (5, 3, 2)
+
+
+def test_retention_a_purge_racing_with_store_and_claim_never_deletes_a_waiting_or_claimed_message(
+    shared: SharedState,
+) -> None:
+    listener, worker, purger = shared.open(), shared.open(), shared.open()
+    count = 150
+    purged: list[int] = []
+    errors: list[BaseException] = []
+    stored = threading.Event()
+
+    def listen() -> None:
+        try:
+            for n in range(count):
+                store_siu(listener, siu(f"C{n}", "S12", filler=f"F{n}", placer=f"P{n}"))
+        except BaseException as exc:  # reported below: an exception in a thread would pass unnoticed
+            errors.append(exc)
+        finally:
+            stored.set()
+
+    def apply() -> None:
+        try:
+            while not stored.is_set() or worker.count_messages(WAITING):
+                InboxApplier(worker, demo_mapping(), batch_size=7).drain()
+        except BaseException as exc:
+            errors.append(exc)
+
+    def purge() -> None:
+        try:
+            while not stored.is_set() or purger.count_messages(WAITING):
+                # Every applied message is old: only the state keeps waiting and claimed messages safe.
+                purged.append(purger.purge_applied(datetime.now(UTC) + LATER, 5))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=f) for f in (listen, apply, purge)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors and not any(t.is_alive() for t in threads)
+    InboxApplier(worker, demo_mapping()).drain()
+    # Every message was applied (a purged waiting or claimed message would be missing from the mirror) ...
+    assert worker.count() == count and {a.filler_id for a in worker.all_appointments()} == {
+        f"F{n}" for n in range(count)
+    }
+    # ... and the counts add up: what was not purged is still there, applied.
+    left = count - sum(purged)
+    assert (purger.count_messages(), purger.count_messages(APPLIED), purger.count_messages(WAITING)) == (left, left, 0)
+    assert purger.purge_applied(datetime.now(UTC) + LATER, count) == left
+    assert purger.count_messages() == 0 and purger.count() == count
+
+
+def test_retention_a_resend_after_purge_does_not_roll_back_a_later_change(shared: SharedState) -> None:
+    store = shared.open()
+    s12 = siu("C1", "S12", msg_time="20260105100000+0100", start="20260110090000+0100")
+    s14 = siu("C2", "S14", msg_time="20260105110000+0100", start="20260110100000+0100", end="20260110103000+0100")
+    store_siu(store, s12, s14)
+    applier(store).drain()
+    assert store.purge_applied(datetime.now(UTC) + LATER, 100) == 2
+    # The sender replays its archive: no longer a duplicate, stored and applied again, with a higher inbox id ...
+    assert store_siu(store, s12) == [True]
+    again = applier(store)
+    again.drain()
+    # ... but its MSH-7 is older than the S14's: stale, the appointment keeps the change.
+    assert (again.stats.applied, again.stats.stale) == (0, 1)
+    found = store.by_filler_id("F1")
+    assert found is not None and found.last_trigger == "S14"
+    assert found.start == datetime(2026, 1, 10, 9, 0, tzinfo=UTC)
+    # A resend of the newest event is applied again with the same content: nothing changes.
+    store.purge_applied(datetime.now(UTC) + LATER, 100)
+    assert store_siu(store, s14) == [True]
+    applier(store).drain()
+    same = store.by_filler_id("F1")
+    assert same is not None and same.last_trigger == "S14" and same.start == found.start and same.end == found.end
+    assert same.version > found.version  # the same MSH-7, a later arrival
+
+
+def test_retention_inbox_ids_keep_growing_after_the_newest_messages_were_purged(shared: SharedState) -> None:
+    """Inbox ids order events of one MSH-7 (``event_version``): a purge must not let new messages reuse them."""
+    store = shared.open()
+    for n in range(3):
+        store.store_message("S", f"C{n}", "SIU", b"m")
+    with store.claim(10) as batch:
+        highest = max(m.inbox_id for m in batch.messages)
+        for m in batch.messages:
+            batch.mark_applied(m.inbox_id)
+    assert store.purge_applied(datetime.now(UTC) + LATER, 100) == 3 and store.count_messages() == 0
+    store.store_message("S", "C9", "SIU", b"m")
+    with store.claim(10) as batch:
+        assert [m.inbox_id > highest for m in batch.messages] == [True]
+        batch.mark_applied(batch.messages[0].inbox_id)

@@ -318,3 +318,30 @@ def test_issue10_non_ascii_names_and_ids_survive_the_lua_json_round_trip(stores:
     assert store.by_filler_id("FÜ-1") == a
     assert store.for_actor("practitioner", "DR-Øst", T0, T0 + dt.timedelta(minutes=1)) == [a]
     assert store.patient_names() == {"PAT-ß": ("Müller-Świątek", "Zoë")}
+
+
+def test_retention_redis_purge_finds_applied_messages_by_receipt_and_handles_older_data(
+    stores: Callable[..., RedisSiuStore],
+) -> None:
+    """``siu:applied`` holds the applied messages scored by receipt time (``ts``); data written before it existed:
+    a message stored without ``ts`` is scored when it is applied, one applied before is kept (and counted)."""
+    store = stores()
+    r = store.r
+    future = dt.datetime.now(dt.UTC) + dt.timedelta(days=1)
+    for n in range(3):
+        store.store_message("LEGACY|FAC", f"C{n}", "SIU", b"m")
+    assert r.hget(store._k("msg:1"), "ts") is not None
+    r.hdel(store._k("msg:2"), "ts")  # stored by the previous version: no receipt score
+    with store.claim(10) as batch:
+        for m in batch.messages:
+            batch.mark_applied(m.inbox_id)
+    scores = dict(r.zrange(store._k("applied"), 0, -1, withscores=True))
+    assert scores.keys() == {b"1", b"2", b"3"}
+    assert scores[b"1"] < scores[b"3"] < scores[b"2"]  # 2: scored at the commit, after 3 was received
+    r.zrem(store._k("applied"), "3")  # applied by the previous version: never in siu:applied
+    assert store.purge_applied(future, 100) == 2
+    assert (store.count_messages(), store.count_messages(APPLIED)) == (1, 1)
+    assert r.exists(store._k("msg:3")) and not r.exists(store._k("msg:1"), store._k("msg:2"))
+    assert not r.exists(store._k("seen:LEGACY|FAC\nC0"), store._k("seen:LEGACY|FAC\nC1"))
+    assert r.exists(store._k("seen:LEGACY|FAC\nC2"))
+    assert r.zcard(store._k("applied")) == 0 and r.hget(store._k("n"), "purged") == b"2"

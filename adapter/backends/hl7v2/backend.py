@@ -111,6 +111,7 @@ class Hl7v2Backend:
         mode: str = "query",
         timeout_seconds: float | None = None,
         retries: int | None = None,
+        inbox_retention_days: float = 30,
     ) -> None:
         update: dict[str, Any] = {}
         if timeout_seconds is not None:
@@ -133,7 +134,15 @@ class Hl7v2Backend:
         self._peer = (peer_host, peer_port)
         # The backend owns the store: the feed writes it, the backend's reads and confirmed SRRs use it.
         self.store = store
-        self.feed = SiuFeed(store, mapping, host=listen_host, port=listen_port, poll_seconds=0.5)
+        # The applier also purges applied inbox messages older than ``inbox_retention_days`` (0: never).
+        self.feed = SiuFeed(
+            store,
+            mapping,
+            host=listen_host,
+            port=listen_port,
+            poll_seconds=0.5,
+            retention_days=inbox_retention_days,
+        )
         self._publish: ChangePublisher | None = None
         self._queries = 0
 
