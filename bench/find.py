@@ -424,7 +424,13 @@ def check_find(port: int, body: bytes) -> bytes:
 
 
 def _versions() -> str:
-    parts = [f"Python {sys.version.split()[0]}", f"{os.cpu_count()} CPUs"]
+    from _machine import python_speed_ms
+
+    parts = [
+        f"Python {sys.version.split()[0]}",
+        f"{os.cpu_count()} CPUs",
+        f"sum(range(10**7)) {python_speed_ms():.0f} ms (machine speed; see bench/_machine.py)",
+    ]
     for mod in ("uvicorn", "uvloop", "httptools", "starlette", "orjson"):
         try:
             from importlib.metadata import version

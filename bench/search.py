@@ -285,7 +285,10 @@ def main() -> int:
             print(f"could not measure: {exc}", file=sys.stderr)
             return 2
 
+    from _machine import python_speed_ms
+
     print()
+    print(f"machine speed: sum(range(10**7)) {python_speed_ms():.0f} ms (see bench/_machine.py)")
     print(
         f"ITI-118 GET /fhir/Appointment?patient=<id>&date=ge<day>  ({args.requests} requests after "
         f"{args.warmup} warm-up, sequential, one keep-alive connection, _count 50; 'first page' with the default _total, 'accurate' with _total=accurate)"
