@@ -23,6 +23,21 @@ DEMO_MAPPING = ROOT / "mappings" / "hl7v2-demo.yaml"
 T = TypeVar("T")
 
 
+async def send_for_acks(port: int, *messages: bytes) -> list[str]:
+    """Send with python-hl7 on one connection to 127.0.0.1:``port``, waiting for each ACK; returns MSA-1 of each."""
+    reader, writer = await hl7.mllp.open_hl7_connection("127.0.0.1", port)
+    codes = []
+    try:
+        for m in messages:
+            writer.writeblock(m)
+            await writer.drain()
+            ack = read_msa(await reader.readblock())
+            codes.append(ack.code if ack else "")
+    finally:
+        writer.close()
+    return codes
+
+
 def demo_mapping() -> Hl7v2Mapping:
     return load_hl7v2_mapping(DEMO_MAPPING)
 
@@ -43,17 +58,7 @@ class SiuStack:
 
     async def send(self, *messages: bytes) -> list[str]:
         """Send with python-hl7 on one connection, waiting for each ACK; returns MSA-1 of each."""
-        reader, writer = await hl7.mllp.open_hl7_connection("127.0.0.1", self.server.port)
-        codes = []
-        try:
-            for m in messages:
-                writer.writeblock(m)
-                await writer.drain()
-                ack = read_msa(await reader.readblock())
-                codes.append(ack.code if ack else "")
-        finally:
-            writer.close()
-        return codes
+        return await send_for_acks(self.server.port, *messages)
 
     async def drain(self) -> int:
         return await asyncio.to_thread(self.applier.drain)

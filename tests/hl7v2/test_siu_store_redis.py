@@ -18,10 +18,9 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import hl7.mllp
 import pytest
 import redis
-from hl7v2util import demo_mapping, run, siu
+from hl7v2util import demo_mapping, run, send_for_acks, siu
 from stateutil import drop_redis_keys, redis_state_url
 
 from adapter.hl7v2.feed import SiuFeed
@@ -38,7 +37,7 @@ from adapter.hl7v2.store import (
     supersedes,
 )
 from adapter.hl7v2.store_redis import BYTES_LE, RedisSiuStore, persistence_problem
-from adapter.mllp import MLLPServer, encode_frame, read_msa
+from adapter.mllp import MLLPServer, encode_frame
 from adapter.redis_connect import split_url
 
 T0 = dt.datetime(2030, 5, 6, 9, 0, tzinfo=dt.UTC)
@@ -223,20 +222,6 @@ def test_issue10_persistence_check_does_not_fail_where_config_is_disabled() -> N
     assert persistence_problem(NoConfig()) is None  # type: ignore[arg-type]
 
 
-async def _send(port: int, *messages: bytes) -> list[str]:
-    reader, writer = await hl7.mllp.open_hl7_connection("127.0.0.1", port)
-    codes = []
-    try:
-        for m in messages:
-            writer.writeblock(m)
-            await writer.drain()
-            ack = read_msa(await reader.readblock())
-            codes.append(ack.code if ack else "")
-    finally:
-        writer.close()
-    return codes
-
-
 def test_issue10_two_replicas_on_one_redis_state_url_share_the_siu_feed(siu_url: str) -> None:
     """SIU sent to replica A is in replica B's mirror; the same message resent to B is acknowledged, not stored."""
 
@@ -250,19 +235,19 @@ def test_issue10_two_replicas_on_one_redis_state_url_share_the_siu_feed(siu_url:
             await feed.start()
         try:
             message = siu("MULTI1", "S12", filler="FX1", placer="PX1", practitioner="DOC9")
-            assert await _send(a.port, message) == ["AA"]
+            assert await send_for_acks(a.port, message) == ["AA"]
             deadline = time.monotonic() + 10
             while (found := await asyncio.to_thread(b.mirror().by_filler_id, "FX1")) is None:
                 assert time.monotonic() < deadline, "replica B never saw what replica A acknowledged"
                 await asyncio.sleep(0.05)
             assert found.practitioner_ids == ("DOC9",) and found.placer_id == "PX1"
-            assert await _send(b.port, message) == ["AA"]
+            assert await send_for_acks(b.port, message) == ["AA"]
             assert (a.inbox.stored, b.inbox.stored, b.inbox.duplicates) == (1, 0, 1)
             assert await b.inbox.count() == 1
             cancel = siu(
                 "MULTI2", "S15", filler="FX1", placer="PX1", msg_time="20260105110000+0100", status="Cancelled"
             )
-            assert await _send(b.port, cancel) == ["AA"]
+            assert await send_for_acks(b.port, cancel) == ["AA"]
             deadline = time.monotonic() + 10
             while (await asyncio.to_thread(a.mirror().by_filler_id, "FX1")).last_trigger != "S15":  # type: ignore[union-attr]
                 assert time.monotonic() < deadline, "replica A never saw the cancellation B acknowledged"
