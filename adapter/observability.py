@@ -8,7 +8,9 @@ module knows about it:
   and status, accepts a well-formed ``X-Request-Id`` (1-128 of ``A-Z a-z 0-9 . _ : -``; anything
   else is replaced by a fresh id) and echoes it, and writes one JSON line to the
   ``adapter.request`` logger: request id, transaction, method, status, duration. Never the path,
-  query or body: they carry patient references.
+  query or body: they carry patient references. Only at ``server.log_level`` ``info`` or ``debug``;
+  the line is written by a thread of its own (``request_log_writer``), so a stalled stderr never
+  stalls the event loop: beyond 10,000 waiting lines new ones are dropped and counted.
 * ``MeasuredStateStore`` / ``MeasuredBackend``: the state store and the legacy backend seen through
   a timing proxy (latency and errors per call; holds created / converted / swept; idempotent
   replays; availability cache lookups and loads).
@@ -23,23 +25,27 @@ Metric names (all prefixed ``sched_``): ``request_duration_seconds{transaction,s
 counts what the sweep removed: run-out holds and stored proposals), ``idempotent_replays_total``,
 ``legacy_call_duration_seconds{call,outcome}``, ``legacy_errors_total{call}``,
 ``state_call_duration_seconds{call,outcome}``, ``availability_cache_lookups_total`` and
-``availability_cache_loads_total`` (hit ratio = 1 - loads / lookups).
+``availability_cache_loads_total`` (hit ratio = 1 - loads / lookups), ``request_log_dropped_total``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import datetime as dt
 import inspect
 import json
 import logging
+import logging.handlers
 import os
+import queue
 import re
 import sys
 import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
+from logging.handlers import QueueHandler
 from typing import Any
 
 from prometheus_client import (
@@ -82,6 +88,10 @@ LEGACY_ERRORS = Counter("sched_legacy_errors_total", "legacy backend calls that 
 STATE = Histogram("sched_state_call_duration_seconds", "state store calls", ["call", "outcome"], buckets=_BUCKETS)
 CACHE_LOOKUPS = Counter("sched_availability_cache_lookups_total", "cached availability lookups ($find)")
 CACHE_LOADS = Counter("sched_availability_cache_loads_total", "availability read from the legacy system")
+REQUEST_LOG_DROPPED = Counter(
+    "sched_request_log_dropped_total", "request log lines dropped because stderr was not being read"
+)
+_REQUEST_LOG_BACKLOG = 10_000  # lines waiting for the writer thread before new ones are dropped
 
 REQUEST_ID_HEADER = "x-request-id"
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -127,16 +137,65 @@ class _JsonLines(logging.Formatter):
         return json.dumps(fields, separators=(",", ":"))
 
 
-def configure_request_log(stream: Any = None) -> None:
-    """Send ``adapter.request`` lines as bare JSON (one object per line) to ``stream`` (stderr)."""
+class _DroppingQueueHandler(QueueHandler):
+    """Hands records to the writer thread; when ``_REQUEST_LOG_BACKLOG`` lines are waiting (stderr not read:
+    a stalled log collector, a full pipe) it drops the line and counts it rather than stall the event loop."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        return record  # formatted by the writer thread; the record's fields are a fresh dict per request
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        try:
+            self.queue.put_nowait(record)
+        except queue.Full:
+            REQUEST_LOG_DROPPED.inc()
+
+
+class _RequestLogListener(logging.handlers.QueueListener):
+    def stop(self, timeout: float = 5.0) -> None:
+        """Write what is waiting and end the thread, giving up after ``timeout`` seconds (a stalled stderr at
+        exit must not keep the worker alive: the thread is a daemon, and the lines still queued are lost)."""
+        thread = self._thread
+        if thread is None:
+            return
+        try:
+            self.queue.put(self._sentinel, timeout=timeout)  # type: ignore[attr-defined]  # put() is queue.Queue's
+        except queue.Full:
+            return
+        thread.join(timeout)
+        self._thread = None
+
+
+def request_log_writer(
+    stream: Any, *, backlog: int = _REQUEST_LOG_BACKLOG
+) -> tuple[logging.Handler, _RequestLogListener]:
+    """A handler to put on a logger, and the started thread that writes its records to ``stream`` as JSON lines.
+
+    The event loop only enqueues: formatting and the write (which blocks when nobody reads stderr) happen on the
+    listener's thread. Call ``listener.stop()`` to write what is waiting and end the thread.
+    """
+    lines: queue.Queue[logging.LogRecord] = queue.Queue(maxsize=backlog)
+    out = logging.StreamHandler(stream)
+    out.setFormatter(_JsonLines())
+    listener = _RequestLogListener(lines, out)
+    listener.start()
+    return _DroppingQueueHandler(lines), listener
+
+
+def configure_request_log(level: str = "info", stream: Any = None) -> None:
+    """Send ``adapter.request`` lines as bare JSON (one object per line) to ``stream`` (stderr), off the event loop.
+
+    ``level`` is ``server.log_level``: a request line is an INFO record, so ``warning`` and ``error`` turn the
+    request log off (metrics still count every request). The logger is per process; the last call sets it.
+    """
+    request_log.setLevel(logging.INFO if level.lower() in ("debug", "info") else logging.WARNING)
+    request_log.propagate = False
     if any(getattr(h, "_sched_json", False) for h in request_log.handlers):
         return
-    handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(_JsonLines())
+    handler, listener = request_log_writer(stream or sys.stderr)
     handler._sched_json = True  # type: ignore[attr-defined]  # marks our handler so it is added once
     request_log.addHandler(handler)
-    request_log.setLevel(logging.INFO)
-    request_log.propagate = False
+    atexit.register(listener.stop)  # what is still queued is written when the worker exits
 
 
 class ObservabilityMiddleware:
@@ -495,7 +554,7 @@ def metrics_text() -> bytes:
     return generate_latest(REGISTRY)
 
 
-def install(app: Starlette, probes: dict[str, Probe], *, probe_timeout_s: float = 3.0) -> None:
+def install(app: Starlette, probes: dict[str, Probe], *, probe_timeout_s: float = 3.0, log_level: str = "info") -> None:
     """Add the middleware and the ``/healthz``, ``/readyz``, ``/metrics`` routes to ``app``."""
 
     async def healthz(request: Request) -> Response:
@@ -530,4 +589,4 @@ def install(app: Starlette, probes: dict[str, Probe], *, probe_timeout_s: float 
     ):
         app.router.routes.insert(0, route)
     app.add_middleware(ObservabilityMiddleware)
-    configure_request_log()
+    configure_request_log(log_level)

@@ -206,5 +206,6 @@ def build_app(settings: Settings, *, clock: Callable[[], dt.datetime] = utc_now)
     observability.install(
         app,
         {"legacy": backend.ping, "state": raw_state.calendar_version, "mapping": mapping_loaded},
+        log_level=settings.server.log_level,
     )
     return app

@@ -9,6 +9,7 @@ started on a free port and then stopped.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import shutil
 import subprocess
@@ -139,7 +140,6 @@ def test_issue10_3_every_state_call_is_measured_explicitly(protocol: type, wrapp
 def test_issue10_3_request_id_is_validated_and_echoed_and_logged_without_patient_data(
     demo_base: str, request_lines: io.StringIO
 ) -> None:
-    import json
 
     fhir = demo_base + "/fhir"
     with httpx.Client(timeout=60) as c:
@@ -317,3 +317,71 @@ def test_issue10_1_serve_on_a_redis_state_store(tmp_path: Path, redis_url: str, 
     finally:
         live_server_process.stop(p)
         drop_redis_keys(state)
+
+
+def test_issue10_3_request_log_lines_are_written_off_the_event_loop_and_dropped_when_stderr_stalls() -> None:
+    """The request log's writer thread takes the write; a caller never waits for stderr. With nobody reading
+    stderr, lines beyond the backlog are dropped and counted (``sched_request_log_dropped_total``)."""
+    import threading
+
+    class StalledStream(io.StringIO):
+        def __init__(self) -> None:
+            super().__init__()
+            self.unblocked = threading.Event()
+
+        def write(self, text: str) -> int:
+            self.unblocked.wait(30)
+            return super().write(text)
+
+    stream = StalledStream()
+    handler, listener = observability.request_log_writer(stream, backlog=100)
+    log = logging.getLogger("test.request_log.stalled")
+    log.propagate = False
+    log.setLevel(logging.INFO)
+    log.addHandler(handler)
+    dropped_before = observability.REQUEST_LOG_DROPPED._value.get()
+    try:
+        logger_done = threading.Event()
+
+        def log_many() -> None:
+            for i in range(1_000):
+                log.info("request", extra={"fields": {"event": "request", "n": i}})
+            logger_done.set()
+
+        threading.Thread(target=log_many, daemon=True).start()
+        assert logger_done.wait(10), "logging waited for a stalled stderr"
+        dropped = observability.REQUEST_LOG_DROPPED._value.get() - dropped_before
+        assert 1_000 - 101 <= dropped <= 1_000 - 100  # the backlog, and at most one line in the writer's hands
+    finally:
+        stream.unblocked.set()
+        listener.stop()
+        log.removeHandler(handler)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert len(lines) == 1_000 - dropped
+    numbers = [line["n"] for line in lines]
+    # In order, and the waiting lines are kept: those dropped are the newest at the time (the writer may take its
+    # first line only after the backlog has filled, and one later line then finds room).
+    assert numbers == sorted(numbers) and numbers[:100] == list(range(100))
+    assert lines[0]["event"] == "request" and lines[0]["logger"] == "test.request_log.stalled"
+
+
+def test_issue10_3_server_log_level_warning_turns_the_request_log_off(
+    tmp_path: Path, sqlite_demo_path: Path, live_server: Callable[..., str], request_lines: io.StringIO
+) -> None:
+    url = f"sqlite:///{sqlite_demo_path}"
+    (tmp_path / "quiet").mkdir()
+    (tmp_path / "loud").mkdir()
+    try:
+        quiet = live_server(make_app(tmp_path / "quiet", url, server={"log_level": "warning"}))
+        assert httpx.get(f"{quiet}/fhir/metadata", timeout=30).status_code == 200
+        assert observability.request_log.level == logging.WARNING
+        time.sleep(0.2)
+        assert request_lines.getvalue() == ""
+    finally:
+        observability.configure_request_log("info")  # the logger is per process: leave it as other tests expect
+    loud = live_server(make_app(tmp_path / "loud", url, server={"log_level": "info"}))
+    assert httpx.get(f"{loud}/fhir/metadata", timeout=30).status_code == 200
+    deadline = time.monotonic() + 10
+    while not request_lines.getvalue() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert json.loads(request_lines.getvalue().splitlines()[0])["transaction"] == "metadata"
