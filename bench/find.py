@@ -660,8 +660,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--rounds",
         type=int,
-        default=3,
-        help="interleaved load rounds over the engine targets; each figure is the median (default 3)",
+        default=5,
+        help="interleaved load rounds over the engine targets; each figure is the median (default 5)",
     )
     ap.add_argument("--no-growth", dest="growth", action="store_false", help="skip the practitioners x days table")
     args = ap.parse_args(argv)
