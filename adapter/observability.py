@@ -45,7 +45,6 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
-from logging.handlers import QueueHandler
 from typing import Any
 
 from prometheus_client import (
@@ -137,7 +136,7 @@ class _JsonLines(logging.Formatter):
         return json.dumps(fields, separators=(",", ":"))
 
 
-class _DroppingQueueHandler(QueueHandler):
+class _DroppingQueueHandler(logging.handlers.QueueHandler):
     """Hands records to the writer thread; when ``_REQUEST_LOG_BACKLOG`` lines are waiting (stderr not read:
     a stalled log collector, a full pipe) it drops the line and counts it rather than stall the event loop."""
 
