@@ -19,3 +19,43 @@ def python_speed_ms(repeats: int = 3) -> float:
         sum(range(10**7))
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+_DATABASE_SERVERS = ("postgres", "mariadbd", "mysqld")
+
+
+def cpu_by_process() -> dict[int, tuple[str, int, float]]:
+    """Every process's (name, session id, CPU seconds used so far), from ``/proc`` (Linux; {} elsewhere)."""
+    import os
+
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[int, tuple[str, int, float]] = {}
+    try:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return out
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as f:
+                stat = f.read()
+        except OSError:  # ended meanwhile
+            continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        out[pid] = (name, int(fields[3]), (int(fields[11]) + int(fields[12])) / tick)  # session, utime + stime
+    return out
+
+
+def cpu_split(
+    before: dict[int, tuple[str, int, float]], after: dict[int, tuple[str, int, float]], session: int
+) -> tuple[float, float]:
+    """CPU seconds used between two snapshots by the adapter (the processes of ``session``: the server the bench
+    started in a session of its own, and its workers) and by the database servers (PostgreSQL, MariaDB)."""
+    adapter = database = 0.0
+    for pid, (name, sid, used) in after.items():
+        spent = used - before.get(pid, (name, sid, 0.0))[2]
+        if sid == session:
+            adapter += spent
+        elif name in _DATABASE_SERVERS:
+            database += spent
+    return adapter, database

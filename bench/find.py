@@ -543,7 +543,10 @@ def engines_and_growth(args: argparse.Namespace, wrk: str, workdir: Path, zone: 
     minute once read 0.59 x SQLite's where the next run read 0.91 x. The table shows each target's median
     over the rounds, and each round's ODBC/SQLite ratios are printed beside the median ratio.
     """
+    from _machine import cpu_by_process, cpu_split
+
     rounds: dict[tuple[str, str], list[LoadResult]] = {}
+    cpu: dict[tuple[str, str], list[tuple[float, float]]] = {}  # per round: ms of CPU per request, adapter / database
     p50s: dict[tuple[str, str], float] = {}
     growth: dict[tuple[str, int, int], float] = {}
     busy: tuple[float, int] | None = None
@@ -566,9 +569,12 @@ def engines_and_growth(args: argparse.Namespace, wrk: str, workdir: Path, zone: 
         for _round in range(args.rounds):
             for key, (server, lua, _body) in targets.items():
                 run_wrk(wrk, lua, server.port, args.warmup, args.connections, args.threads)
-                rounds.setdefault(key, []).append(
-                    run_wrk(wrk, lua, server.port, args.duration, args.connections, args.threads)
-                )
+                before = cpu_by_process()
+                load = run_wrk(wrk, lua, server.port, args.duration, args.connections, args.threads)
+                adapter_s, database_s = cpu_split(before, cpu_by_process(), server.proc.pid)
+                rounds.setdefault(key, []).append(load)
+                if load.requests:
+                    cpu.setdefault(key, []).append((adapter_s * 1e3 / load.requests, database_s * 1e3 / load.requests))
         for key, (server, _lua, body) in targets.items():
             p50s[key], _failures = sequential_p50(server.port, body, n=args.sequential)
             kind, mode = key
@@ -594,11 +600,22 @@ def engines_and_growth(args: argparse.Namespace, wrk: str, workdir: Path, zone: 
         f"$find {N_PRACTITIONERS} x {WINDOW_DAYS} days, _count {COUNT}, by legacy engine (each under the same wrk "
         f"load; median of {args.rounds} interleaved rounds)"
     )
-    print(f"{'engine':<12}{'cache':<10}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'unloaded p50 ms':>18}{'errors':>9}")
+    print(
+        f"{'engine':<12}{'cache':<10}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'unloaded p50 ms':>18}{'errors':>9}"
+        f"{'CPU/req adapter':>17}{'database':>10}"
+    )
     for (kind, mode), (load, p50) in rows.items():
+        spent = cpu.get((kind, mode), [])
+        adapter_ms = statistics.median(a for a, _d in spent) if spent else float("nan")
+        database_ms = statistics.median(d for _a, d in spent) if spent else float("nan")
         print(
             f"{kind:<12}{mode:<10}{load.rps:>10.0f}{load.p50_ms:>10.2f}{load.p99_ms:>10.2f}{p50:>18.2f}{load.non_2xx:>9}"
+            f"{adapter_ms:>14.2f} ms{database_ms:>7.2f} ms"
         )
+    print(
+        "(CPU/req: CPU time per request under that load, median over the rounds: the adapter's processes, and the "
+        "PostgreSQL/MariaDB server processes on this host; SQLite's query runs inside the adapter)"
+    )
     base_u, base_c = rows.get(("sqlite", "uncached")), rows.get(("sqlite", "cached"))
     if base_u:
         ok = base_u[1] <= UNCACHED_P50_TARGET_MS
