@@ -31,11 +31,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PATH=/opt/venv/bin:$PATH
 
 # unixODBC plus the drivers the adapter speaks through; their Debian packages register "PostgreSQL Unicode" and
-# "MariaDB Unicode" in /etc/odbcinst.ini (the demo's SQLite database needs no driver).
+# "MariaDB Unicode" in /etc/odbcinst.ini (the demo's SQLite database needs no driver). Debian registers psqlODBC
+# with CommLog=1, which leaves a /tmp/psqlodbc_*.log per process: turned off.
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
         unixodbc odbcinst odbc-postgresql odbc-mariadb \
  && rm -rf /var/lib/apt/lists/* \
+ && sed -i 's/^CommLog[[:space:]]*=.*/CommLog=0/' /etc/odbcinst.ini \
  && odbcinst -q -d
 
 # An unprivileged user owns only the data directory (state store, signing secret, demo database).

@@ -10,6 +10,11 @@
 # After installing it verifies the driver names and, if a driver package is
 # installed but registered under another name (or not registered at all), it
 # registers the expected name in odbcinst.ini pointing at the driver library.
+#
+# On every path it also turns psqlODBC's communication log off: Debian's odbc-postgresql registers its
+# drivers with CommLog=1, and each process that connects then leaves a /tmp/psqlodbc_<program>_<user><pid>.log
+# behind (one per adapter worker, test run and bench process; `;CommLog=0` in the connection string does not
+# override it).
 set -euo pipefail
 
 REQUIRED_DRIVERS=("PostgreSQL Unicode" "MariaDB Unicode" "SQLite3")
@@ -44,9 +49,33 @@ else
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
 fi
 
+# Sets CommLog=0 in the [PostgreSQL ...] driver sections of the odbcinst.ini unixODBC reads, if any says 1.
+quiet_psqlodbc_commlog() {
+    command -v odbcinst >/dev/null 2>&1 || return 0
+    local ini
+    ini="$(odbcinst -j 2>/dev/null | awk -F': *' '/^DRIVERS/ {print $2}')"
+    ini="${ini:-/etc/odbcinst.ini}"
+    [[ -f "$ini" ]] || return 0
+    local commlog_on='/^\[PostgreSQL/ { s = 1; next } /^\[/ { s = 0 } s && /^[ \t]*CommLog[ \t]*=[ \t]*1[ \t]*$/ { found = 1 }
+                      END { exit !found }'
+    awk "$commlog_on" "$ini" || return 0
+    if [[ ! -w "$ini" ]]; then
+        log "psqlODBC's CommLog is on in $ini (a /tmp/psqlodbc_*.log per process); as root set CommLog = 0 there" >&2
+        return 0
+    fi
+    local tmp
+    tmp="$(mktemp)"
+    awk '/^\[PostgreSQL/ { s = 1; print; next } /^\[/ { s = 0 }
+         s && /^[ \t]*CommLog[ \t]*=/ { print "CommLog=0"; next } { print }' "$ini" >"$tmp"
+    cat "$tmp" >"$ini"
+    rm -f "$tmp"
+    log "psqlODBC communication log turned off (CommLog=0) in $ini"
+}
+
 missing="$(missing_drivers)"
 if [[ -z "$missing" ]]; then
     log "ODBC drivers present (${REQUIRED_DRIVERS[*]}); nothing to do."
+    quiet_psqlodbc_commlog
     exit 0
 fi
 
@@ -137,3 +166,4 @@ if [[ -n "$missing" ]]; then
     exit 1
 fi
 log "ODBC drivers registered: $(odbcinst -q -d | tr '\n' ' ')"
+quiet_psqlodbc_commlog

@@ -161,3 +161,27 @@ def test_fresh_mariadb_demo_database_is_private(fresh_mariadb_demo_dsn: str, mar
 def test_sqlite_demo_database_is_seeded(sqlite_demo_path, sqlite_demo_dsn: str) -> None:
     assert sqlite_demo_path.exists()
     assert _count_providers(sqlite_demo_dsn) >= 20
+
+
+def test_a_process_that_connects_to_postgresql_leaves_no_driver_log_in_tmp(pg_admin_dsn: str) -> None:
+    """`make system-deps` turns psqlODBC's CommLog off: with Debian's CommLog=1 every connecting process (each
+    adapter worker, each restart) left a /tmp/psqlodbc_<program>_<user><pid>.log behind."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    probe = textwrap.dedent(
+        """
+        import os, sys, pyodbc
+        conn = pyodbc.connect(sys.argv[1], timeout=10)
+        conn.execute("SELECT 1").fetchall()
+        conn.close()
+        print(os.getpid())
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe, pg_admin_dsn], capture_output=True, text=True, timeout=60, check=True
+    )
+    pid = done.stdout.strip()
+    left = sorted(str(p) for p in Path("/tmp").glob(f"psqlodbc_*{pid}.log"))
+    assert left == [], f"psqlODBC wrote {left}: set CommLog = 0 for [PostgreSQL Unicode] (make system-deps does)"
