@@ -110,12 +110,13 @@ def demo_config(
     cache_seconds: float | None = None,
     database_url: str | None = None,
     memo: bool | None = None,
+    pool_size: int | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """A copy of the demo settings with its own var dir, port, 2 workers and warning logs.
 
     ``cache_seconds``: ``find.cache_seconds`` (0: every $find reads the legacy system); ``database_url``:
     another legacy database than the demo SQLite file (an ODBC one); ``memo``: ``find.memo`` (False: every
-    $find is computed, none answered from the one-second memo)."""
+    $find is computed, none answered from the one-second memo); ``pool_size``: ``backend.pool_size``."""
     data = tomllib.loads(DEMO_TOML.read_text(encoding="utf-8"))
     if cache_seconds is not None:
         data.setdefault("find", {})["cache_seconds"] = cache_seconds
@@ -127,6 +128,8 @@ def demo_config(
     data.setdefault("server", {}).update(host=HOST, port=port, workers=2, log_level="warning")
     data["server"].pop("base_url", None)
     data["backend"]["database_url"] = database_url or f"sqlite:///{var / 'clinicware.sqlite'}"
+    if pool_size is not None:
+        data["backend"]["pool_size"] = pool_size
     data.setdefault("state", {})["path"] = str(var / "adapter-state.sqlite")
     if database_url:
         # One host: the bench's ODBC database is not shared with other adapters.
@@ -538,11 +541,13 @@ def _median_load(results: list[LoadResult]) -> LoadResult:
     )
 
 
-def start_demo_adapter(workdir: Path, name: str, cache_seconds: float | None, database_url: str | None) -> Server:
+def start_demo_adapter(
+    workdir: Path, name: str, cache_seconds: float | None, database_url: str | None, pool_size: int | None = None
+) -> Server:
     sub = workdir / name
     sub.mkdir()
     port = free_port()
-    config, _ = demo_config(sub, port, cache_seconds=cache_seconds, database_url=database_url)
+    config, _ = demo_config(sub, port, cache_seconds=cache_seconds, database_url=database_url, pool_size=pool_size)
     server = start_adapter(config, port, sub)
     server.name = name
     return server
