@@ -59,3 +59,24 @@ def cpu_split(
         elif name in _DATABASE_SERVERS:
             database += spent
     return adapter, database
+
+
+def context_switches(session: int) -> tuple[int, int]:
+    """Voluntary and involuntary context switches so far of every thread of the processes in ``session``."""
+    import os
+    from pathlib import Path
+
+    voluntary = involuntary = 0
+    for pid_dir in Path("/proc").glob("[0-9]*"):
+        try:
+            if os.getsid(int(pid_dir.name)) != session:
+                continue
+            for status in pid_dir.glob("task/*/status"):
+                for line in status.read_text(encoding="utf-8").splitlines():
+                    if line.startswith("voluntary_ctxt_switches"):
+                        voluntary += int(line.split()[1])
+                    elif line.startswith("nonvoluntary_ctxt_switches"):
+                        involuntary += int(line.split()[1])
+        except (OSError, ValueError):  # the process or thread ended meanwhile
+            continue
+    return voluntary, involuntary

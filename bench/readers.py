@@ -26,25 +26,7 @@ from zoneinfo import ZoneInfo
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import find as bench  # the bench helpers: configs, servers, wrk
-from _machine import cpu_by_process, cpu_split, python_speed_ms
-
-
-def context_switches(session: int) -> tuple[int, int]:
-    """Voluntary and involuntary context switches so far of every thread of the processes in ``session``."""
-    voluntary = involuntary = 0
-    for pid_dir in Path("/proc").glob("[0-9]*"):
-        try:
-            if os.getsid(int(pid_dir.name)) != session:
-                continue
-            for status in pid_dir.glob("task/*/status"):
-                for line in status.read_text(encoding="utf-8").splitlines():
-                    if line.startswith("voluntary_ctxt_switches"):
-                        voluntary += int(line.split()[1])
-                    elif line.startswith("nonvoluntary_ctxt_switches"):
-                        involuntary += int(line.split()[1])
-        except (OSError, ValueError):  # the process or thread ended meanwhile
-            continue
-    return voluntary, involuntary
+from _machine import context_switches, cpu_by_process, cpu_split, python_speed_ms
 
 
 def _mapping_zone() -> ZoneInfo:
