@@ -69,7 +69,8 @@ def test_issue13_6_requirement_ids_used_by_tests_are_in_the_catalogue() -> None:
 
 
 def test_issue13_6_no_file_points_outside_the_repository() -> None:
-    outside = re.compile(r"/work/|\.\./shared|shared/(DESIGN|REQUIREMENTS|IMPLEMENTER-NOTES|ANCHOR-PATTERNS)")
+    # Bracketed characters keep this file's own source from spelling the paths it looks for.
+    outside = re.compile(r"/w[o]rk/|\.\.[/]shared|shared[/](DESIGN|REQUIREMENTS|IMPLEMENTER-NOTES|ANCHOR-PATTERNS)")
     offenders = [
         str(path.relative_to(REPO))
         for path in _tracked_text_files()
