@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import http.client
 import json
 import os
@@ -120,15 +121,17 @@ def demo_db(folder: Path, today: dt.date) -> Path:
 
 
 def big_db(rows: int, today: dt.date) -> tuple[Path, dt.date]:
-    """The cached big database and the day it was seeded for (built when missing or incomplete)."""
-    from adapter.demo.seed import add_bulk_appointments, ensure_demo_database
+    """The cached big database and the day it was seeded for (built when missing, incomplete, or made from
+    another version of the demo schema: its indexes are what the search runs on)."""
+    from adapter.demo.seed import SCHEMA, add_bulk_appointments, ensure_demo_database
 
     CACHE.mkdir(parents=True, exist_ok=True)
     path = CACHE / f"search-{rows}.sqlite"
     note = path.with_suffix(".json")
+    schema = hashlib.sha256(SCHEMA.read_bytes()).hexdigest()[:16]
     if path.exists() and note.exists():
         meta = json.loads(note.read_text())
-        if meta.get("rows") == rows and count_rows(path) == rows:
+        if meta.get("rows") == rows and meta.get("schema") == schema and count_rows(path) == rows:
             return path, dt.date.fromisoformat(meta["today"])
     print(f"building {path.relative_to(REPO)} ({rows:,} appointments; cached for the next runs) ...", flush=True)
     started = time.monotonic()
@@ -147,7 +150,7 @@ def big_db(rows: int, today: dt.date) -> tuple[Path, dt.date]:
     finally:
         conn.close()
     os.replace(tmp, path)
-    note.write_text(json.dumps({"rows": rows, "today": today.isoformat()}))
+    note.write_text(json.dumps({"rows": rows, "today": today.isoformat(), "schema": schema}))
     print(f"built in {time.monotonic() - started:.0f} s", flush=True)
     return path, today
 
