@@ -469,3 +469,21 @@ def test_add_bulk_appointments_works_on_an_autocommit_connection(tmp_path):
     check = sqlite3.connect(path)
     assert check.execute("SELECT COUNT(*) FROM APPT WHERE BOOKED_BY = 'BULKLOAD'").fetchone()[0] == 300
     check.close()
+
+
+def test_the_demo_mappings_busy_time_query_reads_only_the_appointment_index(db) -> None:
+    """Every uncached $find runs this query: the demo schema's APPT_PROV_DT carries the columns it selects, so
+    the database never visits the table rows (docs/connecting-your-database.md recommends the same)."""
+    from pathlib import Path
+
+    from adapter.backends.sql.db import bind
+    from adapter.mapping.loader import load_mapping
+
+    mapping = load_mapping(Path(__file__).resolve().parents[1] / "mappings" / "demo.yaml")
+    provs = [r[0] for r in db.execute("SELECT PROV_ID FROM PROVIDER ORDER BY PROV_ID LIMIT 5")]
+    text, params = bind(
+        mapping.doc.availability.busy.sql,
+        {"practitioner_keys": provs, "from_date": ymd(TODAY), "to_date": ymd(TODAY + dt.timedelta(days=14))},
+    )
+    plan = " ".join(str(r[-1]) for r in db.execute("EXPLAIN QUERY PLAN " + text, params))
+    assert "USING COVERING INDEX APPT_PROV_DT" in plan, plan
