@@ -13,7 +13,7 @@
 #   make bench        run bench/find.py ($find vs the HTTP floor)
 #   make bench-book   run bench/book.py (bookings/s, conflict storm, double bookings)
 #   make bench-search run bench/search.py (ITI-118 on 1,000,000 appointments)
-#   make bench-report run bench/report.py (JSON + PNG plots under docs/bench/; ~10 min)
+#   make bench-report run bench/report.py (JSON + PNG plots under docs/bench/; 3-10 min)
 #   make clean        remove .venv and var/
 
 PYTHON ?= python3
