@@ -1,6 +1,6 @@
 """Benchmark ``Appointment/$find`` against the HTTP floor, in one run (``make bench``).
 
-What it does, everything on 127.0.0.1 and bounded in time (about 40 s in all):
+What it does, everything on 127.0.0.1 and bounded in time (steps 1-5 about 40 s, step 6 about 6 min more):
 
 1. Starts the adapter as ``sched-adapter serve --config <temp copy of adapter/demo/config.toml>`` with its
    own var dir, a free port, ``workers = 2`` and ``log_level = "warning"`` (the demo database is

@@ -10,6 +10,7 @@ which is not installed at test time, so they are not run here.
 from __future__ import annotations
 
 import ast
+import json
 import re
 import subprocess
 import sys
@@ -63,3 +64,15 @@ def test_bench_hl7v2_measures_every_phase() -> None:
     )
     for phase in ("durable commit floor", "SIU applied", "sustained 1 s", "$book round trips via MLLP"):
         assert phase in out
+
+
+def test_bench_search_rebuilds_its_cached_database_when_the_demo_schema_changes() -> None:
+    # The cached database's indexes are what ITI-118 runs on: one built from an older schema must not be reused.
+    args = ("--rows", "20000", "--requests", "2", "--warmup", "1")
+    _bench("search.py", *args)  # builds the cache, or finds it current
+    note = REPO / "var" / "bench" / "search-20000.json"
+    meta = json.loads(note.read_text())
+    assert len(meta["schema"]) == 16, meta
+    note.write_text(json.dumps({**meta, "schema": "an older schema"}))
+    assert "building var/bench/search-20000.sqlite" in _bench("search.py", *args)
+    assert "building" not in _bench("search.py", *args)  # and the rebuilt one is reused
